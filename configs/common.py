@@ -1,0 +1,83 @@
+"""Defaults shared by every task config; task files override only what differs."""
+
+import ml_collections
+
+# Logical axis -> mesh axis rules. Flax skips a mesh axis a tensor already uses, so activations
+# [batch, length, embed] shard only the batch while parameters [embed, mlp] shard over fsdp x tensor.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),  # small vocabularies (17, 257) rarely divide a mesh axis
+    ("classes", None),
+    ("length", None),
+    ("head_dim", None),
+    ("prefix", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses 'a=1,b,c=x' (the part after ':' in --config=file.py:arg) into a ConfigDict.
+
+    A bare word sets a boolean flag; every key must be one of ``defaults``.
+    """
+    parsed = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config arg {key!r}; known: {', '.join(sorted(defaults))}.")
+        default = defaults[key]
+        if not value:
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = value.lower() in ("1", "true", "yes")
+        else:
+            parsed[key] = type(default)(value)
+    return parsed
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Trainer defaults: every field a task can override, each documented here."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                    # seeds init, dropout and data order; a rerun with it is bit-identical
+    c.total_steps = 5000          # optimizer steps in the run
+    c.batch_size = 32             # global batch, split over processes and the data x fsdp mesh axes
+    c.eval_batch_size = 32        # global eval batch; the split is padded to a multiple of it
+    c.eval_every = 500            # steps between evaluations on the validation split (0: only at the end)
+    c.eval_max_batches = 0        # cap on eval batches per evaluation (0: the whole split)
+    c.checkpoint_every = 500      # steps between checkpoints (0: only at the end and on SIGTERM)
+    c.keep_checkpoints = 2        # how many recent checkpoints to keep
+    c.log_every = 50              # steps between metrics.jsonl / TensorBoard rows
+    c.learning_rate = 1e-3        # peak learning rate
+    c.schedule = "cosine"         # 'cosine', 'rsqrt' (LRA: lr * min(1, s/w) / sqrt(max(s, w))) or 'constant'
+    c.warmup_steps = 100          # linear warmup length
+    c.weight_decay = 0.0          # decoupled AdamW decay on every parameter (LRA's flax.optim.Adam semantics)
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.98
+    c.grad_clip_norm = 0.0        # global-norm clipping threshold (0: off)
+    c.label_smoothing = 0.0       # classification only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "encoder_classifier"   # a module of effjax/models: encoder_classifier | decoder_lm
+    c.model.max_length = 2000     # longest input the position table covers
+    c.model.num_layers = 4
+    c.model.embed_dim = 128
+    c.model.num_heads = 4
+    c.model.mlp_dim = 512
+    c.model.attention = "softmax"          # a method name, or a per-layer tuple of names
+    c.model.attention_params = ml_collections.ConfigDict()  # keyword params of the method
+    c.model.attention_dropout_rate = 0.1
+    c.model.dropout_rate = 0.1
+    c.model.activation = "gelu"
+    c.model.dtype = "float32"             # activation dtype; parameters stay float32
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "listops"       # a source of effjax.data.names(); other keys are its params
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1              # -1: all devices left over after fsdp and tensor
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.logical_axis_rules = DEFAULT_RULES
+    return c

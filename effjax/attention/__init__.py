@@ -1,0 +1,13 @@
+"""Attention methods behind one interface, looked up by name.
+
+A method's name is its module's file name. Every method module exports:
+  * ``attend(q, k, v, *, mask=None, segment_ids=None, causal=False, ...)`` - the pure function;
+  * ``Attention`` - a linen Module whose ``__call__(q, k, v, *, mask=None, segment_ids=None,
+    causal=False, deterministic=True)`` maps ``q [batch, q_len, heads, head_dim]`` and
+    ``k, v [batch, kv_len, heads, head_dim]`` to ``[batch, q_len, heads, head_dim]``.
+``mask`` is a boolean key-padding mask ``[batch, kv_len]``, True where a token is real.
+"""
+
+from effjax.attention.registry import check_name, make, names, resolve_per_layer
+
+__all__ = ["check_name", "make", "names", "resolve_per_layer"]

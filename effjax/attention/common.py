@@ -1,0 +1,50 @@
+"""Shared pieces of attention methods: input checks and mask construction."""
+
+import jax.numpy as jnp
+
+
+def check_qkv(method: str, q, k, v) -> None:
+    """Raises ValueError when q, k, v do not have the [batch, length, heads, head_dim] contract."""
+    for label, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{method}: {label} must have shape [batch, length, heads, head_dim], got shape {x.shape}."
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"{method}: k and v shapes differ: {k.shape} vs {v.shape}.")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"{method}: q {q.shape} and k {k.shape} must agree in batch, heads and head_dim."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{method}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
+
+
+def allowed_pairs(q_len: int, kv_len: int, batch: int, *, mask=None, segment_ids=None, causal=False):
+    """Boolean [batch, 1, q_len, kv_len] of query/key pairs that may attend, or None if all may.
+
+    ``mask`` [batch, kv_len] is True on real keys; ``segment_ids`` [batch, len] (self-attention
+    only) restricts attention to tokens of the same segment; ``causal`` forbids keys after the query.
+    """
+    allowed = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    if mask is not None:
+        if mask.shape != (batch, kv_len):
+            raise ValueError(f"mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+        allowed = conj(allowed, mask.astype(bool)[:, None, None, :])
+    if segment_ids is not None:
+        if q_len != kv_len or segment_ids.shape != (batch, q_len):
+            raise ValueError(
+                f"segment_ids must have shape [batch, length] = {(batch, q_len)} for self-attention, "
+                f"got {segment_ids.shape} with q_len {q_len}, kv_len {kv_len}."
+            )
+        allowed = conj(allowed, (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None])
+    if causal:
+        # Aligned to the end, so a query at position i sees keys up to i + (kv_len - q_len).
+        offset = kv_len - q_len
+        tri = jnp.arange(q_len)[:, None] + offset >= jnp.arange(kv_len)[None, :]
+        allowed = conj(allowed, tri[None, None])
+    return allowed

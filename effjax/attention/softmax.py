@@ -1,0 +1,39 @@
+"""Vanilla softmax attention (Vaswani et al. 2017, "Attention Is All You Need", Eq. 1)."""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention.common import allowed_pairs, check_qkv
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, dropout_rate=0.0, dropout_rng=None):
+    """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] inputs, in float32 logits.
+
+    Queries with no allowed key (fully padded rows) return a uniform average rather than NaN.
+    """
+    check_qkv("softmax", q, k, v)
+    batch, q_len, _, head_dim = q.shape
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    allowed = allowed_pairs(q_len, k.shape[1], batch, mask=mask, segment_ids=segment_ids, causal=causal)
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend``; has no parameters of its own."""
+
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        rng = self.make_rng("dropout") if use_dropout else None
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)

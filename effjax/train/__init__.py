@@ -1,0 +1,1 @@
+"""The sharded trainer: ``train_and_evaluate(config, workdir)`` runs a whole training job."""

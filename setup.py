@@ -1,0 +1,29 @@
+"""effjax: efficient transformers in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="effjax",
+    version="0.1.0",
+    description="Efficient attention, token reduction, kernels, search and a sharded trainer in JAX/Flax.",
+    packages=setuptools.find_packages(include=["effjax", "effjax.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.15",
+        "tensorflow-datasets>=4.9.9",
+        "ml-collections>=1.1",
+        "numpy>=2.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "matplotlib>=3.8", "ruff>=0.6", "portpicker>=1.6"],
+        "gpu": ["jax[cuda12]>=0.10,<0.12"],
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
+    },
+)

@@ -1,0 +1,54 @@
+"""Shared test utilities: running the command-line entry point and reading checkpoints."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/lra_listops.py:smoke"
+
+
+def main_command(workdir, *overrides, config=SMOKE):
+    return [sys.executable, "-m", "effjax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def subprocess_env(devices=1, **extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_main(workdir, *overrides, devices=1, timeout=300, check=True):
+    proc = subprocess.run(main_command(workdir, *overrides), cwd=ROOT, env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"effjax.main failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def load_params(workdir, step):
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(workdir, "checkpoints", str(step),
+                                                                            "state")))
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def files_snapshot(root):
+    """{relative path: bytes} of every file under ``root``."""
+    out = {}
+    for base, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out

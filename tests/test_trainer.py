@@ -1,0 +1,158 @@
+"""End-to-end trainer behaviour: outputs, exact resume after kill -9 and SIGTERM, NaN stop, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    ROOT,
+    checkpoint_steps,
+    files_snapshot,
+    load_params,
+    main_command,
+    run_main,
+    subprocess_env,
+)
+
+from configs import lra_listops
+from effjax.train import checkpoint, steps, trainer
+
+# A run long enough to be interrupted part-way: 60 steps, a checkpoint every 5, a metrics row every step.
+LONG = ("--config.total_steps=60", "--config.checkpoint_every=5", "--config.eval_every=0",
+        "--config.keep_checkpoints=3")
+
+
+def smoke_config(**overrides):
+    c = lra_listops.get_config("smoke")
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def test_smoke_run_writes_metrics_events_config_and_checkpoints(tmp_path):
+    result = trainer.train_and_evaluate(smoke_config(), str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert {"train/accuracy", "steps_per_sec", "train/learning_rate"} <= set(train_rows[0])
+    eval_rows = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    assert 0.0 <= result["eval/accuracy"] <= 1.0 and 0.0 < result["eval/majority_class_rate"] <= 1.0
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+    assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
+    assert checkpoint_steps(tmp_path) == [3, 6]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_main(workdir, *LONG)
+    return load_params(workdir, 60)
+
+
+def start(workdir):
+    return subprocess.Popen(main_command(workdir, *LONG, "--config.log_every=1"), cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(workdir, step, proc, timeout=240):
+    """Blocks until metrics.jsonl has a row at ``step`` or later."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                seen = [json.loads(line)["step"] for line in f if line.strip()]
+            if seen and max(seen) >= step:
+                return
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        time.sleep(0.02)
+    raise TimeoutError(f"no metrics row for step {step}")
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_kill_9_then_rerun_reaches_identical_parameters(tmp_path, uninterrupted):
+    proc = start(tmp_path)
+    wait_for_step(tmp_path, 12, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint_steps(tmp_path)
+    assert saved and max(saved) < 60, f"the kill should land mid-run, checkpoints: {saved}"
+    result = run_main(tmp_path, *LONG)
+    assert "Finished 60 steps" in result.stdout
+    assert_same_params(load_params(tmp_path, 60), uninterrupted)
+    steps_logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps_logged == sorted(steps_logged), "rows of the repeated steps must replace the old ones"
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_identically(tmp_path, uninterrupted):
+    proc = start(tmp_path)
+    wait_for_step(tmp_path, 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Stopped by SIGTERM at step" in out
+    stopped_at = int(out.split("Stopped by SIGTERM at step ")[1].split()[0])
+    assert stopped_at in checkpoint_steps(tmp_path) and stopped_at < 60
+    run_main(tmp_path, *LONG)
+    assert_same_params(load_params(tmp_path, 60), uninterrupted)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = steps.train_step
+
+    def poisoned(state, batch, **kw):
+        new_state, metrics = original(state, batch, **kw)
+        metrics["loss"] = jnp.where(state.step >= 4, jnp.nan, metrics["loss"])
+        return new_state, metrics
+
+    monkeypatch.setattr(steps, "train_step", poisoned)
+    config = smoke_config(total_steps=12, checkpoint_every=3, log_every=10, eval_every=0)
+    with pytest.raises(trainer.NonFiniteLossError, match="at step 5.*last good checkpoint is step 3"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [3]
+
+
+def test_incompatible_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
+    trainer.train_and_evaluate(smoke_config(total_steps=3, eval_every=0), str(tmp_path))
+    before = files_snapshot(tmp_path)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model.*new --workdir"):
+        trainer.train_and_evaluate(smoke_config(total_steps=6, **{"model.embed_dim": 64}), str(tmp_path))
+    assert files_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.name": "listopz"}, "Unknown data source 'listopz'"),
+    ({"model.attention": "performr"}, "Unknown attention method 'performr'"),
+    ({"model.max_length": 32}, "config.data.max_length=64 exceeds config.model.max_length=32"),
+    ({"batch_size": 7}, "batch_size=7 is not divisible"),
+    ({"schedule": "linear"}, "config.schedule 'linear' is unknown"),
+])
+def test_bad_config_fails_before_touching_the_workdir(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(smoke_config(**overrides), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_misspelled_override_names_the_closest_key(tmp_path):
+    proc = run_main(tmp_path, "--config.totl_steps=5", check=False)
+    assert proc.returncode != 0
+    assert 'Did you mean "total_steps"' in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_main(tmp_path, "--config.model.num_layer=5", check=False)
+    assert proc.returncode != 0 and 'Did you mean "num_layers"' in proc.stderr
+    assert not os.listdir(tmp_path)
