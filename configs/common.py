@@ -81,3 +81,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.logical_axis_rules = DEFAULT_RULES
     return c
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A seconds-long run of the same task: tiny model, 4 steps, eval and checkpoint every 2."""
+    c.total_steps = 4
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.eval_every = 2
+    c.eval_max_batches = 2
+    c.checkpoint_every = 2
+    c.log_every = 1
+    c.learning_rate = 1e-3
+    c.schedule = "constant"
+    c.warmup_steps = 0
+    c.model.num_layers = 1
+    c.model.embed_dim = 32
+    c.model.num_heads = 4
+    c.model.mlp_dim = 64
+    return c

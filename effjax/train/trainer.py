@@ -206,6 +206,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     flush()
                     eval_metrics = run.evaluate(state.params)
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    window_time = time.perf_counter()  # steps/s measures training, not evaluation
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save()
                 if preemption.reached(step, config.log_every):
