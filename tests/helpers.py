@@ -38,9 +38,13 @@ def checkpoint_steps(workdir):
 
 
 def load_params(workdir, step):
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(workdir, "checkpoints", str(step),
-                                                                            "state")))
-    return jax.tree.map(np.asarray, state["params"])
+    """The params of a checkpoint as numpy arrays, whatever mesh or process count wrote it."""
+    path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+    checkpointer = ocp.StandardCheckpointer()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                          checkpointer.metadata(path).item_metadata)
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target)["params"])
 
 
 def files_snapshot(root):
