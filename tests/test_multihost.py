@@ -38,6 +38,16 @@ def test_two_processes_match_each_other_and_a_single_process(tmp_path):
     single = tmp_path / "one"
     one = run_main(single, *OVERRIDES, "--cpu_devices=4", devices=4)
     assert one.stdout.strip().splitlines()[-1] == outs[0]
-    for a, b in zip(jax.tree.leaves(load_params(workdir, 6)), jax.tree.leaves(load_params(single, 6)),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(load_params(workdir, 6), load_params(single, 6))
+
+    # The two-process checkpoint resumes in one process (another topology) exactly like the 1-process run.
+    longer = ("--config.total_steps=9", "--cpu_devices=4")
+    resumed = run_main(workdir, *OVERRIDES, *longer, devices=4)
+    assert "Resuming from the checkpoint at step 6" in resumed.stdout
+    run_main(single, *OVERRIDES, *longer, devices=4)
+    assert_close(load_params(workdir, 9), load_params(single, 9))
+
+
+def assert_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state, the data iterator and a JSON description of the run."""
 
+import glob
+import json
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from effjax.train.state import param_shapes
@@ -57,9 +60,22 @@ def check_compatible(manager, abstract_state) -> int | None:
 
 
 def restore(manager, step, abstract_state, data_iterator):
-    """Restores the state into the shardings of ``abstract_state`` and the iterator in place."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-    ))
-    return restored["state"]
+    """Restores the state into the shardings of ``abstract_state`` and the iterator in place.
+
+    A checkpoint written by another number of processes still resumes: every process's iterator
+    sits at the same global batch (effjax.data.pipeline), so any process's saved position serves.
+    """
+    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    own_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if os.path.exists(os.path.join(data_dir, own_file)):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        ))
+        return restored["state"]
+    saved = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+    if not saved:
+        raise FileNotFoundError(f"Checkpoint step {step} has no data-iterator state under {data_dir}.")
+    with open(saved[0]) as f:
+        data_iterator.set_state(json.load(f))
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
