@@ -53,7 +53,12 @@ def main(argv):
                            num_cpu_devices=_CPU_DEVICES.value)
     from effjax.train import trainer
 
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        if flags.FLAGS["verbosity"].present:  # -v N: show where it came from
+            raise
+        sys.exit(f"effjax: {type(error).__name__}: {error}")
     print(trainer.summary_line(result), flush=True)
     distributed.shutdown()
 

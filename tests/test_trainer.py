@@ -156,3 +156,18 @@ def test_misspelled_override_names_the_closest_key(tmp_path):
     proc = run_main(tmp_path, "--config.model.num_layer=5", check=False)
     assert proc.returncode != 0 and 'Did you mean "num_layers"' in proc.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
+    proc = run_main(tmp_path / "w", "--config.data.name=listopz", check=False)
+    assert proc.returncode != 0
+    assert "effjax: ValueError: Unknown data source 'listopz'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_per_layer_attention_from_the_command_line(tmp_path):
+    proc = run_main(tmp_path, "--config.model.attention=softmax,softmax", "--config.total_steps=2",
+                    "--config.eval_every=0")
+    assert "Finished 2 steps" in proc.stdout
+    assert json.load(open(tmp_path / "config.json"))["model"]["attention"] == "softmax,softmax"

@@ -48,14 +48,17 @@ def make(name: str, **params):
 def resolve_per_layer(attention, num_layers: int) -> tuple[str, ...]:
     """Expands one method name, or checks a per-layer sequence of names, into ``num_layers`` names."""
     if isinstance(attention, str):
-        layer_names = (attention,) * num_layers
-    else:
-        layer_names = tuple(attention)
-        if len(layer_names) != num_layers:
-            raise ValueError(
-                f"model.attention lists {len(layer_names)} methods but model.num_layers is {num_layers}: "
-                "give one name for all layers or exactly one name per layer."
-            )
+        # A command line gives one string: 'softmax,performer' or "('softmax','performer')".
+        attention = [part.strip(" '\"()[]") for part in attention.split(",")]
+        attention = [part for part in attention if part]
+    layer_names = tuple(attention)
+    if len(layer_names) == 1:
+        layer_names *= num_layers
+    elif len(layer_names) != num_layers:
+        raise ValueError(
+            f"model.attention lists {len(layer_names)} methods but model.num_layers is {num_layers}: "
+            "give one name for all layers or exactly one name per layer."
+        )
     for name in layer_names:
         check_name(name)
     return layer_names
