@@ -70,21 +70,12 @@ def get_config(arg=None):
         c.data.min_length = 50
         c.data.max_length = 256
     if args.smoke:
+        common.shrink_for_smoke(c)
         c.total_steps = 6
-        c.batch_size = 8
-        c.eval_batch_size = 8
         c.eval_every = 3
-        c.eval_max_batches = 2
         c.checkpoint_every = 3
-        c.log_every = 1
-        c.learning_rate = 1e-3
-        c.schedule = "constant"
-        c.warmup_steps = 0
-        c.model.max_length = 64
         c.model.num_layers = 2
-        c.model.embed_dim = 32
-        c.model.num_heads = 4
-        c.model.mlp_dim = 64
+        c.model.max_length = 64
         c.data.num_train = 64
         c.data.num_validation = 16
         c.data.num_test = 16

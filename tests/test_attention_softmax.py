@@ -142,3 +142,16 @@ def test_shape_and_dtype_mismatches_raise_clear_errors():
         softmax.attend(q[0], k, v)
     with pytest.raises(ValueError, match="mask must have shape"):
         softmax.attend(q, k, v, mask=np.ones((2, 4), bool))
+
+
+def test_pair_mask_restricts_attention_like_the_reference():
+    q, k, v = qkv(9)
+    band = np.abs(np.arange(9)[:, None] - np.arange(9)[None, :]) <= 2
+    out = softmax.attend(q, k, v, pair_mask=band[None, None], causal=True)
+    # Reference: a band and causal mask is a causal mask with keys older than 2 steps removed.
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) / np.sqrt(8)
+    logits = np.where(band & np.tril(np.ones((9, 9), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v64)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)

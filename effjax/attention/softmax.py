@@ -7,9 +7,12 @@ from flax import linen as nn
 from effjax.attention.common import allowed_pairs, check_qkv
 
 
-def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, dropout_rate=0.0, dropout_rng=None):
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
+           dropout_rng=None):
     """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] inputs, in float32 logits.
 
+    ``pair_mask`` (boolean, broadcastable to [batch, heads, q_len, kv_len]) further restricts which
+    query/key pairs may attend: sparse patterns (windows, blocks, globals) are softmax with one.
     Queries with no allowed key (fully padded rows) return a uniform average rather than NaN.
     """
     check_qkv("softmax", q, k, v)
@@ -17,6 +20,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, dropout_rate=0
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
     allowed = allowed_pairs(q_len, k.shape[1], batch, mask=mask, segment_ids=segment_ids, causal=causal)
+    if pair_mask is not None:
+        allowed = pair_mask if allowed is None else allowed & pair_mask
     if allowed is not None:
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)

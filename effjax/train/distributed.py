@@ -21,6 +21,8 @@ def initialize(*, enabled: bool, coordinator_address: str = "", num_processes: i
     """
     if num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+    # Cross-process collectives on CPU (local multi-process runs, tests) go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"], "")
     if not (enabled or coordinator_address):
         return
