@@ -1,5 +1,6 @@
 """End-to-end trainer behaviour: outputs, exact resume after kill -9 and SIGTERM, NaN stop, bad input."""
 
+import functools
 import json
 import os
 import signal
@@ -171,3 +172,20 @@ def test_per_layer_attention_from_the_command_line(tmp_path):
                     "--config.eval_every=0")
     assert "Finished 2 steps" in proc.stdout
     assert json.load(open(tmp_path / "config.json"))["model"]["attention"] == "softmax,softmax"
+
+
+def test_frozen_params_survive_training_with_weight_decay(tmp_path):
+    config = smoke_config(total_steps=3, eval_every=0, weight_decay=0.5, learning_rate=0.1,
+                          **{"model.attention": "performer", "model.attention_params": {"num_features": 16}})
+    run = trainer.Run(config)
+    state = run.init_state()
+    before = jax.device_get(state.params)
+    batches = run.train_iterator()
+    for _ in range(3):
+        state, _ = run.step(state, next(batches))
+    after = jax.device_get(state.params)
+    block = "trunk", "block_0", "attention"
+    get = lambda p, *keys: functools.reduce(lambda d, k: d[k], keys, p)  # noqa: E731
+    np.testing.assert_array_equal(get(after, *block, "Attention_0", "frozen_projection"),
+                                  get(before, *block, "Attention_0", "frozen_projection"))
+    assert not np.allclose(get(after, *block, "query"), get(before, *block, "query"))

@@ -8,7 +8,7 @@ import pkgutil
 import effjax.attention as _package
 
 # Modules in this package that hold shared code rather than a method.
-_NOT_METHODS = frozenset({"registry", "common"})
+_NOT_METHODS = frozenset({"registry", "common", "patterns", "kernel_attention"})
 
 
 def names() -> list[str]:

@@ -5,19 +5,35 @@ import optax
 
 from effjax.train.state import TrainState
 
+# Params whose name starts with this are fixed buffers (e.g. Performer's random projection): they live in
+# the "params" collection so checkpoints carry them, but no update (weight decay included) changes them.
+FROZEN_PREFIX = "frozen_"
+
+
+def _is_frozen(path) -> bool:
+    names = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return bool(names) and names[-1].startswith(FROZEN_PREFIX)
+
+
+def keep_frozen(new_params, old_params):
+    """``new_params`` with every ``frozen_*`` param reset to its value in ``old_params``."""
+    return jax.tree_util.tree_map_with_path(lambda path, new, old: old if _is_frozen(path) else new,
+                                            new_params, old_params)
+
 
 def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
-    """One optimizer step. Dropout keys depend only on (seed, step), so a resumed run is identical."""
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    """One optimizer step. Random keys depend only on (seed, step), so a resumed run is identical."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_key, random_key = jax.random.split(step_key)  # 'random': e.g. Performer feature redraws
 
     def objective(params):
         out = model.apply({"params": params}, batch["inputs"], deterministic=False,
-                          rngs={"dropout": dropout_key})
+                          rngs={"dropout": dropout_key, "random": random_key})
         return loss_fn(out, batch)
 
     (loss, sums), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = {
         "loss": loss,
         "accuracy": sums["accuracy"] / sums["count"],

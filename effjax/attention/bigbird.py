@@ -1,0 +1,71 @@
+"""BigBird ITC block-sparse attention (Zaheer et al. 2020, "Big Bird", Sec. 2 and App. D, Fig. 1)."""
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention import patterns, softmax
+from effjax.attention.common import check_qkv
+
+NAME = "bigbird"
+
+
+def block_layout(num_blocks: int, num_heads: int, num_random_blocks: int, seed: int):
+    """Boolean [num_heads, num_blocks, num_blocks]: 3-block window | first/last blocks global | random."""
+    ids = jnp.arange(num_blocks)
+    window = jnp.abs(ids[:, None] - ids[None, :]) <= 1
+    is_global = (ids == 0) | (ids == num_blocks - 1)
+    random = patterns.random_blocks(num_blocks, num_random_blocks, num_heads, seed)
+    return (window | patterns.global_tokens(is_global))[None] | jnp.asarray(random)
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64, num_random_blocks=3, seed=0,
+           dropout_rate=0.0, dropout_rng=None):
+    """Softmax over BigBird's block pattern, the same for every batch row, drawn per head.
+
+    The sequence is cut into blocks of ``block_size``. Every query block sees its own and the two
+    neighbouring blocks (sliding window), the first and last blocks are global (they see and are
+    seen by everything), and each other query block sees ``num_random_blocks`` random key blocks
+    (outside its window and the globals; fewer when fewer exist). The random layout is a fixed
+    numpy function of ``seed``, not an RNG draw, so it needs no stored variable. A block_size >= the
+    length is clamped to one block (full attention); otherwise a length that is not a multiple
+    raises ValueError. Masked O(N^2) softmax: exact, not faster than ``softmax``.
+    """
+    check_qkv(NAME, q, k, v)
+    length, heads = q.shape[1], q.shape[2]
+    if causal:
+        raise NotImplementedError(
+            f"{NAME}: causal attention is not supported: the global blocks and random blocks read the future "
+            "(the ITC pattern is bidirectional)."
+        )
+    if k.shape[1] != length:
+        raise NotImplementedError(
+            f"{NAME}: cross attention (q_len {length} != kv_len {k.shape[1]}) is not supported: "
+            "blocks are positions of one sequence."
+        )
+    if num_random_blocks < 0:
+        raise ValueError(f"{NAME}: num_random_blocks must be >= 0, got {num_random_blocks}.")
+    block, count = patterns.num_blocks(NAME, length, block_size)
+    pair = patterns.expand_blocks(block_layout(count, heads, num_random_blocks, seed), block)
+    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, pair_mask=pair[None],
+                          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend``: block 64 and 3 random blocks (the paper's and LRA's BigBird defaults).
+
+    ``seed`` fixes the random block layout deterministically (numpy RandomState), in place of a
+    layout drawn from the init RNG and stored as a variable: the trainer keeps only "params".
+    """
+
+    block_size: int = 64
+    num_random_blocks: int = 3
+    seed: int = 0
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        rng = self.make_rng("dropout") if use_dropout else None
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, block_size=self.block_size,
+                      num_random_blocks=self.num_random_blocks, seed=self.seed,
+                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)

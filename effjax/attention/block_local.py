@@ -1,0 +1,43 @@
+"""Block-local attention, MASFormer's sparse layers (Zhang et al. 2023, "MASFormer", Sec. 3, Fig. 1)."""
+
+from flax import linen as nn
+
+from effjax.attention import patterns, softmax
+from effjax.attention.common import check_qkv
+
+NAME = "block_local"
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64, dropout_rate=0.0,
+           dropout_rng=None):
+    """Softmax within non-overlapping blocks of ``block_size`` tokens (block-diagonal mask).
+
+    ``causal`` adds the causal mask inside each block. A block_size >= the length is clamped to one
+    block (full attention); otherwise a length that is not a multiple raises ValueError.
+    Self-attention only. Masked O(N^2) softmax: exact, not faster than ``softmax``.
+    """
+    check_qkv(NAME, q, k, v)
+    length = q.shape[1]
+    if k.shape[1] != length:
+        raise NotImplementedError(
+            f"{NAME}: cross attention (q_len {length} != kv_len {k.shape[1]}) is not supported: "
+            "blocks are positions of one sequence."
+        )
+    block, _ = patterns.num_blocks(NAME, length, block_size)
+    pair = patterns.block_diagonal(length, block)
+    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                          pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend``; block_size 64 is effjax's choice (the paper's b is unverified)."""
+
+    block_size: int = 64
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        rng = self.make_rng("dropout") if use_dropout else None
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, block_size=self.block_size,
+                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)

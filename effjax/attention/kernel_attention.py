@@ -1,0 +1,150 @@
+"""Normalized kernel (linear) attention shared by the linear methods (Katharopoulos et al. 2020, Sec. 3.2).
+
+Given feature-mapped queries ``phi_q [batch, q_len, heads, m]`` and keys ``phi_k [batch, kv_len, heads, m]``,
+computes ``out_i = sum_j phi_q_i . phi_k_j v_j / (sum_j phi_q_i . phi_k_j + eps)`` over the keys j that query i
+may see: all real keys (bidirectional, ``phi_k^T v`` first) or real keys j <= i (causal, chunked prefix sums).
+
+Conventions, shared by every method built on this module:
+  * eps: ``den + eps`` with ``eps = 1e-6``, as in fast-transformers (Linear Transformer), SLAB, ScatterFormer
+    and RALA. cosFormer's code clamps ``max(den, 1e-6)`` and Performer's adds ``2 * 1e-6`` when
+    ``|den| <= 1e-6``; both differ from ours only when the denominator is at the 1e-6 level.
+  * padding: ``phi_k`` and ``v`` are zeroed at padded keys before any reduction, so padded keys cannot
+    change an output. A query with no visible real key gets ``0 / (0 + eps) = 0``.
+  * causal with ``q_len != kv_len`` is aligned to the end like ``common.allowed_pairs``: query i sees
+    keys j <= i + (kv_len - q_len).
+  * ``key_log_scale`` (optional, ``[batch, kv_len, heads]``, no gradient) says the true key features are
+    ``phi_k_j * exp(key_log_scale_j)``. Numerator and denominator of query i are then computed in units
+    of ``exp(-max of key_log_scale over the keys i may see)`` (a running max when causal), so features
+    whose logarithms exceed float32's range stay finite and a causal output never depends on a future
+    key, not even through eps. Performer uses it for its exp features; without it all scales are 1.
+"""
+
+import jax.numpy as jnp
+from jax import lax
+
+NAME = "kernel_attention"
+EPS = 1e-6
+DEFAULT_CHUNK_SIZE = 64
+_FLOOR = -1e30  # log-scale given to padded keys: exp(_FLOOR - anything real) == 0.
+
+
+def check_mask(method: str, mask, batch: int, kv_len: int):
+    """The key-padding mask as bool [batch, kv_len], or None; raises ValueError naming ``method``."""
+    if mask is None:
+        return None
+    if mask.shape != (batch, kv_len):
+        raise ValueError(f"{method}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    return jnp.asarray(mask).astype(bool)
+
+
+def check_chunk_size(method: str, chunk_size) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{method}: chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+def refuse_segments(method: str, segment_ids) -> None:
+    """Kernel attention sums keys into one state per query; per-segment states are not implemented."""
+    if segment_ids is not None:
+        raise NotImplementedError(
+            f"{method}: segment_ids are not supported: the key sums phi(k)^T v would need one state per "
+            "segment, whose count is not known at trace time; use a softmax method for packed sequences.")
+
+
+def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_scale=None,
+                         chunk_size=DEFAULT_CHUNK_SIZE, eps=EPS, method=NAME):
+    """Normalized kernel attention in float32; returns float32 ``[batch, q_len, heads, v_dim]``.
+
+    ``causal=True`` runs a ``lax.scan`` over chunks of ``chunk_size`` positions: a masked quadratic
+    product inside the chunk plus the carried state ``sum phi_k^T v`` (m x v_dim) and ``sum phi_k`` of
+    earlier chunks. Lengths that are not a multiple of the chunk are padded internally; the chunk size
+    changes the result only by float rounding.
+    """
+    for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{method}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
+    batch, q_len, heads, m = phi_q.shape
+    kv_len = phi_k.shape[1]
+    if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
+        raise ValueError(f"{method}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
+    if key_log_scale is not None and key_log_scale.shape != (batch, kv_len, heads):
+        raise ValueError(f"{method}: key_log_scale must have shape {(batch, kv_len, heads)}, "
+                         f"got {key_log_scale.shape}.")
+    check_chunk_size(method, chunk_size)
+    mask = check_mask(method, mask, batch, kv_len)
+
+    phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
+    if key_log_scale is None:
+        scale = jnp.zeros((batch, kv_len, heads), jnp.float32)
+    else:
+        scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
+    if mask is not None:
+        phi_k = jnp.where(mask[:, :, None, None], phi_k, 0.0)
+        v = jnp.where(mask[:, :, None, None], v, 0.0)
+        scale = jnp.where(mask[:, :, None], scale, _FLOOR)
+    if causal:
+        return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
+    return _bidirectional(phi_q, phi_k, v, scale, eps)
+
+
+def _bidirectional(phi_q, phi_k, v, scale, eps):
+    top = jnp.max(scale, axis=1, keepdims=True)  # [b, 1, h]: the largest real key scale
+    phi_k = phi_k * jnp.exp(scale - top)[..., None]
+    kv = jnp.einsum("bkhm,bkhd->bhmd", phi_k, v)
+    z = jnp.sum(phi_k, axis=1)  # [b, h, m]
+    num = jnp.einsum("bqhm,bhmd->bqhd", phi_q, kv)
+    den = jnp.einsum("bqhm,bhm->bqh", phi_q, z)
+    return num / (den[..., None] + eps)
+
+
+def _pad(x, before, after, value=0.0):
+    if before == 0 and after == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (before, after)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _causal(phi_q, phi_k, v, scale, chunk_size, eps):
+    batch, q_len, heads, m = phi_q.shape
+    kv_len = phi_k.shape[1]
+    # End alignment: prepend dummy queries (kv_len > q_len) or empty keys (q_len > kv_len) so that
+    # query i pairs with key i, then drop the dummy outputs.
+    q_front, k_front = max(kv_len - q_len, 0), max(q_len - kv_len, 0)
+    length = max(q_len, kv_len)
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    tail = num_chunks * chunk - length
+    phi_q = _pad(phi_q, q_front, tail)
+    phi_k, v = _pad(phi_k, k_front, tail), _pad(v, k_front, tail)
+    scale = _pad(scale, k_front, tail, _FLOOR)
+
+    def chunked(x):  # [b, n, h, ...] -> [chunks, b, h, chunk, ...]
+        x = x.reshape(batch, num_chunks, chunk, heads, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+    xs = tuple(chunked(x) for x in (phi_q, phi_k, v, scale))
+    tri = jnp.tril(jnp.ones((chunk, chunk), bool))
+
+    def step(carry, inputs):
+        kv, z, prev = carry  # [b, h, m, d], [b, h, m], [b, h]: state in units of exp(-prev)
+        pq, pk, vc, sc = inputs  # [b, h, c, m], [b, h, c, m], [b, h, c, d], [b, h, c]
+        top = jnp.maximum(prev[..., None], lax.cummax(sc, axis=sc.ndim - 1))  # running max per query
+        log_w = jnp.where(tri, sc[..., None, :] - top[..., :, None], -jnp.inf)
+        scores = jnp.einsum("bhim,bhjm->bhij", pq, pk) * jnp.exp(log_w)
+        carried = jnp.exp(prev[..., None] - top)  # [b, h, c]
+        num = jnp.einsum("bhij,bhjd->bhid", scores, vc)
+        num = num + jnp.einsum("bhim,bhmd->bhid", pq, kv) * carried[..., None]
+        den = jnp.sum(scores, axis=-1) + jnp.einsum("bhim,bhm->bhi", pq, z) * carried
+        end = top[..., -1]
+        pk = pk * jnp.exp(sc - end[..., None])[..., None]
+        decay = jnp.exp(prev - end)
+        kv = kv * decay[..., None, None] + jnp.einsum("bhjm,bhjd->bhmd", pk, vc)
+        z = z * decay[..., None] + jnp.sum(pk, axis=2)
+        return (kv, z, end), num / (den[..., None] + eps)
+
+    init = (jnp.zeros((batch, heads, m, v.shape[-1]), jnp.float32), jnp.zeros((batch, heads, m), jnp.float32),
+            jnp.full((batch, heads), _FLOOR, jnp.float32))
+    _, out = lax.scan(step, init, xs)  # [chunks, b, h, c, d]
+    out = jnp.moveaxis(jnp.moveaxis(out, 2, 3), 0, 1).reshape(batch, num_chunks * chunk, heads, -1)
+    return out[:, q_front:q_front + q_len]
+

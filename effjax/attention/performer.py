@@ -1,0 +1,101 @@
+"""Performer FAVOR+ (Choromanski et al., ICLR 2021, Lemma 1): positive random features for exp(q.k/sqrt(d))."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention import kernel_attention as ka
+from effjax.attention.common import check_qkv
+
+NAME = "performer"
+FEATURE_EPS = 1e-6  # the reference's numerical_stabilizer, added to the query features
+
+
+def random_projection(rng, num_features: int, head_dim: int, orthogonal: bool = True):
+    """The [num_features, head_dim] Gaussian projection of FAVOR+, in float32.
+
+    ``orthogonal=True`` follows the reference's GaussianOrthogonalRandomMatrix with scaling 0: stacked
+    blocks of head_dim orthonormal rows (QR of a Gaussian block, the last block truncated), each row then
+    rescaled to the norm of an independent Gaussian head_dim-vector (chi-distributed), so every row is
+    marginally Gaussian. ``orthogonal=False`` draws i.i.d. Gaussian rows.
+    """
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{NAME}: num_features must be a positive int, got {num_features!r}.")
+    block_key, norm_key = jax.random.split(rng)
+    if not orthogonal:
+        return jax.random.normal(block_key, (num_features, head_dim), jnp.float32)
+    num_blocks = -(-num_features // head_dim)
+    gaussian = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
+    basis, _ = jnp.linalg.qr(gaussian)  # columns orthonormal
+    rows = jnp.swapaxes(basis, 1, 2).reshape(num_blocks * head_dim, head_dim)[:num_features]
+    norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=1)
+    return rows * norms[:, None]
+
+
+def _log_features(x, projection):
+    """log of the unnormalized positive features: w . x~ - |x~|^2 / 2 with x~ = x d^{-1/4}; [b, l, h, m]."""
+    x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+    projected = jnp.einsum("blhd,md->blhm", x, projection.astype(jnp.float32))
+    return projected - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE):
+    """FAVOR+ estimate of softmax(q k^T / sqrt(d)) v with the given ``projection`` [m, head_dim].
+
+    Features: ``phi(x) = m^{-1/2} exp(w . x~ - |x~|^2/2)`` with ``x~ = x d^{-1/4}``, so that
+    ``E[phi(q).phi(k)] = exp(q.k/sqrt(d))``. Stabilization: queries subtract their own max over
+    features and add 1e-6 (as in the reference); keys carry their own max over features as a log-scale
+    to ``kernel_attention``, which rescales by the largest real key the query may see (all keys, or a
+    running max when causal). That equals the reference's shift by the max over all keys without its
+    eps-level dependence on future keys. The projection gets no gradient (``stop_gradient``).
+    ``segment_ids`` raise NotImplementedError.
+    """
+    check_qkv(NAME, q, k, v)
+    ka.refuse_segments(NAME, segment_ids)
+    if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
+        raise ValueError(f"{NAME}: projection must have shape [num_features, head_dim={q.shape[-1]}], "
+                         f"got {projection.shape}.")
+    projection = jax.lax.stop_gradient(projection)
+    ratio = 1.0 / math.sqrt(projection.shape[0])
+    log_q = _log_features(q, projection)
+    phi_q = ratio * (jnp.exp(log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))) + FEATURE_EPS)
+    log_k = _log_features(k, projection)
+    key_top = jax.lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, l, h]
+    phi_k = ratio * jnp.exp(log_k - key_top[..., None])
+    out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, causal=causal, key_log_scale=key_top,
+                                  chunk_size=chunk_size, method=NAME)
+    return out.astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend`` owning the random projection.
+
+    The projection ``[num_features, head_dim]`` (shared by all heads, as in the reference) is drawn at
+    init from the ``params`` RNG stream and stored as the param ``frozen_projection`` so checkpoints and
+    eval reproduce it; it is **not trained**: every use is wrapped in ``jax.lax.stop_gradient``, and the
+    trainer's train step keeps every ``frozen_*`` param as it was (no update, no weight decay).
+    ``redraw=True`` draws a fresh projection from the ``random`` RNG stream on every call with
+    ``deterministic=False`` (training); ``deterministic=True`` always uses the stored one. The reference
+    redraws by default, seeded from the query values; here redraw is opt-in and never seeded from data.
+    ``dropout_rate`` is accepted for the common interface but does not apply: the attention weights are
+    never materialized.
+    """
+
+    num_features: int = 256
+    orthogonal: bool = True
+    redraw: bool = False
+    chunk_size: int = ka.DEFAULT_CHUNK_SIZE
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        check_qkv(NAME, q, k, v)
+        head_dim = q.shape[-1]
+        projection = self.param(
+            "frozen_projection", lambda rng: random_projection(rng, self.num_features, head_dim, self.orthogonal))
+        if self.redraw and not deterministic:
+            projection = random_projection(self.make_rng("random"), self.num_features, head_dim, self.orthogonal)
+        return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
+                      chunk_size=self.chunk_size)

@@ -1,0 +1,40 @@
+"""Sliding-window (local) attention: Longformer's local pattern (Beltagy et al. 2020, Sec. 3.1, Fig. 2b)."""
+
+from flax import linen as nn
+
+from effjax.attention import patterns, softmax
+from effjax.attention.common import check_qkv
+
+NAME = "sliding_window"
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dropout_rate=0.0,
+           dropout_rng=None):
+    """Softmax over the keys with |i - j| <= ``window`` (one-sided; 2*window + 1 keys per query).
+
+    ``causal`` keeps keys [i - window, i]. For cross attention (kv_len != q_len) queries are aligned
+    to the end, as for causal softmax. A window >= the length is simply full attention (no error).
+    Computed as masked O(N^2) softmax: exact, but not faster than ``softmax``.
+    """
+    check_qkv(NAME, q, k, v)
+    if window < 0:
+        raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
+    pair = patterns.band(q.shape[1], k.shape[1], window)
+    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                          pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend``; ``window`` is one-sided (longformer-base-4096: 512 total, 256 a side)."""
+
+    window: int = 256
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        rng = self.make_rng("dropout") if use_dropout else None
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
+                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)
+
+

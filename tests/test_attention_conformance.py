@@ -1,0 +1,194 @@
+"""Conformance of every registered attention method to the effjax contract, at L=64 with small sizes.
+
+Each method in ``effjax.attention.names()`` (new modules are picked up automatically) is built with
+``make(name, **small_params(name))`` and checked for: output shape/dtype, finite values and finite
+jitted gradients, padding invariance, causality (or a NotImplementedError naming the method),
+segment isolation (or a NotImplementedError naming the method), bfloat16, and that a one-layer
+ListOps-sized encoder using it lowers its loss in a few Adam steps on one fixed batch.
+"""
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import effjax.models as models
+from effjax import attention
+
+B, L, H, D = 2, 64, 4, 16
+REAL = 40  # row 0 has REAL real tokens, row 1 is all real
+MASK = np.arange(L)[None, :] < np.array([[REAL], [L]])
+
+# Small sizes per method, so the L=64 tests exercise the efficient path (not a window covering all).
+# Entries for fields a method does not have are dropped by small_params (names may drift while the
+# methods are written); methods not listed use make(name) defaults.
+SMALL = {
+    "linformer": dict(k=16),
+    "nystromformer": dict(num_landmarks=8),
+    "sliding_window": dict(window=8),
+    "longformer": dict(window=8),
+    "bigbird": dict(block_size=8),
+    "block_local": dict(block_size=16),
+    "performer": dict(num_features=64, chunk_size=16),  # chunk 16 < L: the causal scan crosses chunks
+    "cosformer": dict(chunk_size=16),
+    "linear_elu": dict(chunk_size=16),
+}
+NAMES = attention.names()
+# XLA's backend optimisations take most of the CPU time of these small tests and change no semantics.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn):
+    return jax.jit(fn, compiler_options=FAST)
+
+
+def small_params(name):
+    cls = importlib.import_module(f"effjax.attention.{name}").Attention
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {key: val for key, val in SMALL.get(name, {}).items() if key in fields}
+
+
+def qkv(seed, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return [jax.random.normal(kk, (B, L, H, D), dtype) for kk in keys]
+
+
+def build(name, q, k, v, **call):
+    """The module, its variables (initialised with the same call arguments) and its un-jitted apply."""
+    module = attention.make(name, **small_params(name))
+    variables = jit(lambda key, q, k, v: module.init(key, q, k, v, **call))(jax.random.key(0), q, k, v)
+    return module, variables, lambda vs, q, k, v: module.apply(vs, q, k, v, **call)
+
+
+def refuses(name, fn):
+    """True if ``fn`` raises NotImplementedError naming the method; re-raises anything else."""
+    try:
+        fn()
+    except NotImplementedError as err:
+        assert name in str(err), f"{name}: NotImplementedError must name the method, got: {err}"
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_name_is_a_method_module(name):
+    module = importlib.import_module(f"effjax.attention.{name}")
+    assert callable(getattr(module, "attend", None)), f"effjax.attention.{name} has no attend()"
+    assert isinstance(getattr(module, "Attention", None), type), f"effjax.attention.{name} has no Attention"
+    assert module.__doc__ and module.__doc__.strip(), f"effjax.attention.{name} has no module docstring"
+    fields = {f.name for f in dataclasses.fields(module.Attention)}
+    assert "dropout_rate" in fields
+    attention.make(name, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_dtype_finite_values_and_jitted_gradients(name):
+    q, k, v = qkv(0)
+    _, variables, fn = build(name, q, k, v, mask=MASK)
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    assert out.shape == (B, L, H, D) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+
+    loss = lambda vs, q, k, v: jnp.sum(jnp.sin(fn(vs, q, k, v)))
+    grads = jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(variables, q, k, v)
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g))
+    assert float(jnp.abs(grads[1]).sum()) > 0 and float(jnp.abs(grads[3]).sum()) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_keys_do_not_change_real_outputs(name):
+    q, k, v = qkv(1)
+    _, variables, fn = build(name, q, k, v, mask=MASK)
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    padded = ~MASK[:, :, None, None]
+    out2 = apply(variables, q, k + 3.0 * padded, v + 3.0 * padded)
+    np.testing.assert_allclose(out2[0, :REAL], out[0, :REAL], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out2[1], out[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causal_never_reads_the_future_or_refuses_naming_the_method(name):
+    q, k, v = qkv(2)
+    holder = {}
+
+    def run():
+        holder["built"] = build(name, q, k, v, causal=True)
+
+    if refuses(name, run):
+        return
+    _, variables, fn = holder["built"]
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    t = 37
+    out2 = apply(variables, q.at[:, t].add(3.0), k.at[:, t].add(3.0), v.at[:, t].add(3.0))
+    np.testing.assert_allclose(out2[:, :t], out[:, :t], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out2[:, t:], out[:, t:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_segments_are_isolated_or_refused_naming_the_method(name):
+    q, k, v = qkv(3)
+    segments = np.repeat(np.array([[0, 1], [0, 1]]), [24, L - 24], axis=1)
+    holder = {}
+
+    def run():
+        holder["built"] = build(name, q, k, v, segment_ids=segments)
+
+    if refuses(name, run):
+        return
+    _, variables, fn = holder["built"]
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    later = (segments == 1)[:, :, None, None]
+    out2 = apply(variables, q + 3.0 * later, k + 3.0 * later, v + 3.0 * later)
+    np.testing.assert_allclose(out2[:, :24], out[:, :24], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_inputs_give_finite_bfloat16_outputs(name):
+    q, k, v = qkv(4, jnp.bfloat16)
+    _, variables, fn = build(name, q, k, v, mask=MASK)
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    assert out.dtype == jnp.bfloat16 and out.shape == (B, L, H, D)
+    assert np.all(np.isfinite(out.astype(np.float32)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_inside_the_listops_encoder(name):
+    model = models.build("encoder_classifier", vocab_size=16, num_classes=10, max_length=64, num_layers=1,
+                         embed_dim=32, num_heads=4, mlp_dim=64, attention=name, attention_params=small_params(name))
+    # 63 tokens + the CLS token = attention length 64; row 1 ends in 13 padding tokens (id 0).
+    tokens = jax.random.randint(jax.random.key(5), (4, L - 1), 1, 16).at[1, 50:].set(0)
+    labels = jax.random.randint(jax.random.key(6), (4,), 0, 10)
+    params = jit(model.init)(jax.random.key(7), tokens)
+    tx = optax.adam(3e-3)
+
+    # Training mode (model and attention dropout 0.1) with one fixed dropout key, so the objective
+    # is the same function at every step.
+    dropout = {"dropout": jax.random.key(8)}
+
+    def loss_fn(p):
+        logits = model.apply(p, tokens, deterministic=False, rngs=dropout)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jit
+    def step(p, opt):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, loss
+
+    opt = tx.init(params)
+    losses = []
+    for _ in range(8):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
