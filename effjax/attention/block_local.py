@@ -3,7 +3,7 @@
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
-from effjax.attention.common import check_qkv
+from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "block_local"
 
@@ -37,7 +37,5 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        rng = self.make_rng("dropout") if use_dropout else None
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, block_size=self.block_size,
-                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)
+                      **dropout_kwargs(self, deterministic))

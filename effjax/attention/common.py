@@ -48,3 +48,10 @@ def allowed_pairs(q_len: int, kv_len: int, batch: int, *, mask=None, segment_ids
         tri = jnp.arange(q_len)[:, None] + offset >= jnp.arange(kv_len)[None, :]
         allowed = conj(allowed, tri[None, None])
     return allowed
+
+
+def dropout_kwargs(module, deterministic: bool) -> dict:
+    """``dropout_rate`` and ``dropout_rng`` for a method's ``attend``; off when deterministic or rate 0."""
+    if module.dropout_rate > 0.0 and not deterministic:
+        return {"dropout_rate": module.dropout_rate, "dropout_rng": module.make_rng("dropout")}
+    return {"dropout_rate": 0.0, "dropout_rng": None}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv
+from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "linformer"
 
@@ -84,7 +84,4 @@ class Attention(nn.Module):
         shape = (k.shape[1], self.k)
         e_proj = self.param("e_proj", init, shape, jnp.float32)
         f_proj = None if self.share_kv else self.param("f_proj", init, shape, jnp.float32)
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        rng = self.make_rng("dropout") if use_dropout else None
-        return attend(q, k, v, e_proj, f_proj, mask=mask, dropout_rate=self.dropout_rate if use_dropout else 0.0,
-                      dropout_rng=rng)
+        return attend(q, k, v, e_proj, f_proj, mask=mask, **dropout_kwargs(self, deterministic))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
-from effjax.attention.common import check_qkv
+from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "longformer"
 
@@ -50,8 +50,5 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        rng = self.make_rng("dropout") if use_dropout else None
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      num_global=self.num_global, dropout_rate=self.dropout_rate if use_dropout else 0.0,
-                      dropout_rng=rng)
+                      num_global=self.num_global, **dropout_kwargs(self, deterministic))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv
+from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "nystromformer"
 _NEG = jnp.finfo(jnp.float32).min
@@ -155,7 +155,5 @@ class Attention(nn.Module):
         if self.conv_kernel_size:
             init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(size))
             conv = self.param("conv_kernel", init, (self.conv_kernel_size, q.shape[2]), jnp.float32)
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        rng = self.make_rng("dropout") if use_dropout else None
         return attend(q, k, v, mask=mask, num_landmarks=self.num_landmarks, pinv_iterations=self.pinv_iterations,
-                      conv_kernel=conv, dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)
+                      conv_kernel=conv, **dropout_kwargs(self, deterministic))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import allowed_pairs, check_qkv
+from effjax.attention.common import allowed_pairs, check_qkv, dropout_kwargs
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
@@ -38,7 +38,5 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        rng = self.make_rng("dropout") if use_dropout else None
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                      dropout_rate=self.dropout_rate if use_dropout else 0.0, dropout_rng=rng)
+                      **dropout_kwargs(self, deterministic))
