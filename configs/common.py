@@ -1,6 +1,7 @@
 """Defaults shared by every task config; task files override only what differs."""
 
 import ml_collections
+from ml_collections import config_dict
 
 # Logical axis -> mesh axis rules. Flax skips a mesh axis a tensor already uses, so activations
 # [batch, length, embed] shard only the batch while parameters [embed, mlp] shard over fsdp x tensor.
@@ -66,7 +67,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4
     c.model.mlp_dim = 512
     c.model.attention = "softmax"          # a method name, or a per-layer tuple of names
-    c.model.attention_params = ml_collections.ConfigDict()  # keyword params of the method
+    c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>
     c.model.attention_dropout_rate = 0.1
     c.model.dropout_rate = 0.1
     c.model.activation = "gelu"
@@ -81,6 +82,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.logical_axis_rules = DEFAULT_RULES
     return c
+
+
+def attention_param_defaults() -> ml_collections.ConfigDict:
+    """Every attention method's params at their paper defaults, keyed by method name.
+
+    Listing them all lets any one be set from the command line of a locked config, e.g.
+    ``--config.model.attention_params.performer.num_features=128``; a layer uses its own method's entry.
+    Params whose default is None are typed placeholders (``grid``: a tuple such as ``'(16, 32)'``).
+    """
+    from effjax import attention
+
+    table = ml_collections.ConfigDict()
+    for method in attention.names():
+        table[method] = {key: config_dict.placeholder(attention.param_type(method, key)) if val is None else val
+                         for key, val in attention.defaults(method).items()}
+    return table
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -167,11 +167,14 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_per_layer_attention_from_the_command_line(tmp_path):
-    proc = run_main(tmp_path, "--config.model.attention=softmax,softmax", "--config.total_steps=2",
-                    "--config.eval_every=0")
+def test_per_layer_attention_and_method_params_from_the_command_line(tmp_path):
+    proc = run_main(tmp_path, "--config.model.attention=softmax,linformer", "--config.total_steps=2",
+                    "--config.eval_every=0", "--config.model.attention_params.linformer.k=8")
     assert "Finished 2 steps" in proc.stdout
-    assert json.load(open(tmp_path / "config.json"))["model"]["attention"] == "softmax,softmax"
+    model = json.load(open(tmp_path / "config.json"))["model"]
+    assert model["attention"] == "softmax,linformer" and model["attention_params"]["linformer"]["k"] == 8
+    params = load_params(tmp_path, checkpoint_steps(tmp_path)[-1])
+    assert params["trunk"]["block_1"]["attention"]["Attention_0"]["e_proj"].shape[-1] == 8
 
 
 def test_frozen_params_survive_training_with_weight_decay(tmp_path):

@@ -8,6 +8,6 @@ A method's name is its module's file name. Every method module exports:
 ``mask`` is a boolean key-padding mask ``[batch, kv_len]``, True where a token is real.
 """
 
-from effjax.attention.registry import check_name, make, names, resolve_per_layer
+from effjax.attention.registry import check_name, defaults, make, names, param_type, params_for, resolve_per_layer
 
-__all__ = ["check_name", "make", "names", "resolve_per_layer"]
+__all__ = ["check_name", "defaults", "make", "names", "param_type", "params_for", "resolve_per_layer"]

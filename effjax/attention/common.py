@@ -55,3 +55,22 @@ def dropout_kwargs(module, deterministic: bool) -> dict:
     if module.dropout_rate > 0.0 and not deterministic:
         return {"dropout_rate": module.dropout_rate, "dropout_rng": module.make_rng("dropout")}
     return {"dropout_rate": 0.0, "dropout_rng": None}
+
+
+def refuse_causal(method: str, causal: bool, why: str) -> None:
+    """Raises NotImplementedError naming ``method`` and ``why`` when ``causal`` is asked for."""
+    if causal:
+        raise NotImplementedError(f"{method}: causal=True is not supported: {why}")
+
+
+def refuse_cross(method: str, q, k, why: str) -> None:
+    """Raises NotImplementedError naming ``method`` and ``why`` when q and k lengths differ."""
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError(
+            f"{method}: cross attention (q_len {q.shape[1]} != kv_len {k.shape[1]}) is not supported: {why}")
+
+
+def refuse_segments(method: str, segment_ids, why: str) -> None:
+    """Raises NotImplementedError naming ``method`` and ``why`` when ``segment_ids`` are given."""
+    if segment_ids is not None:
+        raise NotImplementedError(f"{method}: segment_ids are not supported: {why}")

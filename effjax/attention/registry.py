@@ -1,14 +1,16 @@
 """Name -> attention method lookup: the module ``effjax.attention.<name>`` is the method."""
 
+import collections.abc
 import dataclasses
 import difflib
 import importlib
 import pkgutil
+import typing
 
 import effjax.attention as _package
 
 # Modules in this package that hold shared code rather than a method.
-_NOT_METHODS = frozenset({"registry", "common", "patterns", "kernel_attention"})
+_NOT_METHODS = frozenset({"registry", "common", "patterns", "kernel_attention", "grid", "fftconv", "scan", "permute"})
 
 
 def names() -> list[str]:
@@ -32,10 +34,54 @@ def _method_module(name: str):
     return importlib.import_module(f"effjax.attention.{name}")
 
 
+def _init_fields(name: str):
+    cls = _method_module(name).Attention
+    return cls, [f for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+
+
+def defaults(name: str) -> dict:
+    """``{param: paper default}`` of method ``name``; ``dropout_rate`` is left to the model's setting."""
+    _, fields = _init_fields(name)
+    return {f.name: f.default for f in fields if f.name != "dropout_rate" and f.default is not dataclasses.MISSING}
+
+
+def param_type(name: str, param: str) -> type:
+    """The declared type of ``param`` of method ``name`` with ``None`` removed (``tuple | None`` -> tuple)."""
+    cls, _ = _init_fields(name)
+    try:
+        hint = typing.get_type_hints(cls).get(param, object)
+    except NameError:  # an annotation naming something the module does not import
+        hint = object
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    origin = typing.get_origin(options[0]) or options[0]
+    return origin if isinstance(origin, type) else object
+
+
+def params_for(name: str, attention_params) -> dict:
+    """The params for one layer of method ``name``.
+
+    ``attention_params`` is either flat ``{param: value}`` (for every layer) or keyed by method,
+    ``{method: {param: value}}``, as the configs hold it; ``None`` values mean "the method's default".
+    """
+    if hasattr(attention_params, "to_dict"):  # an ml_collections ConfigDict
+        attention_params = attention_params.to_dict()
+    attention_params = dict(attention_params or {})
+    keyed = {key for key, val in attention_params.items() if isinstance(val, collections.abc.Mapping)}
+    if keyed:
+        for key in keyed:
+            check_name(key)
+        flat = sorted(set(attention_params) - keyed)
+        if flat:
+            raise ValueError(f"attention_params mixes per-method entries ({', '.join(sorted(keyed))}) with "
+                             f"flat ones ({', '.join(flat)}); put every param under its method's name.")
+        attention_params = dict(attention_params.get(name, {}))
+    return {key: val for key, val in attention_params.items() if val is not None}
+
+
 def make(name: str, **params):
     """Returns the linen Module of method ``name`` built with ``params`` (paper defaults otherwise)."""
-    cls = _method_module(name).Attention
-    accepted = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name"))
+    cls, fields = _init_fields(name)
+    accepted = sorted(f.name for f in fields)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(

@@ -149,9 +149,9 @@ class Trunk(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         head_dim = self.embed_dim // self.num_heads
-        params = dict(self.attention_params or {})
-        params.setdefault("dropout_rate", self.attention_dropout_rate)
         for i, method in enumerate(layer_methods):
+            params = attention_lib.params_for(method, self.attention_params)
+            params.setdefault("dropout_rate", self.attention_dropout_rate)
             x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                       self.activation, self.dtype, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)

@@ -19,7 +19,8 @@ def validate(config, *, process_count: int, batch_shards: int) -> None:
     _require(config.schedule in SCHEDULES,
              f"config.schedule {config.schedule!r} is unknown; known: {', '.join(SCHEDULES)}.")
     effjax.models.task_of(config.model.name)
-    attention.resolve_per_layer(config.model.attention, config.model.num_layers)
+    for method in attention.resolve_per_layer(config.model.attention, config.model.num_layers):
+        attention.make(method, **attention.params_for(method, config.model.attention_params))
     for field in ("batch_size", "eval_batch_size"):
         size = config[field]
         _require(size % process_count == 0,
