@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
+from effjax.models.norms import Norm, PRepBNSchedule, check_norm
 
 Dtype = Any
 
@@ -16,6 +17,20 @@ embed_init = nn.initializers.normal(stddev=0.02)
 def logical(init, axes):
     """An initializer whose parameter carries logical axis names for sharding."""
     return nn.with_logical_partitioning(init, axes)
+
+
+def squared_relu(x):
+    """relu(x)^2, Primer's MLP activation (So et al. 2021, Sec. 3)."""
+    return jnp.square(nn.relu(x))
+
+
+ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu, "squared_relu": squared_relu}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}.")
+    return ACTIVATIONS[name]
 
 
 class MultiHeadAttention(nn.Module):
@@ -60,7 +75,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x, *, deterministic=True):
         embed = x.shape[-1]
-        act = getattr(nn, self.activation)
+        act = activation_fn(self.activation)
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=logical(dense_init, ("embed", "mlp")),
                      bias_init=logical(nn.initializers.zeros, ("mlp",)), name="wi")(x)
         h = nn.with_logical_constraint(act(h), ("batch", "length", "mlp"))
@@ -69,15 +84,8 @@ class Mlp(nn.Module):
                         bias_init=logical(nn.initializers.zeros, ("embed",)), name="wo")(h)
 
 
-def layer_norm(dtype, name=None):
-    """LayerNorm whose scale and bias are sharded along the embedding axis."""
-    return nn.LayerNorm(dtype=dtype, name=name,
-                        scale_init=logical(nn.initializers.ones, ("embed",)),
-                        bias_init=logical(nn.initializers.zeros, ("embed",)))
-
-
 class Block(nn.Module):
-    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm Transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
     num_heads: int
     head_dim: int
@@ -86,42 +94,88 @@ class Block(nn.Module):
     attention_params: dict | None = None
     dropout_rate: float = 0.0
     activation: str = "gelu"
+    norm: str = "layernorm"
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        h = layer_norm(self.dtype, "ln_attention")(x)
+    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None):
+        norm = dict(mask=mask, gamma=gamma, deterministic=deterministic)
+        h = Norm(self.norm, self.dtype, name="ln_attention")(x, **norm)
         h = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
                                self.dtype, name="attention")(
             h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        h = layer_norm(self.dtype, "ln_mlp")(x)
+        h = Norm(self.norm, self.dtype, name="ln_mlp")(x, **norm)
         h = Mlp(self.mlp_dim, self.dropout_rate, self.activation, self.dtype, name="mlp")(
             h, deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-class Trunk(nn.Module):
-    """Token + learned position embeddings, then ``num_layers`` blocks and a final LayerNorm.
+class Backbone(nn.Module):
+    """The fields every model family shares, and the stack of blocks they configure.
 
-    ``attention`` is one method name or a per-layer tuple of names; ``prefix_tokens`` learned
-    vectors (e.g. a CLS token) are prepended before the blocks.
+    ``attention`` is one method name or a per-layer tuple; ``full_attention_layers`` (MASFormer, Zhang et
+    al. 2023) lists layer indices that use ``full_attention`` instead. ``norm`` is 'layernorm' or 'prepbn'.
     """
 
-    vocab_size: int
-    max_length: int
-    num_layers: int
-    embed_dim: int
-    num_heads: int
-    mlp_dim: int
+    num_layers: int = 4
+    embed_dim: int = 512
+    num_heads: int = 8
+    mlp_dim: int = 1024
     attention: Any = "softmax"
     attention_params: dict | None = None
     attention_dropout_rate: float = 0.0
-    dropout_rate: float = 0.0
+    full_attention_layers: tuple = ()
+    full_attention: str = "softmax"
+    dropout_rate: float = 0.1
     activation: str = "gelu"
-    prefix_tokens: int = 0
+    norm: str = "layernorm"
+    prepbn_steps: int = 60000
+    prepbn_warmup: int = 0
     dtype: Dtype = jnp.float32
+
+    def layer_methods(self) -> tuple[str, ...]:
+        methods = list(attention_lib.resolve_per_layer(self.attention, self.num_layers))
+        for index in self.full_attention_layers:
+            if not 0 <= index < self.num_layers:
+                raise ValueError(f"model.full_attention_layers has {index}, outside the "
+                                 f"{self.num_layers} layers (0..{self.num_layers - 1}).")
+            methods[index] = self.full_attention
+        attention_lib.check_name(self.full_attention)
+        return tuple(methods)
+
+    def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        """The blocks and the final norm over embedded ``x [batch, length, embed]``."""
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
+                             f"{self.num_heads}.")
+        check_norm(self.norm)
+        if self.norm == "prepbn" and causal:
+            raise ValueError("model.norm='prepbn' cannot be causal: BatchNorm statistics over the batch and "
+                             "length mix future tokens into every prediction; use 'layernorm'.")
+        gamma = PRepBNSchedule(self.norm, self.prepbn_steps, self.prepbn_warmup, name="prepbn_schedule")(
+            deterministic=deterministic)
+        head_dim = self.embed_dim // self.num_heads
+        for i, method in enumerate(self.layer_methods()):
+            params = attention_lib.params_for(method, self.attention_params)
+            params.setdefault("dropout_rate", self.attention_dropout_rate)
+            x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
+                      self.activation, self.norm, self.dtype, name=f"block_{i}")(
+                x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma)
+        return Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
+
+    def backbone_fields(self) -> dict:
+        return {name: getattr(self, name) for name in Backbone.__dataclass_fields__
+                if name not in ("parent", "name")}
+
+
+class Trunk(Backbone, kw_only=True):
+    """Token + learned position embeddings (and ``prefix_tokens`` learned vectors, e.g. CLS), then the blocks."""
+
+    vocab_size: int
+    max_length: int
+    prefix_tokens: int = 0
 
     @nn.compact
     def __call__(self, tokens, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -130,10 +184,6 @@ class Trunk(nn.Module):
             raise ValueError(
                 f"Sequence length {length} exceeds the model's maximum {self.max_length} "
                 "(config.model.max_length): raise it or shorten the data (config.data.max_length).")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
-                             f"{self.num_heads}.")
-        layer_methods = attention_lib.resolve_per_layer(self.attention, self.num_layers)
         x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=logical(embed_init, ("vocab", "embed")),
                      name="token_embed")(tokens)
         total = length + self.prefix_tokens
@@ -148,11 +198,4 @@ class Trunk(nn.Module):
         x = (x + pos[None, :total]).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        head_dim = self.embed_dim // self.num_heads
-        for i, method in enumerate(layer_methods):
-            params = attention_lib.params_for(method, self.attention_params)
-            params.setdefault("dropout_rate", self.attention_dropout_rate)
-            x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
-                      self.activation, self.dtype, name=f"block_{i}")(
-                x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)
-        return layer_norm(self.dtype, "ln_final")(x)
+        return self.blocks(x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)

@@ -14,6 +14,7 @@ class TrainState:
 
     step: jax.Array
     params: Any
+    model_state: Any  # the model's other variable collections (e.g. batch_stats), updated by each train step
     opt_state: Any
     rng: jax.Array  # raw key data of the run's base key; per-step keys are fold_in(rng, step)
 
@@ -27,7 +28,9 @@ def make_init_fn(model, tx, sample_inputs):
         variables = model.init({"params": params_key, "dropout": dropout_key}, sample_inputs,
                                deterministic=True)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        model_state = {name: tree for name, tree in variables.items() if name != "params"}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params),
                           rng=jax.random.key_data(jax.random.fold_in(base, 1)))
 
     return init

@@ -26,12 +26,20 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     dropout_key, random_key = jax.random.split(step_key)  # 'random': e.g. Performer feature redraws
 
-    def objective(params):
-        out = model.apply({"params": params}, batch["inputs"], deterministic=False,
-                          rngs={"dropout": dropout_key, "random": random_key})
-        return loss_fn(out, batch)
+    mutable = sorted(state.model_state)  # e.g. batch_stats: the new values come out of the forward pass
 
-    (loss, sums), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    def objective(params):
+        variables = {"params": params, **state.model_state}
+        rngs = {"dropout": dropout_key, "random": random_key}
+        if mutable:
+            out, model_state = model.apply(variables, batch["inputs"], deterministic=False, rngs=rngs,
+                                           mutable=mutable)
+        else:
+            out, model_state = model.apply(variables, batch["inputs"], deterministic=False, rngs=rngs), {}
+        loss, sums = loss_fn(out, batch)
+        return loss, (sums, dict(model_state))
+
+    (loss, (sums, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = {
@@ -40,11 +48,12 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
 
 
-def eval_step(params, batch, *, model, loss_fn):
+def eval_step(params, model_state, batch, *, model, loss_fn):
     """Weighted metric sums of one eval batch (padding rows carry weight 0)."""
-    out = model.apply({"params": params}, batch["inputs"], deterministic=True)
+    out = model.apply({"params": params, **model_state}, batch["inputs"], deterministic=True)
     _, sums = loss_fn(out, batch)
     return sums

@@ -106,7 +106,7 @@ class Run:
                 out_shardings=(self.state_sharding, None), donate_argnums=0)
             self.eval_step = jax.jit(
                 functools.partial(steps.eval_step, model=self.model, loss_fn=self.loss_fn),
-                in_shardings=(self.state_sharding.params, self.batch_sharding))
+                in_shardings=(self.state_sharding.params, self.state_sharding.model_state, self.batch_sharding))
 
     @contextlib.contextmanager
     def _context(self):
@@ -123,7 +123,7 @@ class Run:
         with self._context():
             return self.train_step(state, sharding.global_batch(local_batch, self.batch_sharding))
 
-    def evaluate(self, params) -> dict:
+    def evaluate(self, state) -> dict:
         """Metrics over the validation split (or its first ``eval_max_batches`` batches)."""
         batches = pipeline.eval_batches(
             self.eval_source, global_batch_size=self.config.eval_batch_size,
@@ -133,7 +133,8 @@ class Run:
             for i, local_batch in enumerate(batches):
                 if self.config.eval_max_batches and i >= self.config.eval_max_batches:
                     break
-                sums = self.eval_step(params, sharding.global_batch(local_batch, self.batch_sharding))
+                sums = self.eval_step(state.params, state.model_state,
+                                      sharding.global_batch(local_batch, self.batch_sharding))
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         return tasks.summarize(jax.device_get(total))
 
@@ -204,7 +205,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     flush()
                 if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                     flush()
-                    eval_metrics = run.evaluate(state.params)
+                    eval_metrics = run.evaluate(state)
                     writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     window_time = time.perf_counter()  # steps/s measures training, not evaluation
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -218,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if last_ckpt != step:
                 save()
             flush()
-            eval_metrics = run.evaluate(state.params)
+            eval_metrics = run.evaluate(state)
             writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
     finally:
         bar.close()
