@@ -70,7 +70,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>
     c.model.attention_dropout_rate = 0.1
     c.model.dropout_rate = 0.1
-    c.model.activation = "gelu"
+    c.model.full_attention_layers = ()     # MASFormer: these layer indices use model.full_attention instead
+    c.model.full_attention = "softmax"
+    c.model.activation = "gelu"           # gelu | relu | silu | squared_relu (Primer)
+    c.model.norm = "layernorm"            # layernorm | prepbn (SLAB; not for causal models)
+    c.model.prepbn_steps = 60_000         # PRepBN: steps over which LN gives way to RepBN
+    c.model.prepbn_warmup = 0             # PRepBN: steps of pure LN first
     c.model.dtype = "float32"             # activation dtype; parameters stay float32
 
     c.data = ml_collections.ConfigDict()

@@ -36,6 +36,11 @@ SMALL = {
     "performer": dict(num_features=64, chunk_size=16),  # chunk 16 < L: the causal scan crosses chunks
     "cosformer": dict(chunk_size=16),
     "linear_elu": dict(chunk_size=16),
+    "probsparse": dict(resample=False),  # the encoder test below passes no "random" RNG stream
+    "kernelized_rpe": dict(num_features=32),
+    "mamba": dict(chunk_size=16),  # chunk 16 < L: the scan carries its state across chunks
+    "performer_relu": dict(num_features=64, chunk_size=16),
+    "flat_window": dict(window=(4, 4), group_size=12),  # 12 does not divide 64: padded last group
 }
 NAMES = attention.names()
 # XLA's backend optimisations take most of the CPU time of these small tests and change no semantics.
@@ -192,3 +197,23 @@ def test_trains_inside_the_listops_encoder(name):
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)), losses
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_inside_the_vit_and_the_lm_or_refuses_causal_naming_the_method(name):
+    shared = dict(num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, attention=name,
+                  attention_params={name: small_params(name)})
+    vit = models.build("vit_classifier", vocab_size=257, num_classes=10, image_size=(16, 16), patch_size=2,
+                       **shared)  # an 8 x 8 grid of 64 patch tokens
+    pixels = jax.random.randint(jax.random.key(9), (2, 256), 1, 257)
+    variables = jit(vit.init)(jax.random.key(0), pixels)
+    logits = jit(vit.apply)(variables, pixels)
+    assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
+
+    lm = models.build("decoder_lm", vocab_size=32, num_classes=None, max_length=L, **shared)
+    tokens = jax.random.randint(jax.random.key(10), (2, L), 1, 32).at[0, 50:].set(0)
+    built = []
+    if refuses(name, lambda: built.append(jit(lm.init)(jax.random.key(0), tokens))):
+        return
+    logits = jit(lm.apply)(built[0], tokens)
+    assert logits.shape == (2, L, 32) and np.all(np.isfinite(logits))

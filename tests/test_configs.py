@@ -38,7 +38,7 @@ def test_byte_lm_smoke_trains_on_the_standard_library(tmp_path):
     assert "bits per token" in trainer.summary_line(result)
 
 
-@pytest.mark.parametrize("name", ["lra_text", "lra_image"])
+@pytest.mark.parametrize("name", ["lra_text", "lra_image", "vit_cifar10"])
 def test_tfds_configs_train_on_mock_data(tmp_path, name):
     import tensorflow_datasets as tfds
 

@@ -73,3 +73,69 @@ def test_bfloat16_activations_and_dropout_determinism():
     out = [model.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(9)}) for _ in range(2)]
     np.testing.assert_array_equal(out[0], out[1])
     assert np.all(np.isfinite(out[0]))
+
+
+def test_masformer_full_attention_layers_replace_the_sparse_method():
+    model = encoder(attention="block_local", attention_params={"block_local": {"block_size": 7}},
+                    full_attention_layers=(1,), max_length=20)
+    assert model.layer_methods() == ("block_local", "softmax")
+    x = tokens(4, (2, 20))
+    variables = model.init(jax.random.key(0), x)
+    # Layer 0 is block-local (21 tokens with CLS = 3 blocks of 7), layer 1 full: a token in the last block
+    # changes the CLS output only through layer 1, which a 1-layer block-local model would not allow.
+    out = model.apply(variables, x)
+    assert not np.allclose(model.apply(variables, x.at[:, 19].set(x[:, 19] % 16 + 1)), out)
+    with pytest.raises(ValueError, match="full_attention_layers has 5"):
+        encoder(full_attention_layers=(5,)).init(jax.random.key(0), x)
+
+
+def test_squared_relu_and_unknown_activation():
+    from effjax.models.layers import squared_relu
+
+    np.testing.assert_allclose(squared_relu(jnp.array([-2.0, 0.5, 3.0])), [0.0, 0.25, 9.0])
+    x = tokens(5)
+    encoder(activation="squared_relu").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="model.activation must be one of"):
+        encoder(activation="swishy").init(jax.random.key(0), x)
+
+
+def test_prepbn_moves_from_layernorm_to_repbn_and_ignores_padding():
+    from effjax.models import norms
+
+    np.testing.assert_allclose([norms.prepbn_gamma(s, 10, 2) for s in (0, 2, 7, 12, 20)], [1, 1, 0.5, 0, 0])
+    model = encoder(norm="prepbn", prepbn_steps=4, dropout_rate=0.0, attention_dropout_rate=0.0)
+    x = tokens(6).at[:, 12:].set(0)
+    variables = model.init(jax.random.key(0), x)
+    state = {k: v for k, v in variables.items() if k != "params"}
+    assert set(state) == {"batch_stats", "norm_progress"}
+
+    def train_apply(variables, x):
+        return model.apply(variables, x, deterministic=False, mutable=["batch_stats", "norm_progress"])
+
+    out, new_state = train_apply(variables, x)
+    assert int(new_state["norm_progress"]["trunk"]["prepbn_schedule"]["step"]) == 1
+    # Batch statistics come from real tokens only: the padded tail's content does not matter.
+    out_tail, state_tail = train_apply(variables, x.at[:, 12:].set(0)[:, :12])
+    np.testing.assert_allclose(out_tail, out, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_tail, new_state)
+    # At step 0 gamma is 1 (pure LN), so training output differs from eval (pure RepBN with fresh stats).
+    assert not np.allclose(model.apply(variables, x), out)
+    decoder = models.build("decoder_lm", vocab_size=257, num_classes=None, norm="prepbn", **SMALL)
+    with pytest.raises(ValueError, match="prepbn' cannot be causal"):
+        decoder.init(jax.random.key(0), tokens(7, vocab=257))
+
+
+def test_vit_takes_pixel_tokens_or_images_and_embeds_a_patch_grid():
+    vit = models.build("vit_classifier", vocab_size=257, num_classes=10, num_layers=1, embed_dim=32,
+                       num_heads=4, mlp_dim=64, image_size=(16, 16), patch_size=2, attention="block_local",
+                       attention_params={"block_local": {"block_size": 8}})
+    pixels = jax.random.randint(jax.random.key(8), (2, 256), 1, 257)
+    variables = vit.init(jax.random.key(0), pixels)
+    assert variables["params"]["pos_embed"].value.shape == (64, 32)  # an 8 x 8 patch grid, no CLS
+    logits = vit.apply(variables, pixels)
+    images = (pixels.reshape(2, 16, 16, 1) - 1.0) / 255.0
+    np.testing.assert_allclose(vit.apply(variables, images), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not make a 16x16x1 image"):
+        vit.apply(variables, pixels[:, :200])
+    with pytest.raises(ValueError, match="not divisible by patch_size 3"):
+        vit.clone(patch_size=3).init(jax.random.key(0), pixels)

@@ -7,7 +7,7 @@ import importlib
 import jax.numpy as jnp
 
 # Families and the task each one trains on.
-FAMILIES = {"encoder_classifier": "classification", "decoder_lm": "lm"}
+FAMILIES = {"encoder_classifier": "classification", "decoder_lm": "lm", "vit_classifier": "classification"}
 
 
 def names() -> list[str]:

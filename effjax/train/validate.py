@@ -30,7 +30,7 @@ def validate(config, *, process_count: int, batch_shards: int) -> None:
                  f"config.{field}={size} is not divisible by the data-parallel mesh size {batch_shards} "
                  f"(config.mesh data x fsdp); use a multiple of {batch_shards}.")
     data_length = config.data.get("max_length")
-    if data_length is not None:
+    if data_length is not None and config.model.get("max_length") is not None:
         _require(data_length <= config.model.max_length,
                  f"config.data.max_length={data_length} exceeds config.model.max_length="
                  f"{config.model.max_length}: raise the model's maximum or shorten the data.")
