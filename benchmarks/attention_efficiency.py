@@ -1,0 +1,180 @@
+"""Long Range Arena-style efficiency table: every attention method's forward+backward time and memory vs softmax.
+
+  python benchmarks/attention_efficiency.py                     # all methods, lengths 1K..16K
+  python benchmarks/attention_efficiency.py --methods=softmax,performer --lengths=1024,2048
+
+For each method (paper defaults, plus ``grid`` for the grid mixers at non-square lengths) and each length,
+times one jitted step of forward + backward (gradients of a scalar loss with respect to q, k, v and the
+method's params) on batch x length x heads x head_dim float32 inputs, bidirectional and unmasked as in
+LRA's efficiency benchmark (Tay et al. 2021, Table 2). Memory is the peak XLA plans for that step
+(arguments + outputs + temporaries, from ``compiled.memory_analysis()``); a configuration whose plan
+exceeds ``--max_memory_gb`` is skipped, not run. Time is the best of ``--repeats`` runs after a warm-up.
+
+Writes ``benchmarks/results/attention_efficiency.{jsonl,md,png}`` (``--out``): the rows, a table of time and memory
+relative to softmax at each length, and log-log plots of time and memory against length.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+_METHODS = flags.DEFINE_list("methods", [], "Methods to run (default: all registered).")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 32, "Head width.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (the best is kept).")
+_MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 6.0, "Skip configurations whose planned memory exceeds this.")
+_OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "attention_efficiency"),
+                           "Path and basename of the .jsonl, .md and .png written.")
+
+
+def grid_for(length: int) -> tuple[int, int]:
+    """The most nearly square (h, w) with h * w == length, for grid mixers at non-square lengths."""
+    h = math.isqrt(length)
+    while length % h:
+        h -= 1
+    return h, length // h
+
+
+def build_step(name: str, length: int, batch: int, heads: int, head_dim: int):
+    """(jitted forward+backward, its arguments) for method ``name`` at ``length``."""
+    import jax
+    import jax.numpy as jnp
+
+    from effjax import attention
+
+    params = {}
+    if "grid" in attention.defaults(name):
+        params["grid"] = grid_for(length)
+    module = attention.make(name, **params)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (batch, length, heads, head_dim), jnp.float32) for kk in keys[:3])
+    variables = jax.jit(module.init)(keys[3], q, k, v)
+
+    def loss(variables, q, k, v):
+        return jnp.sum(jnp.square(module.apply(variables, q, k, v)))
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    return step, (variables, q, k, v)
+
+
+def measure(name: str, length: int, repeats: int, max_bytes: float) -> dict:
+    import jax
+
+    row = {"method": name, "length": length}
+    try:
+        step, args = build_step(name, length, _BATCH.value, _HEADS.value, _HEAD_DIM.value)
+        compiled = step.lower(*args).compile()
+    except (NotImplementedError, ValueError) as error:
+        return {**row, "status": f"refused: {str(error).splitlines()[0][:120]}"}
+    analysis = compiled.memory_analysis()
+    memory = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    row["memory_bytes"] = int(memory)
+    if memory > max_bytes:
+        return {**row, "status": "skipped: planned memory over --max_memory_gb"}
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return {**row, "status": "ok", "seconds": min(times)}
+
+
+def ratio_table(rows: list[dict], lengths: list[int]) -> str:
+    """Markdown: per method and length, 'time x / memory x' relative to softmax at that length."""
+    by = {(r["method"], r["length"]): r for r in rows}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "softmax", m))
+    label = lambda n: f"{n // 1024}K" if n % 1024 == 0 else str(n)  # noqa: E731
+    head = "| method | " + " | ".join(f"{label(n)} time / mem" for n in lengths) + " | time 8K / 1K |"
+    lines = [head, "|---" * (len(lengths) + 2) + "|"]
+    for method in methods:
+        cells = []
+        for n in lengths:
+            r, base = by.get((method, n), {}), by.get(("softmax", n), {})
+            if r.get("status") != "ok":
+                cells.append("refused" if str(r.get("status", "")).startswith("refused") else "-")
+            elif base.get("status") != "ok":
+                cells.append(f"{r['seconds'] * 1e3:.0f} ms / {r['memory_bytes'] / 2**20:.0f} MiB")
+            else:
+                cells.append(f"{r['seconds'] / base['seconds']:.2f} / {r['memory_bytes'] / base['memory_bytes']:.2f}")
+        first, last = by.get((method, 1024), {}), by.get((method, 8192), {})
+        growth = (f"{last['seconds'] / first['seconds']:.1f}"
+                  if first.get("status") == last.get("status") == "ok" else "-")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {growth} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    methods = sorted({r["method"] for r in rows})
+    for method in methods:
+        ok = sorted((r for r in rows if r["method"] == method and r.get("status") == "ok"), key=lambda r: r["length"])
+        if not ok:
+            continue
+        style = dict(lw=2.5, color="black") if method == "softmax" else dict(lw=1, alpha=0.8)
+        lengths = [r["length"] for r in ok]
+        axes[0].loglog(lengths, [r["seconds"] for r in ok], marker="o", ms=3, label=method, **style)
+        axes[1].loglog(lengths, [r["memory_bytes"] / 2**20 for r in ok], marker="o", ms=3, **style)
+    axes[0].set(xlabel="sequence length", ylabel="forward+backward seconds", title="time")
+    axes[1].set(xlabel="sequence length", ylabel="planned peak MiB", title="memory")
+    fig.legend(loc="center right", fontsize=7, ncol=1)
+    fig.subplots_adjust(right=0.82)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from effjax import attention
+
+    methods = _METHODS.value or attention.names()
+    lengths = [int(n) for n in _LENGTHS.value]
+    max_bytes = _MAX_MEMORY_GB.value * 2**30
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()})"
+    print(f"device: {device}; batch {_BATCH.value}, heads {_HEADS.value}, head_dim {_HEAD_DIM.value}, float32")
+    rows = []
+    for name in methods:
+        for n in lengths:
+            row = measure(name, n, _REPEATS.value, max_bytes)
+            rows.append(row)
+            shown = f"{row['seconds'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"][:60]
+            print(f"{name:24s} {n:6d}  {shown}  {row.get('memory_bytes', 0) / 2**20:8.0f} MiB", flush=True)
+            if row["status"] != "ok":
+                break  # longer lengths would only be refused or skipped again
+    stamp = {"date": datetime.date.today().isoformat(), "device": device, "batch": _BATCH.value,
+             "heads": _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": "float32"}
+    base = _OUT.value
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    with open(base + ".jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**stamp, **row}) + "\n")
+    table = ratio_table(rows, lengths)
+    with open(base + ".md", "w") as f:
+        f.write(f"{stamp['date']}, {device}; batch {_BATCH.value}, {_HEADS.value} heads x {_HEAD_DIM.value}, "
+                "float32, forward+backward, relative to softmax at the same length.\n\n" + table + "\n")
+    plot(rows, base + ".png")
+    print("\n" + table)
+    print(f"\nwrote {base}.jsonl, .md and .png")
+
+
+if __name__ == "__main__":
+    app.run(main)
