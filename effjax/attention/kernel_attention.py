@@ -2,7 +2,9 @@
 
 Given feature-mapped queries ``phi_q [batch, q_len, heads, m]`` and keys ``phi_k [batch, kv_len, heads, m]``,
 computes ``out_i = sum_j phi_q_i . phi_k_j v_j / (sum_j phi_q_i . phi_k_j + eps)`` over the keys j that query i
-may see: all real keys (bidirectional, ``phi_k^T v`` first) or real keys j <= i (causal, chunked prefix sums).
+may see: all real keys (bidirectional, ``phi_k^T v`` first), real keys j <= i (causal, chunked prefix sums), or
+real keys of i's segment (segmented, bidirectional: one ``phi_k^T v`` state per segment by ``segment_sum``).
+``linear_attention`` is the same without the denominator (ESSA, RALA's RoPE numerator).
 
 Conventions, shared by every method built on this module:
   * eps: ``den + eps`` with ``eps = 1e-6``, as in fast-transformers (Linear Transformer), SLAB, ScatterFormer
@@ -17,8 +19,14 @@ Conventions, shared by every method built on this module:
     of ``exp(-max of key_log_scale over the keys i may see)`` (a running max when causal), so features
     whose logarithms exceed float32's range stay finite and a causal output never depends on a future
     key, not even through eps. Performer uses it for its exp features; without it all scales are 1.
+  * segments (``segment_ids [batch, length]``, self-attention, bidirectional only): ids are compared for
+    equality only. Each id is relabelled by the position of its first occurrence in the sorted row, a label in
+    [0, length), so the number of segments is bounded by the static length and no maximum needs to be given.
+    The per-token outer products ``phi_k_j v_j^T`` are summed per label with ``jax.ops.segment_sum`` and
+    gathered back per query: O(length * m * v_dim) memory, like the causal form without chunks.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -42,23 +50,68 @@ def check_chunk_size(method: str, chunk_size) -> None:
         raise ValueError(f"{method}: chunk_size must be a positive int, got {chunk_size!r}.")
 
 
+def segment_labels(method: str, segment_ids, batch: int, q_len: int, kv_len: int):
+    """Dense int32 labels [batch, length] in [0, length), equal exactly where the ids are equal; or None.
+
+    A label is the position of the id's first occurrence in the sorted row (``searchsorted``).
+    """
+    if segment_ids is None:
+        return None
+    if q_len != kv_len or segment_ids.shape != (batch, q_len):
+        raise ValueError(f"{method}: segment_ids must have shape [batch, length] = {(batch, q_len)} for "
+                         f"self-attention, got {segment_ids.shape} with q_len {q_len}, kv_len {kv_len}.")
+    segment_ids = jnp.asarray(segment_ids)
+    return jax.vmap(jnp.searchsorted)(jnp.sort(segment_ids, axis=1), segment_ids).astype(jnp.int32)
+
+
 def refuse_segments(method: str, segment_ids) -> None:
-    """Kernel attention sums keys into one state per query; per-segment states are not implemented."""
+    """For kernel methods that keep one key state per query row and do not use the segmented form."""
     if segment_ids is not None:
         raise NotImplementedError(
-            f"{method}: segment_ids are not supported: the key sums phi(k)^T v would need one state per "
-            "segment, whose count is not known at trace time; use a softmax method for packed sequences.")
+            f"{method}: segment_ids are not supported: this method keeps one key sum phi(k)^T v for the whole "
+            "row; use scattered_linear (per-segment ReLU kernel) or a softmax method for packed sequences.")
 
 
-def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_scale=None,
+def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_scale=None, segment_ids=None,
                          chunk_size=DEFAULT_CHUNK_SIZE, eps=EPS, method=NAME):
     """Normalized kernel attention in float32; returns float32 ``[batch, q_len, heads, v_dim]``.
 
     ``causal=True`` runs a ``lax.scan`` over chunks of ``chunk_size`` positions: a masked quadratic
     product inside the chunk plus the carried state ``sum phi_k^T v`` (m x v_dim) and ``sum phi_k`` of
     earlier chunks. Lengths that are not a multiple of the chunk are padded internally; the chunk size
-    changes the result only by float rounding.
+    changes the result only by float rounding. ``segment_ids`` (bidirectional self-attention only)
+    restrict each query to the keys of its own segment; with a ``key_log_scale`` the units are then the
+    largest real key of the segment.
     """
+    phi_q, phi_k, v, mask, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, causal, method)
+    batch, _, heads, _ = phi_q.shape
+    kv_len = phi_k.shape[1]
+    if key_log_scale is not None and key_log_scale.shape != (batch, kv_len, heads):
+        raise ValueError(f"{method}: key_log_scale must have shape {(batch, kv_len, heads)}, "
+                         f"got {key_log_scale.shape}.")
+    check_chunk_size(method, chunk_size)
+    if key_log_scale is None:
+        scale = jnp.zeros((batch, kv_len, heads), jnp.float32)
+    else:
+        scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
+    if mask is not None:
+        scale = jnp.where(mask[:, :, None], scale, _FLOOR)
+    if causal:
+        return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
+    return _bidirectional(phi_q, phi_k, v, scale, labels, eps)
+
+
+def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAME):
+    """Unnormalized bidirectional ``phi_q_i . sum_j phi_k_j v_j^T`` over the real keys j (of i's segment).
+
+    Float32 ``[batch, q_len, heads, v_dim]``; padded keys' features and values are zeroed first.
+    """
+    phi_q, phi_k, v, _, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, False, method)
+    return _contract(phi_q, phi_k, v, labels)
+
+
+def _prepare(phi_q, phi_k, v, mask, segment_ids, causal, method):
+    """Checks shapes; float32 features and values with padded keys zeroed, the bool mask, segment labels."""
     for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{method}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
@@ -66,34 +119,44 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
     kv_len = phi_k.shape[1]
     if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
         raise ValueError(f"{method}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
-    if key_log_scale is not None and key_log_scale.shape != (batch, kv_len, heads):
-        raise ValueError(f"{method}: key_log_scale must have shape {(batch, kv_len, heads)}, "
-                         f"got {key_log_scale.shape}.")
-    check_chunk_size(method, chunk_size)
     mask = check_mask(method, mask, batch, kv_len)
-
+    labels = segment_labels(method, segment_ids, batch, q_len, kv_len)
+    if labels is not None and causal:
+        raise NotImplementedError(f"{method}: segment_ids with causal=True are not supported: the segmented "
+                                  "form sums whole segments; a segmented prefix scan is not implemented.")
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
-    if key_log_scale is None:
-        scale = jnp.zeros((batch, kv_len, heads), jnp.float32)
-    else:
-        scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
     if mask is not None:
         phi_k = jnp.where(mask[:, :, None, None], phi_k, 0.0)
         v = jnp.where(mask[:, :, None, None], v, 0.0)
-        scale = jnp.where(mask[:, :, None], scale, _FLOOR)
-    if causal:
-        return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
-    return _bidirectional(phi_q, phi_k, v, scale, eps)
+    return phi_q, phi_k, v, mask, labels
 
 
-def _bidirectional(phi_q, phi_k, v, scale, eps):
-    top = jnp.max(scale, axis=1, keepdims=True)  # [b, 1, h]: the largest real key scale
+def _per_segment(fn, x, labels):
+    """``fn(x [b*n, ...], flat labels, num_segments)`` per batch row, with labels offset per row."""
+    batch, length = labels.shape
+    flat = (labels + length * jnp.arange(batch, dtype=labels.dtype)[:, None]).reshape(-1)
+    return fn(x.reshape(batch * length, *x.shape[2:]), flat, num_segments=batch * length), flat
+
+
+def _contract(phi_q, phi_k, v, labels):
+    """``phi_q_i . sum_j phi_k_j v_j^T`` over all keys j (labels None) or the keys of i's segment."""
+    if labels is None:
+        return jnp.einsum("bqhm,bhmd->bqhd", phi_q, jnp.einsum("bkhm,bkhd->bhmd", phi_k, v))
+    outer = jnp.einsum("bkhm,bkhd->bkhmd", phi_k, v)
+    state, flat = _per_segment(jax.ops.segment_sum, outer, labels)  # [b * n, h, m, d]
+    return jnp.einsum("bqhm,bqhmd->bqhd", phi_q, state[flat].reshape(outer.shape))
+
+
+def _bidirectional(phi_q, phi_k, v, scale, labels, eps):
+    if labels is None:
+        top = jnp.max(scale, axis=1, keepdims=True)  # [b, 1, h]: the largest real key scale
+    else:
+        seg_top, flat = _per_segment(jax.ops.segment_max, scale, labels)  # largest real key of each segment
+        top = seg_top[flat].reshape(scale.shape)
     phi_k = phi_k * jnp.exp(scale - top)[..., None]
-    kv = jnp.einsum("bkhm,bkhd->bhmd", phi_k, v)
-    z = jnp.sum(phi_k, axis=1)  # [b, h, m]
-    num = jnp.einsum("bqhm,bhmd->bqhd", phi_q, kv)
-    den = jnp.einsum("bqhm,bhm->bqh", phi_q, z)
-    return num / (den[..., None] + eps)
+    ones = jnp.ones((*v.shape[:3], 1), v.dtype)
+    out = _contract(phi_q, phi_k, jnp.concatenate([v, ones], axis=-1), labels)  # numerator | denominator
+    return out[..., :-1] / (out[..., -1:] + eps)
 
 
 def _pad(x, before, after, value=0.0):

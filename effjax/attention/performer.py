@@ -13,7 +13,7 @@ NAME = "performer"
 FEATURE_EPS = 1e-6  # the reference's numerical_stabilizer, added to the query features
 
 
-def random_projection(rng, num_features: int, head_dim: int, orthogonal: bool = True):
+def random_projection(rng, num_features: int, head_dim: int, orthogonal: bool = True, method: str = NAME):
     """The [num_features, head_dim] Gaussian projection of FAVOR+, in float32.
 
     ``orthogonal=True`` follows the reference's GaussianOrthogonalRandomMatrix with scaling 0: stacked
@@ -22,7 +22,7 @@ def random_projection(rng, num_features: int, head_dim: int, orthogonal: bool = 
     marginally Gaussian. ``orthogonal=False`` draws i.i.d. Gaussian rows.
     """
     if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{NAME}: num_features must be a positive int, got {num_features!r}.")
+        raise ValueError(f"{method}: num_features must be a positive int, got {num_features!r}.")
     block_key, norm_key = jax.random.split(rng)
     if not orthogonal:
         return jax.random.normal(block_key, (num_features, head_dim), jnp.float32)
@@ -34,11 +34,39 @@ def random_projection(rng, num_features: int, head_dim: int, orthogonal: bool = 
     return rows * norms[:, None]
 
 
+def project(x, projection, normalize: bool = True):
+    """``w . x~`` for every row w of ``projection`` [m, head_dim], with ``x~ = x d^{-1/4}`` when ``normalize``
+    (else ``x~ = x``); float32 [b, l, h, m]."""
+    x = x.astype(jnp.float32)
+    if normalize:
+        x = x * x.shape[-1] ** -0.25
+    return jnp.einsum("blhd,md->blhm", x, projection.astype(jnp.float32))
+
+
+def check_projection(method: str, projection, head_dim: int):
+    """The projection with no gradient; ValueError naming ``method`` unless it is [num_features, head_dim]."""
+    if projection.ndim != 2 or projection.shape[1] != head_dim:
+        raise ValueError(f"{method}: projection must have shape [num_features, head_dim={head_dim}], "
+                         f"got {projection.shape}.")
+    return jax.lax.stop_gradient(projection)
+
+
+def projection_variable(module, head_dim: int, deterministic: bool, method: str = NAME):
+    """The projection a FAVOR module uses: its ``frozen_projection`` param, or a fresh draw from the ``random``
+    stream when ``module.redraw`` and not ``deterministic``. ``module`` has num_features, orthogonal, redraw."""
+    def draw(rng):
+        return random_projection(rng, module.num_features, head_dim, module.orthogonal, method)
+
+    projection = module.param("frozen_projection", draw)
+    if module.redraw and not deterministic:
+        projection = draw(module.make_rng("random"))
+    return projection
+
+
 def _log_features(x, projection):
     """log of the unnormalized positive features: w . x~ - |x~|^2 / 2 with x~ = x d^{-1/4}; [b, l, h, m]."""
-    x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
-    projected = jnp.einsum("blhd,md->blhm", x, projection.astype(jnp.float32))
-    return projected - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+    x_scaled = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+    return project(x, projection) - 0.5 * jnp.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
 
 
 def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE):
@@ -54,10 +82,7 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     """
     check_qkv(NAME, q, k, v)
     ka.refuse_segments(NAME, segment_ids)
-    if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
-        raise ValueError(f"{NAME}: projection must have shape [num_features, head_dim={q.shape[-1]}], "
-                         f"got {projection.shape}.")
-    projection = jax.lax.stop_gradient(projection)
+    projection = check_projection(NAME, projection, q.shape[-1])
     ratio = 1.0 / math.sqrt(projection.shape[0])
     log_q = _log_features(q, projection)
     phi_q = ratio * (jnp.exp(log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))) + FEATURE_EPS)
@@ -92,10 +117,6 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         check_qkv(NAME, q, k, v)
-        head_dim = q.shape[-1]
-        projection = self.param(
-            "frozen_projection", lambda rng: random_projection(rng, self.num_features, head_dim, self.orthogonal))
-        if self.redraw and not deterministic:
-            projection = random_projection(self.make_rng("random"), self.num_features, head_dim, self.orthogonal)
+        projection = projection_variable(self, q.shape[-1], deterministic)
         return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
                       chunk_size=self.chunk_size)
