@@ -69,12 +69,13 @@ def build_step(name: str, length: int, batch: int, heads: int, head_dim: int):
     return step, (variables, q, k, v)
 
 
-def measure(name: str, length: int, repeats: int, max_bytes: float) -> dict:
+def measure(name: str, length: int, *, batch=1, heads=4, head_dim=32, repeats=3, max_bytes=6 * 2**30) -> dict:
+    """One row: status ('ok', 'refused: why', 'skipped: why'), planned memory_bytes and best seconds."""
     import jax
 
     row = {"method": name, "length": length}
     try:
-        step, args = build_step(name, length, _BATCH.value, _HEADS.value, _HEAD_DIM.value)
+        step, args = build_step(name, length, batch, heads, head_dim)
         compiled = step.lower(*args).compile()
     except (NotImplementedError, ValueError) as error:
         return {**row, "status": f"refused: {str(error).splitlines()[0][:120]}"}
@@ -154,7 +155,8 @@ def main(argv):
     rows = []
     for name in methods:
         for n in lengths:
-            row = measure(name, n, _REPEATS.value, max_bytes)
+            row = measure(name, n, batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value,
+                          repeats=_REPEATS.value, max_bytes=max_bytes)
             rows.append(row)
             shown = f"{row['seconds'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"][:60]
             print(f"{name:24s} {n:6d}  {shown}  {row.get('memory_bytes', 0) / 2**20:8.0f} MiB", flush=True)

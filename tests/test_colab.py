@@ -1,4 +1,4 @@
-"""colabs/train_listops.ipynb: stored clean, and runs end to end on one CPU device in a fresh kernel."""
+"""The notebooks in colabs/: stored clean, and each runs end to end on one CPU device in a fresh kernel."""
 
 import json
 import os
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-NOTEBOOK = os.path.join(ROOT, "colabs", "train_listops.ipynb")
+NOTEBOOKS = ("train_listops.ipynb", "attention_zoo.ipynb")
 STEPS = 8
 
 
-def _read():
-    return nbformat.read(NOTEBOOK, as_version=4)
+def _read(name):
+    return nbformat.read(os.path.join(ROOT, "colabs", name), as_version=4)
 
 
 def _text_outputs(nb):
@@ -44,8 +44,9 @@ def _pin_kernel_to_this_python(jupyter_dir, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_dir))
 
 
-def test_notebook_is_stored_clean_and_valid():
-    nb = _read()
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stored_clean_and_valid(name):
+    nb = _read(name)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert code, "the notebook has no code cells"
@@ -53,21 +54,28 @@ def test_notebook_is_stored_clean_and_valid():
         assert not cell.outputs and cell.execution_count is None, f"stored with outputs:\n{cell.source[:200]}"
 
 
-def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
+def _execute(nb, tmp_path, monkeypatch):
+    """Runs every cell of ``nb`` in a fresh kernel of this Python, on one CPU device, from the repo root."""
     nbclient = pytest.importorskip("nbclient")
-    plot = tmp_path / "loss.png"
-    monkeypatch.setenv("EFFJAX_COLAB_STEPS", str(STEPS))
-    monkeypatch.setenv("EFFJAX_COLAB_PLOT", str(plot))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     _pin_kernel_to_this_python(tmp_path / "jupyter", monkeypatch)
-
-    nb = _read()
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": ROOT}})
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
+    return _text_outputs(nb)
 
-    text = _text_outputs(nb)
+
+def _has_image(nb):
+    return any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+
+
+def test_listops_notebook_trains_on_cpu(tmp_path, monkeypatch):
+    plot = tmp_path / "loss.png"
+    monkeypatch.setenv("EFFJAX_COLAB_STEPS", str(STEPS))
+    monkeypatch.setenv("EFFJAX_COLAB_PLOT", str(plot))
+    nb = _read("train_listops.ipynb")
+    text = _execute(nb, tmp_path, monkeypatch)
     assert "accuracy" in text
     match = re.search(r"^losses: \[(.*)\]$", text, re.MULTILINE)
     assert match, f"no 'losses: [...]' line in the output:\n{text[-3000:]}"
@@ -75,4 +83,20 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert losses.shape == (STEPS,)
     assert np.all(np.isfinite(losses)), losses
     assert plot.is_file() and plot.stat().st_size > 0
-    assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert _has_image(nb)
+
+
+def test_attention_zoo_notebook_compares_methods_and_plots_costs(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFJAX_ZOO_METHODS", "sliding_window,performer,linear_elu")
+    monkeypatch.setenv("EFFJAX_ZOO_COST_METHODS", "softmax,linear_elu")
+    monkeypatch.setenv("EFFJAX_ZOO_LENGTHS", "64,128")
+    nb = _read("attention_zoo.ipynb")
+    text = _execute(nb, tmp_path, monkeypatch)
+    for name in ("sliding_window", "performer", "linear_elu"):
+        assert re.search(rf"^{name} +\d+\.\d+ +-?\d\.\d+$", text, re.MULTILINE), text[-3000:]
+    match = re.search(r"performer error by features: \{(.*)\}", text)
+    errors = [float(pair.split(":")[1]) for pair in match.group(1).split(",")]
+    assert errors[-1] < errors[0], errors  # more random features, closer to softmax
+    assert "| `softmax` | 1.00 / 1.00 | 1.00 / 1.00 |" in text
+    assert re.search(r"linear_elu +time grows as length\^", text)
+    assert _has_image(nb)
