@@ -1,0 +1,111 @@
+"""Primer Multi-DConv-Head Attention (So et al., NeurIPS 2021, Sec. 3, Fig. 4): width-3 depthwise convs on q, k, v."""
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention import softmax
+from effjax.attention.common import check_qkv, dropout_kwargs
+
+NAME = "primer_mdha"
+WIDTH = 3
+
+
+def tap_offsets(centered: bool) -> tuple[int, ...]:
+    """Position offset read by each kernel tap: (0, -1, -2) causal as in Primer, (0, -1, +1) centred."""
+    return (0, -1, 1) if centered else (0, -1, -2)
+
+
+def _shift(x, offset):
+    """y_t = x_{t + offset} along axis 1, zero where t + offset falls outside [0, length)."""
+    if offset == 0:
+        return x
+    length = x.shape[1]
+    if abs(offset) >= length:
+        return jnp.zeros_like(x)
+    widths = [(0, 0)] * x.ndim
+    if offset < 0:
+        widths[1] = (-offset, 0)
+        return jnp.pad(x, widths)[:, :length]
+    widths[1] = (0, offset)
+    return jnp.pad(x, widths)[:, offset:]
+
+
+def depthwise_conv(x, kernel, *, segment_ids=None, centered=False):
+    """Per-(head, channel) conv along length: ``y_t = sum_s kernel[s] * x_{t + offset_s}``, zero-filled.
+
+    ``x [batch, length, heads, head_dim]``, ``kernel [3, heads, head_dim]``; float32 out. With
+    ``segment_ids`` a tap that would read another segment reads zero instead.
+    """
+    if kernel.shape != (WIDTH,) + x.shape[2:]:
+        raise ValueError(f"{NAME}: conv kernel must have shape {(WIDTH,) + x.shape[2:]}, got {kernel.shape}.")
+    x = x.astype(jnp.float32)
+    kernel = kernel.astype(jnp.float32)
+    out = jnp.zeros_like(x)
+    for tap, offset in enumerate(tap_offsets(centered)):
+        shifted = _shift(x, offset)
+        if segment_ids is not None and offset != 0:
+            same = _shift(segment_ids[..., None], offset)[..., 0] == segment_ids
+            # _shift fills with 0, which could equal a real id: positions read from outside never match.
+            inside = _shift(jnp.ones_like(segment_ids)[..., None], offset)[..., 0] == 1
+            shifted = jnp.where((same & inside)[:, :, None, None], shifted, 0.0)
+        out = out + kernel[tap] * shifted
+    return out
+
+
+def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None, causal=False, centered=False,
+           dropout_rate=0.0, dropout_rng=None):
+    """softmax attention on depthwise-convolved q, k, v (kernels ``[3, heads, head_dim]`` each).
+
+    The conv is causal (taps t, t-1, t-2) as in Primer's code for every mode; ``centered=True`` (taps t, t-1,
+    t+1) is our option for bidirectional use and refuses ``causal=True``. Padded positions (``mask``
+    False) of k and v, and of q in self-attention (q_len == kv_len), are zeroed before the conv, so they
+    reach no real output; ``segment_ids`` stop the conv at segment boundaries. With kernels (1, 0, 0) this
+    is exactly ``softmax.attend``.
+    """
+    check_qkv(NAME, q, k, v)
+    if centered and causal:
+        raise NotImplementedError(f"{NAME}: causal=True is not supported with centered=True: the centred conv "
+                                  "reads the next token; use the default causal conv.")
+    batch, q_len = q.shape[:2]
+    kv_len = k.shape[1]
+    if mask is not None:
+        if mask.shape != (batch, kv_len):
+            raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+        real = jnp.asarray(mask).astype(bool)[:, :, None, None]
+        k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)
+        if q_len == kv_len:
+            q = jnp.where(real, q, 0)
+    if segment_ids is not None and (q_len != kv_len or segment_ids.shape != (batch, q_len)):
+        raise ValueError(f"{NAME}: segment_ids must have shape [batch, length] = {(batch, q_len)} for "
+                         f"self-attention, got {segment_ids.shape} with kv_len {kv_len}.")
+    conv = dict(segment_ids=segment_ids, centered=centered)
+    qc = depthwise_conv(q, q_kernel, **conv)
+    kc = depthwise_conv(k, k_kernel, **conv)
+    vc = depthwise_conv(v, v_kernel, **conv)
+    out = softmax.attend(qc, kc, vc, mask=mask, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
+                         dropout_rng=dropout_rng)
+    return out.astype(q.dtype)
+
+
+def primer_init(key, shape, dtype=jnp.float32):
+    """Primer's initial kernel: 0.5 on the current token, 0.5 / 3 on each other tap."""
+    del key
+    taps = jnp.array([0.5] + [0.5 / WIDTH] * (WIDTH - 1), dtype)
+    return jnp.broadcast_to(taps.reshape((WIDTH,) + (1,) * (len(shape) - 1)), shape)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend`` owning the three ``[3, heads, head_dim]`` kernels (``q_dconv``,
+    ``k_dconv``, ``v_dconv``), sized at init and initialised as Primer's code (0.5, 0.5/3, 0.5/3).
+    ``centered`` is our bidirectional option (see ``attend``)."""
+
+    centered: bool = False
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        check_qkv(NAME, q, k, v)
+        shape = (WIDTH,) + q.shape[2:]
+        kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in ("q", "k", "v")]
+        return attend(q, k, v, *kernels, mask=mask, segment_ids=segment_ids, causal=causal, centered=self.centered,
+                      **dropout_kwargs(self, deterministic))
