@@ -76,6 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.norm = "layernorm"            # layernorm | prepbn (SLAB; not for causal models)
     c.model.prepbn_steps = 60_000         # PRepBN: steps over which LN gives way to RepBN
     c.model.prepbn_warmup = 0             # PRepBN: steps of pure LN first
+    c.model.distil = False                # Informer distilling between encoder blocks (halves the length)
     c.model.dtype = "float32"             # activation dtype; parameters stay float32
 
     c.data = ml_collections.ConfigDict()

@@ -139,3 +139,20 @@ def test_vit_takes_pixel_tokens_or_images_and_embeds_a_patch_grid():
         vit.apply(variables, pixels[:, :200])
     with pytest.raises(ValueError, match="not divisible by patch_size 3"):
         vit.clone(patch_size=3).init(jax.random.key(0), pixels)
+
+
+def test_informer_distilling_halves_the_length_between_blocks_and_ignores_padding():
+    model = encoder(num_layers=3, distil=True, pooling="mean", max_length=20)
+    x = tokens(11, (2, 20)).at[:, 12:].set(0)
+    variables = model.init(jax.random.key(0), x)
+    trunk = variables["params"]["trunk"]
+    assert {"distil_0", "distil_1"} <= set(trunk) and "distil_2" not in trunk
+    states = model.apply(variables, x, capture_intermediates=lambda mdl, _: mdl.name == "block_2",
+                         mutable=["intermediates"])[1]["intermediates"]["trunk"]["block_2"]["__call__"][0]
+    assert states.shape == (2, 5, 32)  # 20 -> 10 -> 5 tokens
+    np.testing.assert_allclose(model.apply(variables, x[:, :12]), model.apply(variables, x), rtol=1e-5, atol=1e-5)
+    cls = encoder(num_layers=2, distil=True, max_length=20)
+    assert cls.apply(cls.init(jax.random.key(0), x), x).shape == (2, 10)
+    decoder = models.build("decoder_lm", vocab_size=257, num_classes=None, distil=True, **SMALL)
+    with pytest.raises(ValueError, match="distil halves the sequence"):
+        decoder.init(jax.random.key(0), tokens(7, vocab=257))

@@ -15,7 +15,7 @@ class Model(Backbone, kw_only=True):
     @nn.compact
     def __call__(self, tokens, *, deterministic=True):
         """tokens [batch, length] int (0 = padding) -> next-token logits [batch, length, vocab]."""
-        x = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
+        x, _ = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
                   name="trunk")(tokens, mask=tokens != 0, causal=True, deterministic=deterministic)
         logits = nn.Dense(self.vocab_size, kernel_init=logical(dense_init, ("embed", "vocab")),
                           bias_init=logical(nn.initializers.zeros, ("vocab",)), name="lm_head")(x)

@@ -40,6 +40,6 @@ class Model(Backbone, kw_only=True):
         check_pooling(self.pooling)
         mask = tokens != 0
         prefix = int(self.pooling == "cls")
-        x = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
-                  prefix_tokens=prefix, name="trunk")(tokens, mask=mask, deterministic=deterministic)
-        return classifier_head(pool(x, mask, self.pooling, prefix), self.num_classes)
+        x, mask = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
+                        prefix_tokens=prefix, name="trunk")(tokens, mask=mask, deterministic=deterministic)
+        return classifier_head(pool(x, mask[:, prefix:], self.pooling, prefix), self.num_classes)

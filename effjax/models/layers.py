@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
+from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
 
 Dtype = Any
@@ -112,11 +113,23 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def distil_after_prefix(distil, x, mask, prefix_tokens: int, deterministic: bool):
+    """Applies ``distil`` to the tokens after the first ``prefix_tokens`` (e.g. CLS), which pass unchanged."""
+    prefix, rest = x[:, :prefix_tokens], x[:, prefix_tokens:]
+    rest_mask = None if mask is None else mask[:, prefix_tokens:]
+    rest, rest_mask = distil(rest, rest_mask, deterministic=deterministic)
+    x = jnp.concatenate([prefix, rest.astype(x.dtype)], axis=1)
+    if mask is not None:
+        mask = jnp.concatenate([mask[:, :prefix_tokens], rest_mask], axis=1)
+    return x, mask
+
+
 class Backbone(nn.Module):
     """The fields every model family shares, and the stack of blocks they configure.
 
     ``attention`` is one method name or a per-layer tuple; ``full_attention_layers`` (MASFormer, Zhang et
     al. 2023) lists layer indices that use ``full_attention`` instead. ``norm`` is 'layernorm' or 'prepbn'.
+    ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
     """
 
     num_layers: int = 4
@@ -133,6 +146,7 @@ class Backbone(nn.Module):
     norm: str = "layernorm"
     prepbn_steps: int = 60000
     prepbn_warmup: int = 0
+    distil: bool = False
     dtype: Dtype = jnp.float32
 
     def layer_methods(self) -> tuple[str, ...]:
@@ -145,8 +159,12 @@ class Backbone(nn.Module):
         attention_lib.check_name(self.full_attention)
         return tuple(methods)
 
-    def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        """The blocks and the final norm over embedded ``x [batch, length, embed]``."""
+    def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0):
+        """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
+
+        With ``distil`` the length (after the ``prefix_tokens``, which are kept) halves between blocks,
+        and so does the returned key-padding ``mask``.
+        """
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                              f"{self.num_heads}.")
@@ -154,16 +172,23 @@ class Backbone(nn.Module):
         if self.norm == "prepbn" and causal:
             raise ValueError("model.norm='prepbn' cannot be causal: BatchNorm statistics over the batch and "
                              "length mix future tokens into every prediction; use 'layernorm'.")
+        if self.distil and (causal or segment_ids is not None):
+            raise ValueError("model.distil halves the sequence with a two-sided conv and pooling: it cannot be "
+                             "causal or keep packed segments apart; use it in encoders only.")
         gamma = PRepBNSchedule(self.norm, self.prepbn_steps, self.prepbn_warmup, name="prepbn_schedule")(
             deterministic=deterministic)
         head_dim = self.embed_dim // self.num_heads
-        for i, method in enumerate(self.layer_methods()):
+        methods = self.layer_methods()
+        for i, method in enumerate(methods):
             params = attention_lib.params_for(method, self.attention_params)
             params.setdefault("dropout_rate", self.attention_dropout_rate)
             x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                       self.activation, self.norm, self.dtype, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma)
-        return Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
+            if self.distil and i < len(methods) - 1:
+                x, mask = distil_after_prefix(Distil(name=f"distil_{i}"), x, mask, prefix_tokens, deterministic)
+        x = Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
+        return x, mask
 
     def backbone_fields(self) -> dict:
         return {name: getattr(self, name) for name in Backbone.__dataclass_fields__
@@ -171,7 +196,10 @@ class Backbone(nn.Module):
 
 
 class Trunk(Backbone, kw_only=True):
-    """Token + learned position embeddings (and ``prefix_tokens`` learned vectors, e.g. CLS), then the blocks."""
+    """Token + learned position embeddings (and ``prefix_tokens`` learned vectors, e.g. CLS), then the blocks.
+
+    Returns ``(x, mask)``: the final states and their key-padding mask (shorter than the input with ``distil``).
+    """
 
     vocab_size: int
     max_length: int
@@ -198,4 +226,5 @@ class Trunk(Backbone, kw_only=True):
         x = (x + pos[None, :total]).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        return self.blocks(x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)
+        return self.blocks(x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic,
+                           prefix_tokens=self.prefix_tokens)

@@ -55,6 +55,6 @@ class Model(Backbone, kw_only=True):
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.embed_dim)), x], axis=1)
         x = (x + pos[None]).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x = self.blocks(x, deterministic=deterministic)
+        x, _ = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix)
         mask = jnp.ones((batch, x.shape[1] - prefix), bool)
         return classifier_head(pool(x, mask, self.pooling, prefix), self.num_classes)
