@@ -63,7 +63,7 @@ def projection_variable(module, head_dim: int, deterministic: bool, method: str 
     return projection
 
 
-def _log_features(x, projection):
+def log_features(x, projection):
     """log of the unnormalized positive features: w . x~ - |x~|^2 / 2 with x~ = x d^{-1/4}; [b, l, h, m]."""
     x_scaled = x.astype(jnp.float32) * x.shape[-1] ** -0.25
     return project(x, projection) - 0.5 * jnp.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
@@ -84,9 +84,9 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     ka.refuse_segments(NAME, segment_ids)
     projection = check_projection(NAME, projection, q.shape[-1])
     ratio = 1.0 / math.sqrt(projection.shape[0])
-    log_q = _log_features(q, projection)
+    log_q = log_features(q, projection)
     phi_q = ratio * (jnp.exp(log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))) + FEATURE_EPS)
-    log_k = _log_features(k, projection)
+    log_k = log_features(k, projection)
     key_top = jax.lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, l, h]
     phi_k = ratio * jnp.exp(log_k - key_top[..., None])
     out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, causal=causal, key_log_scale=key_top,

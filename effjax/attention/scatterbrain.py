@@ -98,8 +98,8 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
 
     # Features in log-scaled units: phi(x) = m^{-1/2} exp(log_x) = m^{-1/2} exp(scale) hat, so
     # phi(q).phi(k) = exp(q_scale + k_scale - log m) hat_q.hat_k.
-    log_q = performer._log_features(q32, projection)  # [b, q, h, m]
-    log_k = performer._log_features(k32, projection)
+    log_q = performer.log_features(q32, projection)  # [b, q, h, m]
+    log_k = performer.log_features(k32, projection)
     q_scale = lax.stop_gradient(jnp.max(log_q, axis=-1))  # [b, q, h]
     k_scale = lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, k, h]
     hat_q = jnp.exp(log_q - q_scale[..., None])
