@@ -1,0 +1,171 @@
+"""Mamba selective state-space scan (Gu & Dao 2023, Sec. 3.2 Alg. 2; state-spaces/mamba) adapted to q, k, v."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention import fftconv, scan
+from effjax.attention.common import check_qkv, refuse_cross
+from effjax.attention.hyena import torch_uniform
+
+NAME = "mamba"
+DEFAULT_CHUNK_SIZE = 64
+
+
+def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """Mamba's ``selective_scan_ref`` per channel ``e = (head, head_dim)`` and state ``n``, in float32:
+    ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`` (ZOH for A, Euler for B) and
+    ``y_t = C_t . h_t + D x_t`` with ``A = -exp(a_log)``.
+
+    ``x, delta [batch, length, heads, head_dim]``; ``b, c [batch, length, heads, d_state]`` are shared by the
+    head's channels (the reference's grouped B/C with one group per head); ``a_log [heads, head_dim, d_state]``;
+    ``d_skip [heads, head_dim]``. ``keep [batch, length]`` False leaves the state untouched (``a = 1, b = 0``),
+    so padded steps change nothing; ``reset`` True restarts the state there (``a = 0``), ahead of ``keep``.
+    ``chunk_size`` bounds the ``[batch, chunk, heads, head_dim, d_state]`` states held at once (``scan.chunked``).
+    """
+    x, delta, b, c = (t.astype(jnp.float32) for t in (x, delta, b, c))
+    a = -jnp.exp(a_log.astype(jnp.float32))
+    flags = jnp.stack([jnp.ones(x.shape[:2], bool) if keep is None else jnp.asarray(keep, bool),
+                       jnp.zeros(x.shape[:2], bool) if reset is None else jnp.asarray(reset, bool)], axis=-1)
+
+    def coefficients(chunk):
+        xc, dc, bc, _, fc = chunk
+        keep_c, reset_c = fc[..., 0, None, None, None], fc[..., 1, None, None, None]
+        decay = jnp.where(keep_c, jnp.exp(dc[..., None] * a), 1.0)
+        decay = jnp.where(reset_c, 0.0, decay)
+        drive = jnp.where(keep_c, (dc * xc)[..., None] * bc[:, :, :, None, :], 0.0)
+        return decay, drive
+
+    def readout(h, chunk):
+        return jnp.einsum("blhdn,blhn->blhd", h, chunk[3])
+
+    y = scan.chunked(coefficients, readout, (x, delta, b, c, flags), chunk_size=chunk_size)
+    return y + d_skip.astype(jnp.float32) * x
+
+
+def segment_starts(segment_ids):
+    """True where a token's segment differs from the previous token's (never at position 0)."""
+    ids = jnp.asarray(segment_ids)
+    return jnp.pad(ids[:, 1:] != ids[:, :-1], [(0, 0), (1, 0)])
+
+
+def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """The adapted Mamba mixer left to right: x = SiLU(causal conv(v)), Delta from x, B from k, C from q.
+
+    ``params``: ``conv_taps [d_conv, heads, head_dim]``, ``conv_bias [heads, head_dim]``, ``dt_down
+    [heads * head_dim, dt_rank]``, ``dt_up [dt_rank, heads * head_dim]``, ``dt_bias [heads * head_dim]``,
+    ``w_b, w_c [heads, head_dim, d_state]``, ``a_log [heads, head_dim, d_state]``, ``d_skip [heads, head_dim]``.
+    """
+    batch, length, heads, head_dim = v.shape
+    x = jax.nn.silu(fftconv.short_causal(v, params["conv_taps"], params["conv_bias"], segment_ids))
+    low_rank = x.reshape(batch, length, heads * head_dim) @ params["dt_down"].astype(jnp.float32)
+    delta = jax.nn.softplus(low_rank @ params["dt_up"].astype(jnp.float32) + params["dt_bias"].astype(jnp.float32))
+    b = jnp.einsum("blhd,hdn->blhn", k.astype(jnp.float32), params["w_b"].astype(jnp.float32))
+    c = jnp.einsum("blhd,hdn->blhn", q.astype(jnp.float32), params["w_c"].astype(jnp.float32))
+    reset = None if segment_ids is None else segment_starts(segment_ids)
+    return selective_scan(x, delta.reshape(x.shape), params["a_log"], b, c, params["d_skip"], keep=keep,
+                          reset=reset, chunk_size=chunk_size)
+
+
+def _refuse_cross(q, k):
+    refuse_cross(NAME, q, k, "C comes from the query at the same position as the state it reads")
+
+
+def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, causal=False,
+           chunk_size=DEFAULT_CHUNK_SIZE):
+    """The selective scan over q, k, v: causal with ``forward`` params; with ``causal=False`` a second scan
+    right to left with ``backward`` params is added (bidirectional, as MobileMamba's SS2D ``bidi`` scan sums
+    its directions). Inputs at padded positions are zeroed and their steps skipped (state carried unchanged);
+    ``segment_ids`` restart the state and cut the short conv at every segment start, so segments are
+    isolated in both directions. Cross attention is refused.
+    """
+    check_qkv(NAME, q, k, v)
+    _refuse_cross(q, k)
+    if not causal and backward is None:
+        raise ValueError(f"{NAME}: causal=False needs the backward direction's params.")
+    dtype, keep = q.dtype, None
+    if mask is not None:
+        if mask.shape != v.shape[:2]:
+            raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {v.shape[:2]}, got {mask.shape}.")
+        keep = jnp.asarray(mask).astype(bool)
+        q, k, v = (jnp.where(keep[:, :, None, None], t.astype(jnp.float32), 0.0) for t in (q, k, v))
+    out = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size)
+    if not causal:
+        def flip(t):
+            return None if t is None else jnp.flip(t, axis=1)
+        out = out + flip(one_direction(flip(q), flip(k), flip(v), backward, keep=flip(keep),
+                                       segment_ids=flip(segment_ids), chunk_size=chunk_size))
+    return out.astype(dtype)
+
+
+def inverse_softplus(y):
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+class DirectionParams(nn.Module):
+    """One scan direction's parameters with the reference's init (``mamba_simple.Mamba.__init__``)."""
+
+    heads: int
+    head_dim: int
+    d_state: int = 16
+    d_conv: int = 4
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+
+    @nn.compact
+    def __call__(self):
+        channels = self.heads * self.head_dim
+        dt_rank = math.ceil(channels / 16)  # "auto", with the block width taken as heads * head_dim
+
+        def dt_bias_init(key, shape, dtype=jnp.float32):
+            log_dt = jax.random.uniform(key, shape, dtype, math.log(self.dt_min), math.log(self.dt_max))
+            return inverse_softplus(jnp.maximum(jnp.exp(log_dt), self.dt_init_floor))
+
+        def a_log_init(key, shape, dtype=jnp.float32):  # S4D-real: A = -(1, 2, ..., d_state) in every channel
+            return jnp.broadcast_to(jnp.log(jnp.arange(1, self.d_state + 1, dtype=dtype)), shape)
+
+        conv_init = torch_uniform(self.d_conv)
+        per_head = (self.heads, self.head_dim)
+        return {
+            "conv_taps": self.param("conv_taps", conv_init, (self.d_conv, *per_head), jnp.float32),
+            "conv_bias": self.param("conv_bias", conv_init, per_head, jnp.float32),
+            "dt_down": self.param("dt_down", torch_uniform(channels), (channels, dt_rank), jnp.float32),
+            "dt_up": self.param("dt_up", torch_uniform(dt_rank), (dt_rank, channels), jnp.float32),
+            "dt_bias": self.param("dt_bias", dt_bias_init, (channels,), jnp.float32),
+            "w_b": self.param("w_b", torch_uniform(self.head_dim), (*per_head, self.d_state), jnp.float32),
+            "w_c": self.param("w_c", torch_uniform(self.head_dim), (*per_head, self.d_state), jnp.float32),
+            "a_log": self.param("a_log", a_log_init, (*per_head, self.d_state), jnp.float32),
+            "d_skip": self.param("d_skip", nn.initializers.ones, per_head, jnp.float32),
+        }
+
+
+class Attention(nn.Module):
+    """Linen wrapper owning each direction's parameters (``backward`` only once used with ``causal=False``).
+
+    Adapter, not the paper's block: x is v (Mamba's in_proj x-half is the block's value projection), B and C
+    are per-head maps of k and q to ``d_state`` (the block's key/query projections playing x_proj's B/C part),
+    Delta comes from x through the rank-``ceil(heads * head_dim / 16)`` dt projections; the SiLU(z) output gate
+    and out_proj are left to the block. ``dropout_rate`` is accepted for the common interface but does not
+    apply (the reference has no dropout in the mixer).
+    """
+
+    d_state: int = 16
+    d_conv: int = 4
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        check_qkv(NAME, q, k, v)
+        _refuse_cross(q, k)
+        dims = dict(heads=q.shape[2], head_dim=q.shape[3], d_state=self.d_state, d_conv=self.d_conv,
+                    dt_min=self.dt_min, dt_max=self.dt_max)
+        forward = DirectionParams(**dims, name="forward")()
+        backward = None if causal else DirectionParams(**dims, name="backward")()
+        return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
+                      chunk_size=self.chunk_size)
