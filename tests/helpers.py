@@ -37,14 +37,15 @@ def checkpoint_steps(workdir):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-def load_params(workdir, step):
-    """The params of a checkpoint as numpy arrays, whatever mesh or process count wrote it."""
+def load_params(workdir, step, item="params"):
+    """The params (or another TrainState field) of a checkpoint as numpy arrays, whatever mesh or process
+    count wrote it."""
     path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
     checkpointer = ocp.StandardCheckpointer()
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
                           checkpointer.metadata(path).item_metadata)
-    return jax.tree.map(np.asarray, checkpointer.restore(path, target)["params"])
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target)[item])
 
 
 def files_snapshot(root):

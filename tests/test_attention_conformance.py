@@ -43,6 +43,8 @@ SMALL = {
     "flat_window": dict(window=(4, 4), group_size=12),  # 12 does not divide 64: padded last group
 }
 NAMES = attention.names()
+# Mixers whose mixing weights are learned parameters, not a function of q (UniFormer's local MHRA is a conv on v).
+QUERY_FREE = {"uniformer_local"}
 # XLA's backend optimisations take most of the CPU time of these small tests and change no semantics.
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -111,7 +113,8 @@ def test_shape_dtype_finite_values_and_jitted_gradients(name):
     grads = jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(variables, q, k, v)
     for g in jax.tree.leaves(grads):
         assert np.all(np.isfinite(g))
-    assert float(jnp.abs(grads[1]).sum()) > 0 and float(jnp.abs(grads[3]).sum()) > 0
+    assert name in QUERY_FREE or float(jnp.abs(grads[1]).sum()) > 0
+    assert float(jnp.abs(grads[3]).sum()) > 0
 
 
 @pytest.mark.parametrize("name", NAMES)

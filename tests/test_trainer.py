@@ -192,3 +192,17 @@ def test_frozen_params_survive_training_with_weight_decay(tmp_path):
     np.testing.assert_array_equal(get(after, *block, "Attention_0", "frozen_projection"),
                                   get(before, *block, "Attention_0", "frozen_projection"))
     assert not np.allclose(get(after, *block, "query"), get(before, *block, "query"))
+
+
+def test_model_state_of_prepbn_and_distil_resumes_exactly(tmp_path):
+    overrides = {"model.norm": "prepbn", "model.distil": True, "model.num_layers": 2, "model.prepbn_steps": 4,
+                 "checkpoint_every": 3, "eval_every": 0}
+    trainer.train_and_evaluate(smoke_config(total_steps=6, **overrides), str(tmp_path / "straight"))
+    trainer.train_and_evaluate(smoke_config(total_steps=3, **overrides), str(tmp_path / "resumed"))
+    trainer.train_and_evaluate(smoke_config(total_steps=6, **overrides), str(tmp_path / "resumed"))
+    for item in ("params", "model_state"):
+        straight, resumed = (load_params(tmp_path / run, 6, item) for run in ("straight", "resumed"))
+        jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+    state = load_params(tmp_path / "straight", 6, "model_state")
+    assert int(state["norm_progress"]["trunk"]["prepbn_schedule"]["step"]) == 6
+    assert "distil_0" in state["batch_stats"]["trunk"]

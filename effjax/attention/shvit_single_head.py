@@ -1,0 +1,70 @@
+"""SHViT single-head self-attention (Yun & Ro, CVPR 2024, Sec. 4.1 SHSA [mem]) on a partial channel slice."""
+
+import math
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effjax.attention import softmax
+from effjax.attention.common import check_qkv, dropout_kwargs, refuse_cross
+
+NAME = "shvit_single_head"
+PARTIAL_RATIO = 1 / 4.67  # the paper's r: the attended share of the channels
+
+
+def slice_widths(channels: int, partial_ratio: float, qk_dim: int) -> tuple[int, int]:
+    """(query/key width, attended value width) for ``channels = heads * head_dim``; ValueError if out of range."""
+    if not 0.0 < partial_ratio <= 1.0:
+        raise ValueError(f"{NAME}: partial_ratio must be in (0, 1], got {partial_ratio}.")
+    if qk_dim < 1:
+        raise ValueError(f"{NAME}: qk_dim must be >= 1, got {qk_dim}.")
+    return min(qk_dim, channels), max(1, round(channels * partial_ratio))
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, partial_ratio=PARTIAL_RATIO, qk_dim=16,
+           dropout_rate=0.0, dropout_rng=None):
+    """One softmax head on the first channels of the heads concatenated; the other value channels pass through.
+
+    With ``C = heads * head_dim`` channels (head-major), the first ``p = round(C * partial_ratio)`` value
+    channels become ``softmax(q_s k_s^T / sqrt(d_qk)) v[:p]``, where ``q_s, k_s`` are the first
+    ``d_qk = min(qk_dim, C)`` query/key channels; value channels ``p..C`` are returned unchanged.
+    There is no spatial op, so any length works and ``mask``, ``segment_ids`` and ``causal`` are those of
+    ``softmax.attend``. Self-attention only (the passthrough channels are the values at the query positions).
+    """
+    check_qkv(NAME, q, k, v)
+    refuse_cross(NAME, q, k, "the untouched channels are the values of the query's own position.")
+    batch, length, heads, head_dim = q.shape
+    channels = heads * head_dim
+    width_qk, width_v = slice_widths(channels, partial_ratio, qk_dim)
+    flat = [x.reshape(batch, length, 1, channels) for x in (q, k, v)]
+    # softmax.attend takes one width for q, k and v: zero-pad both slices to the wider one (padding adds
+    # nothing to q.k) and rescale q so that its 1/sqrt(width) becomes the single head's 1/sqrt(d_qk).
+    width = max(width_qk, width_v)
+
+    def head(x, used, scale=1.0):
+        x = x[..., :used].astype(jnp.float32) * scale
+        return jnp.pad(x, [(0, 0)] * 3 + [(0, width - used)])
+
+    attended = softmax.attend(
+        head(flat[0], width_qk, math.sqrt(width / width_qk)), head(flat[1], width_qk), head(flat[2], width_v),
+        mask=mask, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    out = jnp.concatenate([attended[..., :width_v].astype(v.dtype), flat[2][..., width_v:]], axis=-1)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Linen wrapper of ``attend``; no parameters of its own.
+
+    Defaults: the paper's partial ratio r = 1/4.67 and qk_dim 16 (``model/build.py`` configs). The reference's
+    GroupNorm pre-norm on the slice and its per-slice q/k/v projection are the encoder's q/k/v projections here;
+    the ReLU before the output projection is not applied (the encoder's output projection is linear).
+    """
+
+    partial_ratio: float = PARTIAL_RATIO
+    qk_dim: int = 16
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, partial_ratio=self.partial_ratio,
+                      qk_dim=self.qk_dim, **dropout_kwargs(self, deterministic))
