@@ -126,17 +126,19 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     methods = sorted({r["method"] for r in rows})
-    for method in methods:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, method in enumerate(methods):
         ok = sorted((r for r in rows if r["method"] == method and r.get("status") == "ok"), key=lambda r: r["length"])
         if not ok:
             continue
-        style = dict(lw=2.5, color="black") if method == "softmax" else dict(lw=1, alpha=0.8)
+        style = (dict(lw=2.5, color="black") if method == "softmax" else  # distinct colour x line-style pairs
+                 dict(lw=1.2, color=colors[index % len(colors)], ls=("-", "--", ":")[index // len(colors) % 3]))
         lengths = [r["length"] for r in ok]
         axes[0].loglog(lengths, [r["seconds"] for r in ok], marker="o", ms=3, label=method, **style)
         axes[1].loglog(lengths, [r["memory_bytes"] / 2**20 for r in ok], marker="o", ms=3, **style)
     axes[0].set(xlabel="sequence length", ylabel="forward+backward seconds", title="time")
     axes[1].set(xlabel="sequence length", ylabel="planned peak MiB", title="memory")
-    fig.legend(loc="center right", fontsize=7, ncol=1)
+    fig.legend(loc="center right", fontsize=7, ncol=1, handlelength=3)
     fig.subplots_adjust(right=0.82)
     fig.savefig(path, dpi=110)
 
