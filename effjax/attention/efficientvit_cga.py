@@ -8,7 +8,6 @@ from flax import linen as nn
 from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
-from effjax.attention.uniformer_local import DEPTHWISE_INIT
 
 NAME = "efficientvit_cga"
 
@@ -158,7 +157,7 @@ class Attention(nn.Module):
         _, length, heads, head_dim = q.shape
         sizes = head_kernel_sizes(self.kernels, heads)
         win = window_shape(grid_lib.infer(NAME, length, self.grid), self.window)
-        q_kernels = [self.param(f"q_kernel_{i}", DEPTHWISE_INIT, (s, s, head_dim), jnp.float32)
+        q_kernels = [self.param(f"q_kernel_{i}", grid_lib.DEPTHWISE_INIT, (s, s, head_dim), jnp.float32)
                      for i, s in enumerate(sizes)]
         q_bias = self.param("q_bias", nn.initializers.zeros, (heads, head_dim), jnp.float32)
         attention_bias = self.param("attention_bias", nn.initializers.zeros, (heads, *win), jnp.float32)

@@ -8,7 +8,12 @@ grid when the length is a perfect square and an explicit ``grid=(h, w)`` otherwi
 import math
 
 import jax.numpy as jnp
+from flax import linen as nn
 from jax import lax
+
+# PyTorch's default conv init (kaiming-uniform, a = sqrt 5) for a depthwise kernel [kh, kw, channels]:
+# U(-1/sqrt(kh * kw), 1/sqrt(kh * kw)) (fan_in = kh * kw: axis 0 times the receptive field kw).
+DEPTHWISE_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=-1)
 
 
 def infer(method: str, length: int, grid=None) -> tuple[int, int]:

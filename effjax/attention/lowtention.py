@@ -8,7 +8,6 @@ from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
 from effjax.attention import softmax
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
-from effjax.attention.uniformer_local import DEPTHWISE_INIT
 
 NAME = "lowtention"
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -140,9 +139,9 @@ class Attention(nn.Module):
         channels = q.shape[2] * q.shape[3]
         up = up_kernel_size(self.stride)
         down_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=1, out_axis=-1,
-                                                     batch_axis=0)  # DEPTHWISE_INIT for each of q, k, v
+                                                     batch_axis=0)  # grid_lib.DEPTHWISE_INIT for each of q, k, v
         down_kernels = self.param("down_kernels", down_init, (3, size, size, channels), jnp.float32)
-        up_kernel = self.param("up_kernel", DEPTHWISE_INIT, (up, up, channels), jnp.float32)
+        up_kernel = self.param("up_kernel", grid_lib.DEPTHWISE_INIT, (up, up, channels), jnp.float32)
         up_bias = self.param("up_bias", nn.initializers.zeros, (channels,), jnp.float32)
         return attend(q, k, v, down_kernels, up_kernel, up_bias, mask=mask, segment_ids=segment_ids, causal=causal,
                       stride=self.stride, grid=self.grid, **dropout_kwargs(self, deterministic))

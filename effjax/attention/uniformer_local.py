@@ -10,9 +10,6 @@ from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refu
 NAME = "uniformer_local"
 
 
-# PyTorch's default conv init (kaiming-uniform, a = sqrt 5) for a depthwise kernel [kh, kw, channels]:
-# U(-1/sqrt(kh * kw), 1/sqrt(kh * kw)).
-DEPTHWISE_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=-1)
 
 
 def attend(q, k, v, kernel, bias=None, *, mask=None, segment_ids=None, causal=False, grid=None):
@@ -61,6 +58,7 @@ class Attention(nn.Module):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"{NAME}: kernel_size must be a positive odd int, got {self.kernel_size}.")
         channels = v.shape[2] * v.shape[3]
-        kernel = self.param("kernel", DEPTHWISE_INIT, (self.kernel_size, self.kernel_size, channels), jnp.float32)
+        size = self.kernel_size
+        kernel = self.param("kernel", grid_lib.DEPTHWISE_INIT, (size, size, channels), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         return attend(q, k, v, kernel, bias, mask=mask, segment_ids=segment_ids, causal=causal, grid=self.grid)
