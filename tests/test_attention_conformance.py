@@ -36,6 +36,7 @@ SMALL = {
     "performer": dict(num_features=64, chunk_size=16),  # chunk 16 < L: the causal scan crosses chunks
     "cosformer": dict(chunk_size=16),
     "linear_elu": dict(chunk_size=16),
+    "reformer": dict(chunk_size=16),
     "probsparse": dict(resample=False),  # the encoder test below passes no "random" RNG stream
     "kernelized_rpe": dict(num_features=32),
     "mamba": dict(chunk_size=16),  # chunk 16 < L: the scan carries its state across chunks
@@ -147,14 +148,14 @@ def test_causal_never_reads_the_future_or_refuses_naming_the_method(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_segments_are_isolated_or_refused_naming_the_method(name):
     q, k, v = qkv(3)
-    segments = np.repeat(np.array([[0, 1], [0, 1]]), [24, L - 24], axis=1)
+    segments = np.repeat(np.array([[1, 2], [1, 2]]), [24, L - 24], axis=1)  # not 0: `packed` reads 0 as padding
     built = build_unless_refused(name, q, k, v, segment_ids=segments)
     if built is None:
         return
     _, variables, fn = built
     apply = jit(fn)
     out = apply(variables, q, k, v)
-    later = (segments == 1)[:, :, None, None]
+    later = (segments == 2)[:, :, None, None]
     out2 = apply(variables, q + 3.0 * later, k + 3.0 * later, v + 3.0 * later)
     np.testing.assert_allclose(out2[:, :24], out[:, :24], rtol=1e-5, atol=1e-5)
 

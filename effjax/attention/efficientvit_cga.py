@@ -137,8 +137,9 @@ def head_kernel_sizes(kernels, heads: int) -> tuple[int, ...]:
 class Attention(nn.Module):
     """Linen wrapper owning the per-head q convs, the cascade maps and the window bias table.
 
-    Defaults are EfficientViT-M0's (``model/build.py``): window 7, q kernels (5, 5, 5, 5); the head dim of
-    q/k/v plays key_dim and the value dim (the reference's key_dim 16, d_v = C / heads). Head i > 0 owns
+    Defaults are EfficientViT-M0's (``model/build.py``): window 7, q kernel 5 for every head (M0's
+    (5, 5, 5, 5), at any head count); the head dim of q/k/v plays key_dim and the value dim (the reference's
+    key_dim 16, d_v = C / heads). Head i > 0 owns
     ``cascade[i - 1]``, the part of its q/k/v projection applied to head i-1's output (the reference projects
     ``x_i + out_{i-1}`` with one linear map, so this is that map on the added output). Init as the reference:
     PyTorch's default conv init for the q convs and the cascade maps, zero bias table, zero q-conv bias (its
@@ -147,7 +148,7 @@ class Attention(nn.Module):
     """
 
     window: int = 7
-    kernels: tuple = (5, 5, 5, 5)
+    kernels: tuple = (5,)
     grid: tuple | None = None
     dropout_rate: float = 0.0
 

@@ -122,7 +122,8 @@ class Attention(nn.Module):
         check_qkv(NAME, q, k, v)
         max_length = self.max_length or max(q.shape[1], k.shape[1])
         projection = self.param(
-            "frozen_projection", lambda rng: random_projection(rng, self.num_features, q.shape[-1], self.orthogonal))
+            "frozen_projection",
+            lambda rng: random_projection(rng, self.num_features, q.shape[-1], self.orthogonal, method=NAME))
         rpe = self.param("rpe", nn.initializers.zeros, (q.shape[2], 2 * max_length - 1), jnp.float32)
         return attend(q, k, v, projection, rpe, mask=mask, segment_ids=segment_ids, causal=causal,
                       normalize=self.normalize)

@@ -170,6 +170,7 @@ class Attention(nn.Module):
         head_dim = q.shape[-1]
         rows = default_num_features(head_dim) if self.num_features is None else self.num_features
         projection = self.param(
-            "frozen_projection", lambda rng: performer.random_projection(rng, rows, head_dim, self.orthogonal))
+            "frozen_projection",
+            lambda rng: performer.random_projection(rng, rows, head_dim, self.orthogonal, method=NAME))
         return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
                       hyperbolic=self.hyperbolic, **dropout_kwargs(self, deterministic))
