@@ -1,5 +1,6 @@
 """Shared pieces of attention methods: input checks and mask construction."""
 
+import jax
 import jax.numpy as jnp
 
 
@@ -74,3 +75,11 @@ def refuse_segments(method: str, segment_ids, why: str) -> None:
     """Raises NotImplementedError naming ``method`` and ``why`` when ``segment_ids`` are given."""
     if segment_ids is not None:
         raise NotImplementedError(f"{method}: segment_ids are not supported: {why}")
+
+
+def dropout(x, dropout_rate: float, dropout_rng):
+    """Inverted dropout of attention weights (or any array): off when the rate is 0 or no key is given."""
+    if dropout_rate <= 0.0 or dropout_rng is None:
+        return x
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros((), x.dtype))

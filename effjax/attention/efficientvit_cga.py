@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "efficientvit_cga"
 
@@ -19,9 +19,7 @@ def masked_softmax(logits, allowed, *, dropout_rate=0.0, dropout_rng=None):
     """
     logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
     return weights
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_cross, refuse_segments
 
 NAME = "hyena"
 
@@ -107,14 +107,6 @@ def gated_inputs(q, k, v, mask, short):
     if keep is not None:
         x = jnp.where(keep, x, 0.0)
     return x[:, :, 0], x[:, :, 2] * x[:, :, 1]
-
-
-def dropout(u, dropout_rate, dropout_rng):
-    """The reference's ``dropout(v * x_i)`` before each long convolution."""
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, u.shape)
-        return jnp.where(keep, u / (1.0 - dropout_rate), 0.0)
-    return u
 
 
 def _refuse(q, k, segment_ids):

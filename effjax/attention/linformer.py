@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv, dropout_kwargs
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs
 
 NAME = "linformer"
 
@@ -56,9 +56,7 @@ def attend(q, k, v, e_proj, f_proj=None, *, mask=None, segment_ids=None, causal=
     v_proj = _project(v, f_proj, mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k_proj) / jnp.sqrt(jnp.float32(head_dim))
     weights = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v_proj).astype(q.dtype)
 
 

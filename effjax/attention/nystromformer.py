@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv, dropout_kwargs
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs
 
 NAME = "nystromformer"
 _NEG = jnp.finfo(jnp.float32).min
@@ -114,9 +114,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_landmarks=
     logits_3 = jnp.einsum("bmhd,bkhd->bhmk", q_land, k32) * scale
     kernel_3 = jax.nn.softmax(jnp.where(mask[:, None, None, :], logits_3, _NEG), axis=-1)
 
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, kernel_1.shape)
-        kernel_1 = jnp.where(keep, kernel_1 / (1.0 - dropout_rate), 0.0)
+    kernel_1 = dropout(kernel_1, dropout_rate, dropout_rng)
     landmark_values = jnp.einsum("bhmk,bkhd->bhmd", kernel_3, v32)
     mixed = iterative_pinv(kernel_2, pinv_iterations) @ landmark_values
     out = jnp.einsum("bhqm,bhmd->bqhd", kernel_1, mixed)

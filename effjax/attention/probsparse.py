@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_segments
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_segments
 
 NAME = "probsparse"
 
@@ -83,9 +83,7 @@ def _softmax_rows(q, k, v, allowed, dropout_rate, dropout_rng):
     """softmax(q k^T / sqrt d) v for q [b, h, n, d] over k, v [b, h, L, d]; ``allowed`` broadcasts to scores."""
     scores = jnp.einsum("bhnd,bhkd->bhnk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
     weights = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
     return jnp.einsum("bhnk,bhkd->bhnd", weights, v)
 
 

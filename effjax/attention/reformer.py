@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_causal, refuse_cross
 
 NAME = "reformer"
 _DISALLOWED = -1e9  # a pair that may not attend (finite, so an all-masked padded row stays finite)
@@ -96,9 +96,7 @@ def attend(q, k, v, rotations, *, mask=None, segment_ids=None, causal=False, chu
     logits = jnp.where(allowed, scores - _SELF_PENALTY * is_self, _DISALLOWED)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - lse)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
     out = jnp.einsum("bhrcij,bhrcjd->bhrcid", weights, v_ctx).reshape(batch, heads, rounds, length, head_dim)
     lse = lse.reshape(batch, heads, rounds, length, 1)
 

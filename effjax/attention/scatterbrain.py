@@ -2,14 +2,13 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
 from effjax.attention import kernel_attention as ka
 from effjax.attention import performer
-from effjax.attention.common import allowed_pairs, check_qkv, dropout_kwargs, refuse_segments
+from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs, refuse_segments
 
 NAME = "scatterbrain"
 _FLOOR = -1e30  # log-scale of a padded key: exp(_FLOOR - anything real) == 0
@@ -139,9 +138,7 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
     low = jnp.swapaxes(low, 1, 2)  # [b, h, q, d + 1]
     remainder = jnp.maximum(low[..., -1] - jnp.sum(estimate, axis=-1), 0.0)
     den = jnp.sum(exact, axis=-1) + low_weight * remainder
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, exact.shape)
-        exact = jnp.where(keep, exact / (1.0 - dropout_rate), 0.0)
+    exact = dropout(exact, dropout_rate, dropout_rng)
     num = jnp.einsum("bhqk,bkhd->bhqd", exact, v32)
     num = num + low_weight[..., None] * (low[..., :-1] - jnp.einsum("bhqk,bkhd->bhqd", estimate, v32))
     out = num / jnp.where(den > 0, den, 1.0)[..., None]  # a query with no visible key gives 0
