@@ -1,29 +1,47 @@
 """Block-local attention, MASFormer's sparse layers (Zhang et al. 2023, "MASFormer", Sec. 3, Fig. 1)."""
 
+import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
+from kernels.backend import check_impl
 
 NAME = "block_local"
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64, dropout_rate=0.0,
-           dropout_rng=None):
+           dropout_rng=None, impl="xla"):
     """Softmax within non-overlapping blocks of ``block_size`` tokens (block-diagonal mask).
 
     ``causal`` adds the causal mask inside each block. A block_size >= the length is clamped to one
     block (full attention); otherwise a length that is not a multiple raises ValueError.
-    Self-attention only. Masked O(N^2) softmax: exact, not faster than ``softmax``.
+    Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
+    ``impl="pallas"``: block-sparse kernel computing only the diagonal blocks (the block must then be a
+    power of two); no dropout.
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     length = q.shape[1]
     if k.shape[1] != length:
         raise NotImplementedError(
             f"{NAME}: cross attention (q_len {length} != kv_len {k.shape[1]}) is not supported: "
             "blocks are positions of one sequence."
         )
-    block, _ = patterns.num_blocks(NAME, length, block_size)
+    block, count = patterns.num_blocks(NAME, length, block_size)
+    if impl == "pallas":
+        softmax.refuse_pallas_dropout(NAME, dropout_rate, dropout_rng)
+        if count == 1:  # one block of the whole length: plain flash attention
+            from kernels.flash_attention import flash_attention
+
+            return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal)
+        if block & (block - 1):
+            raise ValueError(f"{NAME}: impl='pallas' needs a power-of-two block, got {block} (block_size "
+                             f"{block_size}, length {length}); use impl='xla'.")
+        from kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, np.eye(count, dtype=bool), block_size=block, mask=mask,
+                                      segment_ids=segment_ids, causal=causal)
     pair = patterns.block_diagonal(length, block)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -34,8 +52,9 @@ class Attention(nn.Module):
 
     block_size: int = 64
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": block-sparse kernel over the diagonal blocks only
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, block_size=self.block_size,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))

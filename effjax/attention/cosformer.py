@@ -21,7 +21,7 @@ def _reweighted(x, horizon):
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, max_len=None,
-           chunk_size=ka.DEFAULT_CHUNK_SIZE):
+           chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
     """``sum_j relu(q_i).relu(k_j) cos(pi (i - j) / 2M) v_j / (sum_j relu(q_i).relu(k_j) cos(...) + 1e-6)``.
 
     As in the official code, positions are 1-based per sequence and M = max(q_len, kv_len), the
@@ -29,7 +29,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, max_len=None,
     values). ``max_len`` fixes M instead (e.g. for causal decoding); it must be >= both lengths so that
     every cos weight stays positive. The cos re-weighting is computed exactly as one kernel attention
     with features [phi sin, phi cos] (Ptolemy: cos(a - b) = cos a cos b + sin a sin b).
-    ``segment_ids`` raise NotImplementedError.
+    ``segment_ids`` raise NotImplementedError. ``impl="pallas"`` runs ``kernels.linear_attention``.
     """
     check_qkv(NAME, q, k, v)
     ka.refuse_segments(NAME, segment_ids)
@@ -41,7 +41,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, max_len=None,
     else:
         horizon = max_len
     out = ka.normalized_attention(_reweighted(q, horizon), _reweighted(k, horizon), v, mask=mask, causal=causal,
-                                  chunk_size=chunk_size, method=NAME)
+                                  chunk_size=chunk_size, method=NAME, impl=impl)
     return out.astype(q.dtype)
 
 
@@ -55,8 +55,9 @@ class Attention(nn.Module):
     max_len: int | None = None
     chunk_size: int = ka.DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.linear_attention
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, max_len=self.max_len,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, impl=self.impl)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels.backend import check_impl
+
 NAME = "kernel_attention"
 EPS = 1e-6
 DEFAULT_CHUNK_SIZE = 64
@@ -73,7 +75,7 @@ def refuse_segments(method: str, segment_ids) -> None:
 
 
 def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_scale=None, segment_ids=None,
-                         chunk_size=DEFAULT_CHUNK_SIZE, eps=EPS, method=NAME):
+                         chunk_size=DEFAULT_CHUNK_SIZE, eps=EPS, method=NAME, impl="xla"):
     """Normalized kernel attention in float32; returns float32 ``[batch, q_len, heads, v_dim]``.
 
     ``causal=True`` runs a ``lax.scan`` over chunks of ``chunk_size`` positions: a masked quadratic
@@ -82,7 +84,13 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
     changes the result only by float rounding. ``segment_ids`` (bidirectional self-attention only)
     restrict each query to the keys of its own segment; with a ``key_log_scale`` the units are then the
     largest real key of the segment.
+
+    ``impl="pallas"`` runs ``kernels.linear_attention`` (segment_ids: NotImplementedError); its chunk is
+    ``chunk_size`` rounded up to a power of two >= 16. A ``key_log_scale`` is folded in exactly: scaled by the
+    largest real key when bidirectional; when causal, keys are scaled by the running max M and the state by the
+    per-step decay exp(M_{t-1} - M_t) (clipped at exp(-60) where a real key follows an empty state).
     """
+    check_impl(method, impl)
     phi_q, phi_k, v, mask, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, causal, method)
     batch, _, heads, _ = phi_q.shape
     kv_len = phi_k.shape[1]
@@ -96,9 +104,31 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
         scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
     if mask is not None:
         scale = jnp.where(mask[:, :, None], scale, _FLOOR)
+    if impl == "pallas":
+        if labels is not None:
+            raise NotImplementedError(f"{method}: segment_ids are not supported with impl='pallas' (the kernel "
+                                      "keeps one state per row); use impl='xla'.")
+        return _pallas(phi_q, phi_k, v, mask, scale if key_log_scale is not None else None, causal, chunk_size, eps)
     if causal:
         return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
     return _bidirectional(phi_q, phi_k, v, scale, labels, eps)
+
+
+def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
+    """``normalized_attention`` through the Pallas kernel, ``scale`` (log key scales, or None) folded in."""
+    from kernels import linear_attention as kernel  # only this path needs Pallas
+
+    chunk = max(16, kernel.next_power_of_2(chunk_size))
+    log_decay = None
+    if scale is not None and not causal:
+        phi_k = phi_k * jnp.exp(scale - jnp.max(scale, axis=1, keepdims=True))[..., None]
+    elif scale is not None:
+        top = lax.cummax(scale, axis=1)  # running max M_t over the real keys so far (_FLOOR before any)
+        phi_k = phi_k * jnp.exp(scale - top)[..., None]
+        step = top - jnp.concatenate([top[:, :1], top[:, :-1]], axis=1)  # M_t - M_{t-1} >= 0
+        log_decay = -jnp.minimum(step, 60.0)
+    return kernel.chunked_linear_attention(phi_q, phi_k, v, causal=causal, chunk_size=chunk, eps=eps, mask=mask,
+                                           log_decay=log_decay)
 
 
 def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAME):

@@ -15,16 +15,17 @@ def feature_map(x):
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
-def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE):
+def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
     """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + 1e-6)`` over visible real keys j.
 
     No 1/sqrt(d) scaling (the paper has none). ``causal=True`` uses chunked prefix sums of
-    ``chunk_size`` positions. ``segment_ids`` raise NotImplementedError.
+    ``chunk_size`` positions. ``segment_ids`` raise NotImplementedError. ``impl="pallas"`` runs the chunked
+    linear attention kernel (``kernels.linear_attention``).
     """
     check_qkv(NAME, q, k, v)
     ka.refuse_segments(NAME, segment_ids)
     out = ka.normalized_attention(feature_map(q), feature_map(k), v, mask=mask, causal=causal,
-                                  chunk_size=chunk_size, method=NAME)
+                                  chunk_size=chunk_size, method=NAME, impl=impl)
     return out.astype(q.dtype)
 
 
@@ -37,7 +38,9 @@ class Attention(nn.Module):
 
     chunk_size: int = ka.DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.linear_attention
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, chunk_size=self.chunk_size)
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, chunk_size=self.chunk_size,
+                      impl=self.impl)

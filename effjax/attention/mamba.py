@@ -9,6 +9,7 @@ from flax import linen as nn
 from effjax.attention import fftconv, scan
 from effjax.attention.common import check_qkv, refuse_cross
 from effjax.attention.hyena import torch_uniform
+from kernels.backend import check_impl
 
 NAME = "mamba"
 DEFAULT_CHUNK_SIZE = 64
@@ -51,12 +52,13 @@ def segment_starts(segment_ids):
     return jnp.pad(ids[:, 1:] != ids[:, :-1], [(0, 0), (1, 0)])
 
 
-def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE):
+def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, impl="xla"):
     """The adapted Mamba mixer left to right: x = SiLU(causal conv(v)), Delta from x, B from k, C from q.
 
     ``params``: ``conv_taps [d_conv, heads, head_dim]``, ``conv_bias [heads, head_dim]``, ``dt_down
     [heads * head_dim, dt_rank]``, ``dt_up [dt_rank, heads * head_dim]``, ``dt_bias [heads * head_dim]``,
     ``w_b, w_c [heads, head_dim, d_state]``, ``a_log [heads, head_dim, d_state]``, ``d_skip [heads, head_dim]``.
+    ``impl="pallas"`` runs the scan as ``kernels.selective_scan.selective_scan`` (same arguments).
     """
     batch, length, heads, head_dim = v.shape
     x = jax.nn.silu(fftconv.short_causal(v, params["conv_taps"], params["conv_bias"], segment_ids))
@@ -65,8 +67,11 @@ def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DE
     b = jnp.einsum("blhd,hdn->blhn", k.astype(jnp.float32), params["w_b"].astype(jnp.float32))
     c = jnp.einsum("blhd,hdn->blhn", q.astype(jnp.float32), params["w_c"].astype(jnp.float32))
     reset = None if segment_ids is None else segment_starts(segment_ids)
-    return selective_scan(x, delta.reshape(x.shape), params["a_log"], b, c, params["d_skip"], keep=keep,
-                          reset=reset, chunk_size=chunk_size)
+    scan_fn = selective_scan
+    if impl == "pallas":
+        from kernels.selective_scan import selective_scan as scan_fn  # only this path needs Pallas
+    return scan_fn(x, delta.reshape(x.shape), params["a_log"], b, c, params["d_skip"], keep=keep,
+                   reset=reset, chunk_size=chunk_size)
 
 
 def _refuse_cross(q, k):
@@ -74,14 +79,16 @@ def _refuse_cross(q, k):
 
 
 def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, causal=False,
-           chunk_size=DEFAULT_CHUNK_SIZE):
+           chunk_size=DEFAULT_CHUNK_SIZE, impl="xla"):
     """The selective scan over q, k, v: causal with ``forward`` params; with ``causal=False`` a second scan
     right to left with ``backward`` params is added (bidirectional, as MobileMamba's SS2D ``bidi`` scan sums
     its directions). Inputs at padded positions are zeroed and their steps skipped (state carried unchanged);
     ``segment_ids`` restart the state and cut the short conv at every segment start, so segments are
-    isolated in both directions. Cross attention is refused.
+    isolated in both directions. Cross attention is refused. ``impl``: "xla" (``scan.chunked``) or "pallas"
+    (``kernels.selective_scan``).
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     _refuse_cross(q, k)
     if not causal and backward is None:
         raise ValueError(f"{NAME}: causal=False needs the backward direction's params.")
@@ -91,12 +98,12 @@ def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, caus
             raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {v.shape[:2]}, got {mask.shape}.")
         keep = jnp.asarray(mask).astype(bool)
         q, k, v = (jnp.where(keep[:, :, None, None], t.astype(jnp.float32), 0.0) for t in (q, k, v))
-    out = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size)
+    out = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     if not causal:
         def flip(t):
             return None if t is None else jnp.flip(t, axis=1)
         out = out + flip(one_direction(flip(q), flip(k), flip(v), backward, keep=flip(keep),
-                                       segment_ids=flip(segment_ids), chunk_size=chunk_size))
+                                       segment_ids=flip(segment_ids), chunk_size=chunk_size, impl=impl))
     return out.astype(dtype)
 
 
@@ -158,6 +165,7 @@ class Attention(nn.Module):
     dt_max: float = 1e-1
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.selective_scan
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -168,4 +176,4 @@ class Attention(nn.Module):
         forward = DirectionParams(**dims, name="forward")()
         backward = None if causal else DirectionParams(**dims, name="backward")()
         return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, impl=self.impl)

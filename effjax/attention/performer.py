@@ -69,7 +69,8 @@ def log_features(x, projection):
     return project(x, projection) - 0.5 * jnp.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
 
 
-def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE):
+def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE,
+           impl="xla"):
     """FAVOR+ estimate of softmax(q k^T / sqrt(d)) v with the given ``projection`` [m, head_dim].
 
     Features: ``phi(x) = m^{-1/2} exp(w . x~ - |x~|^2/2)`` with ``x~ = x d^{-1/4}``, so that
@@ -90,7 +91,7 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     key_top = jax.lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, l, h]
     phi_k = ratio * jnp.exp(log_k - key_top[..., None])
     out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, causal=causal, key_log_scale=key_top,
-                                  chunk_size=chunk_size, method=NAME)
+                                  chunk_size=chunk_size, method=NAME, impl=impl)
     return out.astype(q.dtype)
 
 
@@ -112,6 +113,7 @@ class Attention(nn.Module):
     orthogonal: bool = True
     redraw: bool = False
     chunk_size: int = ka.DEFAULT_CHUNK_SIZE
+    impl: str = "xla"  # "pallas": kernels.linear_attention
     dropout_rate: float = 0.0
 
     @nn.compact
@@ -119,4 +121,4 @@ class Attention(nn.Module):
         check_qkv(NAME, q, k, v)
         projection = projection_variable(self, q.shape[-1], deterministic)
         return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, impl=self.impl)

@@ -4,21 +4,29 @@ from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
+from kernels.backend import check_impl
 
 NAME = "sliding_window"
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dropout_rate=0.0,
-           dropout_rng=None):
+           dropout_rng=None, impl="xla"):
     """Softmax over the keys with |i - j| <= ``window`` (one-sided; 2*window + 1 keys per query).
 
     ``causal`` keeps keys [i - window, i]. For cross attention (kv_len != q_len) queries are aligned
     to the end, as for causal softmax. A window >= the length is simply full attention (no error).
-    Computed as masked O(N^2) softmax: exact, but not faster than ``softmax``.
+    ``impl="xla"``: masked O(N^2) softmax, exact but not faster than ``softmax``. ``impl="pallas"``: the
+    flash kernel skipping the key blocks outside the window (O(N * window)); no dropout.
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
+    if impl == "pallas":
+        softmax.refuse_pallas_dropout(NAME, dropout_rate, dropout_rng)
+        from kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=window)
     pair = patterns.band(q.shape[1], k.shape[1], window)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -29,10 +37,11 @@ class Attention(nn.Module):
 
     window: int = 256
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the flash kernel with window block skipping
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))
 
 

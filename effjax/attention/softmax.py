@@ -5,17 +5,39 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention.common import allowed_pairs, check_qkv, dropout_kwargs
+from kernels.backend import check_impl
+
+
+def refuse_pallas_dropout(method: str, dropout_rate: float, dropout_rng) -> None:
+    """Raises NotImplementedError naming ``method``: the Pallas kernels have no attention dropout."""
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        raise NotImplementedError(
+            f"{method}: attention dropout (dropout_rate={dropout_rate}) is not supported with impl='pallas'; "
+            "use impl='xla', dropout_rate=0, or deterministic=True.")
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
-           dropout_rng=None):
+           dropout_rng=None, impl="xla"):
     """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] inputs, in float32 logits.
 
     ``pair_mask`` (boolean, broadcastable to [batch, heads, q_len, kv_len]) further restricts which
     query/key pairs may attend: sparse patterns (windows, blocks, globals) are softmax with one.
     Queries with no allowed key (fully padded rows) return a uniform average rather than NaN.
+    ``impl="pallas"`` runs the flash kernel (``kernels.flash_attention``; interpreted on CPU), which
+    takes no ``pair_mask`` and no dropout (both raise).
     """
     check_qkv("softmax", q, k, v)
+    check_impl("softmax", impl)
+    if impl == "pallas":
+        if pair_mask is not None:
+            raise ValueError(
+                "softmax: impl='pallas' cannot take a pair_mask: an arbitrary [batch, heads, q, k] mask is not "
+                "expressible in the flash kernel (key padding, segments, causal, window only); use impl='xla', "
+                "or kernels.block_sparse.block_sparse_attention for block layouts.")
+        refuse_pallas_dropout("softmax", dropout_rate, dropout_rng)
+        from kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal)
     batch, q_len, _, head_dim = q.shape
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
@@ -32,11 +54,12 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
 
 
 class Attention(nn.Module):
-    """Linen wrapper of ``attend``; has no parameters of its own."""
+    """Linen wrapper of ``attend``; has no parameters of its own. ``impl``: "xla" or "pallas" (flash kernel)."""
 
     dropout_rate: float = 0.0
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, impl=self.impl,
                       **dropout_kwargs(self, deterministic))

@@ -1,0 +1,302 @@
+"""Kernel benchmark: Pallas flash / block-sparse / chunked linear attention against XLA, cuDNN and Pallas' own mha.
+
+  python kernels/bench.py                  # GPU: batch 4, 16 heads, head_dim 64 and 128, lengths 1K..32K, bf16
+  python kernels/bench.py --small          # CPU: tiny sizes, kernels interpreted (proves the script runs)
+  python kernels/bench.py --lengths=1024,4096 --head_dims=128 --causal
+
+For each head_dim and length it times, on one device in one run, the forward and forward+backward
+(gradients of sum(out * ct) with respect to q, k, v) of:
+  ``flash``           kernels.flash_attention (ours)
+  ``xla``             effjax.attention.softmax.attend (plain JAX; XLA fuses what it can)
+  ``cudnn``           jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
+  ``pallas_mha``      jax.experimental.pallas.ops.gpu.attention.mha (JAX's shipped Triton kernel)
+  ``linear_chunked``  kernels.linear_attention.chunked_linear_attention on elu+1 features, if that module exists
+  ``linear_xla``      effjax.attention.kernel_attention.normalized_attention (the XLA chunked scan) on the same features
+  ``block_sparse_10`` / ``_25``  kernels.block_sparse at 10% / 25% block density (random per-head layouts
+                      holding the diagonal), compared with dense ``flash``.
+Time is the median of ``--repeats`` runs after a warm-up. TFLOP/s uses the FLOPs the computation needs
+(softmax: 4 B H Lq Lk D forward, halved when causal, x density for block-sparse; backward 2.5x forward;
+linear: 4 B H L D (D + chunk)), not what an implementation spends. Peak memory is what XLA plans for the
+jitted step (arguments + outputs + temporaries, ``memory_analysis``); a step planned over
+``--max_memory_gb`` is skipped, not run. Speedups are reference time / this time at the same shape and pass.
+
+Writes ``benchmarks/results/kernels_<device>.{jsonl,md,png}`` (``--out`` to change the path and basename).
+"""
+
+import datetime
+import importlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes (batch 1, 2 heads, head_dim 16/32, lengths 64/128), "
+                           "float32, kernels interpreted: for CPU, to prove the script works.")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default 1K..32K; --small: 64,128).")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", None, "Head dims (default 64,128; --small: 16,32).")
+_BATCH = flags.DEFINE_integer("batch", None, "Batch (default 4; --small: 1).")
+_HEADS = flags.DEFINE_integer("heads", None, "Heads (default 16; --small: 2).")
+_IMPLS = flags.DEFINE_list("impls", [], "Implementations to run (default: all).")
+_CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention (default bidirectional).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (the median is kept).")
+_MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 60.0, "Skip steps whose planned memory exceeds this.")
+_OUT = flags.DEFINE_string("out", None, "Path and basename of the outputs (default "
+                           "benchmarks/results/kernels_<device>).")
+
+IMPLS = ("flash", "xla", "cudnn", "pallas_mha", "linear_chunked", "linear_xla", "block_sparse_10", "block_sparse_25")
+REFERENCES = {  # speedup columns: which implementations each one is compared with
+    "flash": ("xla", "cudnn", "pallas_mha"),
+    "linear_chunked": ("linear_xla", "flash"),
+    "block_sparse_10": ("flash",),
+    "block_sparse_25": ("flash",),
+}
+SPEEDUP_COLUMNS = ("xla", "cudnn", "pallas_mha", "flash", "linear_xla")
+
+
+def device_slug(kind: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'; a CPU is 'cpu'."""
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or "device"
+
+
+def random_layout(heads: int, blocks: int, density: float, seed: int = 0):
+    """numpy bool [heads, blocks, blocks]: the diagonal plus random tiles up to ``density`` of all tiles."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    layout = np.zeros((heads, blocks, blocks), bool)
+    want = max(blocks, round(density * blocks * blocks))
+    for h in range(heads):
+        layout[h][np.diag_indices(blocks)] = True
+        off = np.flatnonzero(~layout[h])
+        np.put(layout[h], rng.choice(off, min(len(off), want - blocks), replace=False), True)
+    return layout
+
+
+def linear_module():
+    """kernels.linear_attention, or None (with a message) when that module is not there yet."""
+    try:
+        return importlib.import_module("kernels.linear_attention")
+    except ImportError as error:
+        print(f"kernels.linear_attention not importable ({error}); skipping linear_chunked and linear_xla.")
+        return None
+
+
+def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, causal: bool, small: bool):
+    """(fn(q, k, v) -> out, flop multiplier relative to dense softmax forward, note) or raises to refuse."""
+    import jax
+    import jax.numpy as jnp
+
+    from effjax.attention import softmax
+    from kernels import block_sparse, flash_attention
+
+    interpret = jax.default_backend() != "gpu"
+    scale = 1.0 / math.sqrt(head_dim)
+    if impl == "flash":
+        return (lambda q, k, v: flash_attention.flash_attention(q, k, v, causal=causal, interpret=interpret)), 1.0
+    if impl == "xla":
+        return (lambda q, k, v: softmax.attend(q, k, v, causal=causal)), 1.0
+    if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("cudnn needs a GPU")
+        return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")), 1.0
+    if impl == "pallas_mha":
+        from jax.experimental.pallas.ops.gpu import attention as mha_lib
+
+        block = min(128, length)
+        sizes = mha_lib.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, length),
+                                   block_kv_dkv=min(32, length), block_q_dq=min(32, length),
+                                   block_kv_dq=min(32, length))
+        return (lambda q, k, v: mha_lib.mha(q, k, v, None, sm_scale=scale, causal=causal, block_sizes=sizes,
+                                            interpret=interpret)), 1.0
+    if impl.startswith("linear_"):
+        module = linear_module()
+        if module is None:
+            raise NotImplementedError("kernels.linear_attention is not there")
+        chunk = 16 if small else 64
+
+        def features(x):
+            return jax.nn.elu(x.astype(jnp.float32)).astype(x.dtype) + 1
+
+        # Linear attention's own FLOPs, as a multiple of dense softmax's forward (4 L^2 D).
+        mult = (head_dim + chunk) / length / (0.5 if causal else 1.0)
+        if impl == "linear_chunked":
+            return (lambda q, k, v: module.chunked_linear_attention(
+                features(q), features(k), v, causal=causal, chunk_size=chunk, interpret=interpret)), mult
+        # The XLA baseline is effjax's chunked linear attention (a lax.scan over chunks), not an O(L^2) reference.
+        from effjax.attention import kernel_attention
+
+        return (lambda q, k, v: kernel_attention.normalized_attention(
+            features(q), features(k), v, causal=causal, chunk_size=chunk).astype(q.dtype)), mult
+    if impl.startswith("block_sparse_"):
+        density = int(impl.rsplit("_", 1)[1]) / 100
+        block = 16 if small else 64
+        layout = random_layout(heads, -(-length // block), density)
+        actual = layout.mean()
+        return (lambda q, k, v: block_sparse.block_sparse_attention(
+            q, k, v, layout, block_size=block, causal=causal, interpret=interpret)), float(actual)
+    raise ValueError(f"bench: unknown implementation {impl!r}; known: {', '.join(IMPLS)}.")
+
+
+def measure(impl, *, head_dim, length, batch, heads, causal, small, dtype, repeats, max_bytes):
+    """Rows (one per pass: 'fwd', 'fwd+bwd') with status, seconds, tflops and memory_bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    base = {"impl": impl, "head_dim": head_dim, "length": length}
+    try:
+        fn, mult = build(impl, head_dim=head_dim, length=length, batch=batch, heads=heads, causal=causal,
+                         small=small)
+    except (NotImplementedError, ValueError, ImportError) as error:
+        why = f"refused: {str(error).splitlines()[0][:100]}"
+        return [{**base, "pass": p, "status": why} for p in ("fwd", "fwd+bwd")]
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape = (batch, length, heads, head_dim)
+    q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys[:3])
+    ct = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
+
+    def loss(q, k, v):
+        return jnp.sum((fn(q, k, v) * ct).astype(jnp.float32))
+
+    steps = {"fwd": jax.jit(fn), "fwd+bwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2)))}
+    dense = 4.0 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
+    rows = []
+    for name, step in steps.items():
+        row = {**base, "pass": name}
+        try:
+            compiled = step.lower(q, k, v).compile()
+        except Exception as error:  # noqa: BLE001  (a refusal inside lowering: unsupported shape, no cuDNN, ...)
+            rows.append({**row, "status": f"refused: {type(error).__name__}: {str(error).splitlines()[0][:100]}"})
+            continue
+        analysis = compiled.memory_analysis()
+        memory = None
+        if analysis is not None:
+            memory = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                         + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+            row["memory_bytes"] = memory
+        if memory is not None and memory > max_bytes:
+            rows.append({**row, "status": "skipped: planned memory over --max_memory_gb"})
+            continue
+        jax.block_until_ready(compiled(q, k, v))  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(q, k, v))
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        flops = dense * mult * (1.0 if name == "fwd" else 3.5)
+        rows.append({**row, "status": "ok", "seconds": seconds, "tflops": flops / seconds / 1e12})
+    return rows
+
+
+def add_speedups(rows):
+    """Adds 'x_<ref>' = ref seconds / seconds for each reference of the row's implementation."""
+    by = {(r["impl"], r["head_dim"], r["length"], r["pass"]): r for r in rows}
+    for r in rows:
+        for ref in REFERENCES.get(r["impl"], ()):
+            other = by.get((ref, r["head_dim"], r["length"], r["pass"]), {})
+            if r.get("status") == "ok" and other.get("status") == "ok":
+                r[f"x_{ref}"] = other["seconds"] / r["seconds"]
+    return rows
+
+
+def table(rows) -> str:
+    """Markdown: one line per (implementation, head_dim, length, pass)."""
+    head = ("| impl | head_dim | length | pass | ms | TFLOP/s | peak MiB | "
+            + " | ".join(f"x {c}" for c in SPEEDUP_COLUMNS) + " |")
+    lines = [head, "|---" * (7 + len(SPEEDUP_COLUMNS)) + "|"]
+    for r in rows:
+        mem = f"{r['memory_bytes'] / 2**20:.0f}" if "memory_bytes" in r else "-"
+        if r["status"] != "ok":
+            cells = [r["status"][:70].replace("|", "/"), "", mem]
+        else:
+            cells = [f"{r['seconds'] * 1e3:.3f}", f"{r['tflops']:.3g}", mem]
+        speedups = [f"{r[f'x_{c}']:.2f}" if f"x_{c}" in r else "-" for c in SPEEDUP_COLUMNS]
+        lead = f"| `{r['impl']}` | {r['head_dim']} | {r['length']} | {r['pass']} | "
+        lines.append(lead + " | ".join(cells + speedups) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, head_dims, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = ("fwd", "fwd+bwd")
+    fig, axes = plt.subplots(len(head_dims), 2, figsize=(12, 4.5 * len(head_dims)), squeeze=False)
+    for i, d in enumerate(head_dims):
+        for j, p in enumerate(passes):
+            ax = axes[i][j]
+            for impl in IMPLS:
+                ok = sorted((r for r in rows if r["impl"] == impl and r["head_dim"] == d and r["pass"] == p
+                             and r["status"] == "ok"), key=lambda r: r["length"])
+                if ok:
+                    ax.loglog([r["length"] for r in ok], [r["seconds"] * 1e3 for r in ok], marker="o", ms=3,
+                              label=impl, lw=2.5 if impl == "flash" else 1)
+            ax.set(xlabel="sequence length", ylabel="ms", title=f"head_dim {d}, {p}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    small = _SMALL.value
+    lengths = [int(n) for n in (_LENGTHS.value or (["64", "128"] if small else
+                                                   ["1024", "2048", "4096", "8192", "16384", "32768"]))]
+    head_dims = [int(d) for d in (_HEAD_DIMS.value or (["16", "32"] if small else ["64", "128"]))]
+    batch = _BATCH.value or (1 if small else 4)
+    heads = _HEADS.value or (2 if small else 16)
+    dtype = jnp.float32 if small else jnp.bfloat16
+    impls = _IMPLS.value or list(IMPLS)
+    for impl in impls:
+        if impl not in IMPLS:
+            raise ValueError(f"bench: unknown implementation {impl!r}; known: {', '.join(IMPLS)}.")
+    kind = jax.devices()[0].device_kind
+    device = "cpu" if jax.default_backend() == "cpu" else device_slug(kind)
+    mode = "interpreted" if jax.default_backend() != "gpu" else "compiled"
+    print(f"device: {kind} ({device}); batch {batch}, {heads} heads, {jnp.dtype(dtype).name}, "
+          f"{'causal' if _CAUSAL.value else 'bidirectional'}, Pallas kernels {mode}", flush=True)
+    rows = []
+    for d in head_dims:
+        for n in lengths:
+            for impl in impls:
+                for row in measure(impl, head_dim=d, length=n, batch=batch, heads=heads, causal=_CAUSAL.value,
+                                   small=small, dtype=dtype, repeats=_REPEATS.value,
+                                   max_bytes=_MAX_MEMORY_GB.value * 2**30):
+                    rows.append(row)
+                    shown = f"{row['seconds'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"][:70]
+                    print(f"{impl:16s} d={d:<4d} L={n:<6d} {row['pass']:8s} {shown}", flush=True)
+    add_speedups(rows)
+    stamp = {"date": datetime.date.today().isoformat(), "device": kind, "batch": batch, "heads": heads,
+             "dtype": jnp.dtype(dtype).name, "causal": _CAUSAL.value, "kernels": mode}
+    base = _OUT.value or os.path.join(RESULTS, f"kernels_{device}")
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    with open(base + ".jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**stamp, **row}) + "\n")
+    text = table(rows)
+    with open(base + ".md", "w") as f:
+        f.write(f"{stamp['date']}, {kind}; batch {batch}, {heads} heads, {stamp['dtype']}, "
+                f"{'causal' if _CAUSAL.value else 'bidirectional'}, Pallas kernels {mode}. Median time; "
+                "TFLOP/s of the needed FLOPs; peak = XLA's planned memory; x ref = ref time / this time.\n\n"
+                + text + "\n")
+    plot(rows, head_dims, base + ".png")
+    print("\n" + text)
+    print(f"\nwrote {base}.jsonl, .md and .png")
+
+
+if __name__ == "__main__":
+    app.run(main)

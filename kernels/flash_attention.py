@@ -1,0 +1,508 @@
+"""Flash softmax attention in Pallas: FlashAttention-2 (Dao 2023, Alg. 1 and 2), online softmax over key blocks.
+
+``flash_attention(q, k, v, *, mask, segment_ids, causal, window)`` computes what
+``effjax.attention.softmax.attend`` (with ``window``: ``sliding_window.attend``) computes, in
+O(length) memory, forward and backward (custom VJP; the backward is two Pallas kernels, dQ and dK/dV).
+
+One mechanism serves every pattern, block-sparse attention (``kernels/block_sparse.py``) included:
+a boolean *tile layout* [heads or 1, q_blocks, k_blocks] says which key blocks each query block
+visits. The forward and dQ kernels loop over a query block's row of the layout, the dK/dV kernel over
+a key block's column. A row (column) is given either as a range (first block, count): causal and
+sliding-window layouts, whose blocks outside the band are never loaded, or as a table of block
+indices (arbitrary block-sparse layouts). Token-level masks (key padding, segments, causal, window)
+are applied inside the visited blocks.
+
+Masked logits get float32's most negative value, as in the reference, so a query with no allowed key
+returns the uniform average of the values of the key blocks it visits (the reference: of all keys;
+the two agree unless blocks are skipped). Padding added to reach a multiple of the block is excluded
+exactly (-inf). A query block that visits no key block returns zeros.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.backend import interpret_default
+
+NAME = "flash_attention"
+MASKED = float(np.finfo(np.float32).min)  # what the reference writes into masked logits
+LOG2E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x log2 e)
+_FAR = 1 << 40  # "unbounded" distance for tile-layout arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query/key block sizes of the forward (``block_q``, ``block_k``) and backward (``*_bwd``) kernels."""
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+
+
+# Defaults per backend. GPU: FlashAttention-2's Triton choices (128 x 64 forward, 64 x 64 backward),
+# not yet tuned on this project's H100/H200 (see kernels/README.md). CPU (interpret mode): few grid
+# steps matter more than tile size.
+DEFAULT_BLOCKS = {
+    "gpu": BlockSizes(128, 64, 64, 64),
+    "cpu": BlockSizes(64, 64, 64, 64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static description of one attention call (hashable: a custom_vjp non-differentiable argument)."""
+
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    causal: bool
+    window: int | None
+    sm_scale: float
+    groups: int  # query heads per key/value head (GQA/MQA)
+    has_mask: bool
+    has_segments: bool
+    layout_heads: int  # 1, or the number of query heads when the layout differs per head
+    fwd_mode: str  # "range" | "table" for each of the three visit lists
+    dq_mode: str
+    dkv_mode: str
+    interpret: bool
+    num_warps: int | None
+    num_stages: int | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks and tile layouts (host side, static shapes).
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def check_inputs(method: str, q, k, v, interpret: bool) -> int:
+    """Validates [batch, length, heads, head_dim] q, k, v for the kernels; returns the GQA group size."""
+    for label, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{method}: {label} must have shape [batch, length, heads, head_dim], got {x.shape}.")
+    if k.shape != v.shape:
+        raise ValueError(f"{method}: k and v shapes differ: {k.shape} vs {v.shape}.")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{method}: q {q.shape} and k {k.shape} must agree in batch and head_dim.")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{method}: key/value heads ({k.shape[2]}) must divide query heads ({q.shape[2]}) for GQA.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{method}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
+    if q.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"{method}: dtype must be float32 or bfloat16, got {q.dtype}.")
+    head_dim = q.shape[3]
+    low = 1 if interpret else 16
+    if not (_is_pow2(head_dim) and low <= head_dim <= 256):
+        raise ValueError(
+            f"{method}: head_dim must be a power of two in [{low}, 256] (64 and 128 are the tuned ones"
+            f"{'' if interpret else '; smaller ones run in interpret mode only'}), got {head_dim}.")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"{method}: empty sequence (q_len {q.shape[1]}, kv_len {k.shape[1]}).")
+    return q.shape[2] // k.shape[2]
+
+
+def check_block(method: str, name: str, block: int, length: int, interpret: bool) -> int:
+    """``block`` validated (a power of two, >= 16 when compiled) and clamped to the length rounded up."""
+    low = 1 if interpret else 16
+    if not (_is_pow2(block) and block >= low):
+        raise ValueError(f"{method}: {name} must be a power of two >= {low}, got {block}.")
+    return min(block, max(low, pl.next_power_of_2(length)))
+
+
+def band_layout(q_len: int, kv_len: int, block_q: int, block_k: int, causal: bool, window: int | None):
+    """numpy bool [1, q_blocks, k_blocks]: tiles holding at least one pair allowed by causal and window.
+
+    Query i (aligned to the end: i + kv_len - q_len) may see keys [i + off - left, i + off + right].
+    """
+    off = kv_len - q_len
+    left = _FAR if window is None else window
+    right = 0 if causal else (_FAR if window is None else window)
+    qa = np.arange(0, q_len, block_q, dtype=np.int64)
+    qb = np.minimum(qa + block_q, q_len) - 1
+    ka = np.arange(0, kv_len, block_k, dtype=np.int64)
+    kb = np.minimum(ka + block_k, kv_len) - 1
+    lo, hi = qa + off - left, qb + off + right
+    return ((lo[:, None] <= kb[None, :]) & (hi[:, None] >= ka[None, :]))[None]
+
+
+def _contiguous(layout: np.ndarray) -> bool:
+    count = layout.sum(-1)
+    first = layout.argmax(-1)
+    last = layout.shape[-1] - 1 - layout[..., ::-1].argmax(-1)
+    return bool(np.all((count == 0) | (last - first + 1 == count)))
+
+
+def visit_lists(layout):
+    """(mode, first, count) for each row of a [H, n, m] layout: the blocks a row visits, in order.
+
+    ``range``: the row's blocks are first..first+count-1 (``first`` int32 [H, n]). ``table``: ``first``
+    is int32 [H, n, W] listing them (W = the longest row; all m when the layout is traced).
+    """
+    if isinstance(layout, np.ndarray):
+        count = layout.sum(-1).astype(np.int32)
+        if _contiguous(layout):
+            return "range", jnp.asarray(layout.argmax(-1).astype(np.int32)), jnp.asarray(count)
+        width = max(int(count.max()), 1)
+        order = np.argsort(~layout, axis=-1, kind="stable")[..., :width].astype(np.int32)
+        return "table", jnp.asarray(order), jnp.asarray(count)
+    layout = jnp.asarray(layout, bool)
+    order = jnp.argsort(~layout, axis=-1, stable=True).astype(jnp.int32)
+    return "table", order, layout.sum(-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels. Refs arrive in the order of ``names``; index maps follow the grid (block, batch, head).
+
+
+def _visit(refs, prefix, mode, head, row):
+    """(count, block_at): how many blocks row ``row`` visits, and the t-th one."""
+    count = refs[prefix + "_count"][head, row]
+    first = refs[prefix + "_first"]
+    if mode == "range":
+        start = first[head, row]
+        return count, lambda t: start + t
+    return count, lambda t: first[head, row, t]
+
+
+def _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q=None):
+    """Scaled logits (base 2) of a [bq, bk] tile with every token-level mask applied."""
+    s = plgpu.dot(q, k, trans_b=True) * (cfg.sm_scale * LOG2E)
+    q_pos = q_start + jnp.arange(bq)[:, None] + (cfg.kv_len - cfg.q_len)
+    k_pos = k_start + jnp.arange(bk)[None, :]
+    allowed = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    if cfg.causal:
+        allowed = conj(allowed, q_pos >= k_pos)
+    if cfg.window is not None:
+        allowed = conj(allowed, jnp.abs(q_pos - k_pos) <= cfg.window)
+    if cfg.has_mask:
+        allowed = conj(allowed, refs["kmask"][pl.ds(k_start, bk)][None, :] != 0)
+    if cfg.has_segments:
+        if seg_q is None:
+            seg_q = refs["seg_q"][pl.ds(q_start, bq)]
+        allowed = conj(allowed, seg_q[:, None] == refs["seg_k"][pl.ds(k_start, bk)][None, :])
+    if allowed is not None:
+        s = jnp.where(allowed, s, MASKED)
+    if cfg.kv_len % bk:  # keys added to fill the last block are excluded exactly
+        s = jnp.where(k_pos < cfg.kv_len, s, -jnp.inf)
+    return s, allowed
+
+
+def _fwd_kernel(*refs, names, cfg):
+    refs = dict(zip(names, refs, strict=True))
+    qi, h = pl.program_id(0), pl.program_id(2)
+    bq, bk = cfg.block_q, cfg.block_k
+    q = refs["q"][...]
+    q_start = qi * bq
+    seg_q = refs["seg_q"][pl.ds(q_start, bq)] if cfg.has_segments else None
+    count, block_at = _visit(refs, "fwd", cfg.fwd_mode, h if cfg.layout_heads > 1 else 0, qi)
+
+    def body(t, carry):
+        acc, m, row_sum = carry
+        k_start = pl.multiple_of(block_at(t) * bk, bk)
+        k = refs["k"][pl.ds(k_start, bk), :]
+        v = refs["v"][pl.ds(k_start, bk), :]
+        s, _ = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        row_sum = alpha * row_sum + p.sum(axis=-1)
+        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_new, row_sum
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    acc, m, row_sum = lax.fori_loop(0, count, body, init)
+    refs["o"][...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]).astype(refs["o"].dtype)
+    refs["m"][...] = m
+    refs["row_sum"][...] = row_sum
+
+
+def _probs(s, m, row_sum):
+    """Softmax probabilities of a tile from the forward's row max ``m`` (base 2) and sum ``row_sum``."""
+    return jnp.exp2(s - m[:, None]) * (1.0 / jnp.where(row_sum > 0, row_sum, 1.0))[:, None]
+
+
+def _ds(p, dp, delta, allowed):
+    """dL/dlogits = p (dp - delta); zero where masked (matters only for rows with no allowed key)."""
+    ds = p * (dp - delta[:, None])
+    return ds if allowed is None else jnp.where(allowed, ds, 0.0)
+
+
+def _dq_kernel(*refs, names, cfg):
+    refs = dict(zip(names, refs, strict=True))
+    qi, h = pl.program_id(0), pl.program_id(2)
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    q, do = refs["q"][...], refs["do"][...]
+    m, row_sum, delta = refs["m"][...], refs["row_sum"][...], refs["delta"][...]
+    q_start = qi * bq
+    seg_q = refs["seg_q"][pl.ds(q_start, bq)] if cfg.has_segments else None
+    count, block_at = _visit(refs, "dq", cfg.dq_mode, h if cfg.layout_heads > 1 else 0, qi)
+
+    def body(t, dq):
+        k_start = pl.multiple_of(block_at(t) * bk, bk)
+        k = refs["k"][pl.ds(k_start, bk), :]
+        v = refs["v"][pl.ds(k_start, bk), :]
+        s, allowed = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q)
+        p = _probs(s, m, row_sum)
+        ds = _ds(p, plgpu.dot(do, v, trans_b=True), delta, allowed)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+    refs["dq"][...] = (dq * cfg.sm_scale).astype(refs["dq"].dtype)
+
+
+def _dkv_kernel(*refs, names, cfg):
+    refs = dict(zip(names, refs, strict=True))
+    kj, h = pl.program_id(0), pl.program_id(2)
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    k, v = refs["k"][...], refs["v"][...]
+    k_start = kj * bk
+    count, block_at = _visit(refs, "dkv", cfg.dkv_mode, h if cfg.layout_heads > 1 else 0, kj)
+
+    def body(t, carry):
+        dk, dv = carry
+        q_start = pl.multiple_of(block_at(t) * bq, bq)
+        rows = pl.ds(q_start, bq)
+        q, do = refs["q"][rows, :], refs["do"][rows, :]
+        m, row_sum, delta = refs["m"][rows], refs["row_sum"][rows], refs["delta"][rows]
+        s, allowed = _logits(cfg, q, k, q_start, k_start, bq, bk, refs)
+        p = _probs(s, m, row_sum)
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+        ds = _ds(p, plgpu.dot(do, v, trans_b=True), delta, allowed)
+        return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+    refs["dk"][...] = (dk * cfg.sm_scale).astype(refs["dk"].dtype)
+    refs["dv"][...] = dv.astype(refs["dv"].dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pallas_call wrappers. Grid (block, batch, head); q-side arrays are [B, Lq_pad, H, D], k-side
+# [B, Lk_pad, H // groups, D], row statistics [B, H, Lq_pad] float32.
+
+
+def _whole(x):
+    """BlockSpec handing every program the whole (small) array."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _compiler_params(cfg, head_dim):
+    warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages or 2)
+
+
+def _extras(cfg, kmask, seg_q, seg_k):
+    """(name, array, spec) of the optional per-batch token arrays, each given whole per batch row."""
+    out = []
+    if cfg.has_mask:
+        out.append(("kmask", kmask, pl.BlockSpec((None, kmask.shape[1]), lambda i, b, h: (b, 0))))
+    if cfg.has_segments:
+        out.append(("seg_q", seg_q, pl.BlockSpec((None, seg_q.shape[1]), lambda i, b, h: (b, 0))))
+        out.append(("seg_k", seg_k, pl.BlockSpec((None, seg_k.shape[1]), lambda i, b, h: (b, 0))))
+    return out
+
+
+def _call(kernel, cfg, grid, inputs, outputs, head_dim, name):
+    names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
+    return pl.pallas_call(
+        functools.partial(kernel, names=names, cfg=cfg),
+        grid=grid,
+        in_specs=[s for _, _, s in inputs],
+        out_specs=[s for _, _, s in outputs],
+        out_shape=[a for _, a, _ in outputs],
+        compiler_params=_compiler_params(cfg, head_dim),
+        interpret=cfg.interpret,
+        name=name,
+    )(*(a for _, a, _ in inputs))
+
+
+def _forward(cfg, q, k, v, kmask, seg_q, seg_k, visits):
+    batch, lq, heads, d = q.shape
+    g, bq = cfg.groups, cfg.block_q
+    kv_spec = pl.BlockSpec((None, k.shape[1], None, d), lambda i, b, h: (b, 0, h // g, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    inputs = [("q", q, pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))),
+              ("k", k, kv_spec), ("v", v, kv_spec), *_extras(cfg, kmask, seg_q, seg_k),
+              ("fwd_first", visits[0], _whole(visits[0])), ("fwd_count", visits[1], _whole(visits[1]))]
+    stats = jax.ShapeDtypeStruct((batch, heads, lq), jnp.float32)
+    outputs = [("o", jax.ShapeDtypeStruct(q.shape, q.dtype), inputs[0][2]), ("m", stats, row_spec),
+               ("row_sum", stats, row_spec)]
+    return _call(_fwd_kernel, cfg, (lq // bq, batch, heads), inputs, outputs, d, "flash_attention_fwd")
+
+
+def _backward(cfg, q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum, do):
+    batch, lq, heads, d = q.shape
+    lk = k.shape[1]
+    g, bq, bk = cfg.groups, cfg.block_q_bwd, cfg.block_k_bwd
+    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+    extras = _extras(cfg, kmask, seg_q, seg_k)
+
+    q_block = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
+    row_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    kv_whole = pl.BlockSpec((None, lk, None, d), lambda i, b, h: (b, 0, h // g, 0))
+    inputs = [("q", q, q_block), ("do", do, q_block), ("m", m, row_block), ("row_sum", row_sum, row_block),
+              ("delta", delta, row_block), ("k", k, kv_whole), ("v", v, kv_whole), *extras,
+              ("dq_first", dq_visits[0], _whole(dq_visits[0])), ("dq_count", dq_visits[1], _whole(dq_visits[1]))]
+    outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), q_block)]
+    (dq,) = _call(_dq_kernel, cfg, (lq // bq, batch, heads), inputs, outputs, d, "flash_attention_dq")
+
+    q_whole = pl.BlockSpec((None, lq, None, d), lambda j, b, h: (b, 0, h, 0))
+    row_whole = pl.BlockSpec((None, None, lq), lambda j, b, h: (b, h, 0))
+    kv_block = pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h // g, 0))
+    inputs = [("q", q, q_whole), ("do", do, q_whole), ("m", m, row_whole), ("row_sum", row_sum, row_whole),
+              ("delta", delta, row_whole), ("k", k, kv_block), ("v", v, kv_block), *extras,
+              ("dkv_first", dkv_visits[0], _whole(dkv_visits[0])),
+              ("dkv_count", dkv_visits[1], _whole(dkv_visits[1]))]
+    # One dK/dV per query head, summed over each GQA group below (in float32 when groups > 1).
+    grad_dtype = k.dtype if g == 1 else jnp.float32
+    per_head = jax.ShapeDtypeStruct((batch, lk, heads, d), grad_dtype)
+    out_block = pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0))
+    outputs = [("dk", per_head, out_block), ("dv", per_head, out_block)]
+    dk, dv = _call(_dkv_kernel, cfg, (lk // bk, batch, heads), inputs, outputs, d, "flash_attention_dkv")
+    if g > 1:
+        dk, dv = (x.reshape(batch, lk, heads // g, g, d).sum(3).astype(k.dtype) for x in (dk, dv))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits, dq_visits, dkv_visits):
+    return _forward(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits)[0]
+
+
+def _core_fwd(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits, dq_visits, dkv_visits):
+    o, m, row_sum = _forward(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits)
+    return o, (q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum)
+
+
+def _core_bwd(cfg, res, do):
+    q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum = res
+    dq, dk, dv = _backward(cfg, q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum, do)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _pad_to(x, length, axis, value=0):
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _pad_layout(layout, rows: int, cols: int):
+    """``layout`` extended with unvisited (False) rows and columns for blocks made only of padding."""
+    extra = ((0, 0), (0, rows - layout.shape[1]), (0, cols - layout.shape[2]))
+    return np.pad(layout, extra) if isinstance(layout, np.ndarray) else jnp.pad(jnp.asarray(layout, bool), extra)
+
+
+def _platform_ok(method: str, interpret: bool) -> None:
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError(
+            f"{method}: compiled Pallas kernels lower through Triton and need a GPU (backend is "
+            f"{jax.default_backend()!r}); pass interpret=True to run them interpreted.")
+
+
+def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None, causal=False, window=None,
+                      sm_scale=None, blocks=None, interpret=None, num_warps=None, num_stages=None):
+    """Shared driver: pads to whole blocks, builds the visit lists from ``layout_fn`` and calls the kernels.
+
+    ``layout_fn(block_q, block_k)`` returns a boolean tile layout [1 or heads, q_blocks, k_blocks]
+    (numpy when static, which allows range visits and a tight table).
+    """
+    interpret = interpret_default(interpret)
+    _platform_ok(method, interpret)
+    groups = check_inputs(method, q, k, v, interpret)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    if mask is not None and mask.shape != (batch, kv_len):
+        raise ValueError(f"{method}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    if segment_ids is not None and (q_len != kv_len or segment_ids.shape != (batch, q_len)):
+        raise ValueError(
+            f"{method}: segment_ids must have shape [batch, length] = {(batch, q_len)} for self-attention, "
+            f"got {segment_ids.shape} with q_len {q_len}, kv_len {kv_len}.")
+    if window is not None and window < 0:
+        raise ValueError(f"{method}: window must be >= 0, got {window}.")
+    blocks = blocks or DEFAULT_BLOCKS["gpu" if jax.default_backend() == "gpu" else "cpu"]
+    bq = check_block(method, "block_q", blocks.block_q, q_len, interpret)
+    bk = check_block(method, "block_k", blocks.block_k, kv_len, interpret)
+    bq_bwd = check_block(method, "block_q_bwd", blocks.block_q_bwd, q_len, interpret)
+    bk_bwd = check_block(method, "block_k_bwd", blocks.block_k_bwd, kv_len, interpret)
+
+    # Blocks are powers of two, so padding to the larger of the forward and backward blocks fits both.
+    lq_pad = -(-q_len // max(bq, bq_bwd)) * max(bq, bq_bwd)
+    lk_pad = -(-kv_len // max(bk, bk_bwd)) * max(bk, bk_bwd)
+    fwd_layout = _pad_layout(layout_fn(bq, bk), lq_pad // bq, lk_pad // bk)
+    same = (bq, bk) == (bq_bwd, bk_bwd)
+    bwd_layout = fwd_layout if same else _pad_layout(layout_fn(bq_bwd, bk_bwd), lq_pad // bq_bwd, lk_pad // bk_bwd)
+    if fwd_layout.shape[0] not in (1, heads):
+        raise ValueError(f"{method}: the block layout has {fwd_layout.shape[0]} heads; expected 1 or {heads}.")
+    fwd_visits = visit_lists(fwd_layout)
+    dq_visits = fwd_visits if same else visit_lists(bwd_layout)
+    dkv_visits = visit_lists(bwd_layout.swapaxes(-1, -2))
+    cfg = Config(q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, block_q_bwd=bq_bwd, block_k_bwd=bk_bwd,
+                 causal=bool(causal), window=window, sm_scale=float(sm_scale or 1.0 / math.sqrt(head_dim)),
+                 groups=groups, has_mask=mask is not None, has_segments=segment_ids is not None,
+                 layout_heads=int(fwd_layout.shape[0]), fwd_mode=fwd_visits[0], dq_mode=dq_visits[0],
+                 dkv_mode=dkv_visits[0], interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    kmask = None if mask is None else _pad_to(jnp.asarray(mask).astype(jnp.int32), lk_pad, 1, 1)
+    seg_q = seg_k = None
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids).astype(jnp.int32)
+        seg_q, seg_k = _pad_to(seg, lq_pad, 1), _pad_to(seg, lk_pad, 1)
+    qp, kp, vp = _pad_to(q, lq_pad, 1), _pad_to(k, lk_pad, 1), _pad_to(v, lk_pad, 1)
+    out = _core(cfg, qp, kp, vp, kmask, seg_q, seg_k, fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
+    return out[:, :q_len]
+
+
+def flash_attention(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None, sm_scale=None,
+                    blocks: BlockSizes | None = None, interpret=None, num_warps=None, num_stages=None):
+    """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] (k, v: [batch, kv_len, kv_heads, d]).
+
+    Same arguments and result as ``effjax.attention.softmax.attend`` (``mask`` [batch, kv_len] True on
+    real keys; ``segment_ids`` [batch, length], self-attention; ``causal`` aligned to the end), plus:
+    ``window``: keys with |i + kv_len - q_len - j| <= window only (``sliding_window.attend``); key
+    blocks outside the band are skipped, as are future blocks under ``causal``. kv_heads dividing the
+    query heads gives grouped/multi-query attention. ``blocks``: block sizes (default per backend,
+    ``DEFAULT_BLOCKS``); lengths need not be multiples (padded internally). ``interpret``: default True on CPU.
+    """
+    def layout_fn(bq, bk):
+        return band_layout(q.shape[1], k.shape[1], bq, bk, causal, window)
+
+    return blocked_attention(NAME, q, k, v, layout_fn, mask=mask, segment_ids=segment_ids, causal=causal,
+                             window=window, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
+                             num_warps=num_warps, num_stages=num_stages)
+
+
+def reference(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None):
+    """The plain-JAX computation ``flash_attention`` accelerates (softmax.attend; GQA by repeating kv heads)."""
+    from effjax.attention import patterns, softmax
+
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    pair = None if window is None else patterns.band(q.shape[1], k.shape[1], window)[None, None]
+    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, pair_mask=pair)

@@ -1,0 +1,406 @@
+"""Chunked linear attention in Pallas (Katharopoulos et al. 2020; chunkwise form of GLA, Yang et al. 2024, Sec. 3).
+
+``chunked_linear_attention(phi_q, phi_k, v)`` takes feature-mapped queries and keys (elu+1, ReLU/SLAB,
+cosFormer's reweighting, Performer features all fit) and computes, per head,
+
+    num_i = sum_{j visible to i} w_ij (phi_q_i . phi_k_j) v_j,   den_i = sum_{j visible to i} w_ij phi_q_i . phi_k_j,
+    out_i = num_i / (den_i + eps)   (``normalize=True``, the convention of effjax.attention.kernel_attention)
+    out_i = num_i                   (``normalize=False``),
+
+where "visible" is every real key (bidirectional: ``phi_k^T v`` first, then ``phi_q`` times it) or the real
+keys j <= i (causal: a masked quadratic product inside each chunk of ``chunk_size`` positions plus the state
+``S = sum phi_k^T v`` carried from chunk to chunk), and ``w_ij = prod_{t=j+1..i} decay_t`` (1 without decay).
+``decay`` (causal only, values in (0, 1]) is one factor per head ``[heads]`` (RetNet) or per step
+``[batch, kv_len, heads]`` (gated linear attention with a scalar gate per head).
+
+Kernels: one program per (batch, head, block of value columns) walks the chunks in order with the state in
+registers; the backward kernel walks them forward for ``d phi_q`` and backward for ``d phi_k, d v``. The
+decay's gradient uses the identity ``dG_t = phi_q_t . dphi_q_t - phi_k_t . dphi_k_t`` for the cumulative
+log-decay G (Yang et al. 2024, Sec. 4.2), so the kernels themselves never differentiate the decay.
+Padding (length to the chunk, feature and value dims to powers of two >= 16), the key mask, causal end
+alignment (query i sees keys j <= i + kv_len - q_len) and the final division are plain JAX around the
+kernels, differentiated by JAX.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.backend import interpret_default
+
+NAME = "chunked_linear_attention"
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_DIM = 256  # largest padded feature / value-block dim: the m x block_v float32 state lives in registers
+MIN_DIM = 16  # Triton's smallest dot operand dim
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def pad_axis(x, axis: int, before: int, after: int, value=0.0):
+    """``x`` padded along ``axis`` with ``value``; a no-op when nothing is added."""
+    if before == 0 and after == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def check_dtype(kernel: str, label: str, x) -> None:
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{kernel}: {label} must be float32, bfloat16 or float16, got {x.dtype}.")
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """float32-accumulated 2-D product; full float32 precision (no TF32) when an operand is float32."""
+    exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False if exact else None)
+
+
+def _chunk_weights(g, chunk):
+    """Intra-chunk pair weights ``exp(g_i - g_j)`` (0 above the diagonal), query and key factors, total.
+
+    ``g`` is the chunk-local cumulative log-decay [chunk] (None: no decay).
+    """
+    rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    lower = rows >= cols
+    if g is None:
+        return lower.astype(jnp.float32), None, None, None
+    last = jnp.sum(jnp.where(jnp.arange(chunk) == chunk - 1, g, 0.0))  # g of the chunk's last step
+    w = jnp.exp(jnp.where(lower, g[:, None] - g[None, :], -jnp.inf))
+    return w, jnp.exp(g), jnp.exp(last - g), jnp.exp(last)
+
+
+def _scaled(x, factor):
+    return x if factor is None else x * factor[:, None]
+
+
+def _fwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
+    q_ref, k_ref, v_ref = refs[:3]
+    g_ref = refs[3] if has_decay else None
+    num_ref, den_ref = refs[3 + has_decay:]
+    m, block_v = q_ref.shape[-1], v_ref.shape[-1]
+    state = jnp.zeros((m, block_v), jnp.float32)
+    zsum = jnp.zeros((m,), jnp.float32)
+
+    def load(c):
+        rows = pl.ds(c * chunk, chunk)
+        g = g_ref[rows] if has_decay else None
+        return rows, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g
+
+    def absorb(state, zsum, k, v, kd, total):
+        k_w = _scaled(k.astype(jnp.float32), kd)
+        if total is not None:
+            state, zsum = state * total, zsum * total
+        return state + _dot(k_w.astype(v.dtype), v, trans_a=True), zsum + jnp.sum(k_w, axis=0)
+
+    def store(rows, num, den):
+        num_ref[rows, :] = num.astype(num_ref.dtype)
+        if normalize:
+            den_ref[rows] = den
+
+    if causal:
+        def body(c, carry):
+            state, zsum = carry
+            rows, q, k, v, g = load(c)
+            w, qd, kd, total = _chunk_weights(g, chunk)
+            scores = _dot(q, k, trans_b=True) * w
+            num = _dot(scores.astype(v.dtype), v) + _scaled(_dot(q, state.astype(q.dtype)), qd)
+            den = jnp.sum(scores, axis=1) + _factor(jnp.sum(q.astype(jnp.float32) * zsum[None, :], axis=1), qd)
+            store(rows, num, den)
+            return absorb(state, zsum, k, v, kd, total)
+
+        lax.fori_loop(0, num_chunks, body, (state, zsum))
+        return
+
+    def accumulate(c, carry):
+        _, _, k, v, _ = load(c)
+        return absorb(*carry, k, v, None, None)
+
+    state, zsum = lax.fori_loop(0, num_chunks, accumulate, (state, zsum))
+
+    def emit(c, _):
+        rows, q, _, _, _ = load(c)
+        store(rows, _dot(q, state.astype(q.dtype)), jnp.sum(q.astype(jnp.float32) * zsum[None, :], axis=1))
+        return 0
+
+    lax.fori_loop(0, num_chunks, emit, 0)
+
+
+def _factor(x, factor):
+    return x if factor is None else x * factor
+
+
+def _bwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
+    q_ref, k_ref, v_ref = refs[:3]
+    at = 3
+    g_ref = refs[at] if has_decay else None
+    at += has_decay
+    dnum_ref = refs[at]
+    dden_ref = refs[at + 1] if normalize else None
+    dq_ref, dk_ref, dv_ref = refs[at + 1 + normalize:]
+    m, block_v = q_ref.shape[-1], v_ref.shape[-1]
+    # The denominator's cotangent enters d phi_q and d phi_k once: in the first value block only.
+    first = (pl.program_id(2) == 0).astype(jnp.float32)
+
+    def load(c):
+        rows = pl.ds(c * chunk, chunk)
+        g = g_ref[rows] if has_decay else None
+        dden = dden_ref[rows] * first if normalize else jnp.zeros((chunk,), jnp.float32)
+        return rows, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], dnum_ref[rows, :], dden, g
+
+    zeros_state = jnp.zeros((m, block_v), jnp.float32)
+    zeros_z = jnp.zeros((m,), jnp.float32)
+    f32 = jnp.float32
+
+    if not causal:
+        def accumulate(c, carry):
+            state, zsum, dstate, dz = carry
+            _, q, k, v, dnum, dden, _ = load(c)
+            state = state + _dot(k, v, trans_a=True)
+            zsum = zsum + jnp.sum(k.astype(f32), axis=0)
+            dstate = dstate + _dot(q, dnum.astype(q.dtype), trans_a=True)
+            dz = dz + jnp.sum(q.astype(f32) * dden[:, None], axis=0)
+            return state, zsum, dstate, dz
+
+        state, zsum, dstate, dz = lax.fori_loop(0, num_chunks, accumulate,
+                                                (zeros_state, zeros_z, zeros_state, zeros_z))
+
+        def emit(c, _):
+            rows, q, k, v, dnum, dden, _ = load(c)
+            dq_ref[rows, :] = _dot(dnum, state, trans_b=True) + dden[:, None] * zsum[None, :]
+            dk_ref[rows, :] = _dot(v.astype(f32), dstate, trans_b=True) + dz[None, :]
+            dv_ref[rows, :] = _dot(k.astype(f32), dstate)
+            return 0
+
+        lax.fori_loop(0, num_chunks, emit, 0)
+        return
+
+    def forward(c, carry):  # d phi_q, chunks in order
+        state, zsum = carry
+        rows, q, k, v, dnum, dden, g = load(c)
+        w, qd, kd, total = _chunk_weights(g, chunk)
+        dscores = (_dot(dnum.astype(v.dtype), v, trans_b=True) + dden[:, None]) * w
+        carried = _dot(dnum, state, trans_b=True) + dden[:, None] * zsum[None, :]
+        dq_ref[rows, :] = _dot(dscores.astype(k.dtype), k) + _scaled(carried, qd)
+        k_w = _scaled(k.astype(f32), kd)
+        if total is not None:
+            state, zsum = state * total, zsum * total
+        return state + _dot(k_w.astype(v.dtype), v, trans_a=True), zsum + jnp.sum(k_w, axis=0)
+
+    lax.fori_loop(0, num_chunks, forward, (zeros_state, zeros_z))
+
+    def backward(i, carry):  # d phi_k, d v, chunks in reverse; dstate, dz: cotangents of the state after c
+        dstate, dz = carry
+        rows, q, k, v, dnum, dden, g = load(num_chunks - 1 - i)
+        w, qd, kd, total = _chunk_weights(g, chunk)
+        scores = _dot(q, k, trans_b=True) * w
+        dscores = (_dot(dnum.astype(v.dtype), v, trans_b=True) + dden[:, None]) * w
+        carried = _dot(v.astype(f32), dstate, trans_b=True) + dz[None, :]
+        dk_ref[rows, :] = _dot(dscores.astype(q.dtype), q, trans_a=True) + _scaled(carried, kd)
+        dv_ref[rows, :] = _dot(scores.astype(dnum.dtype), dnum, trans_a=True) + _scaled(
+            _dot(k.astype(f32), dstate), kd)
+        q_w = _scaled(q.astype(f32), qd)
+        if total is not None:
+            dstate, dz = dstate * total, dz * total
+        return dstate + _dot(q_w, dnum, trans_a=True), dz + jnp.sum(q_w * dden[:, None], axis=0)
+
+    lax.fori_loop(0, num_chunks, backward, (zeros_state, zeros_z))
+
+
+def _specs(batch, length, heads, m, block_v, has_decay, extra_v_like=0, extra_row=0):
+    """BlockSpecs over grid (batch, heads, value block) for q, k, v [, g] and cotangent inputs."""
+    feat = pl.BlockSpec((None, length, None, m), lambda b, h, j: (b, 0, h, 0))
+    vals = pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))
+    row = pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h))
+    return [feat, feat, vals] + [row] * has_decay + [vals] * extra_v_like + [row] * extra_row
+
+
+def _compiler_params(m, block_v):
+    return plgpu.CompilerParams(num_warps=4 if max(m, block_v) <= 64 else 8, num_stages=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _core(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
+    """Unnormalized numerator [b, n, h, dv] (float32) and denominator [b, n, h] (or None) of padded inputs."""
+    return _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret)
+
+
+def _local_cumsum(log_decay, chunk):
+    """Cumulative log-decay restarted at every chunk: [b, n, h] float32."""
+    batch, length, heads = log_decay.shape
+    g = jnp.cumsum(log_decay.reshape(batch, length // chunk, chunk, heads), axis=2)
+    return g.reshape(batch, length, heads)
+
+
+def _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
+    batch, length, heads, m = q.shape
+    dv = v.shape[-1]
+    has_decay = log_decay is not None
+    num_blocks = dv // block_v
+    inputs = (q, k, v) + ((_local_cumsum(log_decay, chunk),) if has_decay else ())
+    kernel = functools.partial(_fwd_kernel, chunk=chunk, num_chunks=length // chunk, causal=causal,
+                               has_decay=has_decay, normalize=normalize)
+    out_shape = [jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))]
+    if normalize:  # one denominator copy per value block; block 0's is used
+        out_shape.append(jax.ShapeDtypeStruct((num_blocks, batch, length, heads), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, length, None), lambda b, h, j: (j, b, 0, h)))
+    outs = pl.pallas_call(
+        kernel if normalize else _drop_den(kernel), grid=(batch, heads, num_blocks),
+        in_specs=_specs(batch, length, heads, m, block_v, has_decay), out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_compiler_params(m, block_v), interpret=interpret, name="linear_attention_fwd",
+    )(*inputs)
+    return outs[0], (outs[1][0] if normalize else None)
+
+
+def _drop_den(kernel):
+    """The forward kernel with no denominator output."""
+    def wrapped(*refs):
+        return kernel(*refs, None)
+    return wrapped
+
+
+def _core_fwd(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
+    out = _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret)
+    return out, (q, k, v, log_decay)
+
+
+def _core_bwd(causal, normalize, chunk, block_v, interpret, residuals, cotangents):
+    q, k, v, log_decay = residuals
+    dnum, dden = cotangents
+    batch, length, heads, m = q.shape
+    dv = v.shape[-1]
+    has_decay = log_decay is not None
+    num_blocks = dv // block_v
+    inputs = (q, k, v) + ((_local_cumsum(log_decay, chunk),) if has_decay else ()) + (dnum.astype(jnp.float32),)
+    if normalize:
+        inputs += (dden.astype(jnp.float32),)
+    kernel = functools.partial(_bwd_kernel, chunk=chunk, num_chunks=length // chunk, causal=causal,
+                               has_decay=has_decay, normalize=normalize)
+    part = pl.BlockSpec((None, None, length, None, m), lambda b, h, j: (j, b, 0, h, 0))
+    dq, dk, dvals = pl.pallas_call(
+        kernel, grid=(batch, heads, num_blocks),
+        in_specs=_specs(batch, length, heads, m, block_v, has_decay, extra_v_like=1, extra_row=int(normalize)),
+        out_specs=[part, part, pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))],
+        out_shape=[jax.ShapeDtypeStruct((num_blocks, batch, length, heads, m), jnp.float32)] * 2
+        + [jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.float32)],
+        compiler_params=_compiler_params(m, block_v), interpret=interpret, name="linear_attention_bwd",
+    )(*inputs)
+    dq, dk = dq.sum(0), dk.sum(0)
+    d_log_decay = None
+    if has_decay:  # dG_t = q_t . dq_t - k_t . dk_t for the cumulative G; d a_s = sum_{t >= s} dG_t
+        dg = jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=-1)
+        d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, axis=1), axis=1), axis=1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dvals.astype(v.dtype), d_log_decay
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
+    for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{NAME}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
+        check_dtype(NAME, label, x)
+    batch, q_len, heads, m = phi_q.shape
+    kv_len = phi_k.shape[1]
+    if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
+        raise ValueError(f"{NAME}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < MIN_DIM or (
+            chunk_size & (chunk_size - 1)):
+        raise ValueError(f"{NAME}: chunk_size must be a power of two >= {MIN_DIM} (Triton tiles), got {chunk_size!r}.")
+    if block_v is not None and (not isinstance(block_v, int) or block_v < MIN_DIM or block_v & (block_v - 1)):
+        raise ValueError(f"{NAME}: block_v must be a power of two >= {MIN_DIM}, got {block_v!r}.")
+    for label, size in (("feature dim", m), ("value dim", v.shape[-1])):
+        if next_power_of_2(size) > MAX_DIM and not (label == "value dim" and block_v):
+            raise ValueError(f"{NAME}: {label} {size} pads to {next_power_of_2(size)} > {MAX_DIM}, more state "
+                             "than one program keeps in registers; use fewer features (or block_v for values).")
+    if mask is not None and mask.shape != (batch, kv_len):
+        raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    if decay is not None:
+        if not causal:
+            raise ValueError(f"{NAME}: decay needs causal=True (a decay orders the keys).")
+        if decay.shape not in ((heads,), (batch, kv_len, heads)):
+            raise ValueError(f"{NAME}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
+                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
+
+
+def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,
+                             mask=None, interpret=None, block_v=None, log_decay=None):
+    """Linear attention of feature-mapped ``phi_q [b, q_len, h, m]``, ``phi_k [b, kv_len, h, m]``, ``v [b, kv_len,
+    h, dv]``; returns ``[b, q_len, h, dv]`` in the inputs' promoted dtype (float32 accumulation inside).
+
+    ``mask [b, kv_len]`` False drops a key (its features and value are zeroed); a query with no visible real key
+    gets 0. ``decay`` (causal only): factors in (0, 1], ``[h]`` or ``[b, kv_len, h]``, applied at every
+    position (padded keys too); it gets a gradient. ``log_decay`` (same shapes, values <= 0) gives log(decay)
+    directly instead, for gates computed in log space. ``chunk_size``: power of two >= 16 (shorter inputs use one
+    chunk of the next power of two). ``block_v``: value columns per program (default all, up to 256).
+    ``interpret`` None: interpret mode on CPU (``kernels.backend.interpret_default``).
+    """
+    if decay is not None and log_decay is not None:
+        raise ValueError(f"{NAME}: give decay or log_decay, not both.")
+    _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask, block_v)
+    batch, q_len, heads, m = phi_q.shape
+    kv_len, dv = phi_k.shape[1], v.shape[-1]
+    dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
+    phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
+    if mask is not None:
+        keep = jnp.asarray(mask, bool)[:, :, None, None]
+        phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
+    if decay is not None:
+        floor = jnp.finfo(jnp.float32).tiny  # decay 0 would give log 0 = -inf and inf - inf in the weights
+        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), floor))
+    if log_decay is not None:
+        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+    # Causal end alignment (as kernel_attention): dummy queries in front when kv_len > q_len, empty keys when
+    # q_len > kv_len, so that query i pairs with key i.
+    q_front = max(kv_len - q_len, 0) if causal else 0
+    k_front = max(q_len - kv_len, 0) if causal else 0
+    length = max(q_len + q_front, kv_len + k_front)
+    chunk = min(chunk_size, max(MIN_DIM, next_power_of_2(length)))
+    padded = -(-length // chunk) * chunk
+    m_pad, dv_pad = max(MIN_DIM, next_power_of_2(m)), max(MIN_DIM, next_power_of_2(dv))
+    block = min(block_v or dv_pad, dv_pad)
+    phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
+    phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
+    v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - dv)
+    if log_decay is not None:
+        log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
+    num, den = _core(phi_q, phi_k, v, log_decay, bool(causal), bool(normalize), chunk, block,
+                     interpret_default(interpret))
+    out = num / (den[..., None] + eps) if normalize else num
+    return out[:, q_front:q_front + q_len, :, :dv].astype(dtype)
+
+
+def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=1e-6, mask=None):
+    """Materialized float32 reference of ``chunked_linear_attention`` (O(q_len * kv_len) memory), for tests."""
+    batch, q_len, heads, _ = phi_q.shape
+    kv_len = phi_k.shape[1]
+    phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
+    scores = jnp.einsum("bqhm,bkhm->bhqk", phi_q, phi_k, precision=lax.Precision.HIGHEST)
+    allowed = jnp.ones((batch, 1, q_len, kv_len), bool)
+    if mask is not None:
+        allowed &= jnp.asarray(mask, bool)[:, None, None, :]
+    rows = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    if causal:
+        allowed &= rows >= jnp.arange(kv_len)[None, :]
+    if decay is not None:
+        log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), (batch, kv_len, heads))
+        cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)  # [b, h, kv_len]
+        cum_q = jnp.take(cum, jnp.clip(rows[:, 0], 0, kv_len - 1), axis=2)
+        diff = jnp.where(allowed, cum_q[..., :, None] - cum[..., None, :], -jnp.inf)
+        scores = scores * jnp.exp(diff)
+    scores = jnp.where(allowed, scores, 0.0)
+    num = jnp.einsum("bhqk,bkhd->bqhd", scores, v, precision=lax.Precision.HIGHEST)
+    if not normalize:
+        return num
+    return num / (jnp.moveaxis(scores.sum(-1), 1, 2)[..., None] + eps)
+
+

@@ -1,0 +1,206 @@
+"""kernels.linear_attention (interpret mode on CPU) against plain-JAX references: outputs and gradients,
+causal/bidirectional, decay, padding mask, awkward lengths, bfloat16, errors, and impl="pallas" through modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.attention import cosformer, kernel_attention, linear_elu, performer
+from kernels import linear_attention as la
+
+
+def fast(fn):
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    phi_q = jnp.exp(0.5 * jax.random.normal(keys[0], (b, lq, h, m))).astype(dtype)
+    phi_k = jnp.exp(0.5 * jax.random.normal(keys[1], (b, lk, h, m))).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, h, dv)).astype(dtype)
+    return phi_q, phi_k, v, keys[3]
+
+
+def lengths_mask(lengths, n):
+    return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
+
+
+def value_and_grads(fn, args, cot):
+    """fn(*args) and the gradient of sum(fn * cot) with respect to every arg."""
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+    return fast(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))(*args)
+
+
+def assert_close(got, want, rtol, atol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))
+
+
+CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, mask lengths
+    (False, 37, 37, 16, None, True, [30, 37]),
+    (True, 37, 37, 16, None, True, [30, 37]),
+    (True, 37, 37, 16, "step", True, None),
+    (True, 37, 37, 16, "head", False, [25, 37]),
+    (False, 13, 29, 16, None, False, None),
+    (True, 13, 29, 16, "step", True, None),  # q_len < kv_len: end aligned
+    (True, 29, 13, 32, None, True, None),  # q_len > kv_len, a single chunk
+    (True, 16, 16, 16, None, True, None),  # exactly one block
+]
+
+
+@pytest.mark.parametrize("causal,lq,lk,chunk,decay,normalize,lengths", CASES)
+def test_outputs_and_gradients_equal_reference(causal, lq, lk, chunk, decay, normalize, lengths):
+    phi_q, phi_k, v, key = inputs(0, lq=lq, lk=lk)
+    mask = None if lengths is None else lengths_mask(lengths, lk)
+    args = [phi_q, phi_k, v]
+    if decay == "head":
+        args.append(jnp.array([0.9, 0.6]))
+    elif decay == "step":
+        args.append(jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, lk, 2))))
+    opts = dict(causal=causal, normalize=normalize, mask=mask)
+
+    def kernel(*a):
+        return la.chunked_linear_attention(*a[:3], decay=a[3] if decay else None, chunk_size=chunk, **opts)
+
+    def ref(*a):
+        return la.reference(*a[:3], decay=a[3] if decay else None, **opts)
+
+    cot = jax.random.normal(jax.random.key(7), (2, lq, 2, 8))
+    out, grads = value_and_grads(kernel, args, cot)
+    want, want_grads = value_and_grads(ref, args, cot)
+    assert out.shape == (2, lq, 2, 8) and out.dtype == jnp.float32
+    assert_close(out, want, 1e-5, 1e-5)
+    assert_close(grads, want_grads, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_normalized_equals_kernel_attention_and_ignores_padded_keys(causal):
+    phi_q, phi_k, v, _ = inputs(1, lq=45, lk=45, m=6, dv=5)
+    mask = lengths_mask([33, 45], 45)
+    out = fast(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(phi_q, phi_k, v)
+    want = kernel_attention.normalized_attention(phi_q, phi_k, v, causal=causal, mask=mask, chunk_size=16)
+    assert_close(out, want, 1e-5, 1e-6)
+    noisy = jnp.where(mask[:, :, None, None], v, 1e3)  # padded values must not leak
+    out2 = fast(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(
+        phi_q, phi_k, noisy)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+
+
+def test_value_blocks_split_the_state_exactly():
+    phi_q, phi_k, v, key = inputs(2, lq=40, lk=40, m=16, dv=32)
+    decay = jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, 40, 2)))
+    cot = jax.random.normal(jax.random.key(3), v.shape)
+
+    def kernel(block):
+        return lambda q, k, v, d: la.chunked_linear_attention(q, k, v, decay=d, causal=True, chunk_size=16,
+                                                              block_v=block)
+
+    whole = value_and_grads(kernel(None), [phi_q, phi_k, v, decay], cot)
+    split = value_and_grads(kernel(16), [phi_q, phi_k, v, decay], cot)
+    assert_close(split, whole, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_matches_float32_reference(causal):
+    phi_q, phi_k, v, _ = inputs(4, lq=40, lk=40, dtype=jnp.bfloat16)
+    cot = jax.random.normal(jax.random.key(5), (2, 40, 2, 8))
+    kernel = lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16)
+    ref = lambda *a: la.reference(*(x.astype(jnp.float32) for x in a), causal=causal)
+    out, grads = value_and_grads(kernel, [phi_q, phi_k, v], cot)
+    want, want_grads = value_and_grads(ref, [phi_q, phi_k, v], cot)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    assert_close(out, want, 2e-2, 2e-2)
+    assert_close(grads, want_grads, 3e-2, 3e-2)
+
+
+def test_clear_errors():
+    phi_q, phi_k, v, _ = inputs(5, lq=8, lk=8)
+    call = la.chunked_linear_attention
+    with pytest.raises(ValueError, match="chunked_linear_attention: chunk_size must be a power of two"):
+        call(phi_q, phi_k, v, chunk_size=24)
+    with pytest.raises(ValueError, match="decay needs causal=True"):
+        call(phi_q, phi_k, v, decay=jnp.ones(2))
+    with pytest.raises(ValueError, match="decay must have shape"):
+        call(phi_q, phi_k, v, causal=True, decay=jnp.ones(3))
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
+        call(phi_q.astype(jnp.int32), phi_k, v)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        call(phi_q, phi_k, v, mask=jnp.ones((2, 7), bool))
+    with pytest.raises(ValueError, match="feature dim 300 pads to 512"):
+        call(jnp.ones((1, 8, 1, 300)), jnp.ones((1, 8, 1, 300)), jnp.ones((1, 8, 1, 4)))
+    with pytest.raises(ValueError, match="do not agree"):
+        call(phi_q, phi_k[..., :4], v)
+
+
+# --- impl="pallas" through the attention modules --------------------------------------------------
+
+def module_inputs(seed, length=40):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return [jax.random.normal(kk, (2, length, 2, 8)) for kk in keys]
+
+
+@pytest.mark.parametrize("name,causal", [("linear_elu", True), ("linear_elu", False), ("cosformer", True)])
+def test_module_pallas_equals_xla(name, causal):
+    module = {"linear_elu": linear_elu, "cosformer": cosformer}[name].Attention
+    q, k, v = module_inputs(6)
+    mask = lengths_mask([31, 40], 40)
+    cot = jax.random.normal(jax.random.key(8), q.shape)
+    results = []
+    for impl in ("xla", "pallas"):
+        m = module(chunk_size=16, impl=impl)
+        fn = lambda q, k, v, m=m: m.apply({}, q, k, v, mask=mask, causal=causal)
+        results.append(value_and_grads(fn, [q, k, v], cot))
+    assert_close(results[1], results[0], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_pallas_equals_xla(causal):
+    q, k, v = module_inputs(11)
+    mask = lengths_mask([31, 40], 40)
+    variables = performer.Attention(num_features=16, chunk_size=16).init(jax.random.key(0), q, k, v)
+    outs = [performer.Attention(num_features=16, chunk_size=16, impl=impl).apply(variables, q, k, v, mask=mask,
+                                                                                causal=causal)
+            for impl in ("xla", "pallas")]
+    np.testing.assert_allclose(outs[1][0, :31], outs[0][0, :31], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_log_scale_folds_into_the_kernel(causal):
+    # Performer-style key scales up to 300 (exp overflows float32), masked keys, chunk 4 rounded up to 16.
+    phi_q, phi_k, v, key = inputs(9, lq=37, lk=37)
+    scale = 300.0 * jax.random.uniform(key, (2, 37, 2))
+    mask = lengths_mask([29, 37], 37)
+    cot = jax.random.normal(jax.random.key(10), v.shape)
+    results = []
+    for impl in ("xla", "pallas"):
+        fn = lambda *a, impl=impl: kernel_attention.normalized_attention(
+            *a, mask=mask, causal=causal, key_log_scale=scale, chunk_size=4, impl=impl)
+        results.append(value_and_grads(fn, [phi_q, phi_k, v], cot))
+    assert_close(results[1], results[0], 1e-4, 1e-5)
+
+
+def test_impl_switch_errors():
+    q, k, v = module_inputs(11, length=8)
+    with pytest.raises(ValueError, match="linear_elu: impl must be one of"):
+        linear_elu.attend(q, k, v, impl="triton")
+    with pytest.raises(NotImplementedError, match="segment_ids are not supported with impl='pallas'"):
+        kernel_attention.normalized_attention(q, k, v, segment_ids=jnp.zeros((2, 8), jnp.int32), impl="pallas",
+                                              method="scattered_linear")
+
+
+@pytest.mark.parametrize("causal,decay", [(False, False), (True, False), (True, True)])
+def test_kernels_lower_to_triton(causal, decay):
+    # Lowering only (no GPU needed): Pallas -> Triton IR for forward and backward at a bench-like tile shape.
+    from jax import export
+    shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((2, 256, 2), jnp.float32) if decay else None
+    fn = lambda q, k, v, g: la.chunked_linear_attention(q, k, v, causal=causal, decay=g, interpret=False)
+    grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    exported = export.export(jax.jit(grad), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        shape, shape, shape, gate)
+    assert exported.mlir_module().count("xla.gpu.triton") == 2  # forward and backward kernels

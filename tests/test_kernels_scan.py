@@ -1,0 +1,129 @@
+"""kernels.selective_scan (interpret mode on CPU) against effjax.attention.mamba.selective_scan: outputs and
+gradients with keep/reset, awkward lengths and dims, bfloat16, errors, and impl="pallas" through the mamba module."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.attention import mamba
+from kernels import selective_scan as ss
+
+
+def fast(fn):
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (b, length, h, p))
+    delta = jax.nn.softplus(jax.random.normal(keys[1], (b, length, h, p)) - 1.0)
+    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(keys[2], (h, p, n))
+    bb = jax.random.normal(keys[3], (b, length, h, n))
+    cc = jax.random.normal(keys[4], (b, length, h, n))
+    d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
+    return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]
+
+
+def value_and_grads(fn, args, cot):
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+    return fast(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))(*args)
+
+
+def assert_close(got, want, rtol, atol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))
+
+
+FLAGS = np.zeros((2, 37), bool)
+
+
+def keep_mask():
+    return jnp.asarray(np.arange(37)[None, :] < np.array([[29], [37]]))
+
+
+def resets():
+    r = FLAGS.copy()
+    r[0, [5, 20]] = True
+    r[1, 16] = True  # on a chunk boundary
+    return jnp.asarray(r)
+
+
+@pytest.mark.parametrize("length,chunk,block_p,flags", [
+    (37, 16, None, False),  # awkward length: padded last chunk
+    (37, 16, 4, True),  # channels split over programs, keep and reset
+    (37, None, None, True),  # chunk None: the default 64 covers all
+    (16, 16, None, False),  # a single chunk
+])
+def test_outputs_and_gradients_equal_reference(length, chunk, block_p, flags):
+    args = scan_inputs(0, length=length, p=6 if block_p is None else 8)
+    opts = dict(keep=keep_mask(), reset=resets()) if flags else {}
+    cot = jax.random.normal(jax.random.key(1), args[0].shape)
+    kernel = lambda *a: ss.selective_scan(*a, chunk_size=chunk, block_p=block_p, **opts)
+    ref = lambda *a: mamba.selective_scan(*a, chunk_size=chunk, **opts)
+    out, grads = value_and_grads(kernel, args, cot)
+    want, want_grads = value_and_grads(ref, args, cot)
+    assert out.shape == args[0].shape and out.dtype == jnp.float32
+    assert_close(out, want, 1e-5, 1e-5)
+    assert_close(grads, want_grads, 1e-4, 1e-5)
+
+
+def test_bfloat16_inputs():
+    args = scan_inputs(2, length=40, dtype=jnp.bfloat16)
+    cot = jax.random.normal(jax.random.key(3), args[0].shape)
+    out, grads = value_and_grads(lambda *a: ss.selective_scan(*a, chunk_size=16), args, cot)
+    want, want_grads = value_and_grads(lambda *a: mamba.selective_scan(*a, chunk_size=16), args, cot)
+    assert_close(out, want, 1e-2, 1e-2)
+    assert_close(grads, want_grads, 2e-2, 2e-2)
+
+
+def test_clear_errors():
+    x, delta, a_log, b, c, d_skip = scan_inputs(4, length=8)
+    with pytest.raises(ValueError, match="selective_scan: a_log must have shape"):
+        ss.selective_scan(x, delta, a_log[:, :, :3], b, c, d_skip)
+    with pytest.raises(ValueError, match="x and delta must both have shape"):
+        ss.selective_scan(x, delta[:, :4], a_log, b, c, d_skip)
+    with pytest.raises(ValueError, match="keep must have shape"):
+        ss.selective_scan(x, delta, a_log, b, c, d_skip, keep=jnp.ones((2, 7), bool))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        ss.selective_scan(x, delta, a_log, b, c, d_skip, chunk_size=0)
+    with pytest.raises(ValueError, match="block_p must be a power of two"):
+        ss.selective_scan(x, delta, a_log, b, c, d_skip, block_p=6)
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
+        ss.selective_scan(x.astype(jnp.int32), delta, a_log, b, c, d_skip)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mamba_module_pallas_equals_xla(causal):
+    keys = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(kk, (2, 40, 2, 8)) for kk in keys)
+    mask = jnp.asarray(np.arange(40)[None, :] < np.array([[33], [40]]))
+    segments = jnp.asarray(np.repeat(np.array([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]]), 8, axis=1))
+    cot = jax.random.normal(jax.random.key(6), q.shape)
+    variables = mamba.Attention(chunk_size=16).init(jax.random.key(0), q, k, v, causal=causal)
+    results = []
+    for impl in ("xla", "pallas"):
+        module = mamba.Attention(chunk_size=16, impl=impl)
+        fn = lambda vs, q, k, v, module=module: module.apply(vs, q, k, v, mask=mask, segment_ids=segments,
+                                                             causal=causal)
+        results.append(value_and_grads(fn, [variables, q, k, v], cot))
+    assert_close(results[1], results[0], 1e-4, 1e-5)
+    with pytest.raises(ValueError, match="mamba: impl must be one of"):
+        mamba.Attention(impl="cuda").apply(variables, q, k, v, causal=causal)
+
+
+def test_kernels_lower_to_triton():
+    # Lowering only (no GPU needed): Pallas -> Triton IR for the forward and backward kernels.
+    from jax import export
+    f32 = jnp.float32
+    x = jax.ShapeDtypeStruct((2, 256, 2, 64), f32)
+    b = jax.ShapeDtypeStruct((2, 256, 2, 16), f32)
+    a_log, d_skip = jax.ShapeDtypeStruct((2, 64, 16), f32), jax.ShapeDtypeStruct((2, 64), f32)
+    fn = lambda *a: ss.selective_scan(*a, interpret=False)
+    grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(6)))
+    exported = export.export(jax.jit(grad), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        x, x, a_log, b, b, d_skip)
+    assert exported.mlir_module().count("xla.gpu.triton") == 2
