@@ -7,20 +7,10 @@ from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention import softmax
+from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "efficientvit_cga"
-
-
-def masked_softmax(logits, allowed, *, dropout_rate=0.0, dropout_rng=None):
-    """Float32 softmax over the last axis with disallowed entries at float32's min, then optional dropout.
-
-    A row with no allowed entry comes out uniform (callers give such rows only to padded queries).
-    """
-    logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = dropout(weights, dropout_rate, dropout_rng)
-    return weights
 
 
 def window_shape(hw, window: int) -> tuple[int, int]:
@@ -113,7 +103,7 @@ def attend(q, k, v, q_kernels, attention_bias, cascade=None, q_bias=None, *, mas
         qi = _conv_in_windows(qi, q_kernels[i], None if q_bias is None else q_bias[i], win)
         logits = jnp.einsum("bnqd,bnkd->bnqk", qi, ki) / jnp.sqrt(jnp.float32(head_dim))
         logits = logits + attention_bias[i].astype(jnp.float32)[index[..., 0], index[..., 1]]
-        weights = masked_softmax(logits, allowed, dropout_rate=dropout_rate, dropout_rng=rngs[i])
+        weights = softmax.masked_weights(logits, allowed, dropout_rate=dropout_rate, dropout_rng=rngs[i])
         outputs.append(jnp.einsum("bnqk,bnkd->bnqd", weights, vi))
     out = jnp.stack(outputs, axis=-2)  # [b, n, c, h, d]
     return unpartition(out, hw, win).astype(dtype)

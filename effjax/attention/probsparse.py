@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_segments
+from effjax.attention import softmax
+from effjax.attention.common import check_qkv, dropout_kwargs, refuse_segments
 
 NAME = "probsparse"
 
@@ -82,8 +83,7 @@ def lazy_context(v, mask, causal, cumulative_sum=False):
 def _softmax_rows(q, k, v, allowed, dropout_rate, dropout_rng):
     """softmax(q k^T / sqrt d) v for q [b, h, n, d] over k, v [b, h, L, d]; ``allowed`` broadcasts to scores."""
     scores = jnp.einsum("bhnd,bhkd->bhnk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    weights = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    weights = dropout(weights, dropout_rate, dropout_rng)
+    weights = softmax.masked_weights(scores, allowed, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     return jnp.einsum("bhnk,bhkd->bhnd", weights, v)
 
 

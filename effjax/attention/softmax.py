@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import allowed_pairs, check_qkv, dropout_kwargs
+from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
 from kernels.backend import check_impl
 
 
@@ -14,6 +14,17 @@ def refuse_pallas_dropout(method: str, dropout_rate: float, dropout_rng) -> None
         raise NotImplementedError(
             f"{method}: attention dropout (dropout_rate={dropout_rate}) is not supported with impl='pallas'; "
             "use impl='xla', dropout_rate=0, or deterministic=True.")
+
+
+def masked_weights(logits, allowed=None, *, dropout_rate=0.0, dropout_rng=None):
+    """Float32 softmax over the last axis with disallowed entries at float32's min, then attention dropout.
+
+    A row with no allowed entry comes out uniform rather than NaN.
+    """
+    logits = logits.astype(jnp.float32)
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    return dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
@@ -44,12 +55,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     allowed = allowed_pairs(q_len, k.shape[1], batch, mask=mask, segment_ids=segment_ids, causal=causal)
     if pair_mask is not None:
         allowed = pair_mask if allowed is None else allowed & pair_mask
-    if allowed is not None:
-        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = masked_weights(logits, allowed, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 

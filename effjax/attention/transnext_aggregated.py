@@ -9,8 +9,8 @@ from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
+from effjax.attention import softmax
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
-from effjax.attention.efficientvit_cga import masked_softmax
 
 NAME = "transnext_aggregated"
 TEMPERATURE_INIT = 1 / 0.24  # softplus(temperature) at init, as the reference
@@ -136,7 +136,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=3, sr_r
         logits_pool = logits_pool + pooled_bias(cpb, hw, pooled)[None]
     allowed = jnp.concatenate([real_local[:, None], jnp.broadcast_to(real_pool[:, None, None, :],
                                                                      (batch, 1, length, pool_len))], axis=-1)
-    weights = masked_softmax(jnp.concatenate([logits_local, logits_pool], axis=-1), allowed,
+    weights = softmax.masked_weights(jnp.concatenate([logits_local, logits_pool], axis=-1), allowed,
                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     a_local, a_pool = weights[..., :local_len], weights[..., local_len:]
     if learnable_tokens is not None:
