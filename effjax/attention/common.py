@@ -83,3 +83,8 @@ def dropout(x, dropout_rate: float, dropout_rng):
         return x
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
     return jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros((), x.dtype))
+
+
+def l2_normalize(x, axis=-1, eps: float = 1e-12):
+    """``x / max(|x|, eps)`` along ``axis`` (torch's F.normalize), with a finite (zero) gradient at x = 0."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))

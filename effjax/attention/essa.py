@@ -2,10 +2,9 @@
 
 import jax.numpy as jnp
 from flax import linen as nn
-from jax import lax
 
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "essa"
 SQUARE_EPS = 1e-7  # the official code's eps in q^2 / (sum_c q^2 + eps)
@@ -18,12 +17,6 @@ def _squared_share(x):
     x = x - jnp.mean(x, axis=-1, keepdims=True)
     x2 = x * x
     return x2 / (jnp.sum(x2, axis=-1, keepdims=True) + SQUARE_EPS)
-
-
-def _l2_normalize(x, axis):
-    """x / max(|x|, eps) like F.normalize, written so that an all-zero x has a zero (not NaN) gradient."""
-    squared = jnp.sum(x * x, axis=axis, keepdims=True)
-    return x * lax.rsqrt(jnp.maximum(squared, NORMALIZE_EPS**2))
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False):
@@ -40,14 +33,14 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False):
     refuse_segments(NAME, segment_ids, "k2 is L2-normalized over all tokens of the row, across segments.")
     batch, length = k.shape[:2]
     mask = ka.check_mask(NAME, mask, batch, length)
-    q2 = _l2_normalize(_squared_share(q), axis=-1)
+    q2 = l2_normalize(_squared_share(q), axis=-1, eps=NORMALIZE_EPS)
     k2 = _squared_share(k)
     if mask is None:
         count = jnp.full((batch,), float(length), jnp.float32)
     else:
         k2 = jnp.where(mask[:, :, None, None], k2, 0.0)
         count = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.float32), 1.0)
-    k2 = _l2_normalize(k2, axis=1)
+    k2 = l2_normalize(k2, axis=1, eps=NORMALIZE_EPS)
     t2 = ka.linear_attention(q2, k2, v, mask=mask, method=NAME) / jnp.sqrt(count)[:, None, None, None]
     return (v.astype(jnp.float32) + t2).astype(q.dtype)
 

@@ -1,20 +1,14 @@
 """Histoformer dynamic-range histogram self-attention core (Sun et al., ECCV 2024, Sec. 3.1 DHSA: BHR x FHR)."""
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import permute
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "histogram"
 BRANCHES = ("both", "bin", "frequency")
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps, as in the reference
-
-
-def _l2_normalize(x, axis):
-    """x / max(|x|, eps) along ``axis``; the gradient stays finite at x = 0 (an all-padded bin)."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), NORM_EPS ** 2))
 
 
 def to_bins(x, num_bins: int, interleaved: bool):
@@ -44,7 +38,7 @@ def binned_attention(q, k, v, real, *, num_bins: int, interleaved: bool, tempera
     that hold at least one real pixel. Returns ``[b, L', h, d]``."""
     d = q.shape[-1]
     qb, kb, vb = (to_bins(x, num_bins, interleaved) for x in (q, k, v))
-    qb, kb = _l2_normalize(qb, -1), _l2_normalize(kb, -1)
+    qb, kb = l2_normalize(qb, eps=NORM_EPS), l2_normalize(kb, eps=NORM_EPS)
     key_real = jnp.any(to_bins(real, num_bins, interleaved), axis=-1)  # [b, h, d * bins]
     logits = jnp.einsum("bhin,bhjn->bhij", qb, kb) * jnp.reshape(temperature, (-1, 1, 1))
     weights = jnp.where(key_real[:, :, None, :], jnp.exp(logits), 0.0)

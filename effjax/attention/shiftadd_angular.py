@@ -7,7 +7,7 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross
+from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross
 
 NAME = "shiftadd_angular"
 
@@ -17,7 +17,7 @@ def binarize(x):
 
     The mean is over each token's own head_dim (the reference subtracts one mean over the whole tensor).
     """
-    unit = x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+    unit = l2_normalize(x)
     hard = (unit - jnp.mean(unit, axis=-1, keepdims=True) > 0).astype(unit.dtype)
     soft = jnp.clip(unit, 0.0, 1.0)
     return soft + lax.stop_gradient(hard - soft)
@@ -56,7 +56,7 @@ def attend(q, k, v, res_kernel=None, *, mask=None, segment_ids=None, causal=Fals
     state = jnp.einsum("blhm,blhd->bhmd", k_b, values)
     out = 0.5 * values + jnp.einsum("blhm,bhmd->blhd", q_b, state) / math.pi
     if normalize:
-        out = out * lax.rsqrt(jnp.maximum(jnp.sum(out * out, axis=-1, keepdims=True), 1e-24))
+        out = l2_normalize(out)
     if res_kernel is not None:
         if res_kernel.ndim != 2 or res_kernel.shape[1] != heads:
             raise ValueError(f"{NAME}: res_kernel must have shape [k, heads = {heads}], got {res_kernel.shape}.")

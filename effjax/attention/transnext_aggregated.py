@@ -10,7 +10,14 @@ from flax import linen as nn
 from effjax.attention import grid as grid_lib
 from effjax.attention import kernel_attention as ka
 from effjax.attention import softmax
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import (
+    check_qkv,
+    dropout_kwargs,
+    l2_normalize,
+    refuse_causal,
+    refuse_cross,
+    refuse_segments,
+)
 
 NAME = "transnext_aggregated"
 TEMPERATURE_INIT = 1 / 0.24  # softplus(temperature) at init, as the reference
@@ -71,11 +78,6 @@ def neighbours(x, hw, window: int):
     cells = jnp.pad(cells, [(0, 0), (r, r), (r, r)] + [(0, 0)] * (x.ndim - 2))
     shifted = [cells[:, dy:dy + hw[0], dx:dx + hw[1]] for dy in range(window) for dx in range(window)]
     return grid_lib.from_grid(jnp.stack(shifted, axis=3))
-
-
-def l2_normalize(x, eps=1e-12):
-    """x / max(|x|, eps) over the last axis (``F.normalize``), with a finite gradient at x = 0."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=3, sr_ratio=2, grid=None,
