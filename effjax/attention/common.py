@@ -1,5 +1,7 @@
 """Shared pieces of attention methods: input checks and mask construction."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -88,3 +90,9 @@ def dropout(x, dropout_rate: float, dropout_rng):
 def l2_normalize(x, axis=-1, eps: float = 1e-12):
     """``x / max(|x|, eps)`` along ``axis`` (torch's F.normalize), with a finite (zero) gradient at x = 0."""
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default Linear/Conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases alike."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)

@@ -2,20 +2,13 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv
-from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "hyena"
-
-
-def torch_uniform(fan_in: int):
-    """PyTorch's default Linear/Conv init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases alike."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def positional_embedding(max_length: int, emb_dim: int = 3):

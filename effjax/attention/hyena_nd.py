@@ -4,8 +4,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv, grid
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
-from effjax.attention.hyena import ImplicitFilter, dropout, gated_inputs, torch_uniform
+from effjax.attention.common import (
+    check_qkv,
+    dropout,
+    dropout_kwargs,
+    refuse_causal,
+    refuse_cross,
+    refuse_segments,
+    torch_uniform,
+)
+from effjax.attention.hyena import ImplicitFilter, gated_inputs
 
 NAME = "hyena_nd"
 

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv, scan
-from effjax.attention.common import check_qkv, refuse_cross
-from effjax.attention.hyena import torch_uniform
+from effjax.attention.common import check_qkv, refuse_cross, torch_uniform
 from kernels.backend import check_impl
 
 NAME = "mamba"

@@ -1,6 +1,5 @@
 """SLAB (Guo et al., ICML 2024) simplified linear attention: SLA(Q, K, V) = Norm(ReLU(Q) ReLU(K)^T) V + DWC(V)."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,7 @@ from flax import linen as nn
 
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "slab_sla"
 KERNEL_SIZE = 5  # MODEL.LA.KERNEL_SIZE in the SLAB configs
@@ -46,12 +45,6 @@ def attend(q, k, v, dwc_kernel, dwc_bias=None, *, mask=None, segment_ids=None, c
     return (out + value_conv(v, dwc_kernel, dwc_bias, hw, mask)).astype(q.dtype)
 
 
-def torch_conv_uniform(fan_in: int):
-    """PyTorch's default Conv2d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -bound, bound)
-
-
 class Attention(nn.Module):
     """Linen wrapper of ``attend`` owning the DWC: ``dwc_kernel [kernel_size, kernel_size, head_dim]`` and
     ``dwc_bias [head_dim]``, one conv shared by all heads as in the official code, with PyTorch's default
@@ -70,7 +63,7 @@ class Attention(nn.Module):
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"{NAME}: kernel_size must be a positive odd int, got {self.kernel_size!r}.")
         head_dim = q.shape[-1]
-        init = torch_conv_uniform(self.kernel_size**2)
+        init = torch_uniform(self.kernel_size**2)
         kernel = self.param("dwc_kernel", init, (self.kernel_size, self.kernel_size, head_dim))
         bias = self.param("dwc_bias", init, (head_dim,))
         return attend(q, k, v, kernel, bias, mask=mask, segment_ids=segment_ids, causal=causal, grid=self.grid)
