@@ -8,43 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import assert_close, inputs, jit, value_and_grads
 
 from effjax import attention
 from kernels import flash_attention as fa
 from kernels.flash_attention import BlockSizes, flash_attention, reference
 
 B16 = BlockSizes(16, 16, 16, 16)
-
-
-def jit(fn):
-    """jax.jit without XLA's backend optimisations: they dominate compile time here and change no results."""
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def inputs(seed, lq, lk=None, heads=2, kv_heads=None, d=16, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    lk = lk or lq
-    kv_heads = kv_heads or heads
-    q = jax.random.normal(keys[0], (2, lq, heads, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (2, lk, kv_heads, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (2, lk, kv_heads, d), jnp.float32).astype(dtype)
-    ct = jax.random.normal(keys[3], q.shape, jnp.float32)
-    return q, k, v, ct
-
-
-def value_and_grads(fn, q, k, v, ct):
-    """Output and d(sum(out * ct))/d(q, k, v), jitted."""
-    def loss(q, k, v):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
-
-    out = jit(fn)(q, k, v)
-    return out, jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-
-def assert_close(ours, ref, rtol, atol):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-    assert np.all(np.isfinite(ours)), "kernel left unwritten (NaN) or non-finite elements"
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol)
 
 
 def padding_mask(lk):
