@@ -119,7 +119,7 @@ def test_shape_dtype_finite_values_and_jitted_gradients(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_padded_keys_do_not_change_real_outputs(name):
+def test_padded_tokens_do_not_change_real_outputs(name):
     q, k, v = qkv(1)
     _, variables, fn = build(name, q, k, v, mask=MASK)
     apply = jit(fn)
@@ -128,6 +128,9 @@ def test_padded_keys_do_not_change_real_outputs(name):
     out2 = apply(variables, q, k + 3.0 * padded, v + 3.0 * padded)
     np.testing.assert_allclose(out2[0, :REAL], out[0, :REAL], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out2[1], out[1], rtol=1e-5, atol=1e-5)
+    # Padded queries too (methods that hash, sort, pool or convolve over queries must not let them in).
+    out3 = apply(variables, q + 3.0 * padded, k + 3.0 * padded, v + 3.0 * padded)
+    np.testing.assert_allclose(out3[0, :REAL], out[0, :REAL], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
