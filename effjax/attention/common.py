@@ -96,3 +96,12 @@ def torch_uniform(fan_in: int):
     """PyTorch's default Linear/Conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases alike."""
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def check_mask(method: str, mask, batch: int, kv_len: int):
+    """The key-padding mask as bool [batch, kv_len], or None; raises ValueError naming ``method``."""
+    if mask is None:
+        return None
+    if mask.shape != (batch, kv_len):
+        raise ValueError(f"{method}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    return jnp.asarray(mask).astype(bool)

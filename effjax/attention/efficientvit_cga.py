@@ -6,9 +6,8 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
-from effjax.attention import kernel_attention as ka
 from effjax.attention import softmax
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "efficientvit_cga"
 
@@ -82,7 +81,7 @@ def attend(q, k, v, q_kernels, attention_bias, cascade=None, q_bias=None, *, mas
     if cascade is not None and cascade.shape != (heads - 1, 3, head_dim, head_dim):
         raise ValueError(f"{NAME}: cascade must have shape {(heads - 1, 3, head_dim, head_dim)}, "
                          f"got {cascade.shape}.")
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
     real = jnp.ones((batch, length), bool) if mask is None else mask
     real = partition(real, hw, win)  # [b, n, c]; False on padded tokens and on the window padding
     allowed = real[:, :, None, :]  # [b, n, 1 (query), c (key)]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_mask, check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "essa"
 SQUARE_EPS = 1e-7  # the official code's eps in q^2 / (sum_c q^2 + eps)
@@ -32,7 +32,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False):
     refuse_cross(NAME, q, k, "the identity term adds v at the query positions, so q and v must be the same tokens.")
     refuse_segments(NAME, segment_ids, "k2 is L2-normalized over all tokens of the row, across segments.")
     batch, length = k.shape[:2]
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
     q2 = l2_normalize(_squared_share(q), axis=-1, eps=NORMALIZE_EPS)
     k2 = _squared_share(k)
     if mask is None:

@@ -30,21 +30,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from effjax.attention import common
+from effjax.attention.common import check_mask
 from kernels.backend import check_impl
 
 NAME = "kernel_attention"
 EPS = 1e-6
 DEFAULT_CHUNK_SIZE = 64
-_FLOOR = -1e30  # log-scale given to padded keys: exp(_FLOOR - anything real) == 0.
-
-
-def check_mask(method: str, mask, batch: int, kv_len: int):
-    """The key-padding mask as bool [batch, kv_len], or None; raises ValueError naming ``method``."""
-    if mask is None:
-        return None
-    if mask.shape != (batch, kv_len):
-        raise ValueError(f"{method}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-    return jnp.asarray(mask).astype(bool)
+LOG_SCALE_FLOOR = -1e30  # log-scale given to padded keys: exp(LOG_SCALE_FLOOR - anything real) == 0.
 
 
 def check_chunk_size(method: str, chunk_size) -> None:
@@ -68,10 +61,8 @@ def segment_labels(method: str, segment_ids, batch: int, q_len: int, kv_len: int
 
 def refuse_segments(method: str, segment_ids) -> None:
     """For kernel methods that keep one key state per query row and do not use the segmented form."""
-    if segment_ids is not None:
-        raise NotImplementedError(
-            f"{method}: segment_ids are not supported: this method keeps one key sum phi(k)^T v for the whole "
-            "row; use scattered_linear (per-segment ReLU kernel) or a softmax method for packed sequences.")
+    common.refuse_segments(method, segment_ids, "this method keeps one key sum phi(k)^T v for the whole row; use "
+                           "scattered_linear (per-segment ReLU kernel) or a softmax method for packed sequences.")
 
 
 def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_scale=None, segment_ids=None,
@@ -103,7 +94,7 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
     else:
         scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
     if mask is not None:
-        scale = jnp.where(mask[:, :, None], scale, _FLOOR)
+        scale = jnp.where(mask[:, :, None], scale, LOG_SCALE_FLOOR)
     if impl == "pallas":
         if labels is not None:
             raise NotImplementedError(f"{method}: segment_ids are not supported with impl='pallas' (the kernel "
@@ -123,7 +114,7 @@ def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
     if scale is not None and not causal:
         phi_k = phi_k * jnp.exp(scale - jnp.max(scale, axis=1, keepdims=True))[..., None]
     elif scale is not None:
-        top = lax.cummax(scale, axis=1)  # running max M_t over the real keys so far (_FLOOR before any)
+        top = lax.cummax(scale, axis=1)  # running max M_t over the real keys so far (LOG_SCALE_FLOOR before any)
         phi_k = phi_k * jnp.exp(scale - top)[..., None]
         step = top - jnp.concatenate([top[:, :1], top[:, :-1]], axis=1)  # M_t - M_{t-1} >= 0
         log_decay = -jnp.minimum(step, 60.0)
@@ -209,7 +200,7 @@ def _causal(phi_q, phi_k, v, scale, chunk_size, eps):
     tail = num_chunks * chunk - length
     phi_q = _pad(phi_q, q_front, tail)
     phi_k, v = _pad(phi_k, k_front, tail), _pad(v, k_front, tail)
-    scale = _pad(scale, k_front, tail, _FLOOR)
+    scale = _pad(scale, k_front, tail, LOG_SCALE_FLOOR)
 
     def chunked(x):  # [b, n, h, ...] -> [chunks, b, h, chunk, ...]
         x = x.reshape(batch, num_chunks, chunk, heads, *x.shape[3:])
@@ -236,7 +227,7 @@ def _causal(phi_q, phi_k, v, scale, chunk_size, eps):
         return (kv, z, end), num / (den[..., None] + eps)
 
     init = (jnp.zeros((batch, heads, m, v.shape[-1]), jnp.float32), jnp.zeros((batch, heads, m), jnp.float32),
-            jnp.full((batch, heads), _FLOOR, jnp.float32))
+            jnp.full((batch, heads), LOG_SCALE_FLOOR, jnp.float32))
     _, out = lax.scan(step, init, xs)  # [chunks, b, h, c, d]
     out = jnp.moveaxis(jnp.moveaxis(out, 2, 3), 0, 1).reshape(batch, num_chunks * chunk, heads, -1)
     return out[:, q_front:q_front + q_len]

@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from effjax.attention import fftconv
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv
+from effjax.attention.common import check_mask, check_qkv
 from effjax.attention.performer import random_projection
 
 NAME = "kernelized_rpe"
@@ -60,7 +60,7 @@ def rpe_attention(phi_q, phi_k, v, rpe_logits, *, mask=None, causal=False, eps=k
     kv_len = phi_k.shape[1]
     real = jnp.ones((batch, kv_len), bool)
     if mask is not None:
-        real = ka.check_mask(NAME, mask, batch, kv_len)
+        real = check_mask(NAME, mask, batch, kv_len)
         phi_k = jnp.where(real[:, :, None, None], phi_k, 0.0)
         v = jnp.where(real[:, :, None, None], v, 0.0)
     seen = jnp.cumsum(real, axis=1)  # real keys at or before each position

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv, dropout, dropout_kwargs
+from effjax.attention.common import check_mask, check_qkv, dropout, dropout_kwargs
 
 NAME = "linformer"
 
@@ -48,10 +48,7 @@ def attend(q, k, v, e_proj, f_proj=None, *, mask=None, segment_ids=None, causal=
             raise ValueError(f"{NAME}: {label} must have shape [n >= kv_len = {kv_len}, k], got {proj.shape}.")
     if e_proj.shape[1] != f_proj.shape[1]:
         raise ValueError(f"{NAME}: e_proj {e_proj.shape} and f_proj {f_proj.shape} project to different k.")
-    if mask is not None:
-        if mask.shape != (batch, kv_len):
-            raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-        mask = mask.astype(bool)
+    mask = check_mask(NAME, mask, batch, kv_len)
     k_proj = _project(k, e_proj, mask)
     v_proj = _project(v, f_proj, mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k_proj) / jnp.sqrt(jnp.float32(head_dim))

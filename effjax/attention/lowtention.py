@@ -5,9 +5,8 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import grid as grid_lib
-from effjax.attention import kernel_attention as ka
 from effjax.attention import softmax
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "lowtention"
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -99,7 +98,7 @@ def attend(q, k, v, down_kernels, up_kernel, up_bias=None, *, mask=None, segment
     if up_kernel.ndim != 3 or up_kernel.shape[0] != up_kernel.shape[1] or up_kernel.shape[2] != channels:
         raise ValueError(f"{NAME}: up_kernel must have shape [K, K, {channels}], got {up_kernel.shape}.")
     hw = grid_lib.infer(NAME, length, grid)
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
 
     low = []
     for x, kernel in zip((q, k, v), down_kernels, strict=True):

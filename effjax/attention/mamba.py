@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv, scan
-from effjax.attention.common import check_qkv, refuse_cross, torch_uniform
+from effjax.attention.common import check_mask, check_qkv, refuse_cross, torch_uniform
 from kernels.backend import check_impl
 
 NAME = "mamba"
@@ -93,9 +93,7 @@ def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, caus
         raise ValueError(f"{NAME}: causal=False needs the backward direction's params.")
     dtype, keep = q.dtype, None
     if mask is not None:
-        if mask.shape != v.shape[:2]:
-            raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {v.shape[:2]}, got {mask.shape}.")
-        keep = jnp.asarray(mask).astype(bool)
+        keep = check_mask(NAME, mask, *v.shape[:2])
         q, k, v = (jnp.where(keep[:, :, None, None], t.astype(jnp.float32), 0.0) for t in (q, k, v))
     out = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     if not causal:

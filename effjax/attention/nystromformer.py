@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention.common import check_qkv, dropout, dropout_kwargs
+from effjax.attention.common import check_mask, check_qkv, dropout, dropout_kwargs
 
 NAME = "nystromformer"
 _NEG = jnp.finfo(jnp.float32).min
@@ -89,11 +89,9 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_landmarks=
     kv_len = k.shape[1]
     if num_landmarks < 1:
         raise ValueError(f"{NAME}: num_landmarks must be positive, got {num_landmarks}.")
+    mask = check_mask(NAME, mask, batch, kv_len)
     if mask is None:
         mask = jnp.ones((batch, kv_len), bool)
-    elif mask.shape != (batch, kv_len):
-        raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-    mask = jnp.asarray(mask).astype(bool)
     q_valid = mask if q_len == kv_len else jnp.ones((batch, q_len), bool)
     m = num_landmarks
     scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))

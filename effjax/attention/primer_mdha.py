@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import softmax
-from effjax.attention.common import check_qkv, dropout_kwargs
+from effjax.attention.common import check_mask, check_qkv, dropout_kwargs
 
 NAME = "primer_mdha"
 WIDTH = 3
@@ -69,9 +69,7 @@ def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
     if mask is not None:
-        if mask.shape != (batch, kv_len):
-            raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-        real = jnp.asarray(mask).astype(bool)[:, :, None, None]
+        real = check_mask(NAME, mask, batch, kv_len)[:, :, None, None]
         k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)
         if q_len == kv_len:
             q = jnp.where(real, q, 0)

@@ -8,7 +8,7 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import softmax
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_segments
+from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_segments
 
 NAME = "probsparse"
 
@@ -109,11 +109,9 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, factor=5, rng=
         raise NotImplementedError(f"{NAME}: causal cross attention (q_len {q_len} != kv_len {kv_len}) is not "
                                   "supported: the causal lazy context is a running mean over the query's own "
                                   "positions, as in the reference (self-attention only).")
+    mask = check_mask(NAME, mask, batch, kv_len)
     if mask is None:
         mask = jnp.ones((batch, kv_len), bool)
-    elif mask.shape != (batch, kv_len):
-        raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-    mask = jnp.asarray(mask).astype(bool)
     num_samples, num_top = sample_sizes(factor, q_len, kv_len)
     rng = jax.random.key(0) if rng is None else rng
     qh, kh, vh = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q, k, v))  # [b, h, L, d]

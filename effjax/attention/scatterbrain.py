@@ -8,10 +8,9 @@ from jax import lax
 
 from effjax.attention import kernel_attention as ka
 from effjax.attention import performer
-from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs, refuse_segments
+from effjax.attention.common import allowed_pairs, check_mask, check_qkv, dropout, dropout_kwargs, refuse_segments
 
 NAME = "scatterbrain"
-_FLOOR = -1e30  # log-scale of a padded key: exp(_FLOOR - anything real) == 0
 
 
 def default_num_features(head_dim: int) -> int:
@@ -45,7 +44,7 @@ def _prefix_states(log_scale, state):
 def _low_rank_sums(phi_k, values, key_scale, causal, q_len):
     """sum_j exp(key_scale_j - top_i) phi_k_j values_j^T over the keys query i may see, and top_i.
 
-    Returns ``[b, q_len, h, m, e]`` states and ``top [b, q_len, h]`` (the largest key scale seen; _FLOOR if
+    Returns ``[b, q_len, h, m, e]`` states and ``top [b, q_len, h]`` (the largest key scale seen; ka.LOG_SCALE_FLOOR if
     none). Bidirectional: one state for all queries; causal: prefix states aligned to the end.
     """
     state = jnp.einsum("bkhm,bkhe->bkhme", phi_k, values)
@@ -61,7 +60,7 @@ def _low_rank_sums(phi_k, values, key_scale, causal, q_len):
     # More queries than keys: the first -offset queries see no key.
     front = -offset
     prefix = jnp.pad(prefix, [(0, 0), (front, 0)] + [(0, 0)] * (prefix.ndim - 2))
-    top = jnp.pad(top, [(0, 0), (front, 0), (0, 0)], constant_values=_FLOOR)
+    top = jnp.pad(top, [(0, 0), (front, 0), (0, 0)], constant_values=ka.LOG_SCALE_FLOOR)
     return prefix, top
 
 
@@ -84,13 +83,10 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
     refuse_segments(NAME, segment_ids, "the low-rank sums phi(k)^T v mix keys of all segments.")
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
-    if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
-        raise ValueError(f"{NAME}: projection must have shape [num_features, head_dim={q.shape[-1]}], "
-                         f"got {projection.shape}.")
+    projection = performer.check_projection(NAME, projection, q.shape[-1]).astype(jnp.float32)
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    mask = ka.check_mask(NAME, mask, batch, kv_len)
-    projection = lax.stop_gradient(projection.astype(jnp.float32))
+    mask = check_mask(NAME, mask, batch, kv_len)
     if hyperbolic:
         projection = jnp.concatenate([projection, -projection], axis=0)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
@@ -107,7 +103,7 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
         real = mask[:, :, None]
         hat_k = jnp.where(real[..., None], hat_k, 0.0)
         v32 = jnp.where(real[..., None], v32, 0.0)
-        k_scale = jnp.where(real, k_scale, _FLOOR)
+        k_scale = jnp.where(real, k_scale, ka.LOG_SCALE_FLOOR)
 
     # Low-rank part over every visible key, in units of exp(low_unit_i).
     values = jnp.concatenate([v32, jnp.ones_like(v32[..., :1])], axis=-1)  # the ones column gives the row sums

@@ -7,7 +7,7 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross
+from effjax.attention.common import check_mask, check_qkv, l2_normalize, refuse_causal, refuse_cross
 
 NAME = "shiftadd_angular"
 
@@ -47,7 +47,7 @@ def attend(q, k, v, res_kernel=None, *, mask=None, segment_ids=None, causal=Fals
     refuse_cross(NAME, q, k, "the 0.5 v term and the token conv add the value of the query's own position.")
     ka.refuse_segments(NAME, segment_ids)
     batch, length, heads, _ = q.shape
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
     q_b, k_b = binarize(q.astype(jnp.float32)), binarize(k.astype(jnp.float32))
     values = v.astype(jnp.float32)
     if mask is not None:

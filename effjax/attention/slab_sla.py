@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments, torch_uniform
+from effjax.attention.common import check_mask, check_qkv, refuse_causal, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "slab_sla"
 KERNEL_SIZE = 5  # MODEL.LA.KERNEL_SIZE in the SLAB configs
@@ -36,7 +36,7 @@ def attend(q, k, v, dwc_kernel, dwc_bias=None, *, mask=None, segment_ids=None, c
     refuse_cross(NAME, q, k, "DWC(V) is added at the value positions, so q and v must be the same tokens.")
     refuse_segments(NAME, segment_ids, "the depthwise conv on V mixes neighbouring grid positions of any segment.")
     hw = grids.infer(NAME, q.shape[1], grid)
-    mask = ka.check_mask(NAME, mask, q.shape[0], k.shape[1])
+    mask = check_mask(NAME, mask, q.shape[0], k.shape[1])
     if dwc_kernel.ndim != 3 or dwc_kernel.shape[2] != q.shape[-1]:
         raise ValueError(f"{NAME}: dwc_kernel must have shape [kh, kw, head_dim={q.shape[-1]}], "
                          f"got {dwc_kernel.shape}.")

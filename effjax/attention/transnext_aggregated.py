@@ -8,9 +8,9 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
-from effjax.attention import kernel_attention as ka
 from effjax.attention import softmax
 from effjax.attention.common import (
+    check_mask,
     check_qkv,
     dropout_kwargs,
     l2_normalize,
@@ -107,7 +107,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=3, sr_r
     hw = grid_lib.infer(NAME, length, grid)
     pooled = pool_size(hw, sr_ratio)
     local_len, pool_len = window * window, pooled[0] * pooled[1]
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
     real = jnp.ones((batch, length), bool) if mask is None else mask
     q, k, v = (jnp.where(real[:, :, None, None], x.astype(jnp.float32), 0.0) for x in (q, k, v))
 

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
-from effjax.attention import kernel_attention as ka
-from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
+from effjax.attention.common import check_mask, check_qkv, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "uniformer_local"
 
@@ -27,7 +26,7 @@ def attend(q, k, v, kernel, bias=None, *, mask=None, segment_ids=None, causal=Fa
     refuse_segments(NAME, segment_ids, "the conv mixes neighbouring grid cells whatever their segment.")
     batch, length, heads, head_dim = v.shape
     hw = grid_lib.infer(NAME, length, grid)
-    mask = ka.check_mask(NAME, mask, batch, length)
+    mask = check_mask(NAME, mask, batch, length)
     channels = heads * head_dim
     if kernel.ndim != 3 or kernel.shape[2] != channels or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
         raise ValueError(f"{NAME}: kernel must have shape [odd kh, odd kw, heads * head_dim = {channels}], "
