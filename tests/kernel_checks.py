@@ -34,3 +34,17 @@ def assert_close(ours, ref, rtol, atol):
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
     assert np.all(np.isfinite(ours)), "kernel left unwritten (NaN) or non-finite elements"
     np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol)
+
+
+def value_and_grads_of(fn, args, cot):
+    """fn(*args) and the gradient of sum(fn * cot) with respect to every arg, jitted."""
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)  # noqa: E731
+    return jit(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))(*args)
+
+
+def assert_tree_close(got, want, rtol, atol):
+    """Every leaf finite (so written) and close, with ``atol`` scaled by the leaf's largest reference value."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))

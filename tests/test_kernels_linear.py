@@ -5,13 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import assert_tree_close, jit, value_and_grads_of
 
 from effjax.attention import cosformer, kernel_attention, linear_elu, performer
 from kernels import linear_attention as la
-
-
-def fast(fn):
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
@@ -24,19 +21,6 @@ def inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
 
 def lengths_mask(lengths, n):
     return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
-
-
-def value_and_grads(fn, args, cot):
-    """fn(*args) and the gradient of sum(fn * cot) with respect to every arg."""
-    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
-    return fast(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))(*args)
-
-
-def assert_close(got, want, rtol, atol):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert np.all(np.isfinite(g))
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))
 
 
 CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, mask lengths
@@ -69,22 +53,22 @@ def test_outputs_and_gradients_equal_reference(causal, lq, lk, chunk, decay, nor
         return la.reference(*a[:3], decay=a[3] if decay else None, **opts)
 
     cot = jax.random.normal(jax.random.key(7), (2, lq, 2, 8))
-    out, grads = value_and_grads(kernel, args, cot)
-    want, want_grads = value_and_grads(ref, args, cot)
+    out, grads = value_and_grads_of(kernel, args, cot)
+    want, want_grads = value_and_grads_of(ref, args, cot)
     assert out.shape == (2, lq, 2, 8) and out.dtype == jnp.float32
-    assert_close(out, want, 1e-5, 1e-5)
-    assert_close(grads, want_grads, 1e-4, 1e-5)
+    assert_tree_close(out, want, 1e-5, 1e-5)
+    assert_tree_close(grads, want_grads, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_normalized_equals_kernel_attention_and_ignores_padded_keys(causal):
     phi_q, phi_k, v, _ = inputs(1, lq=45, lk=45, m=6, dv=5)
     mask = lengths_mask([33, 45], 45)
-    out = fast(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(phi_q, phi_k, v)
+    out = jit(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(phi_q, phi_k, v)
     want = kernel_attention.normalized_attention(phi_q, phi_k, v, causal=causal, mask=mask, chunk_size=16)
-    assert_close(out, want, 1e-5, 1e-6)
+    assert_tree_close(out, want, 1e-5, 1e-6)
     noisy = jnp.where(mask[:, :, None, None], v, 1e3)  # padded values must not leak
-    out2 = fast(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(
+    out2 = jit(lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16, mask=mask))(
         phi_q, phi_k, noisy)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
 
@@ -98,9 +82,9 @@ def test_value_blocks_split_the_state_exactly():
         return lambda q, k, v, d: la.chunked_linear_attention(q, k, v, decay=d, causal=True, chunk_size=16,
                                                               block_v=block)
 
-    whole = value_and_grads(kernel(None), [phi_q, phi_k, v, decay], cot)
-    split = value_and_grads(kernel(16), [phi_q, phi_k, v, decay], cot)
-    assert_close(split, whole, 1e-5, 1e-6)
+    whole = value_and_grads_of(kernel(None), [phi_q, phi_k, v, decay], cot)
+    split = value_and_grads_of(kernel(16), [phi_q, phi_k, v, decay], cot)
+    assert_tree_close(split, whole, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -109,11 +93,11 @@ def test_bfloat16_matches_float32_reference(causal):
     cot = jax.random.normal(jax.random.key(5), (2, 40, 2, 8))
     kernel = lambda *a: la.chunked_linear_attention(*a, causal=causal, chunk_size=16)
     ref = lambda *a: la.reference(*(x.astype(jnp.float32) for x in a), causal=causal)
-    out, grads = value_and_grads(kernel, [phi_q, phi_k, v], cot)
-    want, want_grads = value_and_grads(ref, [phi_q, phi_k, v], cot)
+    out, grads = value_and_grads_of(kernel, [phi_q, phi_k, v], cot)
+    want, want_grads = value_and_grads_of(ref, [phi_q, phi_k, v], cot)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    assert_close(out, want, 2e-2, 2e-2)
-    assert_close(grads, want_grads, 3e-2, 3e-2)
+    assert_tree_close(out, want, 2e-2, 2e-2)
+    assert_tree_close(grads, want_grads, 3e-2, 3e-2)
 
 
 def test_clear_errors():
@@ -152,8 +136,8 @@ def test_module_pallas_equals_xla(name, causal):
     for impl in ("xla", "pallas"):
         m = module(chunk_size=16, impl=impl)
         fn = lambda q, k, v, m=m: m.apply({}, q, k, v, mask=mask, causal=causal)
-        results.append(value_and_grads(fn, [q, k, v], cot))
-    assert_close(results[1], results[0], 1e-5, 1e-5)
+        results.append(value_and_grads_of(fn, [q, k, v], cot))
+    assert_tree_close(results[1], results[0], 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -179,8 +163,8 @@ def test_key_log_scale_folds_into_the_kernel(causal):
     for impl in ("xla", "pallas"):
         fn = lambda *a, impl=impl: kernel_attention.normalized_attention(
             *a, mask=mask, causal=causal, key_log_scale=scale, chunk_size=4, impl=impl)
-        results.append(value_and_grads(fn, [phi_q, phi_k, v], cot))
-    assert_close(results[1], results[0], 1e-4, 1e-5)
+        results.append(value_and_grads_of(fn, [phi_q, phi_k, v], cot))
+    assert_tree_close(results[1], results[0], 1e-4, 1e-5)
 
 
 def test_impl_switch_errors():

@@ -5,13 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import assert_tree_close, value_and_grads_of
 
 from effjax.attention import mamba
 from kernels import selective_scan as ss
-
-
-def fast(fn):
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
@@ -23,18 +20,6 @@ def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
     cc = jax.random.normal(keys[4], (b, length, h, n))
     d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
     return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]
-
-
-def value_and_grads(fn, args, cot):
-    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
-    return fast(lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))(*args)
-
-
-def assert_close(got, want, rtol, atol):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert np.all(np.isfinite(g))
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))
 
 
 FLAGS = np.zeros((2, 37), bool)
@@ -63,20 +48,20 @@ def test_outputs_and_gradients_equal_reference(length, chunk, block_p, flags):
     cot = jax.random.normal(jax.random.key(1), args[0].shape)
     kernel = lambda *a: ss.selective_scan(*a, chunk_size=chunk, block_p=block_p, **opts)
     ref = lambda *a: mamba.selective_scan(*a, chunk_size=chunk, **opts)
-    out, grads = value_and_grads(kernel, args, cot)
-    want, want_grads = value_and_grads(ref, args, cot)
+    out, grads = value_and_grads_of(kernel, args, cot)
+    want, want_grads = value_and_grads_of(ref, args, cot)
     assert out.shape == args[0].shape and out.dtype == jnp.float32
-    assert_close(out, want, 1e-5, 1e-5)
-    assert_close(grads, want_grads, 1e-4, 1e-5)
+    assert_tree_close(out, want, 1e-5, 1e-5)
+    assert_tree_close(grads, want_grads, 1e-4, 1e-5)
 
 
 def test_bfloat16_inputs():
     args = scan_inputs(2, length=40, dtype=jnp.bfloat16)
     cot = jax.random.normal(jax.random.key(3), args[0].shape)
-    out, grads = value_and_grads(lambda *a: ss.selective_scan(*a, chunk_size=16), args, cot)
-    want, want_grads = value_and_grads(lambda *a: mamba.selective_scan(*a, chunk_size=16), args, cot)
-    assert_close(out, want, 1e-2, 1e-2)
-    assert_close(grads, want_grads, 2e-2, 2e-2)
+    out, grads = value_and_grads_of(lambda *a: ss.selective_scan(*a, chunk_size=16), args, cot)
+    want, want_grads = value_and_grads_of(lambda *a: mamba.selective_scan(*a, chunk_size=16), args, cot)
+    assert_tree_close(out, want, 1e-2, 1e-2)
+    assert_tree_close(grads, want_grads, 2e-2, 2e-2)
 
 
 def test_clear_errors():
@@ -108,8 +93,8 @@ def test_mamba_module_pallas_equals_xla(causal):
         module = mamba.Attention(chunk_size=16, impl=impl)
         fn = lambda vs, q, k, v, module=module: module.apply(vs, q, k, v, mask=mask, segment_ids=segments,
                                                              causal=causal)
-        results.append(value_and_grads(fn, [variables, q, k, v], cot))
-    assert_close(results[1], results[0], 1e-4, 1e-5)
+        results.append(value_and_grads_of(fn, [variables, q, k, v], cot))
+    assert_tree_close(results[1], results[0], 1e-4, 1e-5)
     with pytest.raises(ValueError, match="mamba: impl must be one of"):
         mamba.Attention(impl="cuda").apply(variables, q, k, v, causal=causal)
 
