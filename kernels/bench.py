@@ -7,6 +7,7 @@
 For each head_dim and length it times, on one device in one run, the forward and forward+backward
 (gradients of sum(out * ct) with respect to q, k, v) of:
   ``flash``           kernels.flash_attention (ours)
+  ``flash_dropout``   the same with attention dropout 0.1 (the cost of the in-kernel keep-bit hash)
   ``xla``             effjax.attention.softmax.attend (plain JAX; XLA fuses what it can)
   ``cudnn``           jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
   ``pallas_mha``      jax.experimental.pallas.ops.gpu.attention.mha (JAX's shipped Triton kernel)
@@ -52,9 +53,11 @@ _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 60.0, "Skip steps whose pla
 _OUT = flags.DEFINE_string("out", None, "Path and basename of the outputs (default "
                            "benchmarks/results/kernels_<device>).")
 
-IMPLS = ("flash", "xla", "cudnn", "pallas_mha", "linear_chunked", "linear_xla", "block_sparse_10", "block_sparse_25")
+IMPLS = ("flash", "flash_dropout", "xla", "cudnn", "pallas_mha", "linear_chunked", "linear_xla", "block_sparse_10",
+         "block_sparse_25")
 REFERENCES = {  # speedup columns: which implementations each one is compared with
     "flash": ("xla", "cudnn", "pallas_mha"),
+    "flash_dropout": ("flash",),
     "linear_chunked": ("linear_xla", "flash"),
     "block_sparse_10": ("flash",),
     "block_sparse_25": ("flash",),
@@ -96,12 +99,16 @@ def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, caus
     import jax.numpy as jnp
 
     from effjax.attention import softmax
-    from kernels import block_sparse, flash_attention
+    from kernels import block_sparse, dropout, flash_attention
 
     interpret = jax.default_backend() != "gpu"
     scale = 1.0 / math.sqrt(head_dim)
     if impl == "flash":
         return (lambda q, k, v: flash_attention.flash_attention(q, k, v, causal=causal, interpret=interpret)), 1.0
+    if impl == "flash_dropout":
+        seed = dropout.seed_from_key(jax.random.key(0))
+        return (lambda q, k, v: flash_attention.flash_attention(q, k, v, causal=causal, interpret=interpret,
+                                                                dropout_rate=0.1, dropout_seed=seed)), 1.0
     if impl == "xla":
         return (lambda q, k, v: softmax.attend(q, k, v, causal=causal)), 1.0
     if impl == "cudnn":

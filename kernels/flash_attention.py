@@ -10,7 +10,11 @@ visits. The forward and dQ kernels loop over a query block's row of the layout, 
 a key block's column. A row (column) is given either as a range (first block, count): causal and
 sliding-window layouts, whose blocks outside the band are never loaded, or as a table of block
 indices (arbitrary block-sparse layouts). Token-level masks (key padding, segments, causal, window)
-are applied inside the visited blocks.
+are applied inside the visited blocks, and so is attention dropout (``kernels/dropout.py``: a keep bit
+hashed from a seed and the element's coordinates, recomputed by the backward kernels).
+With ``global_tokens`` (Longformer, through
+``block_sparse.window_global_attention``) the window condition becomes
+``|i - j| <= window or global[i] or global[j]``, the flags passed per batch row like the key mask.
 
 Masked logits get float32's most negative value, as in the reference, so a query with no allowed key
 returns the uniform average of the values of the key blocks it visits (the reference: of all keys;
@@ -29,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import dropout
 from kernels.backend import interpret_default
 
 NAME = "flash_attention"
@@ -72,6 +77,9 @@ class Config:
     groups: int  # query heads per key/value head (GQA/MQA)
     has_mask: bool
     has_segments: bool
+    has_global: bool  # window widened by global tokens: band | global query | global key
+    dropout_keep_from: int  # attention dropout: keep where the hash >= this (0: no dropout)
+    dropout_scale: float  # 1 / (1 - rate)
     layout_heads: int  # 1, or the number of query heads when the layout differs per head
     fwd_mode: str  # "range" | "table" for each of the three visit lists
     dq_mode: str
@@ -178,9 +186,18 @@ def _visit(refs, prefix, mode, head, row):
     return count, lambda t: first[head, row, t]
 
 
-def _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q=None):
-    """Scaled logits (base 2) of a [bq, bk] tile with every token-level mask applied."""
+def _q_tokens(refs, q_start, bq):
+    """The query-side token arrays (segment ids, global flags) of the query block at ``q_start``."""
+    return {name: refs[name][pl.ds(q_start, bq)] for name in ("seg_q", "glob_q") if name in refs}
+
+
+def _logits(cfg, q, k, q_start, k_start, bq, bk, refs, q_tok=None):
+    """Scaled logits (base 2) of a [bq, bk] tile with every token-level mask applied.
+
+    ``q_tok``: ``_q_tokens`` of the query block when the caller loaded them once for many tiles.
+    """
     s = plgpu.dot(q, k, trans_b=True) * (cfg.sm_scale * LOG2E)
+    q_tok = _q_tokens(refs, q_start, bq) if q_tok is None else q_tok
     q_pos = q_start + jnp.arange(bq)[:, None] + (cfg.kv_len - cfg.q_len)
     k_pos = k_start + jnp.arange(bk)[None, :]
     allowed = None
@@ -191,18 +208,43 @@ def _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q=None):
     if cfg.causal:
         allowed = conj(allowed, q_pos >= k_pos)
     if cfg.window is not None:
-        allowed = conj(allowed, jnp.abs(q_pos - k_pos) <= cfg.window)
+        near = jnp.abs(q_pos - k_pos) <= cfg.window
+        if cfg.has_global:  # Longformer: global queries see every key, every query sees global keys
+            near = near | (q_tok["glob_q"][:, None] != 0) | (refs["glob_k"][pl.ds(k_start, bk)][None, :] != 0)
+        allowed = conj(allowed, near)
     if cfg.has_mask:
         allowed = conj(allowed, refs["kmask"][pl.ds(k_start, bk)][None, :] != 0)
     if cfg.has_segments:
-        if seg_q is None:
-            seg_q = refs["seg_q"][pl.ds(q_start, bq)]
-        allowed = conj(allowed, seg_q[:, None] == refs["seg_k"][pl.ds(k_start, bk)][None, :])
+        allowed = conj(allowed, q_tok["seg_q"][:, None] == refs["seg_k"][pl.ds(k_start, bk)][None, :])
     if allowed is not None:
         s = jnp.where(allowed, s, MASKED)
     if cfg.kv_len % bk:  # keys added to fill the last block are excluded exactly
         s = jnp.where(k_pos < cfg.kv_len, s, -jnp.inf)
     return s, allowed
+
+
+def _dropout_key(cfg, refs):
+    """This program's dropout stream key (None without dropout); grid axes 1 and 2 are batch and head.
+
+    Read at the kernel's top level: interpret mode resolves ``program_id`` only there, not inside loops.
+    """
+    if not cfg.dropout_keep_from:
+        return None
+    batch_head = pl.program_id(1) * pl.num_programs(2) + pl.program_id(2)
+    return dropout.stream_key((refs["seed"][0], refs["seed"][1]), batch_head)
+
+
+def _keep(cfg, key, q_start, k_start, bq, bk):
+    """The dropout keep mask of a [bq, bk] tile (None without dropout)."""
+    if key is None:
+        return None
+    return dropout.keep_bits(key, q_start + jnp.arange(bq)[:, None], k_start + jnp.arange(bk)[None, :], cfg.kv_len,
+                             cfg.dropout_keep_from)
+
+
+def _dropped(cfg, keep, x):
+    """``x`` with dropped entries zeroed and kept ones scaled by 1 / (1 - rate); ``x`` itself without dropout."""
+    return x if keep is None else jnp.where(keep, x * cfg.dropout_scale, 0.0)
 
 
 def _fwd_kernel(*refs, names, cfg):
@@ -211,19 +253,21 @@ def _fwd_kernel(*refs, names, cfg):
     bq, bk = cfg.block_q, cfg.block_k
     q = refs["q"][...]
     q_start = qi * bq
-    seg_q = refs["seg_q"][pl.ds(q_start, bq)] if cfg.has_segments else None
+    q_tok = _q_tokens(refs, q_start, bq)
     count, block_at = _visit(refs, "fwd", cfg.fwd_mode, h if cfg.layout_heads > 1 else 0, qi)
+    key = _dropout_key(cfg, refs)
 
     def body(t, carry):
         acc, m, row_sum = carry
         k_start = pl.multiple_of(block_at(t) * bk, bk)
         k = refs["k"][pl.ds(k_start, bk), :]
         v = refs["v"][pl.ds(k_start, bk), :]
-        s, _ = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q)
+        s, _ = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, q_tok)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         row_sum = alpha * row_sum + p.sum(axis=-1)
+        p = _dropped(cfg, _keep(cfg, key, q_start, k_start, bq, bk), p)
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, row_sum
 
@@ -252,16 +296,18 @@ def _dq_kernel(*refs, names, cfg):
     q, do = refs["q"][...], refs["do"][...]
     m, row_sum, delta = refs["m"][...], refs["row_sum"][...], refs["delta"][...]
     q_start = qi * bq
-    seg_q = refs["seg_q"][pl.ds(q_start, bq)] if cfg.has_segments else None
+    q_tok = _q_tokens(refs, q_start, bq)
     count, block_at = _visit(refs, "dq", cfg.dq_mode, h if cfg.layout_heads > 1 else 0, qi)
+    key = _dropout_key(cfg, refs)
 
     def body(t, dq):
         k_start = pl.multiple_of(block_at(t) * bk, bk)
         k = refs["k"][pl.ds(k_start, bk), :]
         v = refs["v"][pl.ds(k_start, bk), :]
-        s, allowed = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, seg_q)
+        s, allowed = _logits(cfg, q, k, q_start, k_start, bq, bk, refs, q_tok)
         p = _probs(s, m, row_sum)
-        ds = _ds(p, plgpu.dot(do, v, trans_b=True), delta, allowed)
+        dp = _dropped(cfg, _keep(cfg, key, q_start, k_start, bq, bk), plgpu.dot(do, v, trans_b=True))
+        ds = _ds(p, dp, delta, allowed)
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
@@ -275,6 +321,7 @@ def _dkv_kernel(*refs, names, cfg):
     k, v = refs["k"][...], refs["v"][...]
     k_start = kj * bk
     count, block_at = _visit(refs, "dkv", cfg.dkv_mode, h if cfg.layout_heads > 1 else 0, kj)
+    key = _dropout_key(cfg, refs)
 
     def body(t, carry):
         dk, dv = carry
@@ -284,8 +331,9 @@ def _dkv_kernel(*refs, names, cfg):
         m, row_sum, delta = refs["m"][rows], refs["row_sum"][rows], refs["delta"][rows]
         s, allowed = _logits(cfg, q, k, q_start, k_start, bq, bk, refs)
         p = _probs(s, m, row_sum)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        ds = _ds(p, plgpu.dot(do, v, trans_b=True), delta, allowed)
+        keep = _keep(cfg, key, q_start, k_start, bq, bk)
+        dv = dv + plgpu.dot(_dropped(cfg, keep, p).astype(do.dtype), do, trans_a=True)
+        ds = _ds(p, _dropped(cfg, keep, plgpu.dot(do, v, trans_b=True)), delta, allowed)
         return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -309,15 +357,14 @@ def _compiler_params(cfg, head_dim):
     return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages or 2)
 
 
-def _extras(cfg, kmask, seg_q, seg_k):
-    """(name, array, spec) of the optional per-batch token arrays, each given whole per batch row."""
-    out = []
-    if cfg.has_mask:
-        out.append(("kmask", kmask, pl.BlockSpec((None, kmask.shape[1]), lambda i, b, h: (b, 0))))
-    if cfg.has_segments:
-        out.append(("seg_q", seg_q, pl.BlockSpec((None, seg_q.shape[1]), lambda i, b, h: (b, 0))))
-        out.append(("seg_k", seg_k, pl.BlockSpec((None, seg_k.shape[1]), lambda i, b, h: (b, 0))))
-    return out
+def _extras(tokens):
+    """(name, array, spec) of the per-batch int32 token arrays [batch, padded length], each given whole per row,
+    and of the dropout seed (uint32 [2], given whole).
+
+    ``tokens`` maps the names the kernels read (kmask, seg_q, seg_k, glob_q, glob_k, seed) to those present.
+    """
+    return [(name, a, _whole(a) if name == "seed" else pl.BlockSpec((None, a.shape[1]), lambda i, b, h: (b, 0)))
+            for name, a in tokens.items()]
 
 
 def _call(kernel, cfg, grid, inputs, outputs, head_dim, name):
@@ -334,13 +381,13 @@ def _call(kernel, cfg, grid, inputs, outputs, head_dim, name):
     )(*(a for _, a, _ in inputs))
 
 
-def _forward(cfg, q, k, v, kmask, seg_q, seg_k, visits):
+def _forward(cfg, q, k, v, tokens, visits):
     batch, lq, heads, d = q.shape
     g, bq = cfg.groups, cfg.block_q
     kv_spec = pl.BlockSpec((None, k.shape[1], None, d), lambda i, b, h: (b, 0, h // g, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     inputs = [("q", q, pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))),
-              ("k", k, kv_spec), ("v", v, kv_spec), *_extras(cfg, kmask, seg_q, seg_k),
+              ("k", k, kv_spec), ("v", v, kv_spec), *_extras(tokens),
               ("fwd_first", visits[0], _whole(visits[0])), ("fwd_count", visits[1], _whole(visits[1]))]
     stats = jax.ShapeDtypeStruct((batch, heads, lq), jnp.float32)
     outputs = [("o", jax.ShapeDtypeStruct(q.shape, q.dtype), inputs[0][2]), ("m", stats, row_spec),
@@ -348,12 +395,12 @@ def _forward(cfg, q, k, v, kmask, seg_q, seg_k, visits):
     return _call(_fwd_kernel, cfg, (lq // bq, batch, heads), inputs, outputs, d, "flash_attention_fwd")
 
 
-def _backward(cfg, q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum, do):
+def _backward(cfg, q, k, v, tokens, dq_visits, dkv_visits, o, m, row_sum, do):
     batch, lq, heads, d = q.shape
     lk = k.shape[1]
     g, bq, bk = cfg.groups, cfg.block_q_bwd, cfg.block_k_bwd
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-    extras = _extras(cfg, kmask, seg_q, seg_k)
+    extras = _extras(tokens)
 
     q_block = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))
     row_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -383,19 +430,19 @@ def _backward(cfg, q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, ro
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits, dq_visits, dkv_visits):
-    return _forward(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits)[0]
+def _core(cfg, q, k, v, tokens, fwd_visits, dq_visits, dkv_visits):
+    return _forward(cfg, q, k, v, tokens, fwd_visits)[0]
 
 
-def _core_fwd(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits, dq_visits, dkv_visits):
-    o, m, row_sum = _forward(cfg, q, k, v, kmask, seg_q, seg_k, fwd_visits)
-    return o, (q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum)
+def _core_fwd(cfg, q, k, v, tokens, fwd_visits, dq_visits, dkv_visits):
+    o, m, row_sum = _forward(cfg, q, k, v, tokens, fwd_visits)
+    return o, (q, k, v, tokens, dq_visits, dkv_visits, o, m, row_sum)
 
 
 def _core_bwd(cfg, res, do):
-    q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum = res
-    dq, dk, dv = _backward(cfg, q, k, v, kmask, seg_q, seg_k, dq_visits, dkv_visits, o, m, row_sum, do)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, tokens, dq_visits, dkv_visits, o, m, row_sum = res
+    dq, dk, dv = _backward(cfg, q, k, v, tokens, dq_visits, dkv_visits, o, m, row_sum, do)
+    return dq, dk, dv, None, None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -428,11 +475,16 @@ def _platform_ok(method: str, interpret: bool) -> None:
 
 
 def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None, causal=False, window=None,
-                      sm_scale=None, blocks=None, interpret=None, num_warps=None, num_stages=None):
+                      global_tokens=None, sm_scale=None, blocks=None, interpret=None, num_warps=None,
+                      num_stages=None, dropout_rate=0.0, dropout_seed=None):
     """Shared driver: pads to whole blocks, builds the visit lists from ``layout_fn`` and calls the kernels.
 
     ``layout_fn(block_q, block_k)`` returns a boolean tile layout [1 or heads, q_blocks, k_blocks]
-    (numpy when static, which allows range visits and a tight table).
+    (numpy when static, which allows range visits and a tight table). ``global_tokens`` (bool
+    [batch, length], self-attention, with ``window``) widens the window condition to
+    ``|i - j| <= window or global[i] or global[j]``; the layout must list the tiles this adds.
+    ``dropout_rate`` > 0 drops attention weights with the counter-based mask of ``kernels/dropout.py``
+    drawn from ``dropout_seed`` (uint32 [2], e.g. ``dropout.seed_from_key(key)``).
     """
     interpret = interpret_default(interpret)
     _platform_ok(method, interpret)
@@ -447,6 +499,17 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
             f"got {segment_ids.shape} with q_len {q_len}, kv_len {kv_len}.")
     if window is not None and window < 0:
         raise ValueError(f"{method}: window must be >= 0, got {window}.")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"{method}: dropout_rate must be in [0, 1), got {dropout_rate}.")
+    if dropout_rate > 0.0 and dropout_seed is None:
+        raise ValueError(f"{method}: dropout_rate {dropout_rate} needs a dropout_seed (dropout.seed_from_key(key)).")
+    if global_tokens is not None:
+        if window is None:
+            raise ValueError(f"{method}: global_tokens widen a window; give a window.")
+        if q_len != kv_len or tuple(global_tokens.shape) != (batch, q_len):
+            raise ValueError(
+                f"{method}: global_tokens must have shape [batch, length] = {(batch, q_len)} for self-attention, "
+                f"got {tuple(global_tokens.shape)} with q_len {q_len}, kv_len {kv_len}.")
     blocks = blocks or DEFAULT_BLOCKS["gpu" if jax.default_backend() == "gpu" else "cpu"]
     bq = check_block(method, "block_q", blocks.block_q, q_len, interpret)
     bk = check_block(method, "block_k", blocks.block_k, kv_len, interpret)
@@ -467,20 +530,27 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
     cfg = Config(q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk, block_q_bwd=bq_bwd, block_k_bwd=bk_bwd,
                  causal=bool(causal), window=window, sm_scale=float(sm_scale or 1.0 / math.sqrt(head_dim)),
                  groups=groups, has_mask=mask is not None, has_segments=segment_ids is not None,
+                 has_global=global_tokens is not None, dropout_keep_from=dropout.threshold(dropout_rate),
+                 dropout_scale=1.0 / (1.0 - dropout_rate),
                  layout_heads=int(fwd_layout.shape[0]), fwd_mode=fwd_visits[0], dq_mode=dq_visits[0],
                  dkv_mode=dkv_visits[0], interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-    kmask = None if mask is None else _pad_to(jnp.asarray(mask).astype(jnp.int32), lk_pad, 1, 1)
-    seg_q = seg_k = None
-    if segment_ids is not None:
-        seg = jnp.asarray(segment_ids).astype(jnp.int32)
-        seg_q, seg_k = _pad_to(seg, lq_pad, 1), _pad_to(seg, lk_pad, 1)
+    tokens = {}  # per-batch int32 token arrays padded to whole blocks (padded keys: kmask 1, excluded anyway)
+    if mask is not None:
+        tokens["kmask"] = _pad_to(jnp.asarray(mask).astype(jnp.int32), lk_pad, 1, 1)
+    for name, x in (("seg", segment_ids), ("glob", global_tokens)):
+        if x is not None:
+            x = jnp.asarray(x).astype(jnp.int32)
+            tokens[name + "_q"], tokens[name + "_k"] = _pad_to(x, lq_pad, 1), _pad_to(x, lk_pad, 1)
+    if dropout_rate > 0.0:
+        tokens["seed"] = jnp.asarray(dropout_seed).astype(jnp.uint32).reshape(2)
     qp, kp, vp = _pad_to(q, lq_pad, 1), _pad_to(k, lk_pad, 1), _pad_to(v, lk_pad, 1)
-    out = _core(cfg, qp, kp, vp, kmask, seg_q, seg_k, fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
+    out = _core(cfg, qp, kp, vp, tokens, fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
     return out[:, :q_len]
 
 
 def flash_attention(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None, sm_scale=None,
-                    blocks: BlockSizes | None = None, interpret=None, num_warps=None, num_stages=None):
+                    blocks: BlockSizes | None = None, interpret=None, num_warps=None, num_stages=None,
+                    dropout_rate=0.0, dropout_seed=None):
     """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] (k, v: [batch, kv_len, kv_heads, d]).
 
     Same arguments and result as ``effjax.attention.softmax.attend`` (``mask`` [batch, kv_len] True on
@@ -489,20 +559,39 @@ def flash_attention(q, k, v, *, mask=None, segment_ids=None, causal=False, windo
     blocks outside the band are skipped, as are future blocks under ``causal``. kv_heads dividing the
     query heads gives grouped/multi-query attention. ``blocks``: block sizes (default per backend,
     ``DEFAULT_BLOCKS``); lengths need not be multiples (padded internally). ``interpret``: default True on CPU.
+    ``dropout_rate``/``dropout_seed``: attention dropout with the kernels' counter-based mask (see
+    ``blocked_attention``); the same distribution as the reference's dropout, not the same draws.
     """
     def layout_fn(bq, bk):
         return band_layout(q.shape[1], k.shape[1], bq, bk, causal, window)
 
     return blocked_attention(NAME, q, k, v, layout_fn, mask=mask, segment_ids=segment_ids, causal=causal,
                              window=window, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
-                             num_warps=num_warps, num_stages=num_stages)
+                             num_warps=num_warps, num_stages=num_stages, dropout_rate=dropout_rate,
+                             dropout_seed=dropout_seed)
 
 
-def reference(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None):
-    """The plain-JAX computation ``flash_attention`` accelerates (softmax.attend; GQA by repeating kv heads)."""
-    from effjax.attention import patterns, softmax
+def reference_attend(q, k, v, pair_mask=None, *, mask=None, segment_ids=None, causal=False, dropout_rate=0.0,
+                     dropout_seed=None):
+    """``softmax.attend`` as the kernels compute it: GQA by repeating kv heads, and dropout with the kernels'
+    counter-based keep mask. The references of every kernel built on ``blocked_attention`` call this."""
+    from effjax.attention import softmax
 
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    keep = None
+    if dropout_rate > 0.0:
+        keep = dropout.keep_mask(jnp.asarray(dropout_seed).astype(jnp.uint32), q.shape[0], q.shape[2], q.shape[1],
+                                 k.shape[1], dropout_rate)
+    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, pair_mask=pair_mask,
+                          dropout_rate=dropout_rate, dropout_keep=keep)
+
+
+def reference(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None, dropout_rate=0.0,
+              dropout_seed=None):
+    """The plain-JAX computation ``flash_attention`` accelerates (``reference_attend`` with the window band)."""
+    from effjax.attention import patterns
+
     pair = None if window is None else patterns.band(q.shape[1], k.shape[1], window)[None, None]
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, pair_mask=pair)
+    return reference_attend(q, k, v, pair, mask=mask, segment_ids=segment_ids, causal=causal,
+                            dropout_rate=dropout_rate, dropout_seed=dropout_seed)

@@ -224,3 +224,55 @@ def test_runs_inside_the_vit_and_the_lm_or_refuses_causal_naming_the_method(name
         return
     logits = jit(lm.apply)(built[0], tokens)
     assert logits.shape == (2, L, 32) and np.all(np.isfinite(logits))
+
+
+def has_field(name, field):
+    cls = importlib.import_module(f"effjax.attention.{name}").Attention
+    return field in {f.name for f in dataclasses.fields(cls)}
+
+
+PALLAS = [name for name in NAMES if has_field(name, "impl")]
+
+
+@pytest.mark.parametrize("name", PALLAS)
+def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
+    """Every method with a kernel path computes what its XLA path computes (causal too, where supported).
+
+    Padded queries are left out (zero cotangent): their outputs are unspecified, and the kernels average
+    only the visited blocks for a query with no allowed key.
+    """
+    q, k, v = qkv(7)
+    ct = jax.random.normal(jax.random.key(8), q.shape) * MASK[:, :, None, None]
+    causal = not refuses(name, lambda: build(name, q, k, v, mask=MASK, causal=True))
+    results = {}
+    for impl in ("xla", "pallas"):
+        module = attention.make(name, impl=impl, **small_params(name))
+        variables = module.init(jax.random.key(0), q, k, v, mask=MASK, causal=causal)
+
+        def loss(vs, q, k, v, module=module):
+            return jnp.sum(module.apply(vs, q, k, v, mask=MASK, causal=causal) * ct)
+
+        results[impl] = jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(variables, q, k, v)
+    for got, want in zip(jax.tree.leaves(results["pallas"]), jax.tree.leaves(results["xla"]), strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("name", [name for name in PALLAS if has_field(name, "dropout_rate")])
+def test_impl_pallas_applies_attention_dropout_in_training_only(name):
+    q, k, v = qkv(9)
+    module = attention.make(name, impl="pallas", dropout_rate=0.3, **small_params(name))
+    variables = module.init(jax.random.key(0), q, k, v, mask=MASK)
+
+    def apply(vs, q, k, v, key):
+        return module.apply(vs, q, k, v, mask=MASK, deterministic=False, rngs={"dropout": key})
+
+    train = jit(apply)(variables, q, k, v, jax.random.key(1))
+    evaluation = jit(lambda vs, q, k, v: module.apply(vs, q, k, v, mask=MASK))(variables, q, k, v)
+    assert np.all(np.isfinite(train))
+    grads = jit(jax.grad(lambda *a: jnp.sum(apply(*a) ** 2), argnums=(1, 2, 3)))(variables, q, k, v,
+                                                                                  jax.random.key(1))
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    uses_dropout = name not in {"cosformer", "linear_elu", "performer", "performer_relu", "rala", "slab_sla",
+                                "mamba"}
+    assert (float(jnp.abs(train - evaluation).max()) > 1e-3) == uses_dropout

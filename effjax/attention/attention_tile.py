@@ -2,12 +2,15 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from effjax.attention import permute
-from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross
+from effjax.attention import permute, softmax
+from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross
+from kernels.backend import check_impl
 
 NAME = "attention_tile"
+MAX_TILE = 64  # largest kernel block under impl="pallas" (the flash kernels' default block)
 
 
 def frame_length(length: int, num_frames: int, frame_len: int | None) -> int:
@@ -21,17 +24,46 @@ def frame_length(length: int, num_frames: int, frame_len: int | None) -> int:
     return frame_len
 
 
+def frame_layout(frames: int, num_global: int) -> np.ndarray:
+    """numpy bool [frames, frames]: query frame i sees key frame j iff i == j, j < a or i < a (a = num_global)."""
+    i = np.arange(frames)
+    return (i[:, None] == i[None, :]) | (i[None, :] < num_global) | (i[:, None] < num_global)
+
+
+def _pallas(q, k, v, *, mask, segment_ids, frame, num_global, dropout_rate, dropout_rng):
+    """The tile mask as a block layout for ``kernels.block_sparse`` (no copies of the global frames)."""
+    from kernels import flash_attention as flash
+    from kernels.block_sparse import block_sparse_attention
+
+    interpret = permute.check_pallas(NAME, q, k, v)
+    batch, length = q.shape[:2]
+    mask = check_mask(NAME, mask, batch, length)
+    block = flash.check_block(
+        NAME, f"the kernel block under impl='pallas' (the largest power of two dividing frame_len {frame}, at most "
+        f"{MAX_TILE})", min(frame & -frame, MAX_TILE), length, interpret)
+    per_frame = frame // block
+    layout = np.repeat(np.repeat(frame_layout(length // frame, num_global), per_frame, 0), per_frame, 1)
+    return block_sparse_attention(q, k, v, layout, block_size=block, mask=mask, segment_ids=segment_ids,
+                                  **softmax.kernel_dropout(dropout_rate, dropout_rng))
+
+
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, frame_len=None,
-           num_global_frames=1, dropout_rate=0.0, dropout_rng=None):
+           num_global_frames=1, dropout_rate=0.0, dropout_rng=None, impl="xla"):
     """Softmax over the attention tiles kept by the mask "MLCD a:b" with a = ``num_global_frames``.
 
     The sequence is T frames of ``frame_len`` tokens (``frame_len`` wins over ``num_frames``). Query frame i
     sees key frame j iff i == j, j < a (global reference frames) or i < a (reference frames see everything).
     Cost O(T a F^2 d) instead of O((T F)^2 d): a global query frame attends to all keys, any other frame to
     the a global frames plus itself. Padded keys are excluded; ``segment_ids`` restrict further.
-    Self-attention only.
+    Self-attention only. ``impl="pallas"``: the block-sparse kernel over ``frame_layout`` at a block of the largest
+    power of two dividing the frame length, at most 64 (ValueError when it is below the compiled kernels'
+    minimum of 16; interpret mode takes any); dropout with the kernel's own draws, head_dim a power of two.
+    A query with no allowed key
+    gets the mean of the values it may see on both paths (all keys for a global frame, else the global frames
+    and its own).
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     refuse_causal(NAME, causal, "reference frames attend to every frame, and frames attend to whole tiles.")
     refuse_cross(NAME, q, k, "tiles pair frames of one sequence.")
     batch, length = q.shape[:2]
@@ -40,6 +72,9 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, 
     if not isinstance(num_global_frames, int) or num_global_frames < 0:
         raise ValueError(f"{NAME}: num_global_frames must be an int >= 0, got {num_global_frames!r}.")
     a = min(num_global_frames, frames)
+    if impl == "pallas":
+        return _pallas(q, k, v, mask=mask, segment_ids=segment_ids, frame=frame, num_global=a,
+                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     global_len = a * frame
     mask = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
     segments = None if segment_ids is None else jnp.asarray(segment_ids)
@@ -84,9 +119,10 @@ class Attention(nn.Module):
     frame_len: int | None = None
     num_global_frames: int = 1
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the block-sparse kernel over the kept tiles
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, num_frames=self.num_frames,
                       frame_len=self.frame_len, num_global_frames=self.num_global_frames,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))

@@ -1,25 +1,29 @@
 """BigBird ITC block-sparse attention (Zaheer et al. 2020, "Big Bird", Sec. 2 and App. D, Fig. 1)."""
 
-import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
+from kernels.backend import check_impl
 
 NAME = "bigbird"
 
 
-def block_layout(num_blocks: int, num_heads: int, num_random_blocks: int, seed: int):
-    """Boolean [num_heads, num_blocks, num_blocks]: 3-block window | first/last blocks global | random."""
-    ids = jnp.arange(num_blocks)
-    window = jnp.abs(ids[:, None] - ids[None, :]) <= 1
+def block_layout(num_blocks: int, num_heads: int, num_random_blocks: int, seed: int) -> np.ndarray:
+    """numpy bool [num_heads, num_blocks, num_blocks]: 3-block window | first/last blocks global | random.
+
+    numpy so that the Pallas kernel gets a static layout (tight visit lists) even under jit.
+    """
+    ids = np.arange(num_blocks)
+    window = np.abs(ids[:, None] - ids[None, :]) <= 1
     is_global = (ids == 0) | (ids == num_blocks - 1)
     random = patterns.random_blocks(num_blocks, num_random_blocks, num_heads, seed)
-    return (window | patterns.global_tokens(is_global))[None] | jnp.asarray(random)
+    return (window | is_global[:, None] | is_global[None, :])[None] | random
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64, num_random_blocks=3, seed=0,
-           dropout_rate=0.0, dropout_rng=None):
+           dropout_rate=0.0, dropout_rng=None, impl="xla"):
     """Softmax over BigBird's block pattern, the same for every batch row, drawn per head.
 
     The sequence is cut into blocks of ``block_size``. Every query block sees its own and the two
@@ -28,9 +32,15 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     (outside its window and the globals; fewer when fewer exist). The random layout is a fixed
     numpy function of ``seed``, not an RNG draw, so it needs no stored variable. A block_size >= the
     length is clamped to one block (full attention); otherwise a length that is not a multiple
-    raises ValueError. Masked O(N^2) softmax: exact, not faster than ``softmax``.
+    raises ValueError. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
+    ``impl="pallas"``: the block-sparse kernel computing only the listed tiles, per head (one block:
+    the flash kernel); the block must be a power of two (ValueError otherwise);
+    dropout with the kernel's own draws. The one
+    difference: a query with no allowed key (e.g. padding) averages the values of its listed blocks,
+    where the xla path averages all values.
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     length, heads = q.shape[1], q.shape[2]
     if causal:
         raise NotImplementedError(
@@ -45,7 +55,21 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     if num_random_blocks < 0:
         raise ValueError(f"{NAME}: num_random_blocks must be >= 0, got {num_random_blocks}.")
     block, count = patterns.num_blocks(NAME, length, block_size)
-    pair = patterns.expand_blocks(block_layout(count, heads, num_random_blocks, seed), block)
+    layout = block_layout(count, heads, num_random_blocks, seed)
+    if impl == "pallas":
+        dropout = softmax.kernel_dropout(dropout_rate, dropout_rng)
+        if count == 1:  # one block of the whole length: plain flash attention
+            from kernels.flash_attention import flash_attention
+
+            return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, **dropout)
+        if block & (block - 1):
+            raise ValueError(f"{NAME}: impl='pallas' needs a power-of-two block, got {block} (block_size "
+                             f"{block_size}, length {length}); use impl='xla'.")
+        from kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, layout, block_size=block, mask=mask, segment_ids=segment_ids,
+                                      **dropout)
+    pair = patterns.expand_blocks(layout, block)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, pair_mask=pair[None],
                           dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
@@ -61,9 +85,10 @@ class Attention(nn.Module):
     num_random_blocks: int = 3
     seed: int = 0
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": block-sparse kernel over the listed tiles only
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, block_size=self.block_size,
-                      num_random_blocks=self.num_random_blocks, seed=self.seed,
+                      num_random_blocks=self.num_random_blocks, seed=self.seed, impl=self.impl,
                       **dropout_kwargs(self, deterministic))

@@ -18,7 +18,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     block (full attention); otherwise a length that is not a multiple raises ValueError.
     Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
     ``impl="pallas"``: block-sparse kernel computing only the diagonal blocks (the block must then be a
-    power of two); no dropout.
+    power of two); dropout with the kernel's own draws.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
@@ -30,18 +30,18 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
         )
     block, count = patterns.num_blocks(NAME, length, block_size)
     if impl == "pallas":
-        softmax.refuse_pallas_dropout(NAME, dropout_rate, dropout_rng)
+        dropout = softmax.kernel_dropout(dropout_rate, dropout_rng)
         if count == 1:  # one block of the whole length: plain flash attention
             from kernels.flash_attention import flash_attention
 
-            return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal)
+            return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, **dropout)
         if block & (block - 1):
             raise ValueError(f"{NAME}: impl='pallas' needs a power-of-two block, got {block} (block_size "
                              f"{block_size}, length {length}); use impl='xla'.")
         from kernels.block_sparse import block_sparse_attention
 
         return block_sparse_attention(q, k, v, np.eye(count, dtype=bool), block_size=block, mask=mask,
-                                      segment_ids=segment_ids, causal=causal)
+                                      segment_ids=segment_ids, causal=causal, **dropout)
     pair = patterns.block_diagonal(length, block)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)

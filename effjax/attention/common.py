@@ -79,11 +79,16 @@ def refuse_segments(method: str, segment_ids, why: str) -> None:
         raise NotImplementedError(f"{method}: segment_ids are not supported: {why}")
 
 
-def dropout(x, dropout_rate: float, dropout_rng):
-    """Inverted dropout of attention weights (or any array): off when the rate is 0 or no key is given."""
-    if dropout_rate <= 0.0 or dropout_rng is None:
+def dropout(x, dropout_rate: float, dropout_rng, keep=None):
+    """Inverted dropout of attention weights (or any array): off when the rate is 0 or no key is given.
+
+    ``keep`` (bool, broadcastable to x) replaces the random draw: the Pallas kernels' counter-based mask, for
+    their references.
+    """
+    if dropout_rate <= 0.0 or (dropout_rng is None and keep is None):
         return x
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+    if keep is None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
     return jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros((), x.dtype))
 
 

@@ -43,12 +43,14 @@ def flat_order(hw, window=(9, 9), axis="x", shift=False) -> np.ndarray:
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, grid_hw=None, window=(9, 9), group_size=69,
-           axis="x", shift=False, dropout_rate=0.0, dropout_rng=None):
+           axis="x", shift=False, dropout_rate=0.0, dropout_rng=None, impl="xla"):
     """Softmax within consecutive groups of ``group_size`` tokens in FlatFormer's window order on the grid.
 
     ``grid_hw`` is (h, w) (None: a square grid). A length that is not a multiple of ``group_size`` is filled up
     at the end of the order with masked slots. Padded keys are excluded in every group; ``segment_ids``
-    restrict each group further. Self-attention only.
+    restrict each group further. Self-attention only. ``impl="pallas"``: the flash kernel on each group
+    (``permute.attend_in_groups``; any group size, padded inside the kernel); dropout with the kernel's own
+    draws, head_dim a power of two.
     """
     check_qkv(NAME, q, k, v)
     refuse_causal(NAME, causal, "groups follow a 2-D window order, not the sequence order.")
@@ -57,7 +59,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, grid_hw=None, 
     order = flat_order(hw, window, axis, shift)
     return permute.attend_in_groups(q, k, v, group_size=group_size, method=NAME, order=order, mask=mask,
                                     segment_ids=segment_ids, pad=True, dropout_rate=dropout_rate,
-                                    dropout_rng=dropout_rng)
+                                    dropout_rng=dropout_rng, impl=impl)
 
 
 class Attention(nn.Module):
@@ -71,9 +73,10 @@ class Attention(nn.Module):
     axis: str = "x"
     shift: bool = False
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the flash kernel on each group
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, grid_hw=self.grid,
                       window=self.window, group_size=self.group_size, axis=self.axis, shift=self.shift,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))

@@ -96,9 +96,7 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
     if mask is not None:
         scale = jnp.where(mask[:, :, None], scale, LOG_SCALE_FLOOR)
     if impl == "pallas":
-        if labels is not None:
-            raise NotImplementedError(f"{method}: segment_ids are not supported with impl='pallas' (the kernel "
-                                      "keeps one state per row); use impl='xla'.")
+        _refuse_pallas_segments(method, labels)
         return _pallas(phi_q, phi_k, v, mask, scale if key_log_scale is not None else None, causal, chunk_size, eps)
     if causal:
         return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
@@ -122,12 +120,25 @@ def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
                                            log_decay=log_decay)
 
 
-def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAME):
+def _refuse_pallas_segments(method, labels):
+    if labels is not None:
+        raise NotImplementedError(f"{method}: segment_ids are not supported with impl='pallas' (the kernel "
+                                  "keeps one state per row); use impl='xla'.")
+
+
+def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAME, impl="xla"):
     """Unnormalized bidirectional ``phi_q_i . sum_j phi_k_j v_j^T`` over the real keys j (of i's segment).
 
     Float32 ``[batch, q_len, heads, v_dim]``; padded keys' features and values are zeroed first.
+    ``impl="pallas"``: ``kernels.linear_attention`` with ``normalize=False`` (segment_ids: NotImplementedError).
     """
-    phi_q, phi_k, v, _, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, False, method)
+    check_impl(method, impl)
+    phi_q, phi_k, v, mask, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, False, method)
+    if impl == "pallas":
+        _refuse_pallas_segments(method, labels)
+        from kernels.linear_attention import chunked_linear_attention
+
+        return chunked_linear_attention(phi_q, phi_k, v, normalize=False, mask=mask)
     return _contract(phi_q, phi_k, v, labels)
 
 

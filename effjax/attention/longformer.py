@@ -1,25 +1,34 @@
 """Longformer sliding-window + global attention (Beltagy et al. 2020, "Longformer", Sec. 3.1, Fig. 2d)."""
 
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
+from kernels.backend import check_impl
 
 NAME = "longformer"
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, num_global=1, global_mask=None,
-           dropout_rate=0.0, dropout_rng=None):
+           dropout_rate=0.0, dropout_rng=None, impl="xla"):
     """Softmax over keys with ``|i - j| <= window OR global[i] OR global[j]`` (symmetric global attention).
 
     The global set is the first ``num_global`` positions (a CLS token; clamped to the length) united
     with the optional boolean ``global_mask`` [batch, length] (e.g. question tokens). Global rows reuse
     q, k, v: the paper's separate global projections are not modelled. ``causal`` intersects the
     pattern with the causal mask (keys [i - window, i] plus earlier global tokens; a global query sees
-    only its prefix). Self-attention only. Masked O(N^2) softmax: exact, not faster than ``softmax``.
+    only its prefix). Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than
+    ``softmax``. ``impl="pallas"``: the flash kernel with the same token-level pattern, computing only
+    the window band's tiles and the rows/columns of tiles holding a global token (union over the batch;
+    a traced ``global_mask`` gives a traced tile layout, visited through tables);
+    dropout with the kernel's own draws. The one
+    difference: a query with no allowed key (e.g. padding far from real keys, with no global key in its
+    segment) averages the values of the tiles it visits, where the xla path averages all values.
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     batch, length = q.shape[:2]
     if k.shape[1] != length:
         raise NotImplementedError(
@@ -28,14 +37,23 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, nu
         )
     if window < 0 or num_global < 0:
         raise ValueError(f"{NAME}: window and num_global must be >= 0, got {window} and {num_global}.")
+    if global_mask is not None and np.shape(global_mask) != (batch, length):
+        raise ValueError(
+            f"{NAME}: global_mask must have shape [batch, length] = {(batch, length)}, got {np.shape(global_mask)}."
+        )
+    if impl == "pallas":
+        from kernels.block_sparse import window_global_attention
+
+        # numpy, so the tile layout stays static unless global_mask is traced.
+        is_global = np.broadcast_to(np.arange(length) < num_global, (batch, length))
+        if global_mask is not None:
+            is_global = is_global | global_mask
+        return window_global_attention(q, k, v, window=window, global_tokens=is_global, mask=mask,
+                                       segment_ids=segment_ids, causal=causal,
+                                       **softmax.kernel_dropout(dropout_rate, dropout_rng))
     is_global = patterns.first_tokens(length, num_global)[None]
     if global_mask is not None:
-        global_mask = jnp.asarray(global_mask, bool)
-        if global_mask.shape != (batch, length):
-            raise ValueError(
-                f"{NAME}: global_mask must have shape [batch, length] = {(batch, length)}, got {global_mask.shape}."
-            )
-        is_global = is_global | global_mask
+        is_global = is_global | jnp.asarray(global_mask, bool)
     pair = patterns.band(length, length, window)[None] | patterns.global_tokens(is_global)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[:, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -47,8 +65,9 @@ class Attention(nn.Module):
     window: int = 256
     num_global: int = 1
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the flash kernel over the window band and the global rows/columns of tiles
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      num_global=self.num_global, **dropout_kwargs(self, deterministic))
+                      num_global=self.num_global, impl=self.impl, **dropout_kwargs(self, deterministic))

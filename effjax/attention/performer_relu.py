@@ -23,19 +23,20 @@ def feature_map(x, projection=None, kernel_epsilon=KERNEL_EPSILON):
 
 
 def attend(q, k, v, projection=None, *, mask=None, segment_ids=None, causal=False, kernel_epsilon=KERNEL_EPSILON,
-           chunk_size=ka.DEFAULT_CHUNK_SIZE):
+           chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
     """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + 1e-6)`` with ``phi = relu(W .) + eps``.
 
     ``projection`` [num_features, head_dim] gets no gradient; ``None`` gives the reference's
     ``features_type='deterministic'`` (phi(x) = relu(x) + eps on the head dims). ``causal=True`` uses the
     chunked prefix sums; ``segment_ids`` (bidirectional only) restrict each query to its own segment.
+    ``impl="pallas"`` runs ``kernels.linear_attention`` (no ``segment_ids``: NotImplementedError).
     """
     check_qkv(NAME, q, k, v)
     if projection is not None:
         projection = performer.check_projection(NAME, projection, q.shape[-1])
     phi_q, phi_k = (feature_map(x, projection, kernel_epsilon) for x in (q, k))
     out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                                  chunk_size=chunk_size, method=NAME)
+                                  chunk_size=chunk_size, method=NAME, impl=impl)
     return out.astype(q.dtype)
 
 
@@ -56,6 +57,7 @@ class Attention(nn.Module):
     kernel_epsilon: float = KERNEL_EPSILON
     chunk_size: int = ka.DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.linear_attention
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -64,4 +66,4 @@ class Attention(nn.Module):
         if self.random_features:
             projection = performer.projection_variable(self, q.shape[-1], deterministic, method=NAME)
         return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
-                      kernel_epsilon=self.kernel_epsilon, chunk_size=self.chunk_size)
+                      kernel_epsilon=self.kernel_epsilon, chunk_size=self.chunk_size, impl=self.impl)

@@ -5,13 +5,16 @@ One mechanism serves the grouped methods: ``sliced_group`` (SReT: contiguous or 
 ``attention_tile`` (frames as groups, plus shared global frames). Tokens are gathered into the order, reshaped
 to ``[batch * groups, group_size, heads, head_dim]`` and attended with ``softmax.attend`` (cost O(N g) rather
 than O(N^2)); the result is gathered back with ``jnp.argsort(order)``, never scattered. ``histogram`` reuses
-``gather`` and ``inverse``.
+``gather`` and ``inverse``. Under ``impl="pallas"`` the gathered groups go through the flash kernel
+(``kernels.flash_attention``) as a batch of ``batch * groups`` short sequences: dense flash per group is the
+block-diagonal pattern without a block table.
 """
 
 import jax.numpy as jnp
 import numpy as np
 
 from effjax.attention import softmax
+from kernels.backend import check_impl, interpret_default
 
 
 def gather(x, order):
@@ -64,6 +67,16 @@ def softmax_in_groups(q, k, v, *, key_mask=None, query_segments=None, key_segmen
     return out.reshape(batch, groups, gq, *q.shape[3:])
 
 
+def check_pallas(method: str, q, k, v) -> bool:
+    """A grouped method's checks for ``impl="pallas"``, raising errors that name ``method``: inputs the flash
+    kernel takes (float32/bfloat16, power-of-two head_dim). Returns the interpret flag."""
+    from kernels import flash_attention as flash
+
+    interpret = interpret_default(None)
+    flash.check_inputs(method, q, k, v, interpret)
+    return interpret
+
+
 def group_size_for(method: str, length: int, group_size: int, *, pad: bool = False) -> int:
     """The padded length for ``group_size``; ValueError naming ``method`` for a bad size or, unless ``pad``, a
     length that is not a multiple of it."""
@@ -75,15 +88,21 @@ def group_size_for(method: str, length: int, group_size: int, *, pad: bool = Fal
 
 
 def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=None, segment_ids=None, pad=False,
-                     dropout_rate=0.0, dropout_rng=None):
+                     dropout_rate=0.0, dropout_rng=None, impl="xla"):
     """Softmax within consecutive runs of ``group_size`` tokens of the sequence taken in ``order``, un-permuted.
 
     Self-attention only (the caller refuses cross attention). ``order`` ([length] or [batch, length], None =
     identity) is the permutation applied before grouping. With ``pad=True`` a length that is not a multiple
     of ``group_size`` is filled up at the end of the order with masked slots (excluded as keys, dropped from
     the output); otherwise it raises ValueError naming ``method``. Padded keys (``mask`` False) are excluded in
-    every group and ``segment_ids`` restrict each group further.
+    every group and ``segment_ids`` restrict each group further. ``impl="pallas"``: each group is one sequence
+    of the flash kernel, with the group's key mask and segment ids (dropout: the kernel's own draws);
+    a query whose group has no
+    allowed key gets the uniform mean of the group's values on both paths.
     """
+    check_impl(method, impl)
+    if impl == "pallas":
+        check_pallas(method, q, k, v)
     batch, length = q.shape[:2]
     padded = group_size_for(method, length, group_size, pad=pad)
     if order is not None:
@@ -108,13 +127,21 @@ def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=
 
     groups = padded // group_size
 
-    def split(x):
-        return None if x is None else jnp.asarray(x).reshape((batch, groups, group_size) + x.shape[2:])
+    def split(x, lead=(batch, groups)):
+        return None if x is None else jnp.asarray(x).reshape(lead + (group_size,) + x.shape[2:])
 
-    segments = split(segment_ids)
-    out = softmax_in_groups(split(q), split(k), split(v), key_mask=split(mask), query_segments=segments,
-                            key_segments=segments, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    out = out.reshape((batch, padded) + out.shape[3:])
+    if impl == "pallas":
+        from kernels.flash_attention import flash_attention
+
+        flat = (batch * groups,)
+        out = flash_attention(split(q, flat), split(k, flat), split(v, flat), mask=split(mask, flat),
+                              segment_ids=split(segment_ids, flat),
+                              **softmax.kernel_dropout(dropout_rate, dropout_rng))
+    else:
+        segments = split(segment_ids)
+        out = softmax_in_groups(split(q), split(k), split(v), key_mask=split(mask), query_segments=segments,
+                                key_segments=segments, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    out = out.reshape((batch, padded) + out.shape[-2:])
     if order is not None:
         out = gather(out, inverse(order))
     return out[:, :length]

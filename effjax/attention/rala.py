@@ -7,6 +7,7 @@ from flax import linen as nn
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
 from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
+from kernels.backend import check_impl
 
 NAME = "rala"
 LEPE_KERNEL_SIZE = 5  # nn.Conv2d(dim, dim, 5, 1, 2, groups=dim) in the official code
@@ -59,7 +60,7 @@ def local_positional_encoding(v, kernel, bias, hw, mask=None):
 
 
 def attend(q, k, v, lepe_kernel=None, lepe_bias=None, *, mask=None, segment_ids=None, causal=False, grid=None,
-           rope=True, reweight=True):
+           rope=True, reweight=True, impl="xla"):
     """``RoPE(phi(q_i)) sum_j alpha_j RoPE(phi(k_j)) v_j^T / (phi(q_i) . sum_j alpha_j phi(k_j) + 1e-6) + LePE(V)_i``.
 
     phi = elu + 1; ``alpha`` (``key_weights``) is the rank-augmenting re-weighting of the keys by the global
@@ -67,8 +68,12 @@ def attend(q, k, v, lepe_kernel=None, lepe_bias=None, *, mask=None, segment_ids=
     code (``rope=False`` drops it, and needs no head_dim % 4). The official ``k * alpha * N`` with its
     ``1/sqrt(N)`` pair of scalings is written here as ``alpha`` with sums. ``lepe_kernel`` [5, 5, heads *
     head_dim] adds LePE; None omits it. Causal, cross attention and segment_ids raise NotImplementedError.
+    ``impl="pallas"`` runs the numerator (with ``rope``; else the whole normalized attention) through
+    ``kernels.linear_attention``; the denominator phi(q_i) . sum_j alpha_j phi(k_j), the key weights, RoPE and
+    LePE stay plain JAX (each O(N d)).
     """
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     refuse_causal(NAME, causal, "the key weights use the mean of all queries and a softmax over all keys, and "
                                 "RoPE and LePE span the 2-D grid.")
     refuse_cross(NAME, q, k, "the query mean, RoPE and LePE place queries and keys on the same grid.")
@@ -85,12 +90,12 @@ def attend(q, k, v, lepe_kernel=None, lepe_bias=None, *, mask=None, segment_ids=
         count = length if mask is None else jnp.maximum(jnp.sum(mask, axis=1), 1)[:, None, None, None]
         phi_k = phi_k / count
     if rope:
-        num = ka.linear_attention(rope_2d(phi_q, hw), rope_2d(phi_k, hw), v, mask=mask, method=NAME)
+        num = ka.linear_attention(rope_2d(phi_q, hw), rope_2d(phi_k, hw), v, mask=mask, method=NAME, impl=impl)
         ones = jnp.ones((batch, length, heads, 1), jnp.float32)
         den = ka.linear_attention(phi_q, phi_k, ones, mask=mask, method=NAME)
         out = num / (den + ka.EPS)
     else:
-        out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, method=NAME)
+        out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, method=NAME, impl=impl)
     if lepe_kernel is not None:
         if lepe_kernel.ndim != 3 or lepe_kernel.shape[2] != heads * head_dim:
             raise ValueError(f"{NAME}: lepe_kernel must have shape [kh, kw, heads * head_dim={heads * head_dim}], "
@@ -112,6 +117,7 @@ class Attention(nn.Module):
     lepe: bool = True
     grid: tuple | None = None
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.linear_attention for the attention product
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -123,4 +129,4 @@ class Attention(nn.Module):
                                 (LEPE_KERNEL_SIZE, LEPE_KERNEL_SIZE, channels))
             bias = self.param("lepe_bias", nn.initializers.zeros, (channels,))
         return attend(q, k, v, kernel, bias, mask=mask, segment_ids=segment_ids, causal=causal, grid=self.grid,
-                      rope=self.rope)
+                      rope=self.rope, impl=self.impl)

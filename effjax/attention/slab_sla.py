@@ -25,11 +25,13 @@ def value_conv(v, kernel, bias, hw, mask=None):
     return jnp.swapaxes(out.reshape(batch, heads, length, head_dim), 1, 2)
 
 
-def attend(q, k, v, dwc_kernel, dwc_bias=None, *, mask=None, segment_ids=None, causal=False, grid=None):
+def attend(q, k, v, dwc_kernel, dwc_bias=None, *, mask=None, segment_ids=None, causal=False, grid=None,
+           impl="xla"):
     """``relu(q_i) sum_j relu(k_j) v_j^T / (relu(q_i) . sum_j relu(k_j) + 1e-6) + DWC(V)_i`` over real keys j.
 
     The sequence is laid out row-major on ``grid`` (default: the square grid). The DWC mixes positions in
-    2-D both ways, so causal, cross attention and segment_ids raise NotImplementedError.
+    2-D both ways, so causal, cross attention and segment_ids raise NotImplementedError. ``impl="pallas"`` runs
+    the ReLU attention through ``kernels.linear_attention`` (the DWC stays a plain-JAX conv).
     """
     check_qkv(NAME, q, k, v)
     refuse_causal(NAME, causal, "the depthwise conv on V mixes grid positions in both directions.")
@@ -41,7 +43,7 @@ def attend(q, k, v, dwc_kernel, dwc_bias=None, *, mask=None, segment_ids=None, c
         raise ValueError(f"{NAME}: dwc_kernel must have shape [kh, kw, head_dim={q.shape[-1]}], "
                          f"got {dwc_kernel.shape}.")
     phi_q, phi_k = (jax.nn.relu(x.astype(jnp.float32)) for x in (q, k))
-    out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, method=NAME)
+    out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, method=NAME, impl=impl)
     return (out + value_conv(v, dwc_kernel, dwc_bias, hw, mask)).astype(q.dtype)
 
 
@@ -56,6 +58,7 @@ class Attention(nn.Module):
     kernel_size: int = KERNEL_SIZE
     grid: tuple | None = None
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": kernels.linear_attention for the ReLU attention
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -66,4 +69,5 @@ class Attention(nn.Module):
         init = torch_uniform(self.kernel_size**2)
         kernel = self.param("dwc_kernel", init, (self.kernel_size, self.kernel_size, head_dim))
         bias = self.param("dwc_bias", init, (head_dim,))
-        return attend(q, k, v, kernel, bias, mask=mask, segment_ids=segment_ids, causal=causal, grid=self.grid)
+        return attend(q, k, v, kernel, bias, mask=mask, segment_ids=segment_ids, causal=causal, grid=self.grid,
+                      impl=self.impl)

@@ -10,13 +10,14 @@ NAME = "sliced_group"
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, groups=8, order=None, dropout_rate=0.0,
-           dropout_rng=None):
+           dropout_rng=None, impl="xla"):
     """Softmax within ``groups`` contiguous slices of length / groups tokens of the sequence taken in ``order``.
 
     ``order`` ([length] or [batch, length]; None = identity) is the token permutation SReT applies on a
     block's recursive pass; it is undone on the output. Padded keys are excluded inside every group and
     ``segment_ids`` restrict each group further. Self-attention only; ValueError when the length is not a
-    multiple of ``groups``.
+    multiple of ``groups``. ``impl="pallas"``: the flash kernel on each slice (``permute.attend_in_groups``);
+    dropout with the kernel's own draws, head_dim a power of two.
     """
     check_qkv(NAME, q, k, v)
     refuse_causal(NAME, causal, "groups (and SReT's permutation) ignore token order.")
@@ -27,7 +28,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, groups=8, orde
     if length % groups:
         raise ValueError(f"{NAME}: sequence length {length} is not divisible by groups {groups}.")
     return permute.attend_in_groups(q, k, v, group_size=length // groups, method=NAME, order=order, mask=mask,
-                                    segment_ids=segment_ids, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                                    segment_ids=segment_ids, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                    impl=impl)
 
 
 def permutation(rng, length: int):
@@ -48,6 +50,7 @@ class Attention(nn.Module):
     shuffle: bool = False
     eval_seed: int = 0
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the flash kernel on each group
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -56,4 +59,4 @@ class Attention(nn.Module):
             rng = jax.random.key(self.eval_seed) if deterministic else self.make_rng("random")
             order = permutation(rng, q.shape[1])
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, groups=self.groups, order=order,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))

@@ -16,17 +16,17 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dr
     ``causal`` keeps keys [i - window, i]. For cross attention (kv_len != q_len) queries are aligned
     to the end, as for causal softmax. A window >= the length is simply full attention (no error).
     ``impl="xla"``: masked O(N^2) softmax, exact but not faster than ``softmax``. ``impl="pallas"``: the
-    flash kernel skipping the key blocks outside the window (O(N * window)); no dropout.
+    flash kernel skipping the key blocks outside the window (O(N * window)); dropout with the kernel's own draws.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
     if impl == "pallas":
-        softmax.refuse_pallas_dropout(NAME, dropout_rate, dropout_rng)
         from kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=window)
+        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=window,
+                               **softmax.kernel_dropout(dropout_rate, dropout_rng))
     pair = patterns.band(q.shape[1], k.shape[1], window)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)

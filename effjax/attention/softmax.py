@@ -8,34 +8,40 @@ from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_k
 from kernels.backend import check_impl
 
 
-def refuse_pallas_dropout(method: str, dropout_rate: float, dropout_rng) -> None:
-    """Raises NotImplementedError naming ``method``: the Pallas kernels have no attention dropout."""
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        raise NotImplementedError(
-            f"{method}: attention dropout (dropout_rate={dropout_rate}) is not supported with impl='pallas'; "
-            "use impl='xla', dropout_rate=0, or deterministic=True.")
+def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:
+    """The Pallas kernels' dropout arguments (rate and a seed drawn from ``dropout_rng``); empty when off.
+
+    The kernels draw their keep mask from a counter-based hash (``kernels/dropout.py``): the same
+    distribution as the XLA path's ``jax.random.bernoulli``, different draws.
+    """
+    if dropout_rate <= 0.0 or dropout_rng is None:
+        return {}
+    from kernels.dropout import seed_from_key
+
+    return {"dropout_rate": dropout_rate, "dropout_seed": seed_from_key(dropout_rng)}
 
 
-def masked_weights(logits, allowed=None, *, dropout_rate=0.0, dropout_rng=None):
+def masked_weights(logits, allowed=None, *, dropout_rate=0.0, dropout_rng=None, dropout_keep=None):
     """Float32 softmax over the last axis with disallowed entries at float32's min, then attention dropout.
 
-    A row with no allowed entry comes out uniform rather than NaN.
+    A row with no allowed entry comes out uniform rather than NaN. ``dropout_keep``: see ``common.dropout``.
     """
     logits = logits.astype(jnp.float32)
     if allowed is not None:
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    return dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng)
+    return dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng, keep=dropout_keep)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
-           dropout_rng=None, impl="xla"):
+           dropout_rng=None, impl="xla", dropout_keep=None):
     """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] inputs, in float32 logits.
 
     ``pair_mask`` (boolean, broadcastable to [batch, heads, q_len, kv_len]) further restricts which
     query/key pairs may attend: sparse patterns (windows, blocks, globals) are softmax with one.
     Queries with no allowed key (fully padded rows) return a uniform average rather than NaN.
     ``impl="pallas"`` runs the flash kernel (``kernels.flash_attention``; interpreted on CPU), which
-    takes no ``pair_mask`` and no dropout (both raise).
+    takes no ``pair_mask`` (it raises) and draws its dropout mask differently (``kernel_dropout``).
+    ``dropout_keep`` (bool [batch, heads, q_len, kv_len]) replaces the dropout draw (kernel references).
     """
     check_qkv("softmax", q, k, v)
     check_impl("softmax", impl)
@@ -45,17 +51,18 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
                 "softmax: impl='pallas' cannot take a pair_mask: an arbitrary [batch, heads, q, k] mask is not "
                 "expressible in the flash kernel (key padding, segments, causal, window only); use impl='xla', "
                 "or kernels.block_sparse.block_sparse_attention for block layouts.")
-        refuse_pallas_dropout("softmax", dropout_rate, dropout_rng)
         from kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal)
+        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                               **kernel_dropout(dropout_rate, dropout_rng))
     batch, q_len, _, head_dim = q.shape
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
     allowed = allowed_pairs(q_len, k.shape[1], batch, mask=mask, segment_ids=segment_ids, causal=causal)
     if pair_mask is not None:
         allowed = pair_mask if allowed is None else allowed & pair_mask
-    weights = masked_weights(logits, allowed, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    weights = masked_weights(logits, allowed, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                             dropout_keep=dropout_keep)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 

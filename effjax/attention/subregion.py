@@ -16,11 +16,13 @@ def subregion_order(length: int, ratio: int, chunk: int):
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, ratio=4, chunk=1, dropout_rate=0.0,
-           dropout_rng=None):
+           dropout_rng=None, impl="xla"):
     """Softmax within each of ``ratio`` subregions: token t belongs to subregion (t // chunk) % ratio.
 
     ``ratio=1`` is full softmax. Padded keys are excluded inside every subregion; ``segment_ids`` restrict
     each subregion further. Self-attention only; ValueError unless length % (ratio * chunk) == 0.
+    ``impl="pallas"``: the flash kernel on each subregion (``permute.attend_in_groups``); dropout with the kernel's
+    own draws, head_dim a power of two.
     """
     check_qkv(NAME, q, k, v)
     refuse_causal(NAME, causal, "a subregion mixes tokens from the whole sequence (t with t +- ratio * chunk).")
@@ -33,7 +35,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, ratio=4, chunk
         raise ValueError(f"{NAME}: sequence length {length} is not divisible by ratio * chunk = {ratio * chunk}.")
     return permute.attend_in_groups(q, k, v, group_size=length // ratio, method=NAME,
                                     order=subregion_order(length, ratio, chunk), mask=mask, segment_ids=segment_ids,
-                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl=impl)
 
 
 class Attention(nn.Module):
@@ -46,8 +48,9 @@ class Attention(nn.Module):
     ratio: int = 4
     chunk: int = 1
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the flash kernel on each subregion
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, ratio=self.ratio, chunk=self.chunk,
-                      **dropout_kwargs(self, deterministic))
+                      impl=self.impl, **dropout_kwargs(self, deterministic))
