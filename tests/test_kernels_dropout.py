@@ -111,3 +111,20 @@ def test_dropout_errors_name_the_kernel():
         flash_attention(q, k, v, dropout_rate=0.1)
     with pytest.raises(ValueError, match=r"flash_attention: dropout_rate must be in \[0, 1\)"):
         flash_attention(q, k, v, dropout_rate=1.0, dropout_seed=SEED)
+
+
+def test_dropout_kernels_lower_through_triton_for_cuda(monkeypatch):
+    # Lowering only, no GPU needed: the uint32 hash must be expressible in Triton (shifts, wrapping products).
+    from kernels import flash_attention as fa
+
+    monkeypatch.setattr(fa, "_platform_ok", lambda *a: None)
+    q = jax.ShapeDtypeStruct((2, 500, 4, 64), jnp.bfloat16)
+
+    def grads(q, k, v):
+        loss = lambda q, k, v: flash_attention(  # noqa: E731
+            q, k, v, causal=True, blocks=fa.DEFAULT_BLOCKS["gpu"], interpret=False, dropout_rate=0.1,
+            dropout_seed=SEED).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(grads).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
