@@ -69,6 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention = "softmax"          # a method name, or a per-layer tuple of names
     c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>
     c.model.attention_dropout_rate = 0.1
+    c.model.attention_impl = "xla"         # xla | pallas: Pallas kernels for every layer whose method has one
     c.model.dropout_rate = 0.1
     c.model.full_attention_layers = ()     # MASFormer: these layer indices use model.full_attention instead
     c.model.full_attention = "softmax"
@@ -95,14 +96,15 @@ def attention_param_defaults() -> ml_collections.ConfigDict:
 
     Listing them all lets any one be set from the command line of a locked config, e.g.
     ``--config.model.attention_params.performer.num_features=128``; a layer uses its own method's entry.
-    Params whose default is None are typed placeholders (``grid``: a tuple such as ``'(16, 32)'``).
+    Params whose default is None are typed placeholders (``grid``: a tuple such as ``'(16, 32)'``). ``impl``
+    is a placeholder too: unset, a layer takes ``model.attention_impl``.
     """
     from effjax import attention
 
     table = ml_collections.ConfigDict()
     for method in attention.names():
-        table[method] = {key: config_dict.placeholder(attention.param_type(method, key)) if val is None else val
-                         for key, val in attention.defaults(method).items()}
+        table[method] = {key: config_dict.placeholder(attention.param_type(method, key))
+                         if val is None or key == "impl" else val for key, val in attention.defaults(method).items()}
     return table
 
 

@@ -156,3 +156,21 @@ def test_informer_distilling_halves_the_length_between_blocks_and_ignores_paddin
     decoder = models.build("decoder_lm", vocab_size=257, num_classes=None, distil=True, **SMALL)
     with pytest.raises(ValueError, match="distil halves the sequence"):
         decoder.init(jax.random.key(0), tokens(7, vocab=257))
+
+
+def test_attention_impl_switches_every_layer_with_a_kernel_path_and_a_method_setting_wins():
+    x = tokens(5).at[:, 15:].set(0)
+    mixed = ("sliding_window", "hyena")  # hyena has no kernel path: its layer stays XLA
+    params = {"sliding_window": {"window": 3}}
+    xla = encoder(attention=mixed, attention_params=params, dropout_rate=0.0)
+    variables = xla.init(jax.random.key(0), x)
+    want = xla.apply(variables, x)
+    pallas = xla.clone(attention_impl="pallas")
+    assert "pallas_call" in str(jax.make_jaxpr(lambda v: pallas.apply(v, x))(variables))
+    np.testing.assert_allclose(pallas.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+    pinned = pallas.clone(attention_params={"sliding_window": {"window": 3, "impl": "xla"}})
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda v: pinned.apply(v, x))(variables))
+    with pytest.raises(ValueError, match=r"model.attention_impl='pallas', but no layer's method \(hyena\)"):
+        encoder(attention="hyena", attention_impl="pallas").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="model.attention_impl: impl must be one of"):
+        encoder(attention_impl="cuda").init(jax.random.key(0), x)

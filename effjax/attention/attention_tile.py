@@ -58,9 +58,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, 
     Self-attention only. ``impl="pallas"``: the block-sparse kernel over ``frame_layout`` at a block of the largest
     power of two dividing the frame length, at most 64 (ValueError when it is below the compiled kernels'
     minimum of 16; interpret mode takes any); dropout with the kernel's own draws, head_dim a power of two.
-    A query with no allowed key
-    gets the mean of the values it may see on both paths (all keys for a global frame, else the global frames
-    and its own).
+    A query with no allowed key gets the mean of the values it may see on both paths (all keys for a global
+    frame, else the global frames and its own).
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)

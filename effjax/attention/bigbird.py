@@ -34,10 +34,9 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     length is clamped to one block (full attention); otherwise a length that is not a multiple
     raises ValueError. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
     ``impl="pallas"``: the block-sparse kernel computing only the listed tiles, per head (one block:
-    the flash kernel); the block must be a power of two (ValueError otherwise);
-    dropout with the kernel's own draws. The one
-    difference: a query with no allowed key (e.g. padding) averages the values of its listed blocks,
-    where the xla path averages all values.
+    the flash kernel); the block must be a power of two (ValueError otherwise); dropout with the
+    kernel's own draws. The one difference: a query with no allowed key (e.g. padding) averages the
+    values of its listed blocks, where the xla path averages all values.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)

@@ -22,10 +22,10 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, nu
     only its prefix). Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than
     ``softmax``. ``impl="pallas"``: the flash kernel with the same token-level pattern, computing only
     the window band's tiles and the rows/columns of tiles holding a global token (union over the batch;
-    a traced ``global_mask`` gives a traced tile layout, visited through tables);
-    dropout with the kernel's own draws. The one
-    difference: a query with no allowed key (e.g. padding far from real keys, with no global key in its
-    segment) averages the values of the tiles it visits, where the xla path averages all values.
+    a traced ``global_mask`` gives a traced tile layout, visited through tables); dropout with the
+    kernel's own draws. The one difference: a query with no allowed key (e.g. padding far from real keys,
+    with no global key in its segment) averages the values of the tiles it visits, where the xla path
+    averages all values.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)

@@ -97,8 +97,7 @@ def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=
     the output); otherwise it raises ValueError naming ``method``. Padded keys (``mask`` False) are excluded in
     every group and ``segment_ids`` restrict each group further. ``impl="pallas"``: each group is one sequence
     of the flash kernel, with the group's key mask and segment ids (dropout: the kernel's own draws);
-    a query whose group has no
-    allowed key gets the uniform mean of the group's values on both paths.
+    a query whose group has no allowed key gets the uniform mean of the group's values on both paths.
     """
     check_impl(method, impl)
     if impl == "pallas":

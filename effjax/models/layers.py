@@ -8,11 +8,17 @@ from flax import linen as nn
 from effjax import attention as attention_lib
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
+from kernels.backend import check_impl
 
 Dtype = Any
 
 dense_init = nn.initializers.xavier_uniform()
 embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def has_kernel_path(method: str) -> bool:
+    """Whether attention method ``method`` takes ``impl`` (runs on a Pallas kernel with impl="pallas")."""
+    return "impl" in attention_lib.defaults(method)
 
 
 def logical(init, axes):
@@ -130,6 +136,8 @@ class Backbone(nn.Module):
     ``attention`` is one method name or a per-layer tuple; ``full_attention_layers`` (MASFormer, Zhang et
     al. 2023) lists layer indices that use ``full_attention`` instead. ``norm`` is 'layernorm' or 'prepbn'.
     ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
+    ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
+    path, unless the method's own params set one; layers whose method has none run XLA.
     """
 
     num_layers: int = 4
@@ -139,6 +147,7 @@ class Backbone(nn.Module):
     attention: Any = "softmax"
     attention_params: dict | None = None
     attention_dropout_rate: float = 0.0
+    attention_impl: str = "xla"
     full_attention_layers: tuple = ()
     full_attention: str = "softmax"
     dropout_rate: float = 0.1
@@ -157,7 +166,17 @@ class Backbone(nn.Module):
                                  f"{self.num_layers} layers (0..{self.num_layers - 1}).")
             methods[index] = self.full_attention
         attention_lib.check_name(self.full_attention)
+        self.check_attention_impl(methods)
         return tuple(methods)
+
+    def check_attention_impl(self, methods) -> None:
+        """ValueError for an unknown ``attention_impl``, or "pallas" when no layer's method has a kernel path."""
+        check_impl("model.attention_impl", self.attention_impl)
+        if self.attention_impl == "pallas" and not any(map(has_kernel_path, methods)):
+            with_kernels = [name for name in attention_lib.names() if has_kernel_path(name)]
+            used = ", ".join(sorted(set(methods)))
+            raise ValueError(f"model.attention_impl='pallas', but no layer's method ({used}) has a Pallas kernel "
+                             f"path; these do: {', '.join(with_kernels)}.")
 
     def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
@@ -182,6 +201,8 @@ class Backbone(nn.Module):
         for i, method in enumerate(methods):
             params = attention_lib.params_for(method, self.attention_params)
             params.setdefault("dropout_rate", self.attention_dropout_rate)
+            if has_kernel_path(method):
+                params.setdefault("impl", self.attention_impl)
             x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                       self.activation, self.norm, self.dtype, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma)
