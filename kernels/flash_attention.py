@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import dropout
+from kernels import dropout, sharding
 from kernels.backend import interpret_default
 
 NAME = "flash_attention"
@@ -80,6 +80,7 @@ class Config:
     has_global: bool  # window widened by global tokens: band | global query | global key
     dropout_keep_from: int  # attention dropout: keep where the hash >= this (0: no dropout)
     dropout_scale: float  # 1 / (1 - rate)
+    heads_total: int  # query heads of the whole call (a shard may hold fewer): the dropout stream index
     layout_heads: int  # 1, or the number of query heads when the layout differs per head
     fwd_mode: str  # "range" | "table" for each of the three visit lists
     dq_mode: str
@@ -226,12 +227,15 @@ def _logits(cfg, q, k, q_start, k_start, bq, bk, refs, q_tok=None):
 def _dropout_key(cfg, refs):
     """This program's dropout stream key (None without dropout); grid axes 1 and 2 are batch and head.
 
-    Read at the kernel's top level: interpret mode resolves ``program_id`` only there, not inside loops.
+    ``seed`` is [seed0, seed1, batch offset, head offset]: the offsets of this shard under a mesh, so the
+    keep bits are those of the unsharded call. Read at the kernel's top level: interpret mode resolves
+    ``program_id`` only there, not inside loops.
     """
     if not cfg.dropout_keep_from:
         return None
-    batch_head = pl.program_id(1) * pl.num_programs(2) + pl.program_id(2)
-    return dropout.stream_key((refs["seed"][0], refs["seed"][1]), batch_head)
+    seed = refs["seed"]
+    batch_head = (pl.program_id(1) + seed[2]) * cfg.heads_total + pl.program_id(2) + seed[3]
+    return dropout.stream_key((seed[0], seed[1]), batch_head)
 
 
 def _keep(cfg, key, q_start, k_start, bq, bk):
@@ -359,7 +363,7 @@ def _compiler_params(cfg, head_dim):
 
 def _extras(tokens):
     """(name, array, spec) of the per-batch int32 token arrays [batch, padded length], each given whole per row,
-    and of the dropout seed (uint32 [2], given whole).
+    and of the dropout seed (uint32 [4]: seed and shard offsets, given whole).
 
     ``tokens`` maps the names the kernels read (kmask, seg_q, seg_k, glob_q, glob_k, seed) to those present.
     """
@@ -531,7 +535,7 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
                  causal=bool(causal), window=window, sm_scale=float(sm_scale or 1.0 / math.sqrt(head_dim)),
                  groups=groups, has_mask=mask is not None, has_segments=segment_ids is not None,
                  has_global=global_tokens is not None, dropout_keep_from=dropout.threshold(dropout_rate),
-                 dropout_scale=1.0 / (1.0 - dropout_rate),
+                 dropout_scale=1.0 / (1.0 - dropout_rate), heads_total=heads,
                  layout_heads=int(fwd_layout.shape[0]), fwd_mode=fwd_visits[0], dq_mode=dq_visits[0],
                  dkv_mode=dkv_visits[0], interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     tokens = {}  # per-batch int32 token arrays padded to whole blocks (padded keys: kmask 1, excluded anyway)
@@ -542,9 +546,24 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
             x = jnp.asarray(x).astype(jnp.int32)
             tokens[name + "_q"], tokens[name + "_k"] = _pad_to(x, lq_pad, 1), _pad_to(x, lk_pad, 1)
     if dropout_rate > 0.0:
-        tokens["seed"] = jnp.asarray(dropout_seed).astype(jnp.uint32).reshape(2)
+        tokens["seed"] = jnp.concatenate([jnp.asarray(dropout_seed).astype(jnp.uint32).reshape(2),
+                                          jnp.zeros(2, jnp.uint32)])
     qp, kp, vp = _pad_to(q, lq_pad, 1), _pad_to(k, lk_pad, 1), _pad_to(v, lk_pad, 1)
-    out = _core(cfg, qp, kp, vp, tokens, fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
+    visits = (fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
+
+    def run(shard, qp, kp, vp, tokens, visits):
+        if "seed" in tokens:  # this shard's first batch row and head, for the dropout stream index
+            offsets = jnp.stack([shard[sharding.BATCH] * qp.shape[0], shard[sharding.HEADS] * qp.shape[2]])
+            tokens = {**tokens, "seed": tokens["seed"] + jnp.concatenate([jnp.zeros(2, jnp.uint32),
+                                                                           offsets.astype(jnp.uint32)])}
+        return _core(cfg, qp, kp, vp, tokens, *visits)
+
+    qkv_dims = (sharding.BATCH, None, sharding.HEADS)
+    token_dims = {name: None if name == "seed" else (sharding.BATCH,) for name in tokens}
+    layout_dims = (sharding.HEADS,) if cfg.layout_heads > 1 else None
+    visit_dims = tuple((layout_dims, layout_dims) for _ in visits)
+    out = sharding.per_shard(run, (qp, kp, vp, tokens, visits), (qkv_dims, qkv_dims, qkv_dims, token_dims, visit_dims),
+                             qkv_dims, batch=batch, head_counts=(heads, k.shape[2]))
     return out[:, :q_len]
 
 

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import sharding
 from kernels.backend import interpret_default
 
 NAME = "chunked_linear_attention"
@@ -373,8 +374,11 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - dv)
     if log_decay is not None:
         log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
-    num, den = _core(phi_q, phi_k, v, log_decay, bool(causal), bool(normalize), chunk, block,
-                     interpret_default(interpret))
+    static = (bool(causal), bool(normalize), chunk, block, interpret_default(interpret))
+    per_step = (sharding.BATCH, None, sharding.HEADS)  # [batch, length, heads, ...]
+    num, den = sharding.per_shard(lambda _, *arrays: _core(*arrays, *static), (phi_q, phi_k, v, log_decay),
+                                  (per_step,) * 3 + (None if log_decay is None else per_step,), (per_step, per_step),
+                                  batch=batch, head_counts=(heads,))
     out = num / (den[..., None] + eps) if normalize else num
     return out[:, q_front:q_front + q_len, :, :dv].astype(dtype)
 

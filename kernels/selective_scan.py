@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import sharding
 from kernels.backend import interpret_default
 from kernels.linear_attention import check_dtype, next_power_of_2, pad_axis
 
@@ -220,5 +221,11 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     a = pad_axis(pad_axis(a, 1, 0, p_pad - p), 2, 0, n_pad - n)
     xs, dts = (pad_axis(pad_axis(t, 1, 0, padded - length), 3, 0, p_pad - p) for t in (x, delta))
     bs, cs = (pad_axis(pad_axis(t, 1, 0, padded - length), 3, 0, n_pad - n) for t in (b, c))
-    y = _core(xs, dts, a, bs, cs, pad_axis(resets, 1, 0, padded - length), chunk, block, interpret_default(interpret))
+    interpret = interpret_default(interpret)
+    per_step = (sharding.BATCH, None, sharding.HEADS)  # [batch, length, heads, ...]
+    y = sharding.per_shard(
+        lambda _, *arrays: _core(*arrays, chunk, block, interpret),
+        (xs, dts, a, bs, cs, pad_axis(resets, 1, 0, padded - length)),
+        (per_step, per_step, (sharding.HEADS,), per_step, per_step, (sharding.BATCH,)), per_step,
+        batch=batch, head_counts=(heads,))
     return y[:, :length, :, :p] + d_skip.astype(jnp.float32) * x
