@@ -546,16 +546,14 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
             x = jnp.asarray(x).astype(jnp.int32)
             tokens[name + "_q"], tokens[name + "_k"] = _pad_to(x, lq_pad, 1), _pad_to(x, lk_pad, 1)
     if dropout_rate > 0.0:
-        tokens["seed"] = jnp.concatenate([jnp.asarray(dropout_seed).astype(jnp.uint32).reshape(2),
-                                          jnp.zeros(2, jnp.uint32)])
+        tokens["seed"] = jnp.asarray(dropout_seed).astype(jnp.uint32).reshape(2)
     qp, kp, vp = _pad_to(q, lq_pad, 1), _pad_to(k, lk_pad, 1), _pad_to(v, lk_pad, 1)
     visits = (fwd_visits[1:], dq_visits[1:], dkv_visits[1:])
 
     def run(shard, qp, kp, vp, tokens, visits):
-        if "seed" in tokens:  # this shard's first batch row and head, for the dropout stream index
+        if "seed" in tokens:  # the seed, then this shard's first batch row and head (the dropout stream index)
             offsets = jnp.stack([shard[sharding.BATCH] * qp.shape[0], shard[sharding.HEADS] * qp.shape[2]])
-            tokens = {**tokens, "seed": tokens["seed"] + jnp.concatenate([jnp.zeros(2, jnp.uint32),
-                                                                           offsets.astype(jnp.uint32)])}
+            tokens = {**tokens, "seed": jnp.concatenate([tokens["seed"], offsets.astype(jnp.uint32)])}
         return _core(cfg, qp, kp, vp, tokens, *visits)
 
     qkv_dims = (sharding.BATCH, None, sharding.HEADS)

@@ -30,18 +30,11 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
         )
     block, count = patterns.num_blocks(NAME, length, block_size)
     if impl == "pallas":
-        dropout = softmax.kernel_dropout(dropout_rate, dropout_rng)
-        if count == 1:  # one block of the whole length: plain flash attention
-            from kernels.flash_attention import flash_attention
+        from kernels.block_sparse import method_blocks_attention
 
-            return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, **dropout)
-        if block & (block - 1):
-            raise ValueError(f"{NAME}: impl='pallas' needs a power-of-two block, got {block} (block_size "
-                             f"{block_size}, length {length}); use impl='xla'.")
-        from kernels.block_sparse import block_sparse_attention
-
-        return block_sparse_attention(q, k, v, np.eye(count, dtype=bool), block_size=block, mask=mask,
-                                      segment_ids=segment_ids, causal=causal, **dropout)
+        return method_blocks_attention(NAME, q, k, v, np.eye(count, dtype=bool), block, mask=mask,
+                                       segment_ids=segment_ids, causal=causal,
+                                       **softmax.kernel_dropout(dropout_rate, dropout_rng))
     pair = patterns.block_diagonal(length, block)
     return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                           pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
