@@ -6,10 +6,13 @@ setuptools.setup(
     name="effjax",
     version="0.1.0",
     description="Efficient attention, token reduction, kernels, search and a sharded trainer in JAX/Flax.",
-    packages=setuptools.find_packages(include=["effjax", "effjax.*", "kernels", "kernels.*"]),
-    python_requires=">=3.10",
+    # kernels/ (top level, beside effjax/) installs as effjax.kernels: a bare "kernels" would collide with the
+    # PyPI package of that name.
+    packages=setuptools.find_packages(include=["effjax", "effjax.*"]) + ["effjax.kernels"],
+    package_dir={"effjax.kernels": "kernels"},
+    python_requires=">=3.12",
     install_requires=[
-        "jax>=0.10,<0.12",
+        "jax>=0.11,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12,<0.13",
@@ -23,7 +26,7 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29", "matplotlib>=3.8", "ruff>=0.6", "portpicker>=1.6"],
-        "gpu": ["jax[cuda12]>=0.10,<0.12"],
-        "tpu": ["jax[tpu]>=0.10,<0.12"],
+        "gpu": ["jax[cuda12]>=0.11,<0.13"],
+        "tpu": ["jax[tpu]>=0.11,<0.13"],
     },
 )

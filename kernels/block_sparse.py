@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import flash_attention as flash
-from kernels.backend import interpret_default
+from effjax.kernels import flash_attention as flash
+from effjax.kernels.backend import interpret_default
 
 NAME = "block_sparse_attention"
 WINDOW_GLOBAL = "window_global_attention"
@@ -159,10 +159,9 @@ def window_global_attention(q, k, v, *, window: int, global_tokens=None, mask=No
 def window_global_reference(q, k, v, *, window: int, global_tokens=None, mask=None, segment_ids=None,
                             causal=False, dropout_rate=0.0, dropout_seed=None):
     """The plain-JAX computation ``window_global_attention`` accelerates: softmax.attend with the pair mask."""
-    from effjax.attention import patterns
-
-    pair = patterns.band(q.shape[1], k.shape[1], window)[None]
-    if global_tokens is not None:
-        pair = pair | patterns.global_tokens(global_tokens)
+    pair = flash.band(q.shape[1], k.shape[1], window)[None]
+    if global_tokens is not None:  # global queries see every key, every query sees global keys
+        is_global = jnp.asarray(global_tokens, bool)
+        pair = pair | is_global[..., :, None] | is_global[..., None, :]
     return flash.reference_attend(q, k, v, pair[:, None], mask=mask, segment_ids=segment_ids, causal=causal,
                                   dropout_rate=dropout_rate, dropout_seed=dropout_seed)

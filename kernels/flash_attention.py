@@ -33,8 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import dropout, sharding
-from kernels.backend import interpret_default
+from effjax.kernels import dropout, sharding
+from effjax.kernels.backend import interpret_default
 
 NAME = "flash_attention"
 MASKED = float(np.finfo(np.float32).min)  # what the reference writes into masked logits
@@ -588,27 +588,52 @@ def flash_attention(q, k, v, *, mask=None, segment_ids=None, causal=False, windo
                              dropout_seed=dropout_seed)
 
 
+def _allowed(q_len: int, kv_len: int, *, mask=None, segment_ids=None, causal=False, pair_mask=None):
+    """Boolean [batch or 1, heads or 1, q_len, kv_len] of the pairs the reference lets attend."""
+    allowed = jnp.ones((1, 1, q_len, kv_len), bool)
+    if mask is not None:
+        allowed = allowed & jnp.asarray(mask, bool)[:, None, None, :]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if causal:  # queries aligned to the end of the keys
+        allowed = allowed & (jnp.arange(q_len)[:, None] + (kv_len - q_len) >= jnp.arange(kv_len)[None, :])
+    if pair_mask is not None:
+        allowed = allowed & pair_mask
+    return allowed
+
+
+def band(q_len: int, kv_len: int, window: int):
+    """[q_len, kv_len]: |i + (kv_len - q_len) - j| <= window, the sliding-window pairs."""
+    i = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    return jnp.abs(i - jnp.arange(kv_len)[None, :]) <= window
+
+
 def reference_attend(q, k, v, pair_mask=None, *, mask=None, segment_ids=None, causal=False, dropout_rate=0.0,
                      dropout_seed=None):
-    """``softmax.attend`` as the kernels compute it: GQA by repeating kv heads, and dropout with the kernels'
-    counter-based keep mask. The references of every kernel built on ``blocked_attention`` call this."""
-    from effjax.attention import softmax
-
+    """Materialized softmax attention as the kernels define it, for tests: float32 logits scaled by
+    1/sqrt(head_dim), disallowed pairs at float32's min (a row with none allowed averages all values), GQA by
+    repeating kv heads, and dropout with the kernels' counter-based keep mask. ``pair_mask`` (bool,
+    broadcastable to [batch, heads, q_len, kv_len]) restricts the pairs further. The references of every
+    kernel built on ``blocked_attention`` call this; it imports nothing from effjax.attention, so the
+    conformance sweep (method's pallas path against its XLA path) and these kernel tests check independently.
+    """
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    keep = None
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    allowed = _allowed(q.shape[1], k.shape[1], mask=mask, segment_ids=segment_ids, causal=causal,
+                       pair_mask=pair_mask)
+    weights = jax.nn.softmax(jnp.where(allowed, logits, MASKED), axis=-1)
     if dropout_rate > 0.0:
         keep = dropout.keep_mask(jnp.asarray(dropout_seed).astype(jnp.uint32), q.shape[0], q.shape[2], q.shape[1],
                                  k.shape[1], dropout_rate)
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, pair_mask=pair_mask,
-                          dropout_rate=dropout_rate, dropout_keep=keep)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
 def reference(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None, dropout_rate=0.0,
               dropout_seed=None):
     """The plain-JAX computation ``flash_attention`` accelerates (``reference_attend`` with the window band)."""
-    from effjax.attention import patterns
-
-    pair = None if window is None else patterns.band(q.shape[1], k.shape[1], window)[None, None]
+    pair = None if window is None else band(q.shape[1], k.shape[1], window)[None, None]
     return reference_attend(q, k, v, pair, mask=mask, segment_ids=segment_ids, causal=causal,
                             dropout_rate=dropout_rate, dropout_seed=dropout_seed)

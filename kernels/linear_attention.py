@@ -30,8 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import sharding
-from kernels.backend import interpret_default
+from effjax.kernels import sharding
+from effjax.kernels.backend import interpret_default
 
 NAME = "chunked_linear_attention"
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

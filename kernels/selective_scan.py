@@ -23,9 +23,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import sharding
-from kernels.backend import interpret_default
-from kernels.linear_attention import check_dtype, next_power_of_2, pad_axis
+from effjax.kernels import sharding
+from effjax.kernels.backend import interpret_default
+from effjax.kernels.linear_attention import check_dtype, next_power_of_2, pad_axis
 
 NAME = "selective_scan"
 DEFAULT_CHUNK_SIZE = 64
@@ -229,3 +229,25 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
         (per_step, per_step, (sharding.HEADS,), per_step, per_step, (sharding.BATCH,)), per_step,
         batch=batch, head_counts=(heads,))
     return y[:, :length, :, :p] + d_skip.astype(jnp.float32) * x
+
+
+def reference(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None):
+    """Step-by-step float32 recurrence ``selective_scan`` accelerates (Mamba's ``selective_scan_ref``), for tests:
+    ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`` and ``y_t = C_t . h_t + D x_t`` with ``A = -exp(a_log)``;
+    ``keep`` False leaves the state untouched, ``reset`` True zeroes it before the step."""
+    x, delta, b, c = (t.astype(jnp.float32) for t in (x, delta, b, c))
+    batch, length, heads, p = x.shape
+    a = -jnp.exp(a_log.astype(jnp.float32))
+    keeps = jnp.ones((batch, length), bool) if keep is None else jnp.asarray(keep, bool)
+    resets = jnp.zeros((batch, length), bool) if reset is None else jnp.asarray(reset, bool)
+
+    def step(h, inputs):
+        xt, dt, bt, ct, kt, rt = inputs
+        h = jnp.where(rt[:, None, None, None], 0.0, h)
+        updated = jnp.exp(dt[..., None] * a) * h + (dt * xt)[..., None] * bt[:, :, None, :]
+        h = jnp.where(kt[:, None, None, None], updated, h)
+        return h, jnp.einsum("bhpn,bhn->bhp", h, ct)
+
+    steps = tuple(jnp.moveaxis(t, 1, 0) for t in (x, delta, b, c, keeps, resets))
+    _, y = lax.scan(step, jnp.zeros((batch, heads, p, a.shape[-1]), jnp.float32), steps)
+    return jnp.moveaxis(y, 0, 1) + d_skip.astype(jnp.float32) * x

@@ -1,8 +1,13 @@
 """Shared checks for the attention kernel tests: inputs, jitted value and gradients, closeness with a write check."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
+
+TRITON = "__gpu$xla.gpu.triton"
 
 
 def jit(fn):
@@ -48,3 +53,21 @@ def assert_tree_close(got, want, rtol, atol):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, float(np.abs(w).max())))
+
+
+def _target_gpu():
+    """On a machine without a GPU, an abstract H100 to lower for (jax >= 0.12 asks for one to pick Triton's
+    compute capability; before, it lowered without); nothing where a GPU is present or jax lacks the API."""
+    if jax.default_backend() == "gpu" or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def triton_calls(fn, *args) -> int:
+    """How many Triton kernels ``jax.export`` of jitted ``fn`` for CUDA holds: lowering only, no GPU needed."""
+    with _target_gpu():
+        exported = export.export(jax.jit(fn), platforms=["cuda"],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    return exported.mlir_module().count(TRITON)

@@ -1,4 +1,5 @@
-"""kernels/bench.py --small runs end to end on CPU (kernels interpreted) and writes its table, rows and plot."""
+"""benchmarks/kernel_speed.py --small runs end to end on CPU (kernels interpreted) and writes its table, rows
+and plot."""
 
 import json
 import os
@@ -10,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_small_writes_jsonl_md_and_png(tmp_path):
     base = str(tmp_path / "kernels_cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--small", "--lengths=64", "--head_dims=16",
-           "--repeats=1", f"--out={base}"]
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_speed.py"), "--small", "--lengths=64",
+           "--head_dims=16", "--repeats=1", f"--out={base}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

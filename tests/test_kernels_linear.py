@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import assert_tree_close, jit, value_and_grads_of
+from kernel_checks import assert_tree_close, jit, triton_calls, value_and_grads_of
 
 from effjax.attention import cosformer, kernel_attention, linear_elu, performer
-from kernels import linear_attention as la
+from effjax.kernels import linear_attention as la
 
 
 def inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
@@ -179,12 +179,8 @@ def test_impl_switch_errors():
 @pytest.mark.parametrize("causal,decay", [(False, False), (True, False), (True, True)])
 def test_kernels_lower_to_triton(causal, decay):
     # Lowering only (no GPU needed): Pallas -> Triton IR for forward and backward at a bench-like tile shape.
-    from jax import export
     shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
     gate = jax.ShapeDtypeStruct((2, 256, 2), jnp.float32) if decay else None
     fn = lambda q, k, v, g: la.chunked_linear_attention(q, k, v, causal=causal, decay=g, interpret=False)
     grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
-    exported = export.export(jax.jit(grad), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        shape, shape, shape, gate)
-    assert exported.mlir_module().count("xla.gpu.triton") == 2  # forward and backward kernels
+    assert triton_calls(grad, shape, shape, shape, gate) == 2  # forward and backward kernels

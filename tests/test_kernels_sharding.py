@@ -8,8 +8,8 @@ import pytest
 from flax import linen as nn
 from kernel_checks import assert_tree_close, inputs, jit, value_and_grads_of
 
-from kernels import dropout, sharding
-from kernels.flash_attention import BlockSizes, flash_attention
+from effjax.kernels import dropout, sharding
+from effjax.kernels.flash_attention import BlockSizes, flash_attention
 
 RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("length", None))
 B16 = BlockSizes(16, 16, 16, 16)
@@ -80,8 +80,8 @@ def test_encoder_with_pallas_attention_trains_the_same_on_eight_devices():
 
 
 def test_linear_attention_and_selective_scan_per_shard_equal_the_unsharded_call():
-    from kernels.linear_attention import chunked_linear_attention
-    from kernels.selective_scan import selective_scan
+    from effjax.kernels.linear_attention import chunked_linear_attention
+    from effjax.kernels.selective_scan import selective_scan
 
     keys = jax.random.split(jax.random.key(23), 6)
     phi_q, phi_k = (jnp.exp(0.5 * jax.random.normal(kk, (4, 24, 2, 8))) for kk in keys[:2])

@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from effjax.attention import permute, softmax
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "attention_tile"
 MAX_TILE = 64  # largest kernel block under impl="pallas" (the flash kernels' default block)
@@ -32,8 +32,8 @@ def frame_layout(frames: int, num_global: int) -> np.ndarray:
 
 def _pallas(q, k, v, *, mask, segment_ids, frame, num_global, dropout_rate, dropout_rng):
     """The tile mask as a block layout for ``kernels.block_sparse`` (no copies of the global frames)."""
-    from kernels import flash_attention as flash
-    from kernels.block_sparse import block_sparse_attention
+    from effjax.kernels import flash_attention as flash
+    from effjax.kernels.block_sparse import block_sparse_attention
 
     interpret = permute.check_pallas(NAME, q, k, v)
     batch, length = q.shape[:2]

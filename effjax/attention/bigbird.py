@@ -5,7 +5,7 @@ from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "bigbird"
 
@@ -56,7 +56,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     block, count = patterns.num_blocks(NAME, length, block_size)
     layout = block_layout(count, heads, num_random_blocks, seed)
     if impl == "pallas":
-        from kernels.block_sparse import method_blocks_attention
+        from effjax.kernels.block_sparse import method_blocks_attention
 
         return method_blocks_attention(NAME, q, k, v, layout, block, mask=mask, segment_ids=segment_ids,
                                        **softmax.kernel_dropout(dropout_rate, dropout_rng))

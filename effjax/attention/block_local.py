@@ -5,7 +5,7 @@ from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "block_local"
 
@@ -30,7 +30,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
         )
     block, count = patterns.num_blocks(NAME, length, block_size)
     if impl == "pallas":
-        from kernels.block_sparse import method_blocks_attention
+        from effjax.kernels.block_sparse import method_blocks_attention
 
         return method_blocks_attention(NAME, q, k, v, np.eye(count, dtype=bool), block, mask=mask,
                                        segment_ids=segment_ids, causal=causal,

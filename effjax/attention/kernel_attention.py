@@ -32,7 +32,7 @@ from jax import lax
 
 from effjax.attention import common
 from effjax.attention.common import check_mask
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "kernel_attention"
 EPS = 1e-6
@@ -105,7 +105,7 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
 
 def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
     """``normalized_attention`` through the Pallas kernel, ``scale`` (log key scales, or None) folded in."""
-    from kernels import linear_attention as kernel  # only this path needs Pallas
+    from effjax.kernels import linear_attention as kernel  # only this path needs Pallas
 
     chunk = max(16, kernel.next_power_of_2(chunk_size))
     log_decay = None
@@ -136,7 +136,7 @@ def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAM
     phi_q, phi_k, v, mask, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, False, method)
     if impl == "pallas":
         _refuse_pallas_segments(method, labels)
-        from kernels.linear_attention import chunked_linear_attention
+        from effjax.kernels.linear_attention import chunked_linear_attention
 
         return chunked_linear_attention(phi_q, phi_k, v, normalize=False, mask=mask)
     return _contract(phi_q, phi_k, v, labels)

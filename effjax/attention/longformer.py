@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "longformer"
 
@@ -42,7 +42,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, nu
             f"{NAME}: global_mask must have shape [batch, length] = {(batch, length)}, got {np.shape(global_mask)}."
         )
     if impl == "pallas":
-        from kernels.block_sparse import window_global_attention
+        from effjax.kernels.block_sparse import window_global_attention
 
         # numpy, so the tile layout stays static unless global_mask is traced.
         is_global = np.broadcast_to(np.arange(length) < num_global, (batch, length))

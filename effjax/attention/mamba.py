@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from effjax.attention import fftconv, scan
 from effjax.attention.common import check_mask, check_qkv, refuse_cross, torch_uniform
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "mamba"
 DEFAULT_CHUNK_SIZE = 64
@@ -68,7 +68,7 @@ def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DE
     reset = None if segment_ids is None else segment_starts(segment_ids)
     scan_fn = selective_scan
     if impl == "pallas":
-        from kernels.selective_scan import selective_scan as scan_fn  # only this path needs Pallas
+        from effjax.kernels.selective_scan import selective_scan as scan_fn  # only this path needs Pallas
     return scan_fn(x, delta.reshape(x.shape), params["a_log"], b, c, params["d_skip"], keep=keep,
                    reset=reset, chunk_size=chunk_size)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.attention import softmax
-from kernels.backend import check_impl, interpret_default
+from effjax.kernels.backend import check_impl, interpret_default
 
 
 def gather(x, order):
@@ -70,7 +70,7 @@ def softmax_in_groups(q, k, v, *, key_mask=None, query_segments=None, key_segmen
 def check_pallas(method: str, q, k, v) -> bool:
     """A grouped method's checks for ``impl="pallas"``, raising errors that name ``method``: inputs the flash
     kernel takes (float32/bfloat16, power-of-two head_dim). Returns the interpret flag."""
-    from kernels import flash_attention as flash
+    from effjax.kernels import flash_attention as flash
 
     interpret = interpret_default(None)
     flash.check_inputs(method, q, k, v, interpret)
@@ -130,7 +130,7 @@ def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=
         return None if x is None else jnp.asarray(x).reshape(lead + (group_size,) + x.shape[2:])
 
     if impl == "pallas":
-        from kernels.flash_attention import flash_attention
+        from effjax.kernels.flash_attention import flash_attention
 
         flat = (batch * groups,)
         out = flash_attention(split(q, flat), split(k, flat), split(v, flat), mask=split(mask, flat),

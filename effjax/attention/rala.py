@@ -7,7 +7,7 @@ from flax import linen as nn
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
 from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "rala"
 LEPE_KERNEL_SIZE = 5  # nn.Conv2d(dim, dim, 5, 1, 2, groups=dim) in the official code

@@ -4,7 +4,7 @@ from flax import linen as nn
 
 from effjax.attention import patterns, softmax
 from effjax.attention.common import check_qkv, dropout_kwargs
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
 
@@ -23,7 +23,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dr
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
     if impl == "pallas":
-        from kernels.flash_attention import flash_attention
+        from effjax.kernels.flash_attention import flash_attention
 
         return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=window,
                                **softmax.kernel_dropout(dropout_rate, dropout_rng))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
-from kernels.backend import check_impl
+from effjax.kernels.backend import check_impl
 
 
 def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:
@@ -16,7 +16,7 @@ def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:
     """
     if dropout_rate <= 0.0 or dropout_rng is None:
         return {}
-    from kernels.dropout import seed_from_key
+    from effjax.kernels.dropout import seed_from_key
 
     return {"dropout_rate": dropout_rate, "dropout_seed": seed_from_key(dropout_rng)}
 
@@ -51,7 +51,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
                 "softmax: impl='pallas' cannot take a pair_mask: an arbitrary [batch, heads, q, k] mask is not "
                 "expressible in the flash kernel (key padding, segments, causal, window only); use impl='xla', "
                 "or kernels.block_sparse.block_sparse_attention for block layouts.")
-        from kernels.flash_attention import flash_attention
+        from effjax.kernels.flash_attention import flash_attention
 
         return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                                **kernel_dropout(dropout_rate, dropout_rng))

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
+from effjax.kernels.backend import check_impl
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
-from kernels.backend import check_impl
 
 Dtype = Any
 

@@ -1,8 +1,8 @@
 """Kernel benchmark: Pallas flash / block-sparse / chunked linear attention against XLA, cuDNN and Pallas' own mha.
 
-  python kernels/bench.py                  # GPU: batch 4, 16 heads, head_dim 64 and 128, lengths 1K..32K, bf16
-  python kernels/bench.py --small          # CPU: tiny sizes, kernels interpreted (proves the script runs)
-  python kernels/bench.py --lengths=1024,4096 --head_dims=128 --causal
+  python benchmarks/kernel_speed.py            # GPU: batch 4, 16 heads, head_dim 64 and 128, lengths 1K..32K, bf16
+  python benchmarks/kernel_speed.py --small    # CPU: tiny sizes, kernels interpreted (proves the script runs)
+  python benchmarks/kernel_speed.py --lengths=1024,4096 --head_dims=128 --causal
 
 For each head_dim and length it times, on one device in one run, the forward and forward+backward
 (gradients of sum(out * ct) with respect to q, k, v) of:
@@ -87,7 +87,7 @@ def random_layout(heads: int, blocks: int, density: float, seed: int = 0):
 def linear_module():
     """kernels.linear_attention, or None (with a message) when that module is not there yet."""
     try:
-        return importlib.import_module("kernels.linear_attention")
+        return importlib.import_module("effjax.kernels.linear_attention")
     except ImportError as error:
         print(f"kernels.linear_attention not importable ({error}); skipping linear_chunked and linear_xla.")
         return None
@@ -99,7 +99,7 @@ def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, caus
     import jax.numpy as jnp
 
     from effjax.attention import softmax
-    from kernels import block_sparse, dropout, flash_attention
+    from effjax.kernels import block_sparse, dropout, flash_attention
 
     interpret = jax.default_backend() != "gpu"
     scale = 1.0 / math.sqrt(head_dim)
