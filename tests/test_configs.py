@@ -49,23 +49,10 @@ def test_tfds_configs_train_on_mock_data(tmp_path, name):
 
 def test_every_attention_method_has_its_params_in_the_config():
     from effjax import attention
+    from effjax.models.layer_attention import method_params
 
     table = load("lra_listops").model.attention_params
     assert sorted(table.keys()) == attention.names()
     for method in attention.names():
         assert set(table[method].keys()) == set(attention.defaults(method))
-        attention.make(method, **attention.params_for(method, table))  # defaults build
-
-
-def test_attention_params_pick_each_layers_own_method():
-    from effjax import attention
-
-    keyed = {"linformer": {"k": 8}, "sliding_window": {"window": 3, "unused": None}}
-    assert attention.params_for("linformer", keyed) == {"k": 8}
-    assert attention.params_for("sliding_window", keyed) == {"window": 3}
-    assert attention.params_for("softmax", keyed) == {}
-    assert attention.params_for("softmax", {"unused": None}) == {}
-    with pytest.raises(ValueError, match="mixes per-method entries"):
-        attention.params_for("linformer", {"linformer": {"k": 8}, "window": 3})
-    with pytest.raises(ValueError, match="Unknown attention method 'linformr'"):
-        attention.params_for("linformer", {"linformr": {"k": 8}})
+        attention.make(method, **method_params(method, table))  # defaults build

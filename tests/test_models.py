@@ -78,7 +78,7 @@ def test_bfloat16_activations_and_dropout_determinism():
 def test_masformer_full_attention_layers_replace_the_sparse_method():
     model = encoder(attention="block_local", attention_params={"block_local": {"block_size": 7}},
                     full_attention_layers=(1,), max_length=20)
-    assert model.layer_methods() == ("block_local", "softmax")
+    assert [method for method, _ in model.layer_attention()] == ["block_local", "softmax"]
     x = tokens(4, (2, 20))
     variables = model.init(jax.random.key(0), x)
     # Layer 0 is block-local (21 tokens with CLS = 3 blocks of 7), layer 1 full: a token in the last block

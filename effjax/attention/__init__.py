@@ -6,8 +6,11 @@ A method's name is its module's file name. Every method module exports:
     causal=False, deterministic=True)`` maps ``q [batch, q_len, heads, head_dim]`` and
     ``k, v [batch, kv_len, heads, head_dim]`` to ``[batch, q_len, heads, head_dim]``.
 ``mask`` is a boolean key-padding mask ``[batch, kv_len]``, True where a token is real.
+
+Which method (and params) each layer of a model runs is the model's business:
+``effjax.models.layer_attention.resolve``.
 """
 
-from effjax.attention.registry import check_name, defaults, make, names, param_type, params_for, resolve_per_layer
+from effjax.attention.registry import check_name, defaults, make, names, param_type
 
-__all__ = ["check_name", "defaults", "make", "names", "param_type", "params_for", "resolve_per_layer"]
+__all__ = ["check_name", "defaults", "make", "names", "param_type"]

@@ -1,6 +1,5 @@
 """Name -> attention method lookup: the module ``effjax.attention.<name>`` is the method."""
 
-import collections.abc
 import dataclasses
 import difflib
 import importlib
@@ -57,27 +56,6 @@ def param_type(name: str, param: str) -> type:
     return origin if isinstance(origin, type) else object
 
 
-def params_for(name: str, attention_params) -> dict:
-    """The params for one layer of method ``name``.
-
-    ``attention_params`` is either flat ``{param: value}`` (for every layer) or keyed by method,
-    ``{method: {param: value}}``, as the configs hold it; ``None`` values mean "the method's default".
-    """
-    if hasattr(attention_params, "to_dict"):  # an ml_collections ConfigDict
-        attention_params = attention_params.to_dict()
-    attention_params = dict(attention_params or {})
-    keyed = {key for key, val in attention_params.items() if isinstance(val, collections.abc.Mapping)}
-    if keyed:
-        for key in keyed:
-            check_name(key)
-        flat = sorted(set(attention_params) - keyed)
-        if flat:
-            raise ValueError(f"attention_params mixes per-method entries ({', '.join(sorted(keyed))}) with "
-                             f"flat ones ({', '.join(flat)}); put every param under its method's name.")
-        attention_params = dict(attention_params.get(name, {}))
-    return {key: val for key, val in attention_params.items() if val is not None}
-
-
 def make(name: str, **params):
     """Returns the linen Module of method ``name`` built with ``params`` (paper defaults otherwise)."""
     cls, fields = _init_fields(name)
@@ -89,22 +67,3 @@ def make(name: str, **params):
             f"Accepted: {', '.join(accepted) or '(none)'}."
         )
     return cls(**params)
-
-
-def resolve_per_layer(attention, num_layers: int) -> tuple[str, ...]:
-    """Expands one method name, or checks a per-layer sequence of names, into ``num_layers`` names."""
-    if isinstance(attention, str):
-        # A command line gives one string: 'softmax,performer' or "('softmax','performer')".
-        attention = [part.strip(" '\"()[]") for part in attention.split(",")]
-        attention = [part for part in attention if part]
-    layer_names = tuple(attention)
-    if len(layer_names) == 1:
-        layer_names *= num_layers
-    elif len(layer_names) != num_layers:
-        raise ValueError(
-            f"model.attention lists {len(layer_names)} methods but model.num_layers is {num_layers}: "
-            "give one name for all layers or exactly one name per layer."
-        )
-    for name in layer_names:
-        check_name(name)
-    return layer_names

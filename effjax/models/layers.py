@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
-from effjax.kernels.backend import check_impl
+from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
 
@@ -14,11 +14,6 @@ Dtype = Any
 
 dense_init = nn.initializers.xavier_uniform()
 embed_init = nn.initializers.normal(stddev=0.02)
-
-
-def has_kernel_path(method: str) -> bool:
-    """Whether attention method ``method`` takes ``impl`` (runs on a Pallas kernel with impl="pallas")."""
-    return "impl" in attention_lib.defaults(method)
 
 
 def logical(init, axes):
@@ -44,7 +39,7 @@ class MultiHeadAttention(nn.Module):
     """Q/K/V/O projections around a registered attention method.
 
     Projections are ``self.param`` tensors of shape (embed, heads, head_dim) contracted with einsum,
-    because linen's DenseGeneral with logical partitioning fails under a mesh (API_NOTES 2).
+    because linen's DenseGeneral with logically partitioned kernels fails under a mesh.
     """
 
     num_heads: int
@@ -158,25 +153,9 @@ class Backbone(nn.Module):
     distil: bool = False
     dtype: Dtype = jnp.float32
 
-    def layer_methods(self) -> tuple[str, ...]:
-        methods = list(attention_lib.resolve_per_layer(self.attention, self.num_layers))
-        for index in self.full_attention_layers:
-            if not 0 <= index < self.num_layers:
-                raise ValueError(f"model.full_attention_layers has {index}, outside the "
-                                 f"{self.num_layers} layers (0..{self.num_layers - 1}).")
-            methods[index] = self.full_attention
-        attention_lib.check_name(self.full_attention)
-        self.check_attention_impl(methods)
-        return tuple(methods)
-
-    def check_attention_impl(self, methods) -> None:
-        """ValueError for an unknown ``attention_impl``, or "pallas" when no layer's method has a kernel path."""
-        check_impl("model.attention_impl", self.attention_impl)
-        if self.attention_impl == "pallas" and not any(map(has_kernel_path, methods)):
-            with_kernels = [name for name in attention_lib.names() if has_kernel_path(name)]
-            used = ", ".join(sorted(set(methods)))
-            raise ValueError(f"model.attention_impl='pallas', but no layer's method ({used}) has a Pallas kernel "
-                             f"path; these do: {', '.join(with_kernels)}.")
+    def layer_attention(self) -> tuple[tuple[str, dict], ...]:
+        """``((method, params), ...)`` per layer, resolved from this model's attention fields."""
+        return layer_attention.resolve({name: getattr(self, name) for name in layer_attention.FIELDS})
 
     def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
@@ -197,16 +176,12 @@ class Backbone(nn.Module):
         gamma = PRepBNSchedule(self.norm, self.prepbn_steps, self.prepbn_warmup, name="prepbn_schedule")(
             deterministic=deterministic)
         head_dim = self.embed_dim // self.num_heads
-        methods = self.layer_methods()
-        for i, method in enumerate(methods):
-            params = attention_lib.params_for(method, self.attention_params)
-            params.setdefault("dropout_rate", self.attention_dropout_rate)
-            if has_kernel_path(method):
-                params.setdefault("impl", self.attention_impl)
+        layers = self.layer_attention()
+        for i, (method, params) in enumerate(layers):
             x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                       self.activation, self.norm, self.dtype, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma)
-            if self.distil and i < len(methods) - 1:
+            if self.distil and i < len(layers) - 1:
                 x, mask = distil_after_prefix(Distil(name=f"distil_{i}"), x, mask, prefix_tokens, deterministic)
         x = Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
         return x, mask
