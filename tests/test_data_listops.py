@@ -185,14 +185,15 @@ def test_cache_files_are_complete_and_no_temp_files_remain(tmp_path):
         ["meta.json"] + [f"{s}_{k}.npy" for s in ("train", "validation", "test") for k in ("tokens", "labels")])
 
 
-def test_failed_write_leaves_neither_temp_nor_target(tmp_path):
-    def write(f):
+def test_failed_write_leaves_neither_temp_nor_target(tmp_path, monkeypatch):
+    def save(f, array):
         f.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
-        cache._write_atomically(tmp_path / "x.npy", write)
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(cache.np, "save", save)
+    with pytest.raises(cache.CacheError, match="Cannot write the data cache .*No space left on device"):
+        cache.load_or_build("t", {"k": 1}, lambda: {"a": np.arange(3)}, str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_concurrent_builders_generate_once(tmp_path):
