@@ -66,7 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 128
     c.model.num_heads = 4
     c.model.mlp_dim = 512
-    c.model.attention = "softmax"          # a method name, or a per-layer tuple of names
+    c.model.attention = "softmax"          # a method name, or one per layer: 'performer,softmax' on a command line
     c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>
     c.model.attention_dropout_rate = 0.1
     c.model.attention_impl = "xla"         # xla | pallas: Pallas kernels for every layer whose method has one
@@ -97,7 +97,8 @@ def attention_param_defaults() -> ml_collections.ConfigDict:
     Listing them all lets any one be set from the command line of a locked config, e.g.
     ``--config.model.attention_params.performer.num_features=128``; a layer uses its own method's entry.
     Params whose default is None are typed placeholders (``grid``: a tuple such as ``'(16, 32)'``). ``impl``
-    is a placeholder too: unset, a layer takes ``model.attention_impl``.
+    is a placeholder too: unset, a layer takes ``model.attention_impl`` (the precedence is applied in one
+    place, ``effjax.models.layer_attention.resolve``). Setting a param of a method no layer uses logs a warning.
     """
     from effjax import attention
 
@@ -108,19 +109,21 @@ def attention_param_defaults() -> ml_collections.ConfigDict:
     return table
 
 
-def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A seconds-long run of the same task: tiny model, 4 steps, eval and checkpoint every 2."""
-    c.total_steps = 4
+def shrink_for_smoke(c: ml_collections.ConfigDict, *, total_steps: int = 4, every: int = 2,
+                     num_layers: int = 1) -> ml_collections.ConfigDict:
+    """A seconds-long run of the same task: a tiny model of ``num_layers`` blocks trained ``total_steps``
+    steps, evaluated and checkpointed ``every`` steps."""
+    c.total_steps = total_steps
     c.batch_size = 8
     c.eval_batch_size = 8
-    c.eval_every = 2
+    c.eval_every = every
     c.eval_max_batches = 2
-    c.checkpoint_every = 2
+    c.checkpoint_every = every
     c.log_every = 1
     c.learning_rate = 1e-3
     c.schedule = "constant"
     c.warmup_steps = 0
-    c.model.num_layers = 1
+    c.model.num_layers = num_layers
     c.model.embed_dim = 32
     c.model.num_heads = 4
     c.model.mlp_dim = 64

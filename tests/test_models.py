@@ -59,6 +59,11 @@ def test_sequence_longer_than_model_maximum_is_rejected():
         encoder().init(jax.random.key(0), x)
 
 
+def test_families_are_the_modules_defining_model_and_task():
+    assert models.names() == ["decoder_lm", "encoder_classifier", "vit_classifier"]
+    assert [models.task_of(name) for name in models.names()] == ["lm", "classification", "classification"]
+
+
 def test_unknown_model_name_and_field():
     with pytest.raises(ValueError, match="Unknown model 'encoder_clasifier'.*Did you mean 'encoder_classifier'"):
         models.build("encoder_clasifier", vocab_size=17, num_classes=10)

@@ -4,23 +4,35 @@ Every source has ``task`` ('classification' or 'lm'), ``vocab_size`` (pad id 0 i
 ``num_classes`` (None for 'lm') and ``max_length``. Elements are ``{'inputs': int32[max_length],
 'targets': int32[]}`` for classification and ``{'inputs': int32[max_length]}`` for 'lm'; 0 is padding.
 Batching, shuffling and process slicing live in ``effjax.data.pipeline``.
+
+A source is a ``common.Source`` subclass that sets ``name`` (its ``config.data.name``) in a module of this
+package; they are found by importing the package's modules, so adding a source is adding a class.
 """
 
+import functools
+import importlib
 import inspect
+import pkgutil
 
-from effjax.data import bytes_lm, common, listops, tfds_sources
+from effjax.data import common
 
-_SOURCES = {
-    "listops": listops.ListOps,
-    "bytes_lm": bytes_lm.BytesLM,
-    "tfds_imdb": tfds_sources.TfdsImdb,  # LRA Text
-    "tfds_cifar10": tfds_sources.TfdsCifar10,  # LRA Image
-}
+
+@functools.cache
+def _sources() -> dict:
+    """``{name: class}`` of every ``common.Source`` subclass with a ``name`` defined in this package's modules."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, common.Source) and obj.__module__ == module.__name__
+                    and "name" in vars(obj)):
+                found[obj.name] = obj
+    return found
 
 
 def names() -> list[str]:
     """Registered source names, sorted."""
-    return sorted(_SOURCES)
+    return sorted(_sources())
 
 
 def params_of(name: str) -> dict:
@@ -41,6 +53,7 @@ def make_source(name: str, split: str, **params) -> common.Source:
 
 
 def _get(name: str):
-    if name not in _SOURCES:
-        raise common.unknown_name_error("data source", name, _SOURCES)
-    return _SOURCES[name]
+    sources = _sources()
+    if name not in sources:
+        raise common.unknown_name_error("data source", name, sources)
+    return sources[name]

@@ -15,6 +15,8 @@ _NOT_STDLIB = ("site-packages", "dist-packages", "__pycache__")
 class BytesLM(common.Source):
     """Non-overlapping max_length windows of the concatenated files; windows are split by a seeded permutation."""
 
+    name = "bytes_lm"  # config.data.name
+
     task = "lm"
     vocab_size = common.BYTE_VOCAB_SIZE
     num_classes = None

@@ -51,6 +51,7 @@ class Source:
     from its parameters (a cache hit) instead of copying its arrays into each grain worker.
     """
 
+    name: str  # config.data.name; ``effjax.data`` finds every subclass that sets it
     task: str = "classification"
     vocab_size: int
     num_classes: int | None

@@ -10,6 +10,8 @@ GENERATOR_VERSION = 1  # bump when generation changes, so that old caches are no
 class ListOps(common.Source):
     """10-way classification of nested MAX/MIN/MED/SM expressions; inputs are padded to max_length."""
 
+    name = "listops"  # config.data.name
+
     task = "classification"
     vocab_size = tokenizer.VOCAB_SIZE
     num_classes = 10

@@ -35,6 +35,8 @@ class TfdsImdb(common.Source):
     ``test`` are both TFDS ``test``, and best-on-validation selection is test-set selection (lra.md §7.3).
     """
 
+    name = "tfds_imdb"  # config.data.name (LRA Text)
+
     vocab_size = common.BYTE_VOCAB_SIZE
     num_classes = 2
     TFDS_SPLITS = {"train": "train", "validation": "test", "test": "test"}
@@ -62,6 +64,8 @@ class TfdsCifar10(common.Source):
     attention (lra.md §7.7). Shifting by one keeps every pixel visible; that bias is not reproduced.
     Splits follow LRA: train = TFDS train[:90%], validation = train[90%:], test = test.
     """
+
+    name = "tfds_cifar10"  # config.data.name (LRA Image)
 
     vocab_size = 256 + 1  # pixel + 1
     num_classes = 10

@@ -5,6 +5,8 @@ from flax import linen as nn
 
 from effjax.models.layers import Backbone, Trunk, dense_init, logical
 
+TASK = "lm"  # the data this family trains on: a source with task == TASK
+
 
 class Model(Backbone, kw_only=True):
     """Causal Transformer over token ids with an untied output projection to the vocabulary."""

@@ -5,6 +5,8 @@ from flax import linen as nn
 
 from effjax.models.layers import Backbone, Trunk, dense_init, logical
 
+TASK = "classification"  # the data this family trains on: a source with task == TASK
+
 
 def pool(x, mask, pooling: str, prefix_tokens: int):
     """[batch, embed]: the first (CLS) token, or the mean over real tokens after the prefix."""

@@ -12,6 +12,8 @@ from flax import linen as nn
 from effjax.models.encoder_classifier import check_pooling, classifier_head, pool
 from effjax.models.layers import Backbone, dense_init, embed_init, logical
 
+TASK = "classification"  # the data this family trains on: a source with task == TASK
+
 
 def pixels_from_tokens(tokens, image_size, channels: int):
     """Pixel tokens [batch, h * w * c] (pixel + 1) -> float images [batch, h, w, c] in [0, 1]."""

@@ -40,9 +40,6 @@ def lm(logits, batch, **_):
     return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
 
-TASKS = {"classification": classification, "lm": lm}
-
-
 def summarize(sums) -> dict:
     """Turns accumulated sums into means (and the majority-class rate when label counts exist)."""
     count = max(float(sums["count"]), 1.0)
