@@ -6,10 +6,12 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import permute, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross
 from effjax.kernels.backend import check_impl
 
 NAME = "attention_tile"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 MAX_TILE = 64  # largest kernel block under impl="pallas" (the flash kernels' default block)
 
 

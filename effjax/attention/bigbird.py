@@ -4,10 +4,12 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
 
 NAME = "bigbird"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 
 
 def block_layout(num_blocks: int, num_heads: int, num_random_blocks: int, seed: int) -> np.ndarray:

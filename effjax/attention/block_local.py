@@ -4,10 +4,12 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
 
 NAME = "block_local"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64, dropout_rate=0.0,

@@ -7,9 +7,11 @@ from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "efficientvit_cga"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=True, pallas=False)
 
 
 def window_shape(hw, window: int) -> tuple[int, int]:

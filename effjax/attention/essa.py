@@ -4,9 +4,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "essa"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=False)
 SQUARE_EPS = 1e-7  # the official code's eps in q^2 / (sum_c q^2 + eps)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
 

@@ -4,9 +4,11 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import grid, permute
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross
 
 NAME = "flat_window"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 AXES = ("x", "y")
 
 

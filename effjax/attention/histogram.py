@@ -4,9 +4,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import permute
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, l2_normalize, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "histogram"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=False)
 BRANCHES = ("both", "bin", "frequency")
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps, as in the reference
 

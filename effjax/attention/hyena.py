@@ -6,9 +6,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "hyena"
+CAPABILITIES = Capabilities(
+    causal=True, mask=True, segments=False, cross=False, dropout=True, pallas=False,
+    notes="dropout drops v' * k' before the long convolution (there are no attention weights).",
+)
 
 
 def positional_embedding(max_length: int, emb_dim: int = 3):

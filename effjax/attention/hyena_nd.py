@@ -4,6 +4,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv, grid
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import (
     check_qkv,
     dropout,
@@ -16,6 +17,10 @@ from effjax.attention.common import (
 from effjax.attention.hyena import ImplicitFilter, gated_inputs
 
 NAME = "hyena_nd"
+CAPABILITIES = Capabilities(
+    causal=False, mask=True, segments=False, cross=False, dropout=True, pallas=False,
+    notes="dropout drops v' * k' before the long convolution (there are no attention weights).",
+)
 
 # Axes of the [batch, h, w, ...] grid flipped before (and after) the quadrant conv, per direction: HyenaND's
 # ``augment`` order (identity, both axes, columns, rows).

@@ -6,10 +6,12 @@ from flax import linen as nn
 
 from effjax.attention import fftconv
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv
 from effjax.attention.performer import random_projection
 
 NAME = "kernelized_rpe"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=False)
 
 
 def feature_map(x, projection, normalize=True):

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "linear_elu"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True)
 
 
 def feature_map(x):

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout, dropout_kwargs
 
 NAME = "linformer"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=True, dropout=True, pallas=False)
 
 
 def _refuse(segment_ids, causal):

@@ -5,10 +5,12 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
 
 NAME = "longformer"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, num_global=1, global_mask=None,

@@ -6,9 +6,11 @@ from jax import lax
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "lowtention"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=True, pallas=False)
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 

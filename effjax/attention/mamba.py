@@ -7,10 +7,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import fftconv, scan
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, refuse_cross, torch_uniform
 from effjax.kernels.backend import check_impl
 
 NAME = "mamba"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True)
 DEFAULT_CHUNK_SIZE = 64
 
 

@@ -4,9 +4,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout, dropout_kwargs
 
 NAME = "nystromformer"
+CAPABILITIES = Capabilities(
+    causal=False, mask=True, segments=False, cross=False, dropout=True, pallas=False,
+    notes="cross attention works with conv_kernel_size=0; the default conv skip adds conv(v) at the query positions.",
+)
 _NEG = jnp.finfo(jnp.float32).min
 
 

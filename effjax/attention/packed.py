@@ -4,9 +4,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "packed"
+CAPABILITIES = Capabilities(
+    causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
+    notes="cross attention with segment_ids is refused (it would need separate query and key segment ids).",
+)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, dropout_rate=0.0, dropout_rng=None):

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "performer"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True)
 FEATURE_EPS = 1e-6  # the reference's numerical_stabilizer, added to the query features
 
 

@@ -6,9 +6,14 @@ from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
 from effjax.attention import performer
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "performer_relu"
+CAPABILITIES = Capabilities(
+    causal=True, mask=True, segments=True, cross=True, dropout=False, pallas=True,
+    notes="segment_ids are refused with causal=True and with impl='pallas'.",
+)
 KERNEL_EPSILON = 1e-3  # the reference's kernel_epsilon, added to every feature
 
 

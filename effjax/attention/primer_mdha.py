@@ -4,9 +4,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs
 
 NAME = "primer_mdha"
+CAPABILITIES = Capabilities(
+    causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
+    notes="centered=True refuses causal=True (the centred conv reads the next token).",
+)
 WIDTH = 3
 
 

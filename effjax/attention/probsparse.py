@@ -8,9 +8,14 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_segments
 
 NAME = "probsparse"
+CAPABILITIES = Capabilities(
+    causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False,
+    notes="causal cross attention is refused (the lazy queries' running mean is over the query positions).",
+)
 
 
 def sample_sizes(factor: int, q_len: int, kv_len: int) -> tuple[int, int]:

@@ -6,10 +6,12 @@ from flax import linen as nn
 
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
 from effjax.kernels.backend import check_impl
 
 NAME = "rala"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=True)
 LEPE_KERNEL_SIZE = 5  # nn.Conv2d(dim, dim, 5, 1, 2, groups=dim) in the official code
 _NO_WEIGHT = float(jnp.finfo(jnp.float32).min)  # logit of padded keys; finite so an all-padded row gives no NaN
 

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_causal, refuse_cross
 
 NAME = "reformer"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=False)
 _DISALLOWED = -1e9  # a pair that may not attend (finite, so an all-masked padded row stays finite)
 _SELF_PENALTY = 1e5  # a token attends to itself only when nothing else is allowed (Sec. 2, shared-QK)
 

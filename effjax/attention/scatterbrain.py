@@ -8,9 +8,11 @@ from jax import lax
 
 from effjax.attention import kernel_attention as ka
 from effjax.attention import performer
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_mask, check_qkv, dropout, dropout_kwargs, refuse_segments
 
 NAME = "scatterbrain"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False)
 
 
 def default_num_features(head_dim: int) -> int:

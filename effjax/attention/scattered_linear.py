@@ -5,9 +5,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, refuse_causal
 
 NAME = "scattered_linear"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=True, dropout=False, pallas=False)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False):

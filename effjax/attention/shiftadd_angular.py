@@ -7,9 +7,11 @@ from flax import linen as nn
 from jax import lax
 
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, l2_normalize, refuse_causal, refuse_cross
 
 NAME = "shiftadd_angular"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=False)
 
 
 def binarize(x):

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_cross
 
 NAME = "shvit_single_head"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=False)
 PARTIAL_RATIO = 1 / 4.67  # the paper's r: the attended share of the channels
 
 

@@ -7,9 +7,11 @@ from flax import linen as nn
 
 from effjax.attention import grid as grids
 from effjax.attention import kernel_attention as ka
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, refuse_causal, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "slab_sla"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=True)
 KERNEL_SIZE = 5  # MODEL.LA.KERNEL_SIZE in the SLAB configs
 
 

@@ -4,9 +4,11 @@ import jax
 from flax import linen as nn
 
 from effjax.attention import permute
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross
 
 NAME = "sliced_group"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, groups=8, order=None, dropout_rate=0.0,

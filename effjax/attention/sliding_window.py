@@ -3,10 +3,12 @@
 from flax import linen as nn
 
 from effjax.attention import patterns, softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dropout_rate=0.0,

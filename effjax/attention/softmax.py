@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
 from effjax.kernels.backend import check_impl
+
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True)
 
 
 def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:

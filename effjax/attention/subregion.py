@@ -4,9 +4,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import permute
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs, refuse_causal, refuse_cross
 
 NAME = "subregion"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
 
 
 def subregion_order(length: int, ratio: int, chunk: int):

@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
 from effjax.attention import softmax
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import (
     check_mask,
     check_qkv,
@@ -20,6 +21,7 @@ from effjax.attention.common import (
 )
 
 NAME = "transnext_aggregated"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=True, pallas=False)
 TEMPERATURE_INIT = 1 / 0.24  # softplus(temperature) at init, as the reference
 CPB_HIDDEN = 512  # width of the continuous-position-bias MLP
 

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import grid as grid_lib
+from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, refuse_causal, refuse_cross, refuse_segments
 
 NAME = "uniformer_local"
+CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=False)
 
 
 
