@@ -4,7 +4,10 @@
       --config.total_steps=200 --config.model.num_layers=2
 """
 
+import logging as std_logging
+import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -42,21 +45,48 @@ def parse_flags(argv):
         sys.exit(_config_key_error(error, argv))
 
 
+def _stop_during_start_up(signum, frame):
+    """SIGTERM/SIGINT before the trainer installs its own handlers: one line, exit 128 + signal."""
+    name = signal.Signals(signum).name
+    sys.stderr.write(f"effjax: stopped by {name} during start-up, before training; nothing was written.\n")
+    sys.exit(128 + signum)
+
+
+def _load_config():
+    """The parsed --config, or a one-line exit when its file does not exist (ml_collections fails lazily)."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]  # without its :arg
+    if not os.path.isfile(path):
+        sys.exit(f"effjax: config file {path!r} (from --config) does not exist; check the path.")
+    return _CONFIG.value
+
+
+class _DropOrbaxErrors(std_logging.Filter):
+    """Hides orbax's multi-line error logs of a failed save: the trainer reports it in one line (-v shows them)."""
+
+    def filter(self, record):
+        return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_during_start_up)
+    verbose = flags.FLAGS["verbosity"].present
+    if not verbose:  # orbax and grain log every save at INFO
         logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+    config = _load_config()
     from effjax.train import distributed
 
     distributed.initialize(enabled=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                            num_cpu_devices=_CPU_DEVICES.value)
-    from effjax.train import trainer
+    from effjax.train import trainer, workdir
 
     try:
-        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        if flags.FLAGS["verbosity"].present:  # -v N: show where it came from
+        result = trainer.train_and_evaluate(config, _WORKDIR.value)
+    except (ValueError, OSError, FloatingPointError, workdir.WorkdirError) as error:
+        if verbose:  # -v N: show where it came from
             raise
         sys.exit(f"effjax: {type(error).__name__}: {error}")
     print(trainer.summary_line(result), flush=True)

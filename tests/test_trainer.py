@@ -40,7 +40,8 @@ def smoke_config(**overrides):
     return c
 
 
-def test_smoke_run_writes_metrics_events_config_and_checkpoints(tmp_path):
+def test_smoke_run_writes_metrics_events_config_checkpoints_and_finite_metrics(tmp_path):
+    """Six steps cannot learn ListOps (nor beat its majority class): this checks the outputs, not learning."""
     result = trainer.train_and_evaluate(smoke_config(), str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "train/loss" in r]
@@ -48,7 +49,8 @@ def test_smoke_run_writes_metrics_events_config_and_checkpoints(tmp_path):
     assert {"train/accuracy", "steps_per_sec", "train/learning_rate"} <= set(train_rows[0])
     eval_rows = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in eval_rows] == [3, 6]
-    assert 0.0 <= result["eval/accuracy"] <= 1.0 and 0.0 < result["eval/majority_class_rate"] <= 1.0
+    assert np.isfinite(result["eval/loss"]) and 0.0 < result["eval/majority_class_rate"] <= 1.0
+    assert result["eval/accuracy"] * 16 == round(result["eval/accuracy"] * 16), "a share of the 16 examples"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
     assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
     assert checkpoint_steps(tmp_path) == [3, 6]
@@ -131,7 +133,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 def test_incompatible_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
     trainer.train_and_evaluate(smoke_config(total_steps=3, eval_every=0), str(tmp_path))
     before = files_snapshot(tmp_path)
-    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model.*new --workdir"):
+    with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                       match="different config: model.embed_dim 32 -> 64.*new --workdir"):
         trainer.train_and_evaluate(smoke_config(total_steps=6, **{"model.embed_dim": 64}), str(tmp_path))
     assert files_snapshot(tmp_path) == before
 

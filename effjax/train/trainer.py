@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -19,6 +20,8 @@ from effjax import data as data_lib
 from effjax.data import pipeline
 from effjax.train import checkpoint, metrics, optim, sharding, steps, tasks
 from effjax.train import state as state_lib
+from effjax.train import workdir as workdir_lib
+from effjax.train.checkpoint import last_good_phrase
 from effjax.train.validate import validate
 
 
@@ -27,33 +30,44 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-    """Records SIGTERM so the loop can checkpoint and exit between steps."""
+    """Records SIGTERM or a first Ctrl-C (SIGINT) so the run can checkpoint and stop between steps.
+
+    A second Ctrl-C exits at once (status 130) without saving; the checkpoints already on disk stay.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the name of the first stop signal received
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            sys.stderr.write("effjax: second Ctrl-C: exiting at once without saving; the checkpoints on disk "
+                             "are kept.\n")
+            sys.stderr.flush()
+            os._exit(130)
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def reached(self, step: int, sync_every: int) -> bool:
         """True on every process once any process was asked to stop (agreed every ``sync_every`` steps)."""
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested is not None
         if step % sync_every:
             return False
-        flags = multihost_utils.process_allgather(np.array(self.requested))
+        flags = multihost_utils.process_allgather(np.array(self.requested is not None))
         return bool(np.any(flags))
 
 
@@ -104,6 +118,10 @@ class Run:
                                   schedule=self.schedule),
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, None), donate_argnums=0)
+            self.next_loss_step = jax.jit(
+                functools.partial(_loss_and_finite_params, train_step=functools.partial(
+                    steps.train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn, schedule=self.schedule)),
+                in_shardings=(self.state_sharding, self.batch_sharding))
             self.eval_step = jax.jit(
                 functools.partial(steps.eval_step, model=self.model, loss_fn=self.loss_fn),
                 in_shardings=(self.state_sharding.params, self.state_sharding.model_state, self.batch_sharding))
@@ -123,6 +141,19 @@ class Run:
         with self._context():
             return self.train_step(state, sharding.global_batch(local_batch, self.batch_sharding))
 
+    def check_state(self, state, data_iterator) -> tuple[float, bool]:
+        """(the loss ``state`` gives on the next training batch, whether all its parameters are finite).
+
+        The loss is the one the next train step will report, so a state whose update diverged (finite but
+        huge parameters) shows here before it is saved. The iterator is left where it was.
+        """
+        position = data_iterator.get_state()
+        local_batch = next(data_iterator)
+        data_iterator.set_state(position)
+        with self._context():
+            loss, finite = self.next_loss_step(state, sharding.global_batch(local_batch, self.batch_sharding))
+        return float(loss), bool(finite)
+
     def evaluate(self, state) -> dict:
         """Metrics over the validation split (or its first ``eval_max_batches`` batches)."""
         batches = pipeline.eval_batches(
@@ -139,6 +170,27 @@ class Run:
         return tasks.summarize(jax.device_get(total))
 
 
+_DIVERGENCE_HINT = "Lower config.learning_rate, set config.grad_clip_norm, or check the data."
+
+
+def _loss_and_finite_params(state, batch, *, train_step):
+    """The train step's loss on ``batch`` and whether ``state.params`` are all finite (the update is dead code)."""
+    _, step_metrics = train_step(state, batch)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]))
+    return step_metrics["loss"], finite
+
+
+def _check_saveable(run, state, data_iterator, step, last_good_ckpt):
+    """Raises NonFiniteLossError unless ``state`` has finite parameters and a finite loss on the next batch."""
+    next_loss, params_finite = run.check_state(state, data_iterator)
+    if params_finite and np.isfinite(next_loss):
+        return
+    problem = f"gives a loss of {next_loss} on the next batch" if params_finite else "has non-finite parameters"
+    raise NonFiniteLossError(
+        f"The state at step {step} {problem}, so it was not saved. The run stopped; "
+        f"{last_good_phrase(last_good_ckpt)}. {_DIVERGENCE_HINT}")
+
+
 def _check_finite(window, first_step, last_good_ckpt):
     losses = np.array([float(m["loss"]) for m in window])
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -146,8 +198,7 @@ def _check_finite(window, first_step, last_good_ckpt):
         step = first_step + int(bad[0]) + 1
         raise NonFiniteLossError(
             f"Loss became {losses[bad[0]]} at step {step} (between steps {first_step} and "
-            f"{first_step + len(window)}). The run stopped; the last good checkpoint is step "
-            f"{last_good_ckpt}. Lower config.learning_rate, set config.grad_clip_norm, or check the data.")
+            f"{first_step + len(window)}). The run stopped; {last_good_phrase(last_good_ckpt)}. {_DIVERGENCE_HINT}")
 
 
 def _log_window(writer, bar, window, step, seconds):
@@ -159,22 +210,63 @@ def _log_window(writer, bar, window, step, seconds):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns final metrics."""
-    run = Run(config)
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-    data_iterator = run.train_iterator()
-    resume_step = checkpoint.check_compatible(manager, run.abstract_state)
+    """Trains ``config`` in ``workdir`` (resuming from its latest good checkpoint) and returns final metrics.
+
+    Before anything is written: the workdir must be writable, free (an exclusive lock), its metrics.jsonl
+    readable and its checkpoint of the same run (config fields outside checkpoint.RESUMABLE_FIELDS equal).
+    """
+    workdir_lib.check_writable(workdir)
+    with _Preemption() as preemption:
+        run = Run(config)
+        with workdir_lib.exclusive(workdir):
+            return _train_in_locked_workdir(run, workdir, preemption)
+
+
+def _start(run, workdir, data_iterator):
+    """(step, state, metrics rows, saver) of a fresh or resumed run; refuses a workdir of another run."""
+    rows = metrics.read_rows(workdir)
+    manager = checkpoint.make_manager(workdir, run.config.keep_checkpoints)
+    try:
+        resume_step, state = checkpoint.restore_latest(manager, run.config, run.abstract_state, data_iterator)
+    except BaseException:
+        manager.close()
+        raise
     if resume_step is None:
         state = run.init_state()
     else:
-        state = checkpoint.restore(manager, resume_step, run.abstract_state, data_iterator)
-        if jax.process_index() == 0:
-            print(f"Resuming from the checkpoint at step {resume_step} in {workdir}.", flush=True)
-    metrics.write_config(workdir, config)
-    step = int(resume_step or 0)
-    last_ckpt = resume_step
-    writer = metrics.MetricWriter(workdir, resume_step=step)
+        workdir_lib.say(f"Resuming from the checkpoint at step {resume_step} in {workdir}.")
+    return int(resume_step or 0), state, rows, checkpoint.Saver(manager, resume_step)
+
+
+def _already_done(config, step, rows) -> bool:
+    """True when the checkpoint is past total_steps, or at it with its final evaluation already written."""
+    return step > config.total_steps or (step == config.total_steps and metrics.has_row(rows, step, "eval/"))
+
+
+def _train_in_locked_workdir(run, workdir, preemption) -> dict:
+    config = run.config
+    data_iterator = run.train_iterator()
+    saver = None
+    try:
+        step, state, rows, saver = _start(run, workdir, data_iterator)
+        if _already_done(config, step, rows):
+            return {"already_at_step": step, "total_steps": config.total_steps}
+        if preemption.requested:
+            return {"stopped_before_training": preemption.requested, "step": step}
+        metrics.keep_rows_through(workdir, step, rows)
+        metrics.write_config(workdir, config)
+        return _loop(run, workdir, preemption, data_iterator, saver, state, step)
+    finally:
+        if saver is not None:
+            saver.close()
+        if hasattr(data_iterator, "close"):
+            data_iterator.close()
+
+
+def _loop(run, workdir, preemption, data_iterator, saver, state, step) -> dict:
+    """Train, evaluate and checkpoint from ``step`` to config.total_steps (or a stop signal)."""
+    config = run.config
+    writer = metrics.MetricWriter(workdir)
     is_chief = jax.process_index() == 0
     bar = tqdm.tqdm(total=config.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not is_chief)
@@ -184,58 +276,62 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def flush():
         nonlocal window, window_start, window_time
         if window:
-            _check_finite(window, window_start, last_ckpt)
+            _check_finite(window, window_start, saver.last_started)
             _log_window(writer, bar, window, step, time.perf_counter() - window_time)
         window, window_start, window_time = [], step, time.perf_counter()
 
     def save():
-        nonlocal last_ckpt
         flush()
-        checkpoint.save(manager, state, data_iterator, config)
-        last_ckpt = step
+        _check_saveable(run, state, data_iterator, step, saver.last_started)
+        saver.save(state, data_iterator, config)
 
     try:
-        with _Preemption() as preemption:
-            while step < config.total_steps:
-                state, step_metrics = run.step(state, next(data_iterator))
-                step += 1
-                window.append(step_metrics)
-                bar.update(1)
-                if step % config.log_every == 0:
-                    flush()
-                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-                    flush()
-                    eval_metrics = run.evaluate(state)
-                    writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    window_time = time.perf_counter()  # steps/s measures training, not evaluation
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save()
-                if preemption.reached(step, config.log_every):
-                    if last_ckpt != step:
-                        save()
-                    manager.wait_until_finished()
-                    logging.warning("SIGTERM: saved a checkpoint at step %d and stopped.", step)
-                    return {"preempted_at_step": step}
-            if last_ckpt != step:
+        while step < config.total_steps:
+            state, step_metrics = run.step(state, next(data_iterator))
+            step += 1
+            window.append(step_metrics)
+            bar.update(1)
+            saver.poll()
+            if step % config.log_every == 0:
+                flush()
+            if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                flush()
+                eval_metrics = run.evaluate(state)
+                writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                window_time = time.perf_counter()  # steps/s measures training, not evaluation
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save()
-            flush()
-            eval_metrics = run.evaluate(state)
-            writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if preemption.reached(step, config.log_every):
+                if saver.last_started != step:
+                    save()
+                saver.finish()
+                logging.warning("%s: saved a checkpoint at step %d and stopped.", preemption.requested, step)
+                return {"preempted_at_step": step, "signal": preemption.requested}
+        if saver.last_started != step:
+            save()
+        flush()
+        eval_metrics = run.evaluate(state)
+        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        saver.finish()
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
         writer.close()
-        if hasattr(data_iterator, "close"):
-            data_iterator.close()
     return {"step": step, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
 
 
 def summary_line(result: dict) -> str:
     """The one line the command prints at the end of a run."""
     if "preempted_at_step" in result:
-        return (f"Stopped by SIGTERM at step {result['preempted_at_step']} after saving a checkpoint; "
+        what = "Ctrl-C (SIGINT)" if result.get("signal") == "SIGINT" else result.get("signal", "SIGTERM")
+        return (f"Stopped by {what} at step {result['preempted_at_step']} after saving a checkpoint; "
                 "run the same command again to resume.")
+    if "stopped_before_training" in result:
+        return (f"Stopped by {result['stopped_before_training']} during start-up, before training (at step "
+                f"{result['step']}); nothing new was saved. Run the same command again to start.")
+    if "already_at_step" in result:
+        return (f"Nothing to train: the workdir's checkpoint is at step {result['already_at_step']} and "
+                f"config.total_steps={result['total_steps']}; nothing was written. Pass a larger "
+                "--config.total_steps to train on, or use a new --workdir.")
     line = f"Finished {result['step']} steps. Final validation loss {result['eval/loss']:.4f}"
     if "eval/majority_class_rate" in result:
         line += (f", accuracy {100 * result['eval/accuracy']:.2f}% "
