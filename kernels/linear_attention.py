@@ -4,7 +4,7 @@
 cosFormer's reweighting, Performer features all fit) and computes, per head,
 
     num_i = sum_{j visible to i} w_ij (phi_q_i . phi_k_j) v_j,   den_i = sum_{j visible to i} w_ij phi_q_i . phi_k_j,
-    out_i = num_i / (den_i + eps)   (``normalize=True``, the convention of effjax.attention.kernel_attention)
+    out_i = num_i / den_i, den_i + 2 eps where |den_i| <= eps   (``normalize=True``; ``numerics.guarded_divide``)
     out_i = num_i                   (``normalize=False``),
 
 where "visible" is every real key (bidirectional: ``phi_k^T v`` first, then ``phi_q`` times it) or the real
@@ -32,6 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from effjax.kernels import sharding
 from effjax.kernels.backend import interpret_default
+from effjax.kernels.numerics import guarded_divide
 
 NAME = "chunked_linear_attention"
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -379,7 +380,7 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     num, den = sharding.per_shard(lambda _, *arrays: _core(*arrays, *static), (phi_q, phi_k, v, log_decay),
                                   (per_step,) * 3 + (None if log_decay is None else per_step,), (per_step, per_step),
                                   batch=batch, head_counts=(heads,))
-    out = num / (den[..., None] + eps) if normalize else num
+    out = guarded_divide(num, den, eps) if normalize else num
     return out[:, q_front:q_front + q_len, :, :dv].astype(dtype)
 
 
@@ -405,6 +406,6 @@ def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=
     num = jnp.einsum("bhqk,bkhd->bqhd", scores, v, precision=lax.Precision.HIGHEST)
     if not normalize:
         return num
-    return num / (jnp.moveaxis(scores.sum(-1), 1, 2)[..., None] + eps)
+    return guarded_divide(num, jnp.moveaxis(scores.sum(-1), 1, 2), eps)
 
 

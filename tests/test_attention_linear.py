@@ -34,9 +34,10 @@ def allowed(b, lq, lk, mask=None, causal=False):
 
 
 def normalize(weights, v, eps=kernel_attention.EPS):
-    """sum_j w_ij v_j / (sum_j w_ij + eps) for float64 weights [b, h, lq, lk]."""
+    """sum_j w_ij v_j / sum_j w_ij for float64 weights [b, h, lq, lk], 2 eps added to denominators <= eps."""
     v = np.asarray(v, np.float64)
-    return np.einsum("bhqk,bkhd->bqhd", weights, v) / (weights.sum(-1).transpose(0, 2, 1)[..., None] + eps)
+    den = weights.sum(-1).transpose(0, 2, 1)[..., None]
+    return np.einsum("bhqk,bkhd->bqhd", weights, v) / np.where(np.abs(den) <= eps, den + 2 * eps, den)
 
 
 def lengths_mask(lengths, n):

@@ -38,14 +38,6 @@ def test_registry_lists_softmax_and_rejects_unknown_names():
         attention.make("sofmax")
     with pytest.raises(ValueError, match="no parameter.*num_features"):
         attention.make("softmax", num_features=3)
-    with pytest.raises(ValueError, match="lists 3 methods but model.num_layers is 2"):
-        attention.resolve_per_layer(("softmax",) * 3, 2)
-    assert attention.resolve_per_layer("softmax", 3) == ("softmax",) * 3
-    # Command-line spellings of a per-layer list.
-    assert attention.resolve_per_layer("softmax,softmax", 2) == ("softmax",) * 2
-    assert attention.resolve_per_layer("('softmax', 'softmax')", 2) == ("softmax",) * 2
-    with pytest.raises(ValueError, match="Unknown attention method 'softmx'"):
-        attention.resolve_per_layer("softmax,softmx", 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -126,6 +126,9 @@ def test_shvit_slice_widths_follow_the_partial_ratio():
     assert shvit_single_head.slice_widths(64, 1 / 4.67, 16) == (16, 14)
     assert shvit_single_head.slice_widths(128, 0.25, 16) == (16, 32)  # SHViT-S1 stage 1: 32 of 128
     assert shvit_single_head.slice_widths(8, 1 / 4.67, 16) == (8, 2)
+    # The reference's stage widths attend its exact counts (round(320 / 4.67) would be 69).
+    assert [shvit_single_head.slice_widths(c, 1 / 4.67, 16)[1] for c in (128, 224, 320)] == [32, 48, 68]
+    assert shvit_single_head.slice_widths(320, 0.25, 16)[1] == 80
     with pytest.raises(ValueError, match="shvit_single_head: partial_ratio"):
         shvit_single_head.slice_widths(64, 0.0, 16)
 
@@ -379,8 +382,15 @@ def test_transnext_border_queries_see_fewer_neighbours_and_sr_1_pools_every_toke
 def test_transnext_cpb_table_deduplicates_offsets():
     table, index = transnext_aggregated.cpb_coordinates((8, 8), (4, 4))
     assert index.shape == (64, 16) and len(table) < 64 * 16
+    assert len(np.unique(table, axis=0)) == len(table)
     # Offsets stay within 8 (pixel to bin centre, over size - 1), so the table within log2(9) / log2(8).
-    assert np.all(np.abs(table) <= np.log2(9.0) / 3.0) and np.any(table == 0.0) is not None
+    assert np.all(np.abs(table) <= np.log2(9.0) / 3.0)
+    # Pixel (0, 0) to the first 2x2 bin (centre 0.5, 0.5) is -0.5 / 7 * 8 per axis; pixel (7, 7) to the last
+    # bin (centre 6.5, 6.5) is the opposite. Both through sign(x) log2(|x| + 1) / log2(8).
+    raw = -0.5 / 7 * 8
+    want = np.sign(raw) * np.log2(abs(raw) + 1) / 3
+    np.testing.assert_allclose(table[index[0, 0]], [want, want], rtol=1e-6)
+    np.testing.assert_allclose(table[index[63, 15]], [-want, -want], rtol=1e-6)
 
 
 # --- shiftadd_angular ---------------------------------------------------------------------------------------

@@ -128,11 +128,13 @@ def test_clear_errors():
         flash_attention(q, k[:, :8], v[:, :8], segment_ids=np.zeros((2, 16), np.int32))
     with pytest.raises(ValueError, match="window must be >= 0"):
         flash_attention(q, k, v, window=-1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="compiled kernels run off CPU")
+def test_compiled_kernels_on_cpu_are_refused_with_the_fix():
+    q, k, v, _ = inputs(0, 16)
     with pytest.raises(NotImplementedError, match="flash_attention: compiled Pallas kernels"):
-        if jax.default_backend() == "cpu":
-            flash_attention(q, k, v, interpret=False)
-        else:
-            raise NotImplementedError("flash_attention: compiled Pallas kernels (skipped on GPU)")
+        flash_attention(q, k, v, interpret=False)
 
 
 @pytest.mark.parametrize("name, params", [("softmax", {}), ("sliding_window", dict(window=6)),

@@ -1,17 +1,20 @@
 """Normalized kernel (linear) attention shared by the linear methods (Katharopoulos et al. 2020, Sec. 3.2).
 
 Given feature-mapped queries ``phi_q [batch, q_len, heads, m]`` and keys ``phi_k [batch, kv_len, heads, m]``,
-computes ``out_i = sum_j phi_q_i . phi_k_j v_j / (sum_j phi_q_i . phi_k_j + eps)`` over the keys j that query i
+computes ``out_i = sum_j phi_q_i . phi_k_j v_j / sum_j phi_q_i . phi_k_j`` over the keys j that query i
 may see: all real keys (bidirectional, ``phi_k^T v`` first), real keys j <= i (causal, chunked prefix sums), or
 real keys of i's segment (segmented, bidirectional: one ``phi_k^T v`` state per segment by ``segment_sum``).
 ``linear_attention`` is the same without the denominator (ESSA, RALA's RoPE numerator).
 
 Conventions, shared by every method built on this module:
-  * eps: ``den + eps`` with ``eps = 1e-6``, as in fast-transformers (Linear Transformer), SLAB, ScatterFormer
-    and RALA. cosFormer's code clamps ``max(den, 1e-6)`` and Performer's adds ``2 * 1e-6`` when
-    ``|den| <= 1e-6``; both differ from ours only when the denominator is at the 1e-6 level.
+  * eps: Performer's guard, ``den + 2 eps`` only where ``|den| <= eps = 1e-6``
+    (``effjax.kernels.numerics.guarded_divide``, shared with the Pallas kernel). fast-transformers (Linear
+    Transformer), SLAB, ScatterFormer and RALA add eps to every denominator and cosFormer clamps
+    ``max(den, eps)``; those differ from the guard by a relative 1e-6 / den, nothing at their O(1) and larger
+    denominators. Always adding eps is not harmless in stabilised units: Performer's denominators (features
+    scaled by the largest key) are 1e-3 to 1e-5, where ``den + 1e-6`` moved outputs by up to 1e-2.
   * padding: ``phi_k`` and ``v`` are zeroed at padded keys before any reduction, so padded keys cannot
-    change an output. A query with no visible real key gets ``0 / (0 + eps) = 0``.
+    change an output. A query with no visible real key gets ``0 / (0 + 2 eps) = 0``.
   * causal with ``q_len != kv_len`` is aligned to the end like ``common.allowed_pairs``: query i sees
     keys j <= i + (kv_len - q_len).
   * ``key_log_scale`` (optional, ``[batch, kv_len, heads]``, no gradient) says the true key features are
@@ -33,6 +36,7 @@ from jax import lax
 from effjax.attention import common
 from effjax.attention.common import check_mask
 from effjax.kernels.backend import check_impl
+from effjax.kernels.numerics import guarded_divide
 
 NAME = "kernel_attention"
 EPS = 1e-6
@@ -188,7 +192,7 @@ def _bidirectional(phi_q, phi_k, v, scale, labels, eps):
     phi_k = phi_k * jnp.exp(scale - top)[..., None]
     ones = jnp.ones((*v.shape[:3], 1), v.dtype)
     out = _contract(phi_q, phi_k, jnp.concatenate([v, ones], axis=-1), labels)  # numerator | denominator
-    return out[..., :-1] / (out[..., -1:] + eps)
+    return guarded_divide(out[..., :-1], out[..., -1], eps)
 
 
 def _pad(x, before, after, value=0.0):
@@ -235,7 +239,7 @@ def _causal(phi_q, phi_k, v, scale, chunk_size, eps):
         decay = jnp.exp(prev - end)
         kv = kv * decay[..., None, None] + jnp.einsum("bhjm,bhjd->bhmd", pk, vc)
         z = z * decay[..., None] + jnp.sum(pk, axis=2)
-        return (kv, z, end), num / (den[..., None] + eps)
+        return (kv, z, end), guarded_divide(num, den, eps)
 
     init = (jnp.zeros((batch, heads, m, v.shape[-1]), jnp.float32), jnp.zeros((batch, heads, m), jnp.float32),
             jnp.full((batch, heads), LOG_SCALE_FLOOR, jnp.float32))
