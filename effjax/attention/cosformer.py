@@ -24,7 +24,7 @@ def _reweighted(x, horizon):
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, max_len=None,
            chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
-    """``sum_j relu(q_i).relu(k_j) cos(pi (i - j) / 2M) v_j / (sum_j relu(q_i).relu(k_j) cos(...) + 1e-6)``.
+    """``sum_j relu(q_i).relu(k_j) cos(pi (i - j) / 2M) v_j / sum_j relu(q_i).relu(k_j) cos(...)``.
 
     As in the official code, positions are 1-based per sequence and M = max(q_len, kv_len), the
     **padded** lengths (so the re-weighting depends on how far a batch is padded, never on the padded

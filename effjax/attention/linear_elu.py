@@ -18,7 +18,7 @@ def feature_map(x):
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
-    """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + 1e-6)`` over visible real keys j.
+    """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j))`` over visible real keys j.
 
     No 1/sqrt(d) scaling (the paper has none). ``causal=True`` uses chunked prefix sums of
     ``chunk_size`` positions. ``segment_ids`` raise NotImplementedError. ``impl="pallas"`` runs the chunked

@@ -76,11 +76,14 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     """FAVOR+ estimate of softmax(q k^T / sqrt(d)) v with the given ``projection`` [m, head_dim].
 
     Features: ``phi(x) = m^{-1/2} exp(w . x~ - |x~|^2/2)`` with ``x~ = x d^{-1/4}``, so that
-    ``E[phi(q).phi(k)] = exp(q.k/sqrt(d))``. Stabilization: queries subtract their own max over
-    features and add 1e-6 (as in the reference); keys carry their own max over features as a log-scale
-    to ``kernel_attention``, which rescales by the largest real key the query may see (all keys, or a
-    running max when causal). That equals the reference's shift by the max over all keys without its
-    eps-level dependence on future keys. The projection gets no gradient (``stop_gradient``).
+    ``E[phi(q).phi(k)] = exp(q.k/sqrt(d))``. Stabilization: each query's log-features are shifted by their
+    max over features (the reference shifts by the max of ``w . x~`` alone, without ``-|x~|^2/2``: a different
+    per-query constant, which cancels in the ratio) and get 1e-6 added, as in the reference; keys carry their
+    own max over features as a log-scale to ``kernel_attention``, which rescales by the largest real key the
+    query may see (all keys, or a running max when causal). That equals the reference's shift by the max over
+    all keys without its dependence on future keys. The denominator, 1e-3 to 1e-5 in these units, is guarded
+    as the reference guards it (``2e-6`` added only where it is at most 1e-6), never biased by a flat eps.
+    The projection gets no gradient (``stop_gradient``).
     ``segment_ids`` raise NotImplementedError.
     """
     check_qkv(NAME, q, k, v)

@@ -29,7 +29,7 @@ def feature_map(x, projection=None, kernel_epsilon=KERNEL_EPSILON):
 
 def attend(q, k, v, projection=None, *, mask=None, segment_ids=None, causal=False, kernel_epsilon=KERNEL_EPSILON,
            chunk_size=ka.DEFAULT_CHUNK_SIZE, impl="xla"):
-    """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + 1e-6)`` with ``phi = relu(W .) + eps``.
+    """``phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j))`` with ``phi = relu(W .) + eps``.
 
     ``projection`` [num_features, head_dim] gets no gradient; ``None`` gives the reference's
     ``features_type='deterministic'`` (phi(x) = relu(x) + eps on the head dims). ``causal=True`` uses the

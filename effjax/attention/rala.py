@@ -9,6 +9,7 @@ from effjax.attention import kernel_attention as ka
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, refuse_causal, refuse_cross, refuse_segments
 from effjax.kernels.backend import check_impl
+from effjax.kernels.numerics import guarded_divide
 
 NAME = "rala"
 CAPABILITIES = Capabilities(causal=False, mask=True, segments=False, cross=False, dropout=False, pallas=True)
@@ -63,7 +64,7 @@ def local_positional_encoding(v, kernel, bias, hw, mask=None):
 
 def attend(q, k, v, lepe_kernel=None, lepe_bias=None, *, mask=None, segment_ids=None, causal=False, grid=None,
            rope=True, reweight=True, impl="xla"):
-    """``RoPE(phi(q_i)) sum_j alpha_j RoPE(phi(k_j)) v_j^T / (phi(q_i) . sum_j alpha_j phi(k_j) + 1e-6) + LePE(V)_i``.
+    """``RoPE(phi(q_i)) sum_j alpha_j RoPE(phi(k_j)) v_j^T / (phi(q_i) . sum_j alpha_j phi(k_j)) + LePE(V)_i``.
 
     phi = elu + 1; ``alpha`` (``key_weights``) is the rank-augmenting re-weighting of the keys by the global
     query (``reweight=False`` gives uniform alpha = 1/N); RoPE acts on the numerator only, as in the official
@@ -95,7 +96,7 @@ def attend(q, k, v, lepe_kernel=None, lepe_bias=None, *, mask=None, segment_ids=
         num = ka.linear_attention(rope_2d(phi_q, hw), rope_2d(phi_k, hw), v, mask=mask, method=NAME, impl=impl)
         ones = jnp.ones((batch, length, heads, 1), jnp.float32)
         den = ka.linear_attention(phi_q, phi_k, ones, mask=mask, method=NAME)
-        out = num / (den + ka.EPS)
+        out = guarded_divide(num, den[..., 0], ka.EPS)
     else:
         out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, method=NAME, impl=impl)
     if lepe_kernel is not None:

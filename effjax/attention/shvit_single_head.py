@@ -12,14 +12,23 @@ from effjax.attention.common import check_qkv, dropout_kwargs, refuse_cross
 NAME = "shvit_single_head"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=False)
 PARTIAL_RATIO = 1 / 4.67  # the paper's r: the attended share of the channels
+# The attended channels the reference configs give each stage width (``model/build.py``: SHViT-S1 widths
+# 128/224/320 attend 32/48/68, S2's 128/308/448 attend 32/66/96). Rounding C / 4.67 misses some (320 -> 69).
+PAPER_PARTIAL_DIMS = {128: 32, 224: 48, 308: 66, 320: 68, 448: 96}
 
 
 def slice_widths(channels: int, partial_ratio: float, qk_dim: int) -> tuple[int, int]:
-    """(query/key width, attended value width) for ``channels = heads * head_dim``; ValueError if out of range."""
+    """(query/key width, attended value width) for ``channels = heads * head_dim``; ValueError if out of range.
+
+    At the paper's ratio a width of a reference stage attends that stage's channel count (PAPER_PARTIAL_DIMS);
+    any other width or ratio attends ``round(channels * partial_ratio)``.
+    """
     if not 0.0 < partial_ratio <= 1.0:
         raise ValueError(f"{NAME}: partial_ratio must be in (0, 1], got {partial_ratio}.")
     if qk_dim < 1:
         raise ValueError(f"{NAME}: qk_dim must be >= 1, got {qk_dim}.")
+    if partial_ratio == PARTIAL_RATIO and channels in PAPER_PARTIAL_DIMS:
+        return min(qk_dim, channels), PAPER_PARTIAL_DIMS[channels]
     return min(qk_dim, channels), max(1, round(channels * partial_ratio))
 
 
@@ -27,7 +36,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, partial_ratio=
            dropout_rate=0.0, dropout_rng=None):
     """One softmax head on the first channels of the heads concatenated; the other value channels pass through.
 
-    With ``C = heads * head_dim`` channels (head-major), the first ``p = round(C * partial_ratio)`` value
+    With ``C = heads * head_dim`` channels (head-major), the first ``p`` (``slice_widths``: the reference's
+    per-stage count at the paper's ratio, else ``round(C * partial_ratio)``) value
     channels become ``softmax(q_s k_s^T / sqrt(d_qk)) v[:p]``, where ``q_s, k_s`` are the first
     ``d_qk = min(qk_dim, C)`` query/key channels; value channels ``p..C`` are returned unchanged.
     There is no spatial op, so any length works and ``mask``, ``segment_ids`` and ``causal`` are those of
@@ -57,7 +67,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, partial_ratio=
 class Attention(nn.Module):
     """Linen wrapper of ``attend``; no parameters of its own.
 
-    Defaults: the paper's partial ratio r = 1/4.67 and qk_dim 16 (``model/build.py`` configs). The reference's
+    Defaults: the paper's partial ratio r = 1/4.67 (the reference's exact per-stage counts at its stage widths)
+    and qk_dim 16 (``model/build.py`` configs). The reference's
     GroupNorm pre-norm on the slice and its per-slice q/k/v projection are the encoder's q/k/v projections here;
     the ReLU before the output projection is not applied (the encoder's output projection is linear).
     """
