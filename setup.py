@@ -5,7 +5,7 @@ import setuptools
 setuptools.setup(
     name="effjax",
     version="0.1.0",
-    description="Efficient attention, token reduction, kernels, search and a sharded trainer in JAX/Flax.",
+    description="Efficient attention methods, Pallas kernels and a sharded trainer in JAX/Flax.",
     # kernels/ (top level, beside effjax/) installs as effjax.kernels: a bare "kernels" would collide with the
     # PyPI package of that name.
     packages=setuptools.find_packages(include=["effjax", "effjax.*"]) + ["effjax.kernels"],

@@ -71,7 +71,8 @@ class Attention(nn.Module):
     """Linen wrapper of ``attend``: block 64 and 3 random blocks (the paper's and LRA's BigBird defaults).
 
     ``seed`` fixes the random block layout deterministically (numpy RandomState), in place of a
-    layout drawn from the init RNG and stored as a variable: the trainer keeps only "params".
+    layout drawn from the init RNG: the layout is static (numpy) so that the block-sparse kernel can list
+    the visited blocks at trace time, which a layout in a variable collection would not allow.
     """
 
     block_size: int = 64
