@@ -233,8 +233,6 @@ def _start(run, workdir, data_iterator):
         raise
     if resume_step is None:
         state = run.init_state()
-    else:
-        workdir_lib.say(f"Resuming from the checkpoint at step {resume_step} in {workdir}.")
     return int(resume_step or 0), state, rows, checkpoint.Saver(manager, resume_step)
 
 
@@ -253,6 +251,8 @@ def _train_in_locked_workdir(run, workdir, preemption) -> dict:
             return {"already_at_step": step, "total_steps": config.total_steps}
         if preemption.requested:
             return {"stopped_before_training": preemption.requested, "step": step}
+        if step:
+            workdir_lib.say(f"Resuming from the checkpoint at step {step} in {workdir}.")
         metrics.keep_rows_through(workdir, step, rows)
         metrics.write_config(workdir, config)
         return _loop(run, workdir, preemption, data_iterator, saver, state, step)
