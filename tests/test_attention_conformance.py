@@ -2,9 +2,12 @@
 
 Each method in ``effjax.attention.names()`` (new modules are picked up automatically) is built with
 ``make(name, **small_params(name))`` and checked for: output shape/dtype, finite values and finite
-jitted gradients, padding invariance, causality (or a NotImplementedError naming the method),
-segment isolation (or a NotImplementedError naming the method), bfloat16, and that a one-layer
-ListOps-sized encoder using it lowers its loss in a few Adam steps on one fixed batch.
+jitted gradients, bfloat16, that a one-layer ListOps-sized encoder using it lowers its loss in a few Adam
+steps on one fixed batch, and a run inside the ViT. Each capability the module declares in ``CAPABILITIES``
+(``effjax.attention._capabilities``) must work: padding invariance (mask), causality (causal, also inside the
+LM), segment isolation (segments), cross attention (cross), dropout acting in training only (dropout), the
+kernel path matching the XLA path (pallas). Each capability it does not declare must be refused by a
+NotImplementedError or ValueError naming the method (dropout excepted: an undeclared rate changes nothing).
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ import pytest
 
 import effjax.models as models
 from effjax import attention
+from effjax.attention._capabilities import Capabilities, capabilities, supporting
 
 B, L, H, D = 2, 64, 4, 16
 REAL = 40  # row 0 has REAL real tokens, row 1 is all real
@@ -72,22 +76,35 @@ def build(name, q, k, v, **call):
     return module, variables, lambda vs, q, k, v: module.apply(vs, q, k, v, **call)
 
 
-def refuses(name, fn):
-    """True if ``fn`` raises NotImplementedError naming the method; re-raises anything else."""
+def declares(name, flag):
+    """Whether method ``name`` declares capability ``flag`` in its ``CAPABILITIES``."""
+    return getattr(capabilities(name), flag)
+
+
+def check_refused(name, flag, fn):
+    """Asserts that ``fn`` (which asks ``name`` for ``flag``) raises NotImplementedError or ValueError naming it."""
     try:
         fn()
-    except NotImplementedError as err:
-        assert name in str(err), f"{name}: NotImplementedError must name the method, got: {err}"
-        return True
-    return False
+    except (NotImplementedError, ValueError) as err:
+        assert name in str(err), f"{name}: the refusal of {flag} must name the method, got: {err}"
+        return
+    raise AssertionError(f"{name} does not declare {flag} but did not refuse it (declare it, or refuse it)")
 
 
-def build_unless_refused(name, q, k, v, **call_kwargs):
-    """``build(...)``, or None when the method refuses these arguments with NotImplementedError."""
-    built = []
-    if refuses(name, lambda: built.append(build(name, q, k, v, **call_kwargs))):
+def as_declared(name, flag, fn):
+    """``fn()`` where ``name`` declares ``flag``; where it does not, checks that ``fn`` is refused, returns None."""
+    if not declares(name, flag):
+        check_refused(name, flag, fn)
         return None
-    return built[0]
+    try:
+        return fn()
+    except NotImplementedError as err:
+        raise AssertionError(f"{name} declares {flag} but refuses it: {err}") from err
+
+
+def masked(name):
+    """The key-padding call argument where ``name`` declares a mask, else none."""
+    return {"mask": MASK} if declares(name, "mask") else {}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -99,12 +116,19 @@ def test_registered_name_is_a_method_module(name):
     fields = {f.name for f in dataclasses.fields(module.Attention)}
     assert "dropout_rate" in fields
     attention.make(name, dropout_rate=0.1)
+    declared = capabilities(name)
+    assert isinstance(declared, Capabilities)
+    assert declared.pallas == ("impl" in fields), f"{name}: pallas={declared.pallas} but impl field: {'impl' in fields}"
+    if not declared.pallas:
+        check_refused(name, "pallas", lambda: attention.make(name, impl="pallas"))
+    # No decode interface exists yet: whoever declares decode adds its check here.
+    assert not declared.decode, f"{name} declares decode, which nothing tests yet"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shape_dtype_finite_values_and_jitted_gradients(name):
     q, k, v = qkv(0)
-    _, variables, fn = build(name, q, k, v, mask=MASK)
+    _, variables, fn = build(name, q, k, v, **masked(name))
     apply = jit(fn)
     out = apply(variables, q, k, v)
     assert out.shape == (B, L, H, D) and out.dtype == jnp.float32
@@ -119,9 +143,12 @@ def test_shape_dtype_finite_values_and_jitted_gradients(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_padded_tokens_do_not_change_real_outputs(name):
+def test_padded_tokens_do_not_change_real_outputs_where_declared_else_refused(name):
     q, k, v = qkv(1)
-    _, variables, fn = build(name, q, k, v, mask=MASK)
+    built = as_declared(name, "mask", lambda: build(name, q, k, v, mask=MASK))
+    if built is None:
+        return
+    _, variables, fn = built
     apply = jit(fn)
     out = apply(variables, q, k, v)
     padded = ~MASK[:, :, None, None]
@@ -134,9 +161,9 @@ def test_padded_tokens_do_not_change_real_outputs(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_causal_never_reads_the_future_or_refuses_naming_the_method(name):
+def test_causal_never_reads_the_future_where_declared_else_refused(name):
     q, k, v = qkv(2)
-    built = build_unless_refused(name, q, k, v, causal=True)
+    built = as_declared(name, "causal", lambda: build(name, q, k, v, causal=True))
     if built is None:
         return
     _, variables, fn = built
@@ -149,10 +176,10 @@ def test_causal_never_reads_the_future_or_refuses_naming_the_method(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_segments_are_isolated_or_refused_naming_the_method(name):
+def test_segments_are_isolated_where_declared_else_refused(name):
     q, k, v = qkv(3)
     segments = np.repeat(np.array([[1, 2], [1, 2]]), [24, L - 24], axis=1)  # not 0: `packed` reads 0 as padding
-    built = build_unless_refused(name, q, k, v, segment_ids=segments)
+    built = as_declared(name, "segments", lambda: build(name, q, k, v, segment_ids=segments))
     if built is None:
         return
     _, variables, fn = built
@@ -166,11 +193,52 @@ def test_segments_are_isolated_or_refused_naming_the_method(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_inputs_give_finite_bfloat16_outputs(name):
     q, k, v = qkv(4, jnp.bfloat16)
-    _, variables, fn = build(name, q, k, v, mask=MASK)
+    _, variables, fn = build(name, q, k, v, **masked(name))
     apply = jit(fn)
     out = apply(variables, q, k, v)
     assert out.dtype == jnp.bfloat16 and out.shape == (B, L, H, D)
     assert np.all(np.isfinite(out.astype(np.float32)))
+
+
+# Cross attention: Q_LEN queries over L keys, with less padding than MASK so that, aligned to the end of the keys,
+# the last query of a sliding window of 8 still sees a real key.
+Q_LEN = 48
+CROSS_MASK = np.arange(L)[None, :] < np.array([[56], [L]])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cross_attention_ignores_padded_keys_where_declared_else_refused(name):
+    q, k, v = qkv(11)
+    q = q[:, :Q_LEN]
+    built = as_declared(name, "cross", lambda: build(name, q, k, v, mask=CROSS_MASK))
+    if built is None:
+        return
+    _, variables, fn = built
+    apply = jit(fn)
+    out = apply(variables, q, k, v)
+    assert out.shape == (B, Q_LEN, H, D) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+    padded = ~CROSS_MASK[:, :, None, None]
+    out2 = apply(variables, q, k + 3.0 * padded, v + 3.0 * padded)
+    np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_acts_in_training_only_where_declared(name):
+    """Where undeclared, a dropout rate is accepted and changes nothing (models pass one rate to every layer)."""
+    q, k, v = qkv(12)
+    module = attention.make(name, **{**small_params(name), "dropout_rate": 0.3})
+    variables = jit(lambda key, q, k, v: module.init(key, q, k, v))(jax.random.key(0), q, k, v)
+
+    @jit
+    def train_and_evaluation(vs, q, k, v):
+        train = module.apply(vs, q, k, v, deterministic=False, rngs={"dropout": jax.random.key(1)})
+        return train, module.apply(vs, q, k, v)
+
+    train, evaluation = train_and_evaluation(variables, q, k, v)
+    assert np.all(np.isfinite(train))
+    acts = float(jnp.abs(train - evaluation).max()) > 1e-3
+    assert acts == declares(name, "dropout"), f"{name}: dropout acts {acts}, declared {declares(name, 'dropout')}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -207,7 +275,7 @@ def test_trains_inside_the_listops_encoder(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_inside_the_vit_and_the_lm_or_refuses_causal_naming_the_method(name):
+def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
     shared = dict(num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, attention=name,
                   attention_params={name: small_params(name)})
     vit = models.build("vit_classifier", vocab_size=257, num_classes=10, image_size=(16, 16), patch_size=2,
@@ -219,19 +287,14 @@ def test_runs_inside_the_vit_and_the_lm_or_refuses_causal_naming_the_method(name
 
     lm = models.build("decoder_lm", vocab_size=32, num_classes=None, max_length=L, **shared)
     tokens = jax.random.randint(jax.random.key(10), (2, L), 1, 32).at[0, 50:].set(0)
-    built = []
-    if refuses(name, lambda: built.append(jit(lm.init)(jax.random.key(0), tokens))):
+    variables = as_declared(name, "causal", lambda: jit(lm.init)(jax.random.key(0), tokens))
+    if variables is None:
         return
-    logits = jit(lm.apply)(built[0], tokens)
+    logits = jit(lm.apply)(variables, tokens)
     assert logits.shape == (2, L, 32) and np.all(np.isfinite(logits))
 
 
-def has_field(name, field):
-    cls = importlib.import_module(f"effjax.attention.{name}").Attention
-    return field in {f.name for f in dataclasses.fields(cls)}
-
-
-PALLAS = [name for name in NAMES if has_field(name, "impl")]
+PALLAS = supporting("pallas")
 
 
 @pytest.mark.parametrize("name", PALLAS)
@@ -243,7 +306,7 @@ def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
     """
     q, k, v = qkv(7)
     ct = jax.random.normal(jax.random.key(8), q.shape) * MASK[:, :, None, None]
-    causal = not refuses(name, lambda: build(name, q, k, v, mask=MASK, causal=True))
+    causal = declares(name, "causal")
     results = {}
     for impl in ("xla", "pallas"):
         module = attention.make(name, impl=impl, **small_params(name))
@@ -258,7 +321,7 @@ def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("name", [name for name in PALLAS if has_field(name, "dropout_rate")])
+@pytest.mark.parametrize("name", PALLAS)
 def test_impl_pallas_applies_attention_dropout_in_training_only(name):
     q, k, v = qkv(9)
     module = attention.make(name, impl="pallas", dropout_rate=0.3, **small_params(name))
@@ -273,6 +336,31 @@ def test_impl_pallas_applies_attention_dropout_in_training_only(name):
     grads = jit(jax.grad(lambda *a: jnp.sum(apply(*a) ** 2), argnums=(1, 2, 3)))(variables, q, k, v,
                                                                                   jax.random.key(1))
     assert all(np.all(np.isfinite(g)) for g in grads)
-    uses_dropout = name not in {"cosformer", "linear_elu", "performer", "performer_relu", "rala", "slab_sla",
-                                "mamba"}
-    assert (float(jnp.abs(train - evaluation).max()) > 1e-3) == uses_dropout
+    assert (float(jnp.abs(train - evaluation).max()) > 1e-3) == declares(name, "dropout")
+
+
+# A wrong declaration must fail the check of the flag it gets wrong, in both directions: claimed but refused,
+# and disclaimed but working.
+WRONG = [
+    ("bigbird", "causal", test_causal_never_reads_the_future_where_declared_else_refused),
+    ("softmax", "causal", test_causal_never_reads_the_future_where_declared_else_refused),
+    ("linformer", "segments", test_segments_are_isolated_where_declared_else_refused),
+    ("softmax", "segments", test_segments_are_isolated_where_declared_else_refused),
+    ("bigbird", "cross", test_cross_attention_ignores_padded_keys_where_declared_else_refused),
+    ("softmax", "cross", test_cross_attention_ignores_padded_keys_where_declared_else_refused),
+    ("softmax", "mask", test_padded_tokens_do_not_change_real_outputs_where_declared_else_refused),
+    ("essa", "dropout", test_dropout_acts_in_training_only_where_declared),
+    ("softmax", "dropout", test_dropout_acts_in_training_only_where_declared),
+    ("histogram", "pallas", test_registered_name_is_a_method_module),
+    ("softmax", "pallas", test_registered_name_is_a_method_module),
+    ("softmax", "decode", test_registered_name_is_a_method_module),
+]
+
+
+@pytest.mark.parametrize("name,flag,check", WRONG, ids=[f"{name}-{flag}" for name, flag, _ in WRONG])
+def test_a_wrong_declaration_fails_its_check(monkeypatch, name, flag, check):
+    module = importlib.import_module(f"effjax.attention.{name}")
+    wrong = dataclasses.replace(module.CAPABILITIES, **{flag: not getattr(module.CAPABILITIES, flag)})
+    monkeypatch.setattr(module, "CAPABILITIES", wrong)
+    with pytest.raises(AssertionError):
+        check(name)
