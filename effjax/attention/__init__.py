@@ -9,8 +9,12 @@ A method's name is its module's file name. Every method module exports:
 
 Which method (and params) each layer of a model runs is the model's business:
 ``effjax.models.layer_attention.resolve``.
+
+What each method supports (causal, padding, segments, cross attention, dropout, a Pallas path, decoding) is
+its module's ``CAPABILITIES``: ``capabilities(name)``, ``supporting(flag)``.
 """
 
+from effjax.attention._capabilities import Capabilities, capabilities, supporting
 from effjax.attention.registry import check_name, defaults, make, names, param_type
 
-__all__ = ["check_name", "defaults", "make", "names", "param_type"]
+__all__ = ["Capabilities", "capabilities", "check_name", "defaults", "make", "names", "param_type", "supporting"]

@@ -25,8 +25,8 @@ FIELDS = {
 
 
 def has_kernel_path(method: str) -> bool:
-    """Whether attention method ``method`` takes ``impl`` (runs on a Pallas kernel with impl="pallas")."""
-    return "impl" in attention_lib.defaults(method)
+    """Whether attention method ``method`` declares a Pallas kernel path (it then takes ``impl``)."""
+    return attention_lib.capabilities(method).pallas
 
 
 def attention_names(attention) -> tuple[str, ...]:

@@ -45,7 +45,8 @@ def shutdown() -> None:
     """Leaves a multi-process job and exits at once.
 
     A CPU client's destructor sometimes hangs for minutes after ``shutdown`` (seen in 3 of 76 two-process
-    launches on jax 0.10, never with ``os._exit``), so a multi-process run ends with ``os._exit`` once its output is flushed.
+    launches on jax 0.10, never with ``os._exit``), so a multi-process run ends with ``os._exit`` once its
+    output is flushed.
     """
     if jax.process_count() == 1:
         return
