@@ -12,6 +12,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/lra_listops.py:smoke"
 
 
+def smoke_config(**overrides):
+    """The ListOps ``:smoke`` config with dotted-key overrides, e.g. ``smoke_config(**{"model.embed_dim": 64})``."""
+    from configs import lra_listops
+
+    config = lra_listops.get_config("smoke")
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
 def main_command(workdir, *overrides, config=SMOKE):
     return [sys.executable, "-m", "effjax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
 

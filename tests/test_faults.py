@@ -19,10 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import ROOT, checkpoint_steps, files_snapshot, load_params, main_command, run_main, subprocess_env
+from helpers import (
+    ROOT,
+    checkpoint_steps,
+    files_snapshot,
+    load_params,
+    main_command,
+    run_main,
+    smoke_config,
+    subprocess_env,
+)
 from ml_collections import ConfigDict
 
-from configs import lra_listops
 from effjax.train import checkpoint, metrics, trainer
 from effjax.train import workdir as workdir_lib
 from effjax.train.state import TrainState
@@ -30,15 +38,8 @@ from effjax.train.state import TrainState
 
 def tiny_config(**overrides):
     """The smoke config cut to 2 steps, a checkpoint every step and no evaluation until the end."""
-    c = lra_listops.get_config("smoke")
-    c.total_steps, c.checkpoint_every, c.eval_every, c.eval_max_batches = 2, 1, 0, 1
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return smoke_config(**{"total_steps": 2, "checkpoint_every": 1, "eval_every": 0, "eval_max_batches": 1,
+                            **overrides})
 
 
 # --- 4: the workdir is a file or not writable --------------------------------------------------------------

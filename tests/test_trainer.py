@@ -18,26 +18,15 @@ from helpers import (
     load_params,
     main_command,
     run_main,
+    smoke_config,
     subprocess_env,
 )
 
-from configs import lra_listops
 from effjax.train import checkpoint, steps, trainer
 
 # A run long enough to be interrupted part-way: 60 steps, a checkpoint every 5, a metrics row every step.
 LONG = ("--config.total_steps=60", "--config.checkpoint_every=5", "--config.eval_every=0",
         "--config.keep_checkpoints=3")
-
-
-def smoke_config(**overrides):
-    c = lra_listops.get_config("smoke")
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
 
 
 def test_smoke_run_writes_metrics_events_config_checkpoints_and_finite_metrics(tmp_path):
