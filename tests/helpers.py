@@ -7,9 +7,23 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+from _pytest.mark.structures import ParameterSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/lra_listops.py:smoke"
+
+
+def slow_after(cases, keep=1, *, unpack=True):
+    """Parametrize ``cases`` with all but the first ``keep`` marked slow: the default tier checks the property at
+    ``keep`` shapes, the slow tier at all of them. Cases may be plain values, tuples of several arguments, or
+    ``pytest.param``s; ``unpack=False`` for one argument whose values are tuples."""
+    def slow(case):
+        if isinstance(case, ParameterSet):
+            return pytest.param(*case.values, marks=(*case.marks, pytest.mark.slow), id=case.id)
+        return pytest.param(*(case if unpack and isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+
+    return [case if i < keep else slow(case) for i, case in enumerate(cases)]
 
 
 def smoke_config(**overrides):

@@ -48,6 +48,18 @@ SMALL = {
     "flat_window": dict(window=(4, 4), group_size=12),  # 12 does not divide 64: padded last group
 }
 NAMES = attention.names()
+
+
+def tiered(names, default_tier):
+    """``names`` as parameters, those outside ``default_tier`` marked slow: the whole-model and kernel checks
+    run for every method in the slow tier and for one representative of each family in the default tier."""
+    return [name if name in default_tier else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+# softmax (dense), block-sparse, linear (kernel features), a grid mixer.
+MODEL_TIER = ("softmax", "bigbird", "linear_elu", "slab_sla")
+# The same with a softmax variant, a low-rank method, a long convolution and a sorted/grouped method.
+FAMILY_TIER = (*MODEL_TIER, "scatterbrain", "linformer", "hyena", "flat_window")
 # Mixers whose mixing weights are learned parameters, not a function of q (UniFormer's local MHRA is a conv on v).
 QUERY_FREE = {"uniformer_local"}
 # XLA's backend optimisations take most of the CPU time of these small tests and change no semantics.
@@ -190,7 +202,7 @@ def test_segments_are_isolated_where_declared_else_refused(name):
     np.testing.assert_allclose(out2[:, :24], out[:, :24], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, FAMILY_TIER))
 def test_bfloat16_inputs_give_finite_bfloat16_outputs(name):
     q, k, v = qkv(4, jnp.bfloat16)
     _, variables, fn = build(name, q, k, v, **masked(name))
@@ -223,7 +235,7 @@ def test_cross_attention_ignores_padded_keys_where_declared_else_refused(name):
     np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, FAMILY_TIER))
 def test_dropout_acts_in_training_only_where_declared(name):
     """Where undeclared, a dropout rate is accepted and changes nothing (models pass one rate to every layer)."""
     q, k, v = qkv(12)
@@ -241,7 +253,7 @@ def test_dropout_acts_in_training_only_where_declared(name):
     assert acts == declares(name, "dropout"), f"{name}: dropout acts {acts}, declared {declares(name, 'dropout')}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, MODEL_TIER))
 def test_trains_inside_the_listops_encoder(name):
     model = models.build("encoder_classifier", vocab_size=16, num_classes=10, max_length=64, num_layers=1,
                          embed_dim=32, num_heads=4, mlp_dim=64, attention=name, attention_params=small_params(name))
@@ -274,7 +286,7 @@ def test_trains_inside_the_listops_encoder(name):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, MODEL_TIER))
 def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
     shared = dict(num_layers=1, embed_dim=32, num_heads=4, mlp_dim=64, attention=name,
                   attention_params={name: small_params(name)})
@@ -297,7 +309,7 @@ def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
 PALLAS = supporting("pallas")
 
 
-@pytest.mark.parametrize("name", PALLAS)
+@pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "bigbird", "linear_elu")))
 def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
     """Every method with a kernel path computes what its XLA path computes (causal too, where supported).
 
@@ -321,7 +333,7 @@ def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("name", PALLAS)
+@pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "block_local")))
 def test_impl_pallas_applies_attention_dropout_in_training_only(name):
     q, k, v = qkv(9)
     module = attention.make(name, impl="pallas", dropout_rate=0.3, **small_params(name))

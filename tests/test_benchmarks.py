@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, subprocess_env
 
 
+@pytest.mark.slow
 def test_attention_efficiency_script_writes_rows_table_and_plot(tmp_path):
     out = tmp_path / "eff"
     proc = subprocess.run([sys.executable, "benchmarks/attention_efficiency.py", "--methods=softmax,linear_elu,bigbird",

@@ -70,6 +70,7 @@ def _has_image(nb):
     return any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_listops_notebook_trains_on_cpu(tmp_path, monkeypatch):
     plot = tmp_path / "loss.png"
     monkeypatch.setenv("EFFJAX_COLAB_STEPS", str(STEPS))
@@ -86,6 +87,7 @@ def test_listops_notebook_trains_on_cpu(tmp_path, monkeypatch):
     assert _has_image(nb)
 
 
+@pytest.mark.slow
 def test_attention_zoo_notebook_compares_methods_and_plots_costs(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFJAX_ZOO_METHODS", "sliding_window,performer,linear_elu")
     monkeypatch.setenv("EFFJAX_ZOO_COST_METHODS", "softmax,linear_elu")

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, slow_after
 
 import effjax.data as data
 from effjax.train import trainer
@@ -73,7 +73,7 @@ def test_byte_lm_beats_the_unigram_entropy_of_its_validation_data(tmp_path):
     assert result["eval/loss"] < unigram - 0.1, (result, unigram)
 
 
-@pytest.mark.parametrize("name", ["lra_text", "lra_image", "vit_cifar10"])
+@pytest.mark.parametrize("name", slow_after(["vit_cifar10", "lra_text", "lra_image"], keep=0))
 def test_tfds_configs_run_end_to_end_on_mock_data(tmp_path, name):
     # Mock examples have random labels, so there is nothing to learn: this checks that each config builds,
     # trains its 4 steps and evaluates to finite numbers, not that it learns.

@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,6 +174,58 @@ def test_disk_full_during_a_save_stops_the_run_at_once_and_keeps_the_last_checkp
         trainer.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path))
     assert checkpoint_steps(tmp_path) == [1]
     assert max(r["step"] for r in metrics.read_rows(str(tmp_path))) == 2, "the run stopped at the failed save"
+
+
+def _half_then_disk_full(real_open):
+    """An ``open`` whose files write half of what they are given, then fail as a full disk does."""
+    class HalfFile:
+        def __init__(self, *args):
+            self.f = real_open(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    return HalfFile
+
+
+def test_a_failed_metrics_write_leaves_no_half_row_and_names_the_file_and_free_space(tmp_path, monkeypatch):
+    writer = metrics.MetricWriter(str(tmp_path))
+    writer.write(1, {"train/loss": 2.0})
+    before = [(tmp_path / "metrics.jsonl").read_bytes(), open(writer.events_path, "rb").read()]
+    monkeypatch.setattr(metrics, "open", _half_then_disk_full(open), raising=False)
+    with pytest.raises(metrics.MetricsWriteError) as caught:
+        writer.write(2, {"train/loss": 1.0})
+    assert str(caught.value) == (f"Writing {tmp_path / 'metrics.jsonl'} failed (No space left on device); "
+                                 f"{workdir_lib.free_space(str(tmp_path))} there.")
+    monkeypatch.undo()
+    assert [(tmp_path / "metrics.jsonl").read_bytes(), open(writer.events_path, "rb").read()] == before
+    assert metrics.read_rows(str(tmp_path)) == [{"step": 1, "train/loss": 2.0}]
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_metrics_write_stops_the_run_with_one_line_and_the_last_good_step(tmp_path, monkeypatch):
+    original, calls = metrics.MetricWriter.write, []
+
+    def full_at_the_second_row(self, step, scalars):
+        calls.append(step)
+        if len(calls) == 2:
+            monkeypatch.setattr(metrics, "open", _half_then_disk_full(open), raising=False)
+        return original(self, step, scalars)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", full_at_the_second_row)
+    with pytest.raises(metrics.MetricsWriteError, match=r"metrics.jsonl failed .*MiB free there. The run stopped; "
+                       r"the last good checkpoint is step 1\. Free some space"):
+        trainer.train_and_evaluate(tiny_config(total_steps=4), str(tmp_path))
+    monkeypatch.undo()
+    assert checkpoint_steps(tmp_path) == [1]
+    assert max(r["step"] for r in metrics.read_rows(str(tmp_path))) == 1
 
 
 # --- 7: a damaged newest checkpoint --------------------------------------------------------------------------
@@ -512,8 +565,13 @@ def test_disk_full_on_a_real_small_filesystem_stops_then_resumes_exactly(tmp_pat
                 pass
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, out + err[-2000:]
+        # The disk may be found full by a checkpoint save or by a metrics/TensorBoard append: either way, one line.
         lines = error_lines(err)
-        assert len(lines) == 1 and "MiB free there" in lines[0] and "Saving checkpoint" in lines[0], lines
+        assert len(lines) == 1, lines
+        assert re.fullmatch(rf"effjax: (CheckpointSaveError: Saving checkpoint \d+ to {re.escape(str(disk))}/w/"
+                            rf"checkpoints|MetricsWriteError: Writing {re.escape(str(disk))}/w/\S+) failed \(.*\); "
+                            r"[\d.]+ MiB free there\. The run stopped; the last good checkpoint is step \d+\. Free "
+                            r"some space and run the same command to resume\.", lines[0]), lines
         stopped = max(r["step"] for r in metrics.read_rows(str(disk / "w")))
         assert stopped < 60, "the failed save must stop the run"
         os.remove(disk / "filler")

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_small_writes_jsonl_md_and_png(tmp_path):
     base = str(tmp_path / "kernels_cpu")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_speed.py"), "--small", "--lengths=64",

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_close, inputs, jit, triton_calls, value_and_grads
 
 from effjax import attention
@@ -226,7 +227,7 @@ def test_bigbird_module_impl_pallas_equals_xla():
     assert_pallas_equals_xla(outs)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_longformer_module_impl_pallas_equals_xla(monkeypatch, causal):
     monkeypatch.setitem(fa.DEFAULT_BLOCKS, "cpu", B16)  # blocks smaller than the length, so tiles are skipped
     q, k, v, ct = inputs(15, 72)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_close, inputs, jit, triton_calls, value_and_grads
 
 from effjax import attention
@@ -49,11 +50,11 @@ def _mask_and_segments(length):
     return mask, seg
 
 
-@pytest.mark.parametrize("rate, kwargs, lq, heads, kv_heads", [
+@pytest.mark.parametrize("rate, kwargs, lq, heads, kv_heads", slow_after([
     (0.3, dict(causal=True, segments=True), 40, 2, 2),
     (0.5, dict(window=6, mask=True), 48, 4, 2),
     (0.1, dict(mask=True), 24, 2, 1),
-])
+]))
 def test_flash_dropout_output_and_gradients_match_the_reference_with_the_same_keep_mask(rate, kwargs, lq, heads,
                                                                                        kv_heads):
     q, k, v, ct = inputs(11, lq, heads=heads, kv_heads=kv_heads)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_close, inputs, jit, triton_calls, value_and_grads
 
 from effjax import attention
@@ -48,7 +49,7 @@ def resolve(kwargs, lq, lk):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", slow_after(CASES, keep=2, unpack=False), ids=[c[0] for c in CASES])
 def test_float32_output_and_gradients_match_reference(case):
     _, lq, lk, heads, kv_heads, kwargs, blocks = case
     q, k, v, ct = inputs(0, lq, lk, heads, kv_heads)
@@ -180,7 +181,7 @@ def test_compiled_on_gpu_matches_reference(dtype, head_dim):
         assert_close(np.asarray(g, np.float32) / scale, np.asarray(r) / scale, 0, tol)
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(jnp.bfloat16, 64), (jnp.bfloat16, 128), (jnp.float32, 64)])
+@pytest.mark.parametrize("dtype, head_dim", slow_after([(jnp.bfloat16, 64), (jnp.bfloat16, 128), (jnp.float32, 64)]))
 def test_forward_and_backward_lower_through_triton_for_cuda(monkeypatch, dtype, head_dim):
     # Lowering only (Triton IR inside the StableHLO), no GPU needed: catches kernels Triton cannot express.
     monkeypatch.setattr(fa, "_platform_ok", lambda *a: None)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_tree_close, jit, triton_calls, value_and_grads_of
 
 from effjax.attention import cosformer, kernel_attention, linear_elu, performer
@@ -35,7 +36,7 @@ CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, m
 ]
 
 
-@pytest.mark.parametrize("causal,lq,lk,chunk,decay,normalize,lengths", CASES)
+@pytest.mark.parametrize("causal,lq,lk,chunk,decay,normalize,lengths", slow_after(CASES, keep=2))
 def test_outputs_and_gradients_equal_reference(causal, lq, lk, chunk, decay, normalize, lengths):
     phi_q, phi_k, v, key = inputs(0, lq=lq, lk=lk)
     mask = None if lengths is None else lengths_mask(lengths, lk)
@@ -60,7 +61,7 @@ def test_outputs_and_gradients_equal_reference(causal, lq, lk, chunk, decay, nor
     assert_tree_close(grads, want_grads, 1e-4, 1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_normalized_equals_kernel_attention_and_ignores_padded_keys(causal):
     phi_q, phi_k, v, _ = inputs(1, lq=45, lk=45, m=6, dv=5)
     mask = lengths_mask([33, 45], 45)
@@ -87,7 +88,7 @@ def test_value_blocks_split_the_state_exactly():
     assert_tree_close(split, whole, 1e-5, 1e-6)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_bfloat16_matches_float32_reference(causal):
     phi_q, phi_k, v, _ = inputs(4, lq=40, lk=40, dtype=jnp.bfloat16)
     cot = jax.random.normal(jax.random.key(5), (2, 40, 2, 8))
@@ -126,7 +127,7 @@ def module_inputs(seed, length=40):
     return [jax.random.normal(kk, (2, length, 2, 8)) for kk in keys]
 
 
-@pytest.mark.parametrize("name,causal", [("linear_elu", True), ("linear_elu", False), ("cosformer", True)])
+@pytest.mark.parametrize("name,causal", slow_after([("linear_elu", True), ("linear_elu", False), ("cosformer", True)]))
 def test_module_pallas_equals_xla(name, causal):
     module = {"linear_elu": linear_elu, "cosformer": cosformer}[name].Attention
     q, k, v = module_inputs(6)
@@ -140,7 +141,7 @@ def test_module_pallas_equals_xla(name, causal):
     assert_tree_close(results[1], results[0], 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after([True, False], keep=0))
 def test_performer_pallas_equals_xla(causal):
     q, k, v = module_inputs(11)
     mask = lengths_mask([31, 40], 40)
@@ -152,7 +153,7 @@ def test_performer_pallas_equals_xla(causal):
     np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_key_log_scale_folds_into_the_kernel(causal):
     # Performer-style key scales up to 300 (exp overflows float32), masked keys, chunk 4 rounded up to 16.
     phi_q, phi_k, v, key = inputs(9, lq=37, lk=37)
@@ -176,7 +177,7 @@ def test_impl_switch_errors():
                                               method="scattered_linear")
 
 
-@pytest.mark.parametrize("causal,decay", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("causal,decay", slow_after([(True, True), (False, False), (True, False)]))
 def test_kernels_lower_to_triton(causal, decay):
     # Lowering only (no GPU needed): Pallas -> Triton IR for forward and backward at a bench-like tile shape.
     shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_tree_close, value_and_grads_of
 
 from effjax.attention import (
@@ -69,11 +70,12 @@ GROUPED = [  # group sizes 12, 20, 24 (padded); frames of 16, and of 12 (kernel 
 ]
 
 
-@pytest.mark.parametrize("make,length", GROUPED)
+@pytest.mark.parametrize("make,length", slow_after(GROUPED))
 def test_grouped_pallas_equals_xla_with_padding_and_segments(make, length):
     pallas_vs_xla(make, length, mask=lengths_mask([length - 13, length], length), segment_ids=segments(length))
 
 
+@pytest.mark.slow
 def test_group_with_every_key_padded_gets_the_mean_of_its_values():
     # Row 0 pads tokens 0-7 and 24-31: sliced_group's first and last groups of 8, and attention_tile's global
     # frame 0 and frame 3 (which sees only frames 0 and 3). Both paths give those queries the mean of the values
@@ -125,7 +127,7 @@ LINEAR = [  # length 40 is not a multiple of the chunk (16); the grid methods ta
 ]
 
 
-@pytest.mark.parametrize("make,length,causal", LINEAR)
+@pytest.mark.parametrize("make,length,causal", slow_after(LINEAR))
 def test_linear_pallas_equals_xla_with_padding(make, length, causal):
     pallas_vs_xla(make, length, mask=lengths_mask([length - 11, length], length), causal=causal)
 

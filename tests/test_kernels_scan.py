@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from kernel_checks import assert_tree_close, triton_calls, value_and_grads_of
 
 from effjax.attention import mamba
@@ -36,12 +37,12 @@ def resets():
     return jnp.asarray(r)
 
 
-@pytest.mark.parametrize("length,chunk,block_p,flags", [
-    (37, 16, None, False),  # awkward length: padded last chunk
+@pytest.mark.parametrize("length,chunk,block_p,flags", slow_after([
     (37, 16, 4, True),  # channels split over programs, keep and reset
+    (37, 16, None, False),  # awkward length: padded last chunk
     (37, None, None, True),  # chunk None: the default 64 covers all
     (16, 16, None, False),  # a single chunk
-])
+]))
 def test_outputs_and_gradients_equal_reference(length, chunk, block_p, flags):
     args = scan_inputs(0, length=length, p=6 if block_p is None else 8)
     opts = dict(keep=keep_mask(), reset=resets()) if flags else {}
@@ -55,6 +56,7 @@ def test_outputs_and_gradients_equal_reference(length, chunk, block_p, flags):
     assert_tree_close(grads, want_grads, 1e-4, 1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs():
     args = scan_inputs(2, length=40, dtype=jnp.bfloat16)
     cot = jax.random.normal(jax.random.key(3), args[0].shape)
@@ -80,7 +82,7 @@ def test_clear_errors():
         ss.selective_scan(x.astype(jnp.int32), delta, a_log, b, c, d_skip)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", slow_after([True, False], keep=0))
 def test_mamba_module_pallas_equals_xla(causal):
     keys = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(kk, (2, 40, 2, 8)) for kk in keys)

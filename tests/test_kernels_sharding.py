@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import slow_after
 from kernel_checks import assert_tree_close, inputs, jit, value_and_grads_of
 
 from effjax.kernels import dropout, sharding
@@ -26,7 +27,7 @@ def run_under(the_mesh, fn, args, cot):
         return value_and_grads_of(fn, args, cot), jaxpr
 
 
-@pytest.mark.parametrize("heads, kv_heads, sharded_heads", [(4, 2, True), (3, 3, False)])
+@pytest.mark.parametrize("heads, kv_heads, sharded_heads", slow_after([(4, 2, True), (3, 3, False)]))
 def test_flash_with_dropout_per_shard_equals_the_unsharded_call(heads, kv_heads, sharded_heads):
     q, k, v, ct = inputs(21, 40, heads=heads, kv_heads=kv_heads)
     q, k, v, ct = (jnp.concatenate([x, x[::-1] * 0.5]) for x in (q, k, v, ct))  # batch 4
@@ -60,6 +61,7 @@ def test_no_mesh_one_device_or_no_rules_run_unsharded():
         assert sharding.plan(3, 3) is None
 
 
+@pytest.mark.slow
 def test_encoder_with_pallas_attention_trains_the_same_on_eight_devices():
     import effjax.models as models
 

@@ -9,7 +9,7 @@ import portpicker
 import pytest
 from helpers import ROOT, load_params, main_command, run_main, subprocess_env
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 OVERRIDES = ("--config.total_steps=6", "--config.checkpoint_every=3", "--config.eval_every=3")
 
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import slow_after
 
 from configs import lra_listops
 from effjax.train import sharding
@@ -35,7 +36,7 @@ def reference():
     return batches, run_steps(run, batches)
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)])
+@pytest.mark.parametrize("mesh", slow_after([(2, 2, 2), (8, 1, 1), (1, 8, 1), (1, 1, 8)], unpack=False))
 def test_eight_device_meshes_match_one_device(reference, mesh):
     assert jax.device_count() == 8
     batches, (ref_losses, ref_params) = reference

@@ -77,6 +77,7 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_reaches_identical_parameters(tmp_path, uninterrupted):
     proc = start(tmp_path)
     wait_for_step(tmp_path, 12, proc)
@@ -91,6 +92,7 @@ def test_kill_9_then_rerun_reaches_identical_parameters(tmp_path, uninterrupted)
     assert steps_logged == sorted(steps_logged), "rows of the repeated steps must replace the old ones"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resumes_identically(tmp_path, uninterrupted):
     proc = start(tmp_path)
     wait_for_step(tmp_path, 7, proc)
@@ -104,6 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_identically(tmp_path, uninterrup
     assert_same_params(load_params(tmp_path, 60), uninterrupted)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = steps.train_step
 
@@ -119,6 +122,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert checkpoint_steps(tmp_path) == [3]
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
     trainer.train_and_evaluate(smoke_config(total_steps=3, eval_every=0), str(tmp_path))
     before = files_snapshot(tmp_path)
@@ -159,6 +163,7 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_per_layer_attention_and_method_params_from_the_command_line(tmp_path):
     proc = run_main(tmp_path, "--config.model.attention=softmax,linformer", "--config.total_steps=2",
                     "--config.eval_every=0", "--config.model.attention_params.linformer.k=8")
@@ -186,6 +191,7 @@ def test_frozen_params_survive_training_with_weight_decay(tmp_path):
     assert not np.allclose(get(after, *block, "query"), get(before, *block, "query"))
 
 
+@pytest.mark.slow
 def test_model_state_of_prepbn_and_distil_resumes_exactly(tmp_path):
     overrides = {"model.norm": "prepbn", "model.distil": True, "model.num_layers": 2, "model.prepbn_steps": 4,
                  "checkpoint_every": 3, "eval_every": 0}
