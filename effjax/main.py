@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -60,11 +61,34 @@ def _load_config():
     return _CONFIG.value
 
 
-class _DropOrbaxErrors(std_logging.Filter):
-    """Hides orbax's multi-line error logs of a failed save: the trainer reports it in one line (-v shows them)."""
+class _DropFailedSaveLogs(std_logging.Filter):
+    """Hides the multi-line error logs of a failed async save, which the trainer reports in one line (-v shows them).
+
+    They are orbax's own, and asyncio's 'exception was never retrieved' for the tasks of the save that orbax
+    abandoned when it failed (only orbax runs asyncio in this process).
+    """
 
     def filter(self, record):
-        return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < std_logging.ERROR:
+            return True
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        abandoned = record.name == "asyncio" and "exception was never retrieved" in record.getMessage()
+        return not (from_orbax or abandoned)
+
+
+def _drop_abandoned_write_callbacks(unraisable):
+    """Hides 'Event loop is closed' from tensorstore's callbacks of writes that a failed save abandoned.
+
+    When one write of an async save fails (e.g. the disk is full), orbax closes the save's event loop while
+    tensorstore still has writes of that save in flight; each that completes then tries to wake the closed
+    loop and tensorstore prints the RuntimeError as unraisable, from its own threads, before or after the
+    trainer's one line. They only wrote into the failed save's temporary directory (removed at the next
+    start). Any other unraisable exception is printed as usual, and -v shows these too.
+    """
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and any(
+            frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))):
+        sys.__unraisablehook__(unraisable)
 
 
 def main(argv):
@@ -74,7 +98,9 @@ def main(argv):
     verbose = flags.FLAGS["verbosity"].present
     if not verbose:  # orbax and grain log every save at INFO
         logging.set_verbosity(logging.WARNING)
-        std_logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+        for name in ("absl", "asyncio"):  # a logger's filters see only the records logged to it
+            std_logging.getLogger(name).addFilter(_DropFailedSaveLogs())
+        sys.unraisablehook = _drop_abandoned_write_callbacks
     config = _load_config()
     from effjax.train import distributed
 

@@ -4,7 +4,6 @@ import contextlib
 import glob
 import json
 import os
-import shutil
 
 import grain
 import jax
@@ -12,7 +11,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from effjax.train.state import param_shapes
-from effjax.train.workdir import WorkdirError, move_aside, say
+from effjax.train.workdir import WorkdirError, free_space, move_aside, say
 
 # Config fields (dotted prefixes) that may change when a run resumes: they change how long the run goes,
 # how often it evaluates, logs and saves, where data is cached and how the work is laid out on devices,
@@ -191,13 +190,6 @@ def last_good_phrase(step: int | None) -> str:
     return "no checkpoint was saved yet" if step is None else f"the last good checkpoint is step {step}"
 
 
-def _free_space(path: str) -> str:
-    try:
-        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
-    except OSError:
-        return "free space unknown"
-
-
 class Saver:
     """Async saves whose failure stops the run at the next step with one line (and keeps the last good one)."""
 
@@ -242,7 +234,7 @@ class Saver:
         self._failed = True
         directory = str(self.manager.directory)
         raise CheckpointSaveError(
-            f"Saving checkpoint {step} to {directory} failed ({_one_line(error)}); {_free_space(directory)} "
+            f"Saving checkpoint {step} to {directory} failed ({_one_line(error)}); {free_space(directory)} "
             f"there. The run stopped; {last_good_phrase(self.last_good)}. Free some space and run the same "
             "command to resume.") from error
 

@@ -1,41 +1,81 @@
 """Run outputs in the workdir: metrics.jsonl, TensorBoard events and config.json (process 0 only)."""
 
+import contextlib
 import json
 import math
 import os
+import socket
+import struct
+import time
 
 import jax
 
-from effjax.train.workdir import WorkdirError, move_aside, say
+from effjax.train.workdir import WorkdirError, free_space, move_aside, say
+
+
+class MetricsWriteError(WorkdirError):
+    """metrics.jsonl or the TensorBoard events could not be written (e.g. the disk is full); the run stopped."""
 
 
 class MetricWriter:
-    """Appends one JSON object per logging step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logging step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Both files are written here, in the caller's thread (tensorboardX's SummaryWriter writes in a thread that
+    dies on a full disk and then blocks the run), and a failed append is undone, so no half row is left.
+    """
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self.events_path = None
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+        from tensorboardX.proto.event_pb2 import Event  # imported here: only process 0 writes events
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        directory = os.path.join(workdir, "tensorboard")
+        os.makedirs(directory, exist_ok=True)
+        self.events_path = os.path.join(directory, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        _append(self.events_path, _record(Event(wall_time=time.time(), file_version="brain.Event:2")))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        _append(self.path, (json.dumps(row) + "\n").encode())
+        _append(self.events_path, b"".join(_scalar_record(step, k, v) for k, v in row.items()
+                                          if k != "step" and isinstance(v, float)))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        """Nothing is held open between writes; kept for callers that close their writer."""
+
+
+def _append(path: str, data: bytes) -> None:
+    """Appends ``data`` to ``path``, or leaves the file as it was and raises MetricsWriteError."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # truncating frees space, so it works on a full disk
+            os.truncate(path, size)
+        raise MetricsWriteError(f"Writing {path} failed ({error.strerror or error}); {free_space(path)} there.") \
+            from error
+
+
+def _record(event) -> bytes:
+    """``event`` framed as a TFRecord (length, its masked crc32c, data, its masked crc32c), as TensorBoard reads."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    data = event.SerializeToString()
+    header = struct.pack("Q", len(data))
+    return header + struct.pack("I", masked_crc32c(header)) + data + struct.pack("I", masked_crc32c(data))
+
+
+def _scalar_record(step: int, tag: str, value: float) -> bytes:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+
+    return _record(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, value)))
 
 
 def _plain(value):

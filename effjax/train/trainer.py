@@ -313,10 +313,20 @@ def _loop(run, workdir, preemption, data_iterator, saver, state, step) -> dict:
         eval_metrics = run.evaluate(state)
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         saver.finish()
+    except metrics.MetricsWriteError as error:
+        raise _stopped_by_write_error(error, saver) from error
     finally:
         bar.close()
         writer.close()
     return {"step": step, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+
+
+def _stopped_by_write_error(error, saver) -> metrics.MetricsWriteError:
+    """``error`` completed with the last good checkpoint, once the save in flight (if any) has ended."""
+    with contextlib.suppress(checkpoint.CheckpointSaveError):  # then the last good one is the one before
+        saver.finish()
+    return metrics.MetricsWriteError(f"{error} The run stopped; {last_good_phrase(saver.last_good)}. Free some "
+                                     "space and run the same command to resume.")
 
 
 def summary_line(result: dict) -> str:

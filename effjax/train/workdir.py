@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 
 import jax
@@ -23,6 +24,14 @@ def say(message: str) -> None:
     """Prints one line on process 0 (the run's notes to the user: resumes, files moved aside)."""
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def free_space(path: str) -> str:
+    """'12.3 MiB free' on the file system of ``path`` (for messages about a failed write)."""
+    try:
+        return f"{shutil.disk_usage(_nearest_existing(os.path.abspath(path))).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 def _nearest_existing(path: str) -> str:
