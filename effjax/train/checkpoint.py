@@ -8,6 +8,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from effjax.train.state import param_shapes
@@ -55,19 +56,7 @@ def describe(state, config) -> dict:
         "step": int(state.step),
         "param_shapes": param_shapes(state.params),
         "config": plain_config(config),
-        "model": config.model.to_dict(),
-        "data": config.data.to_dict(),
     }
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    """{'a.b.c': leaf} of a nested dict (an empty dict is a leaf)."""
-    if isinstance(tree, dict) and tree:
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-        return out
-    return {prefix: tree}
 
 
 def _resumable(field: str) -> bool:
@@ -76,7 +65,7 @@ def _resumable(field: str) -> bool:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every differing field outside RESUMABLE_FIELDS."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = (flatten_dict(tree, sep=".", keep_empty_nodes=True) for tree in (saved, current))
     absent = "<absent>"
     fields = sorted(k for k in set(old) | set(new) if old.get(k, absent) != new.get(k, absent) and not _resumable(k))
     return [f"{f} {old.get(f, absent)!r} -> {new.get(f, absent)!r}" for f in fields]
@@ -109,7 +98,7 @@ def check_shapes(meta: dict, abstract_state, step: int, directory) -> None:
         raise IncompatibleCheckpointError(
             f"The workdir's checkpoint (step {step}, {directory}) was written by a different model: "
             f"{len(diffs)} parameter(s) differ ({shown}). Nothing was changed. Use a new --workdir, or "
-            f"restore the config it was trained with (its model section: {meta['model']}).")
+            f"restore the config it was trained with (its model section: {_saved_config(meta)['model']}).")
 
 
 def read_meta(manager, step: int) -> dict:
