@@ -12,6 +12,7 @@ NotImplementedError or ValueError naming the method (dropout excepted: an undecl
 
 import dataclasses
 import importlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ import pytest
 import effjax.models as models
 from effjax import attention
 from effjax.attention._capabilities import Capabilities, capabilities, supporting
+from effjax.models.layers import MultiHeadAttention
 
 B, L, H, D = 2, 64, 4, 16
 REAL = 40  # row 0 has REAL real tokens, row 1 is all real
@@ -170,6 +172,30 @@ def test_padded_tokens_do_not_change_real_outputs_where_declared_else_refused(na
     # Padded queries too (methods that hash, sort, pool or convolve over queries must not let them in).
     out3 = apply(variables, q + 3.0 * padded, k + 3.0 * padded, v + 3.0 * padded)
     np.testing.assert_allclose(out3[0, :REAL], out[0, :REAL], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_key_bias_acts_as_duplicated_keys_where_declared_else_refused(name):
+    # Proportional attention (ToMe Eq. 1): a key with logit bias log(s) weighs as s identical keys.
+    call = importlib.import_module(f"effjax.attention.{name}").Attention.__call__
+    takes = "key_bias" in inspect.signature(call).parameters
+    assert takes == declares(name, "key_bias"), f"{name}: key_bias declared {declares(name, 'key_bias')}, taken {takes}"
+    if not takes:
+        layer = MultiHeadAttention(H, D, name, small_params(name))
+        x = jnp.ones((B, L, H * D))
+        check_refused(name, "key_bias", lambda: layer.init(jax.random.key(0), x, key_bias=jnp.zeros((B, L))))
+        return
+    q, k, v = qkv(2)
+    sizes = np.asarray(jax.random.randint(jax.random.key(5), (B, L), 1, 4))
+    module, variables, fn = build(name, q, k, v)
+    out = jit(lambda vs, q, k, v, bias: module.apply(vs, q, k, v, key_bias=bias))(
+        variables, q, k, v, jnp.log(sizes.astype(np.float32)))
+    assert np.all(np.isfinite(out))
+    assert declares(name, "cross"), f"{name}: the duplicated-keys oracle needs cross attention"
+    for row in range(B):
+        dup_k, dup_v = (jnp.repeat(t[row:row + 1], sizes[row], axis=1) for t in (k, v))
+        dup = module.apply(variables, q[row:row + 1], dup_k, dup_v)
+        np.testing.assert_allclose(out[row:row + 1], dup, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -366,6 +392,8 @@ WRONG = [
     ("histogram", "pallas", test_registered_name_is_a_method_module),
     ("softmax", "pallas", test_registered_name_is_a_method_module),
     ("softmax", "decode", test_registered_name_is_a_method_module),
+    ("softmax", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
+    ("bigbird", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
 ]
 
 

@@ -153,7 +153,7 @@ def test_informer_distilling_halves_the_length_between_blocks_and_ignores_paddin
     trunk = variables["params"]["trunk"]
     assert {"distil_0", "distil_1"} <= set(trunk) and "distil_2" not in trunk
     states = model.apply(variables, x, capture_intermediates=lambda mdl, _: mdl.name == "block_2",
-                         mutable=["intermediates"])[1]["intermediates"]["trunk"]["block_2"]["__call__"][0]
+                         mutable=["intermediates"])[1]["intermediates"]["trunk"]["block_2"]["__call__"][0][0]
     assert states.shape == (2, 5, 32)  # 20 -> 10 -> 5 tokens
     np.testing.assert_allclose(model.apply(variables, x[:, :12]), model.apply(variables, x), rtol=1e-5, atol=1e-5)
     cls = encoder(num_layers=2, distil=True, max_length=20)

@@ -25,6 +25,8 @@ class Capabilities:
         paper has no dropout there).
       * ``pallas``: ``impl="pallas"`` runs a Pallas kernel (``kernels/``).
       * ``decode``: recurrent or cached decoding one token at a time (no method has it yet).
+      * ``key_bias``: ``key_bias [batch, kv_len]`` added to every query's logit of that key (token reduction's
+        proportional attention, ``log sizes``); the module then takes a ``key_bias`` keyword.
     ``notes``: what the flags do not show, such as refused combinations or options that change a flag.
     """
 
@@ -35,6 +37,7 @@ class Capabilities:
     dropout: bool
     pallas: bool
     decode: bool = False
+    key_bias: bool = False
     notes: str = ""
 
 

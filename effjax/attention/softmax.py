@@ -8,7 +8,8 @@ from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
 from effjax.kernels.backend import check_impl
 
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
+                            key_bias=True, notes="key_bias runs on the XLA path only (impl='xla').")
 
 
 def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:
@@ -36,7 +37,7 @@ def masked_weights(logits, allowed=None, *, dropout_rate=0.0, dropout_rng=None, 
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None, dropout_rate=0.0,
-           dropout_rng=None, impl="xla", dropout_keep=None):
+           dropout_rng=None, impl="xla", dropout_keep=None, key_bias=None):
     """softmax(q k^T / sqrt(d)) v over [batch, length, heads, head_dim] inputs, in float32 logits.
 
     ``pair_mask`` (boolean, broadcastable to [batch, heads, q_len, kv_len]) further restricts which
@@ -45,10 +46,14 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     ``impl="pallas"`` runs the flash kernel (``kernels.flash_attention``; interpreted on CPU), which
     takes no ``pair_mask`` (it raises) and draws its dropout mask differently (``kernel_dropout``).
     ``dropout_keep`` (bool [batch, heads, q_len, kv_len]) replaces the dropout draw (kernel references).
+    ``key_bias`` [batch, kv_len] is added to every query's logits (ToMe's proportional attention, Eq. 1).
     """
     check_qkv("softmax", q, k, v)
     check_impl("softmax", impl)
     if impl == "pallas":
+        if key_bias is not None:
+            raise ValueError("softmax: impl='pallas' takes no key_bias (proportional attention): the flash kernel "
+                             "has no bias input yet; use impl='xla' or model.tokens.prop_attn=False.")
         if pair_mask is not None:
             raise ValueError(
                 "softmax: impl='pallas' cannot take a pair_mask: an arbitrary [batch, heads, q, k] mask is not "
@@ -61,6 +66,11 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     batch, q_len, _, head_dim = q.shape
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    if key_bias is not None:
+        if key_bias.shape != (batch, k.shape[1]):
+            raise ValueError(f"softmax: key_bias must have shape [batch, kv_len] = {(batch, k.shape[1])}, got "
+                             f"{key_bias.shape}.")
+        logits = logits + key_bias.astype(jnp.float32)[:, None, None, :]
     allowed = allowed_pairs(q_len, k.shape[1], batch, mask=mask, segment_ids=segment_ids, causal=causal)
     if pair_mask is not None:
         allowed = pair_mask if allowed is None else allowed & pair_mask
@@ -76,6 +86,6 @@ class Attention(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None):
         return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, impl=self.impl,
-                      **dropout_kwargs(self, deterministic))
+                      key_bias=key_bias, **dropout_kwargs(self, deterministic))

@@ -9,6 +9,9 @@ from effjax import attention as attention_lib
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
+from effjax.tokens import plan as token_plan
+from effjax.tokens import stats as token_stats
+from effjax.tokens.state import TokenState
 
 Dtype = Any
 
@@ -26,7 +29,14 @@ def squared_relu(x):
     return jnp.square(nn.relu(x))
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu, "squared_relu": squared_relu}
+def gelu_exact(x):
+    """The erf form of GELU (Hendrycks & Gimpel 2016), as PyTorch's ``nn.GELU()`` and timm compute it; ``gelu``
+    is flax's tanh approximation."""
+    return nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"gelu": nn.gelu, "gelu_exact": gelu_exact, "relu": nn.relu, "silu": nn.silu,
+               "squared_relu": squared_relu}
 
 
 def activation_fn(name: str):
@@ -39,7 +49,11 @@ class MultiHeadAttention(nn.Module):
     """Q/K/V/O projections around a registered attention method.
 
     Projections are ``self.param`` tensors of shape (embed, heads, head_dim) contracted with einsum,
-    because linen's DenseGeneral with logically partitioned kernels fails under a mesh.
+    because linen's DenseGeneral with logically partitioned kernels fails under a mesh. ``use_bias`` adds
+    ``query_bias``/``key_bias``/``value_bias`` [heads, head_dim] and ``out_bias`` [embed] (timm's ViT has them).
+    ``key_bias`` [batch, kv_len] is added to every query's logits (proportional attention's ``log sizes``);
+    a method that does not declare the ``key_bias`` capability refuses it. ``with_stats`` returns
+    ``(y, AttentionStats)`` for token reduction.
     """
 
     num_heads: int
@@ -47,9 +61,11 @@ class MultiHeadAttention(nn.Module):
     attention: str = "softmax"
     attention_params: dict | None = None
     dtype: Dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None,
+                 with_stats=False):
         embed = x.shape[-1]
         shape_in = (embed, self.num_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")
@@ -57,13 +73,35 @@ class MultiHeadAttention(nn.Module):
         for name in ("query", "key", "value"):
             w = self.param(name, logical(dense_init, axes_in), shape_in, jnp.float32)
             y = jnp.einsum("ble,ehd->blhd", x, w.astype(self.dtype))
+            if self.use_bias:
+                y = y + self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "head_dim")),
+                                   shape_in[1:], jnp.float32).astype(self.dtype)
             qkv.append(nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim")))
         method = attention_lib.make(self.attention, **(self.attention_params or {}))
-        y = method(*qkv, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)
+        extra = {}
+        if key_bias is not None:
+            check_key_bias(self.attention)
+            extra["key_bias"] = key_bias
+        y = method(*qkv, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, **extra)
         w_out = self.param("out", logical(dense_init, ("heads", "head_dim", "embed")),
                            (self.num_heads, self.head_dim, embed), jnp.float32)
         y = jnp.einsum("blhd,hde->ble", y.astype(self.dtype), w_out.astype(self.dtype))
-        return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        if self.use_bias:
+            y = y + self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (embed,),
+                               jnp.float32).astype(self.dtype)
+        y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        if not with_stats:
+            return y
+        return y, token_stats.AttentionStats(*qkv, key_bias=key_bias, mask=mask, method=self.attention)
+
+
+def check_key_bias(method: str) -> None:
+    """ValueError when attention ``method`` cannot add a per-key logit bias (proportional attention)."""
+    if not attention_lib.capabilities(method).key_bias:
+        takers = ", ".join(attention_lib.supporting("key_bias"))
+        raise ValueError(f"Attention method {method!r} cannot take a key bias, which proportional attention "
+                         f"(model.tokens.prop_attn) adds as log(token sizes): set model.tokens.prop_attn=False "
+                         f"or use a method that takes one ({takers}) on the reduced layers.")
 
 
 class Mlp(nn.Module):
@@ -87,7 +125,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    """Pre-norm Transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
+
+    ``reduction`` (a ``effjax.tokens.plan.Step`` whose method sits at place 'attention') reduces the tokens
+    between the attention residual and the MLP, as ToMe does; ``tokens`` is then the ``TokenState`` of ``x``
+    and ``prop_attn`` adds ``log(sizes)`` to the attention logits. Returns ``(x, tokens)``.
+    """
 
     num_heads: int
     head_dim: int
@@ -98,20 +141,31 @@ class Block(nn.Module):
     activation: str = "gelu"
     norm: str = "layernorm"
     dtype: Dtype = jnp.float32
+    qkv_bias: bool = False
+    reduction: Any = None
+    prop_attn: bool = False
 
     @nn.compact
-    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None):
+    def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
+                 tokens=None):
+        if tokens is not None:
+            mask = tokens.mask
         norm = dict(mask=mask, gamma=gamma, deterministic=deterministic)
         h = Norm(self.norm, self.dtype, name="ln_attention")(x, **norm)
-        h = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
-                               self.dtype, name="attention")(
-            h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic)
+        key_bias = tokens.log_sizes() if tokens is not None and self.prop_attn else None
+        h, stats = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
+                                      self.dtype, self.qkv_bias, name="attention")(
+            h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, key_bias=key_bias,
+            with_stats=True)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        if self.reduction is not None:
+            x, tokens = self.reduction.apply_to(x, tokens, stats, deterministic=deterministic)
+            norm["mask"] = tokens.mask
         h = Norm(self.norm, self.dtype, name="ln_mlp")(x, **norm)
         h = Mlp(self.mlp_dim, self.dropout_rate, self.activation, self.dtype, name="mlp")(
             h, deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), tokens
 
 
 def distil_after_prefix(distil, x, mask, prefix_tokens: int, deterministic: bool):
@@ -133,6 +187,8 @@ class Backbone(nn.Module):
     ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
     ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
     path, unless the method's own params set one; layers whose method has none run XLA.
+    ``qkv_bias`` gives the attention projections biases. ``tokens`` (``model.tokens``: method, schedule,
+    ``prop_attn``, params) reduces the tokens inside the block loop (``effjax.tokens``); prefix tokens are kept.
     """
 
     num_layers: int = 4
@@ -151,17 +207,32 @@ class Backbone(nn.Module):
     prepbn_steps: int = 60000
     prepbn_warmup: int = 0
     distil: bool = False
+    qkv_bias: bool = False
+    tokens: dict | None = None
     dtype: Dtype = jnp.float32
 
     def layer_attention(self) -> tuple[tuple[str, dict], ...]:
         """``((method, params), ...)`` per layer, resolved from this model's attention fields."""
         return layer_attention.resolve({name: getattr(self, name) for name in layer_attention.FIELDS})
 
-    def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0):
+    def token_plan(self, num_tokens: int, prefix_tokens: int, *, causal=False, segment_ids=None):
+        """The static ``effjax.tokens.plan.Plan`` of ``model.tokens`` for ``num_tokens`` tokens, or None (off)."""
+        methods = tuple(method for method, _ in self.layer_attention())
+        found = token_plan.plan(self.tokens, num_layers=self.num_layers, num_tokens=num_tokens,
+                                prefix=prefix_tokens, layer_methods=methods)
+        if found is not None and (causal or segment_ids is not None or self.distil):
+            raise ValueError("model.tokens reduces tokens by content across the whole sequence: it cannot be "
+                             "causal, keep packed segments apart or follow model.distil; use it in encoders.")
+        return found
+
+    def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0,
+               with_tokens=False):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
 
         With ``distil`` the length (after the ``prefix_tokens``, which are kept) halves between blocks,
-        and so does the returned key-padding ``mask``.
+        and so does the returned key-padding ``mask``. With ``model.tokens`` the length shrinks by the schedule;
+        ``with_tokens`` returns ``(x, mask, TokenState)`` (sizes for size-weighted pooling, the source map), and
+        the final ``source`` and ``sizes`` are also sown into the ``intermediates`` collection.
         """
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
@@ -173,18 +244,30 @@ class Backbone(nn.Module):
         if self.distil and (causal or segment_ids is not None):
             raise ValueError("model.distil halves the sequence with a two-sided conv and pooling: it cannot be "
                              "causal or keep packed segments apart; use it in encoders only.")
+        plan = self.token_plan(x.shape[1], prefix_tokens, causal=causal, segment_ids=segment_ids)
+        tokens = None if plan is None else TokenState.start(x.shape[0], x.shape[1], mask)
         gamma = PRepBNSchedule(self.norm, self.prepbn_steps, self.prepbn_warmup, name="prepbn_schedule")(
             deterministic=deterministic)
         head_dim = self.embed_dim // self.num_heads
         layers = self.layer_attention()
         for i, (method, params) in enumerate(layers):
-            x = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
-                      self.activation, self.norm, self.dtype, name=f"block_{i}")(
-                x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma)
+            step = None if plan is None else plan.step(i)
+            if step is not None and step.place == "block":
+                x, tokens = step.apply_to(x, tokens, None, deterministic=deterministic, name=f"tokens_{i}")
+                step = None
+            x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
+                              self.activation, self.norm, self.dtype, self.qkv_bias, step,
+                              plan is not None and plan.prop_attn, name=f"block_{i}")(
+                x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
+                tokens=tokens)
             if self.distil and i < len(layers) - 1:
                 x, mask = distil_after_prefix(Distil(name=f"distil_{i}"), x, mask, prefix_tokens, deterministic)
+        if tokens is not None:
+            mask = tokens.mask
+            self.sow("intermediates", "token_source", tokens.source)
+            self.sow("intermediates", "token_sizes", tokens.sizes)
         x = Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
-        return x, mask
+        return (x, mask, tokens) if with_tokens else (x, mask)
 
     def backbone_fields(self) -> dict:
         return {name: getattr(self, name) for name in Backbone.__dataclass_fields__

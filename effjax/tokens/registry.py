@@ -1,0 +1,69 @@
+"""Name -> token-reduction method lookup: the module ``effjax.tokens.<name>`` is the method."""
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+
+import effjax.tokens as _package
+from effjax.tokens._spec import Spec
+
+# Modules in this package that hold shared code rather than a method.
+_NOT_METHODS = frozenset({"registry", "state", "stats", "schedule", "plan", "matching", "flops"})
+
+
+def names() -> list[str]:
+    """Sorted names of all token-reduction methods."""
+    found = (m.name for m in pkgutil.iter_modules(_package.__path__))
+    return sorted(n for n in found if n not in _NOT_METHODS and not n.startswith("_"))
+
+
+def check_name(name: str) -> None:
+    """Raises ValueError naming the close matches when ``name`` is not a token-reduction method."""
+    known = names()
+    if name in known:
+        return
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"Unknown token-reduction method {name!r} (config.model.tokens.method).{hint} "
+                     f"Known methods: {', '.join(known)}.")
+
+
+def module(name: str):
+    check_name(name)
+    return importlib.import_module(f"effjax.tokens.{name}")
+
+
+def spec(name: str) -> Spec:
+    """The ``SPEC`` that method ``name`` declares."""
+    declared = getattr(module(name), "SPEC", None)
+    if not isinstance(declared, Spec):
+        raise TypeError(f"effjax.tokens.{name} must declare SPEC = Spec(...), got {declared!r}.")
+    return declared
+
+
+def _fields(name: str):
+    cls = module(name).Reducer
+    return cls, [f for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+
+
+def defaults(name: str) -> dict:
+    """``{param: paper default}`` of method ``name``."""
+    _, fields = _fields(name)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def check_params(name: str, params) -> None:
+    """ValueError naming the accepted params when ``params`` has one method ``name`` does not take."""
+    _, fields = _fields(name)
+    accepted = sorted(f.name for f in fields)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"Token-reduction method {name!r} has no parameter(s) {', '.join(unknown)} "
+                         f"(config.model.tokens.params.{name}). Accepted: {', '.join(accepted) or '(none)'}.")
+
+
+def make(name: str, **params):
+    """The linen ``Reducer`` of method ``name`` built with ``params`` (paper defaults otherwise)."""
+    check_params(name, params)
+    return module(name).Reducer(**params)
