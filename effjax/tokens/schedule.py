@@ -45,9 +45,12 @@ def parse_layers(layers, num_layers: int) -> tuple[int, ...]:
 
 def parse_r(r, num_layers: int) -> tuple[int, ...] | None:
     """Removals per layer from ToMe's ``r`` forms (see the module doc), or None when ``r`` is unset."""
+    spelled = r.strip() if isinstance(r, str) else ""
     r = _literal(r, "r")
     if r is None:
         return None
+    if spelled and isinstance(r, tuple) and not spelled.startswith("("):
+        r = list(r)  # '8,8,4' on a command line is a per-layer list; '(16,-1)' is ToMe's (r, inflection)
     if isinstance(r, bool) or not isinstance(r, (int, tuple, list)):
         raise ValueError(f"model.tokens.r must be an int, a per-layer list or (r, inflection), got {r!r}.")
     if isinstance(r, int):
@@ -116,8 +119,7 @@ def counts(num_tokens: int, prefix: int, num_layers: int, *, r=None, keep=None, 
             want = removals[layer]
             if want == 0:
                 continue
-            removed = min(want, cap(n, prefix))
-            left = n - removed
+            left = n - min(want, cap(n, prefix))
         else:
             left = prefix + int(patches * ratios[stage])
             if left > n:
@@ -126,7 +128,8 @@ def counts(num_tokens: int, prefix: int, num_layers: int, *, r=None, keep=None, 
                 raise ValueError(f"model.tokens.keep asks layer {layer} to remove {n - left} of {n} tokens; this "
                                  f"method removes at most {cap(n, prefix)} per layer.")
         if left <= prefix:
-            raise ValueError(f"model.tokens: layer {layer} would remove {n - left} of its {n} tokens, leaving no "
+            asked = removals[layer] if removals is not None else n - left
+            raise ValueError(f"model.tokens: layer {layer} would remove {asked} of its {n} tokens, leaving no "
                              f"token besides the {prefix} prefix token(s); lower model.tokens.r or raise keep.")
         if left < n:
             out[layer] = left
