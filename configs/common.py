@@ -78,6 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.prepbn_steps = 60_000         # PRepBN: steps over which LN gives way to RepBN
     c.model.prepbn_warmup = 0             # PRepBN: steps of pure LN first
     c.model.distil = False                # Informer distilling between encoder blocks (halves the length)
+    c.model.qkv_bias = False              # biases on the attention projections (timm's ViT has them)
+    c.model.tokens = token_defaults()     # token reduction inside the block loop (off unless tokens.method is set)
     c.model.dtype = "float32"             # activation dtype; parameters stay float32
 
     c.data = ml_collections.ConfigDict()
@@ -107,6 +109,28 @@ def attention_param_defaults() -> ml_collections.ConfigDict:
         table[method] = {key: config_dict.placeholder(attention.param_type(method, key))
                          if val is None or key == "impl" else val for key, val in attention.defaults(method).items()}
     return table
+
+
+def token_defaults() -> ml_collections.ConfigDict:
+    """``model.tokens``: token reduction (``effjax.tokens``), resolved in one place, ``effjax.tokens.plan``.
+
+    Strings so that every form can be set from a command line, e.g. ``--config.model.tokens.method=tome
+    --config.model.tokens.r='(16,-1)'``; every method's params are listed at their paper defaults under
+    ``params.<method>``.
+    """
+    from effjax import tokens
+
+    t = ml_collections.ConfigDict()
+    t.method = ""          # '' (off) or a module of effjax/tokens: tome, dynamicvit, ... (effjax.tokens.names())
+    t.r = ""               # tokens removed per layer: '16', ToMe's '(16,-1)' (r, inflection), or '8,8,4' per layer
+    t.keep = ""            # or keep ratios per stage: '0.7' (each stage keeps 0.7 of the last), '0.7,0.5'
+    t.layers = ""          # the reducing layers, '3,6,9' (default: every layer)
+    t.prop_attn = True     # proportional attention: log(token size) added to every key's logit (ToMe Eq. 1)
+    t.params = ml_collections.ConfigDict()
+    for method in tokens.names():
+        t.params[method] = {key: config_dict.placeholder(tokens.param_type(method, key)) if val is None else val
+                            for key, val in tokens.defaults(method).items()}
+    return t
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict, *, total_steps: int = 4, every: int = 2,

@@ -47,6 +47,11 @@ def defaults(name: str) -> dict:
 def param_type(name: str, param: str) -> type:
     """The declared type of ``param`` of method ``name`` with ``None`` removed (``tuple | None`` -> tuple)."""
     cls, _ = _init_fields(name)
+    return field_type(cls, param)
+
+
+def field_type(cls, param: str) -> type:
+    """The declared type of dataclass field ``param`` of ``cls`` with ``None`` removed; ``object`` if unknown."""
     try:
         hint = typing.get_type_hints(cls).get(param, object)
     except NameError:  # an annotation naming something the module does not import

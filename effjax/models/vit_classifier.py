@@ -25,7 +25,10 @@ def pixels_from_tokens(tokens, image_size, channels: int):
 
 
 class Model(Backbone, kw_only=True):
-    """Patch embedding + learned positions, pre-norm blocks, mean ('mean', default) or CLS pooling, head."""
+    """Patch embedding + learned positions, pre-norm blocks, mean ('mean', default) or CLS pooling, head.
+
+    With token reduction (``tokens``) the mean pool weighs each token by its size (the patches it stands for).
+    """
 
     vocab_size: int  # unused: pixels are embedded through the patch conv, not a table
     num_classes: int
@@ -57,6 +60,7 @@ class Model(Backbone, kw_only=True):
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.embed_dim)), x], axis=1)
         x = (x + pos[None]).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x, _ = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix)
-        mask = jnp.ones((batch, x.shape[1] - prefix), bool)
-        return classifier_head(pool(x, mask, self.pooling, prefix), self.num_classes)
+        x, _, tokens = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix, with_tokens=True)
+        # Mean pooling weighs each token by how many patches it stands for (ToMe's size-weighted average pool).
+        weights = jnp.ones((batch, x.shape[1] - prefix)) if tokens is None else tokens.sizes[:, prefix:]
+        return classifier_head(pool(x, weights, self.pooling, prefix), self.num_classes)

@@ -11,7 +11,7 @@ are never reduced; ``recover`` puts reduced tokens back at the original length.
 """
 
 from effjax.tokens._spec import Spec
-from effjax.tokens.registry import check_name, defaults, make, names, spec
+from effjax.tokens.registry import check_name, defaults, make, names, param_type, spec
 from effjax.tokens.state import TokenState, recover
 
-__all__ = ["Spec", "TokenState", "check_name", "defaults", "make", "names", "recover", "spec"]
+__all__ = ["Spec", "TokenState", "check_name", "defaults", "make", "names", "param_type", "recover", "spec"]

@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 import effjax.tokens as _package
+from effjax.attention.registry import field_type
 from effjax.tokens._spec import Spec
 
 # Modules in this package that hold shared code rather than a method.
@@ -61,6 +62,12 @@ def check_params(name: str, params) -> None:
     if unknown:
         raise ValueError(f"Token-reduction method {name!r} has no parameter(s) {', '.join(unknown)} "
                          f"(config.model.tokens.params.{name}). Accepted: {', '.join(accepted) or '(none)'}.")
+
+
+def param_type(name: str, param: str) -> type:
+    """The declared type of ``param`` of method ``name`` with ``None`` removed (for config placeholders)."""
+    cls, _ = _fields(name)
+    return field_type(cls, param)
 
 
 def make(name: str, **params):

@@ -8,6 +8,8 @@ from absl import logging
 import effjax.models
 from effjax import attention
 from effjax.models import layer_attention
+from effjax.tokens import plan as token_plan
+from effjax.tokens import spec as token_spec
 from effjax.train.optim import SCHEDULES
 
 
@@ -126,6 +128,17 @@ def check_layer_attention(model_config) -> None:
     warn_about_unused_attention_params(model_config, {method for method, _ in layers})
 
 
+def check_tokens(model_config) -> None:
+    """``model.tokens``: the method, its params and the schedule's form (the counts are checked when the model
+    knows its token count, at initialisation)."""
+    tokens = model_config.get("tokens")
+    if tokens is None or not tokens.get("method"):
+        return
+    num_layers = model_config.get("num_layers", layer_attention.FIELDS["num_layers"])
+    token_plan.plan(tokens, num_layers=num_layers, num_tokens=2 ** 30, prefix=token_spec(tokens.method).min_prefix,
+                    layer_methods=tuple(method for method, _ in layer_attention.resolve(model_config)))
+
+
 def check_batch_division(config, process_count: int, batch_shards: int) -> None:
     """The global batches must split evenly over the processes and the data-parallel mesh axes."""
     for field in ("batch_size", "eval_batch_size"):
@@ -154,5 +167,6 @@ def validate(config, *, process_count: int, batch_shards: int) -> None:
              f"config.schedule {config.schedule!r} is unknown; known: {', '.join(SCHEDULES)}.")
     effjax.models.task_of(config.model.name)
     check_layer_attention(config.model)
+    check_tokens(config.model)
     check_batch_division(config, process_count, batch_shards)
     check_lengths(config)

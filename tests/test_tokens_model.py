@@ -1,0 +1,98 @@
+"""Token reduction in models and runs: the Shapes data, pooling, the trainer, the mesh, config checks."""
+
+import jax
+import numpy as np
+import pytest
+
+import effjax.models as models
+from configs import vit_shapes
+from effjax.data import make_source
+from effjax.train import validate
+from effjax.train.trainer import Run
+
+
+def test_shapes_images_are_deterministic_balanced_pixel_tokens():
+    source = make_source("shapes", "train", num_train=600)
+    again = make_source("shapes", "train", num_train=600)
+    first = source[3]
+    np.testing.assert_array_equal(first["inputs"], again[3]["inputs"])
+    assert first["inputs"].shape == (32 * 32 * 3,) and first["inputs"].min() >= 1 and first["inputs"].max() <= 256
+    labels = np.bincount([int(source[i]["targets"]) for i in range(600)], minlength=6)
+    assert labels.min() > 60, labels  # about 100 each
+    other = make_source("shapes", "validation", num_validation=10)
+    assert not np.array_equal(other[3]["inputs"], first["inputs"])
+    with pytest.raises(IndexError, match="index 600 outside"):
+        source[600]
+
+
+def vit(**kw):
+    fields = dict(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, image_size=(16, 16), channels=3, patch_size=4)
+    return models.build("vit_classifier", vocab_size=1, num_classes=10, **{**fields, **kw})
+
+
+def test_mean_pooling_weighs_merged_tokens_by_size():
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    base = vit(pooling="mean")
+    variables = base.init(jax.random.key(1), images)
+    np.testing.assert_array_equal(vit(pooling="mean", tokens=dict(method="tome", r=0)).apply(variables, images),
+                                  base.apply(variables, images))
+    # Merging identical patches must not move a size-weighted mean: a constant image gives equal tokens
+    # before position embeddings only, so check with the positions zeroed and one block of attention.
+    flat = vit(pooling="mean", num_layers=1)
+    v = flat.init(jax.random.key(1), images)
+    v = jax.tree_util.tree_map_with_path(lambda p, a: a * 0 if "pos_embed" in jax.tree_util.keystr(p) else a, v)
+    constant = np.ones((2, 16, 16, 3), np.float32) * 0.3
+    reduced = vit(pooling="mean", num_layers=1, tokens=dict(method="tome", r=6))
+    np.testing.assert_allclose(reduced.apply(v, constant), flat.apply(v, constant), rtol=1e-5, atol=1e-5)
+
+
+def shapes_config(**tokens):
+    c = vit_shapes.get_config("smoke")
+    c.model.embed_dim = 32
+    c.data.num_train, c.data.num_validation = 64, 16
+    for key, value in tokens.items():
+        c.model.tokens[key] = value
+    return c
+
+
+def run_losses(config, devices, steps=3):
+    run = Run(config, devices=devices)
+    state, it, losses = run.init_state(), run.train_iterator(), []
+    for _ in range(steps):
+        state, metrics = run.step(state, next(it))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_tome_fine_tunes_in_the_trainer_on_eight_devices_as_on_one():
+    config = shapes_config(method="tome", r="(3,-1)")
+    config.mesh.data = 8
+    eight = run_losses(config, jax.devices()[:8])
+    config.mesh.data = 1
+    one = run_losses(config, jax.devices()[:1])
+    np.testing.assert_allclose(eight, one, rtol=2e-5, atol=2e-5)
+    assert all(np.isfinite(one))
+
+
+@pytest.mark.parametrize("tokens,message", [
+    (dict(method="tomee", r="4"), "Unknown token-reduction method 'tomee'"),
+    (dict(method="tome", r=""), "needs a schedule"),
+    (dict(method="tome", r="(4,-1,2)"), "ToMe's \\(r, inflection\\)"),
+    (dict(method="tome", r="4", keep="0.5"), "both set"),
+])
+def test_the_config_check_names_bad_token_settings(tokens, message):
+    with pytest.raises(ValueError, match=message):
+        validate.validate(shapes_config(**tokens), process_count=1, batch_shards=1)
+
+
+def test_proportional_attention_under_a_method_without_key_bias_is_refused_naming_it():
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    model = vit(pooling="cls", attention="performer", tokens=dict(method="tome", r=2))
+    with pytest.raises(ValueError, match="'performer' cannot take a key bias.*prop_attn=False"):
+        model.init(jax.random.key(0), images)
+    quiet = vit(pooling="cls", attention="performer", tokens=dict(method="tome", r=2, prop_attn=False))
+    assert np.all(np.isfinite(quiet.apply(quiet.init(jax.random.key(0), images), images)))
+    with pytest.raises(ValueError, match="cannot be causal"):
+        models.build("decoder_lm", vocab_size=257, num_classes=None, max_length=16, num_layers=1, embed_dim=16,
+                     num_heads=2, mlp_dim=32, tokens=dict(method="tome", r=2)).init(
+            jax.random.key(0), np.ones((1, 16), np.int32))
