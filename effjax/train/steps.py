@@ -1,6 +1,7 @@
 """Pure train and eval steps; the trainer partials in the model, optimizer and loss, then jits."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from effjax.train.state import TrainState
@@ -8,6 +9,10 @@ from effjax.train.state import TrainState
 # Params whose name starts with this are fixed buffers (e.g. Performer's random projection): they live in
 # the "params" collection so checkpoints carry them, but no update (weight decay included) changes them.
 FROZEN_PREFIX = "frozen_"
+
+# Auxiliary training losses a model sows (``self.sow(AUX_LOSSES, name, value)``, already weighted), e.g.
+# DynamicViT's keep-ratio loss: the train step adds their sum to the task loss and reports it as ``aux_loss``.
+AUX_LOSSES = "losses"
 
 
 def _is_frozen(path) -> bool:
@@ -31,15 +36,15 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
     def objective(params):
         variables = {"params": params, **state.model_state}
         rngs = {"dropout": dropout_key, "random": random_key}
-        if mutable:
-            out, model_state = model.apply(variables, batch["inputs"], deterministic=False, rngs=rngs,
-                                           mutable=mutable)
-        else:
-            out, model_state = model.apply(variables, batch["inputs"], deterministic=False, rngs=rngs), {}
+        out, model_state = model.apply(variables, batch["inputs"], deterministic=False, rngs=rngs,
+                                       mutable=[*mutable, AUX_LOSSES])
+        model_state = dict(model_state)
+        aux = jax.tree.leaves(model_state.pop(AUX_LOSSES, {}))
         loss, sums = loss_fn(out, batch)
-        return loss, (sums, dict(model_state))
+        aux_loss = sum(jnp.sum(value) for value in aux) if aux else None
+        return loss if aux_loss is None else loss + aux_loss, (sums, model_state, aux_loss)
 
-    (loss, (sums, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, (sums, model_state, aux_loss)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = {
@@ -48,6 +53,8 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
     }
+    if aux_loss is not None:
+        metrics["aux_loss"] = aux_loss
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
