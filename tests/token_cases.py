@@ -67,16 +67,17 @@ def random_variables(model, *args):
 
 def check_in_vit(method, needs_probabilities: bool, attention="softmax", **tokens):
     """The method inside a 2-layer ViT (r=2 unless ``tokens`` says otherwise) with ``attention``: init and apply
-    give finite logits; under performer attention a method that needs the probabilities is refused in one line."""
+    give finite logits; under performer attention a method that needs the probabilities is refused in one line.
+    Returns the model, its random variables, the images and the sown intermediates (token_sizes, token_source)."""
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     spec = dict(method=method, r=2, **tokens)
     model = vit(tokens=spec, attention=attention)
     variables = random_variables(model, images)
-    logits = jax.jit(model.apply)(variables, images)
+    logits, inter = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
     assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
     performer = vit(tokens=spec, attention="performer")
     if needs_probabilities:
         with pytest.raises(ValueError, match=f"token method '{method}' needs the attention probabilities") as err:
             jax.eval_shape(performer.init, jax.random.key(1), images)
         assert "\n" not in str(err.value)
-    return model, variables, images
+    return model, variables, images, inter["intermediates"]
