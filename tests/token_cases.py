@@ -70,7 +70,7 @@ def check_in_vit(method, needs_probabilities: bool, attention="softmax", **token
     give finite logits; under performer attention a method that needs the probabilities is refused in one line.
     Returns the model, its random variables, the images and the sown intermediates (token_sizes, token_source)."""
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
-    spec = dict(method=method, r=2, **tokens)
+    spec = {"method": method, "r": 2, **tokens}
     model = vit(tokens=spec, attention=attention)
     variables = random_variables(model, images)
     logits, inter = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
