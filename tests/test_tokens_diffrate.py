@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import slow_after
 from token_cases import check_in_vit, jit_run, probabilities, random_case, random_variables, vit
 
 from effjax.tokens import diffrate
@@ -31,7 +32,7 @@ def naive_diffrate(x, sizes, cls, keep, pruned, prefix):
     return [groups[d] for d in dests], merged, new_sizes
 
 
-@pytest.mark.parametrize("prefix,keep,pruned", [(1, 9, 4), (2, 8, 0), (1, 7, 13)])
+@pytest.mark.parametrize("prefix,keep,pruned", slow_after([(1, 9, 4), (2, 8, 0), (1, 7, 13)]))
 def test_prune_merge_equals_the_released_algorithm_run_as_loops(prefix, keep, pruned):
     x, qkv, tokens = random_case(keep + pruned, n=20)
     cls = probabilities(qkv[0], qkv[1])[:, :, 0].mean(1)
