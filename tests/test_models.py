@@ -60,8 +60,9 @@ def test_sequence_longer_than_model_maximum_is_rejected():
 
 
 def test_families_are_the_modules_defining_model_and_task():
-    assert models.names() == ["decoder_lm", "encoder_classifier", "vit_classifier"]
-    assert [models.task_of(name) for name in models.names()] == ["lm", "classification", "classification"]
+    assert models.names() == ["decoder_lm", "encoder_classifier", "vit", "vit_classifier"]
+    assert [models.task_of(name) for name in models.names()] == ["lm", "classification", "classification",
+                                                                 "classification"]
 
 
 def test_unknown_model_name_and_field():
