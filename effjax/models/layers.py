@@ -144,6 +144,7 @@ class Block(nn.Module):
     qkv_bias: bool = False
     reduction: Any = None
     prop_attn: bool = False
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
@@ -151,7 +152,7 @@ class Block(nn.Module):
         if tokens is not None:
             mask = tokens.mask
         norm = dict(mask=mask, gamma=gamma, deterministic=deterministic)
-        h = Norm(self.norm, self.dtype, name="ln_attention")(x, **norm)
+        h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_attention")(x, **norm)
         key_bias = tokens.log_sizes() if tokens is not None and self.prop_attn else None
         h, stats = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
                                       self.dtype, self.qkv_bias, name="attention")(
@@ -161,7 +162,7 @@ class Block(nn.Module):
         if self.reduction is not None:
             x, tokens = self.reduction.apply_to(x, tokens, stats, deterministic=deterministic)
             norm["mask"] = tokens.mask
-        h = Norm(self.norm, self.dtype, name="ln_mlp")(x, **norm)
+        h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_mlp")(x, **norm)
         h = Mlp(self.mlp_dim, self.dropout_rate, self.activation, self.dtype, name="mlp")(
             h, deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -187,8 +188,9 @@ class Backbone(nn.Module):
     ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
     ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
     path, unless the method's own params set one; layers whose method has none run XLA.
-    ``qkv_bias`` gives the attention projections biases. ``tokens`` (``model.tokens``: method, schedule,
-    ``prop_attn``, params) reduces the tokens inside the block loop (``effjax.tokens``); prefix tokens are kept.
+    ``qkv_bias`` gives the attention projections biases; ``norm_eps`` is LayerNorm's epsilon.
+    ``tokens`` (``model.tokens``: method, schedule, ``prop_attn``, params) reduces the tokens inside the block
+    loop (``effjax.tokens``); prefix tokens are kept.
     """
 
     num_layers: int = 4
@@ -208,6 +210,7 @@ class Backbone(nn.Module):
     prepbn_warmup: int = 0
     distil: bool = False
     qkv_bias: bool = False
+    norm_eps: float = 1e-6
     tokens: dict | None = None
     dtype: Dtype = jnp.float32
 
@@ -257,7 +260,7 @@ class Backbone(nn.Module):
                 step = None
             x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                               self.activation, self.norm, self.dtype, self.qkv_bias, step,
-                              plan is not None and plan.prop_attn, name=f"block_{i}")(
+                              plan is not None and plan.prop_attn, self.norm_eps, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
                 tokens=tokens)
             if self.distil and i < len(layers) - 1:
@@ -266,7 +269,8 @@ class Backbone(nn.Module):
             mask = tokens.mask
             self.sow("intermediates", "token_source", tokens.source)
             self.sow("intermediates", "token_sizes", tokens.sizes)
-        x = Norm(self.norm, self.dtype, name="ln_final")(x, mask=mask, gamma=gamma, deterministic=deterministic)
+        x = Norm(self.norm, self.dtype, self.norm_eps, name="ln_final")(x, mask=mask, gamma=gamma,
+                                                                      deterministic=deterministic)
         return (x, mask, tokens) if with_tokens else (x, mask)
 
     def backbone_fields(self) -> dict:

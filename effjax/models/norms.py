@@ -16,9 +16,9 @@ def logical(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
-def layer_norm(dtype, name=None):
-    """LayerNorm whose scale and bias are sharded along the embedding axis."""
-    return nn.LayerNorm(dtype=dtype, name=name,
+def layer_norm(dtype, name=None, epsilon: float = 1e-6):
+    """LayerNorm whose scale and bias are sharded along the embedding axis (epsilon 1e-6 as timm's ViT)."""
+    return nn.LayerNorm(dtype=dtype, name=name, epsilon=epsilon,
                         scale_init=logical(nn.initializers.ones, ("embed",)),
                         bias_init=logical(nn.initializers.zeros, ("embed",)))
 
@@ -54,13 +54,15 @@ class Norm(nn.Module):
 
     norm: str = "layernorm"
     dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-6  # LayerNorm's (Hugging Face ViT checkpoints use 1e-12)
 
     @nn.compact
     def __call__(self, x, *, mask=None, gamma=None, deterministic=True):
         check_norm(self.norm)
         if self.norm == "layernorm":
-            return layer_norm(self.dtype, "layer_norm")(x)
-        ln = layer_norm(self.dtype, "layer_norm")(x)  # created at init too, so train and eval share params
+            return layer_norm(self.dtype, "layer_norm", self.epsilon)(x)
+        # Created at init too, so train and eval share params.
+        ln = layer_norm(self.dtype, "layer_norm", self.epsilon)(x)
         rep = RepBN(self.dtype, name="rep_bn")(x, mask=mask, deterministic=deterministic)
         if deterministic or gamma is None:
             return rep

@@ -22,7 +22,6 @@ features with ``fc_norm``, while ``Backbone.blocks`` always applies its final no
 
 import difflib
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -31,7 +30,6 @@ from effjax.models.vit_classifier import pixels_from_tokens
 
 TASK = "classification"  # the data this family trains on: a source with task == TASK
 
-DEFAULT_NORM_EPS = 1e-6  # flax nn.LayerNorm's epsilon, the one Backbone's norms use; timm's ViT uses 1e-6 too
 
 # timm's model_args for each name (timm/models/vision_transformer.py and deit.py); the rest of a variant is
 # BASE: 224 x 224 RGB images, mlp_ratio 4, 1000 classes, biased Q/K/V, no dropout.
@@ -111,33 +109,6 @@ def load(path, name: str, **overrides):
     return convert.from_timm(path, name, **overrides)
 
 
-def layer_norm_interceptor(eps: float):
-    """A ``nn.intercept_methods`` interceptor that runs every ``nn.LayerNorm`` with epsilon ``eps``.
-
-    ``Backbone``'s norms take flax's default epsilon (1e-6, as timm); Hugging Face's ViT and DeiT use 1e-12
-    (``layer_norm_eps``), which matters once a token's variance is small. Parameters are created as usual.
-    """
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if (not isinstance(module, nn.LayerNorm) or context.method_name != "__call__"
-                or module.is_initializing()):
-            return next_fun(*args, **kwargs)
-        x = args[0]
-        dtype = module.dtype or x.dtype
-        y = x.astype(jnp.float32)
-        mean = y.mean(-1, keepdims=True)
-        var = jnp.square(y - mean).mean(-1, keepdims=True)
-        y = (y - mean) * jax.lax.rsqrt(var + eps)
-        if module.use_scale:
-            y = y * nn.meta.unbox(module.get_variable("params", "scale")).astype(jnp.float32)
-        if module.use_bias:
-            y = y + nn.meta.unbox(module.get_variable("params", "bias")).astype(jnp.float32)
-        return y.astype(dtype)
-
-    return intercept
-
-
 def dense(features: int, name: str):
     return nn.Dense(features, kernel_init=logical(dense_init, ("embed", "classes")),
                     bias_init=logical(nn.initializers.zeros, ("classes",)), name=name)
@@ -148,7 +119,7 @@ class Model(Backbone, kw_only=True):
 
     ``num_classes`` 0 returns the final CLS features (timm's ``num_classes=0``; the mean of CLS and distillation
     features when ``distilled``). ``norm_eps`` is the epsilon of every LayerNorm (1e-6 as timm; 1e-12 for Hugging
-    Face checkpoints, see ``layer_norm_interceptor``). Fields default to timm's ``VisionTransformer()``: ViT-B/16
+    Face checkpoints). Fields default to timm's ``VisionTransformer()``: ViT-B/16
     at 224 x 224 (``vit_base_patch16_224``), qkv biases, erf GELU, no dropout. ``qkv_bias=False`` also drops the
     output projection's bias (Backbone ties them), which timm keeps.
     """
@@ -164,7 +135,6 @@ class Model(Backbone, kw_only=True):
     channels: int = 3
     distilled: bool = False
     global_pool: str = "token"
-    norm_eps: float = DEFAULT_NORM_EPS
     qkv_bias: bool = True
     activation: str = "gelu_exact"
     dropout_rate: float = 0.0
@@ -177,16 +147,10 @@ class Model(Backbone, kw_only=True):
         height, width = image_size_of(self.image_size)
         return (height // self.patch_size) * (width // self.patch_size)
 
+    @nn.compact
     def __call__(self, images, *, deterministic=True):
         """images: float RGB ``[batch, H, W, channels]`` (or pixel tokens ``[batch, H * W * channels]``, ids
         pixel + 1 as the image sources give, scaled to [0, 1]) -> logits ``[batch, num_classes]`` float32."""
-        if self.norm_eps == DEFAULT_NORM_EPS:
-            return self.forward(images, deterministic=deterministic)
-        with nn.intercept_methods(layer_norm_interceptor(self.norm_eps)):
-            return self.forward(images, deterministic=deterministic)
-
-    @nn.compact
-    def forward(self, images, *, deterministic=True):
         if self.global_pool != "token":
             raise ValueError(f"vit: global_pool={self.global_pool!r} is not supported, only 'token' (the CLS "
                              "token): timm's 'avg' skips the final norm and adds fc_norm, which Backbone lacks.")
