@@ -4,7 +4,7 @@ numpy, sizes and the source map (recover paints each cell), the refined Reducer,
 import jax
 import numpy as np
 import pytest
-from token_method_checks import assert_inference, assert_reducer_grads, key, start
+from token_method_checks import assert_model, key, start
 
 from effjax.tokens import TokenState, recover, stvit
 
@@ -55,6 +55,8 @@ def test_reducer_gives_keep_refined_semantic_tokens_with_prefix_unchanged():
     assert out.shape == (2, 5, 16) and np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[:, 0], x[:, 0])
     np.testing.assert_array_equal(new.sizes[1], [1, 2, 2, 4, 4])  # padding (patch row 1) has size 0
+    same, kept = reducer.apply(variables, x, tokens, None, keep=17, prefix=1)
+    assert same is x and kept is tokens
     pooled, _ = stvit.pool(x, tokens, 4, 1)
     np.testing.assert_array_equal(pooled[1, 1], np.asarray(x)[1, [1, 2]].max(0))  # cell 0 without patches 4, 5
     assert not np.allclose(out[:, 1:], pooled[:, 1:])  # the cross-attention moved the pooled tokens
@@ -63,8 +65,7 @@ def test_reducer_gives_keep_refined_semantic_tokens_with_prefix_unchanged():
 @pytest.mark.slow  # three compiles of a 4-layer ViT (init, training gradient, inference)
 def test_a_vit_with_stvit_trains_its_refinement_and_runs_jitted():
     tokens = dict(method="stvit", keep=0.7, layers="1,2")
-    params, grads, _ = assert_reducer_grads(**tokens)
+    grads, _, sizes = assert_model(**tokens)
     assert any(p.startswith("tokens_1/refine/query") for p in grads)
-    sizes = assert_inference(params, **tokens)
     assert sizes.shape == (2, 8)
     np.testing.assert_array_equal(sizes.sum(1), [17, 17])  # semantic tokens stand for all the patches

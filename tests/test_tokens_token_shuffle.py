@@ -4,7 +4,7 @@ ShuffleIn/ShuffleOut modules, the window-folding Reducer (mean at init, sizes s^
 import jax
 import numpy as np
 import pytest
-from token_method_checks import assert_inference, assert_reducer_grads, key, start
+from token_method_checks import assert_model, key, start
 
 from effjax.tokens import recover, token_shuffle
 
@@ -70,7 +70,6 @@ def test_reducer_folds_windows_to_their_mean_at_init_with_sizes_and_source(prefi
 @pytest.mark.slow  # three compiles of a 4-layer ViT (init, training gradient, inference)
 def test_a_vit_with_token_shuffle_trains_its_folds_and_runs_jitted():
     tokens = dict(method="token_shuffle", keep=0.25, layers="1,2")  # 16 -> 4 -> 1 patches
-    params, grads, _ = assert_reducer_grads(**tokens)
+    grads, _, sizes = assert_model(**tokens)
     assert set(grads) == {f"tokens_{i}/fold/{p}" for i in (1, 2) for p in ("kernel", "bias")}
-    sizes = assert_inference(params, **tokens)
     np.testing.assert_array_equal(sizes, [[1, 16], [1, 16]])

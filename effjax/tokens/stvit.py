@@ -16,9 +16,10 @@ a block (place 'block'), the ``P`` patch tokens become ``keep - prefix`` semanti
   2. refinement: one multi-head cross-attention with queries = the pooled tokens and keys/values = all current
      tokens (prefix included, padding masked), added to the pooled tokens (a residual); learned, with its own
      projections (``num_heads`` heads).
-The prefix tokens pass unchanged and stay first. Sizes add over each cell (each semantic token stands for its
-cell's patches) and the source map sends each patch to its cell's semantic token, so ``recover`` paints a
-semantic token over its cell (STViT-R recovers with a learned cross-attention instead; ``hot.Recover`` is one).
+The prefix tokens pass unchanged and stay first; ``keep == n`` returns the tokens unchanged. Sizes add over
+each cell (each semantic token stands for its cell's patches) and the source map sends each patch to its cell's
+semantic token, so ``recover`` paints a semantic token over its cell (STViT-R recovers with a learned
+cross-attention instead; ``hot.Recover`` is one).
 [mem]/unverified: the DeiT placement (which layer, how many semantic tokens: 16 per the abstract, e.g.
 ``keep=0.0817`` on 196 patches), the STViT-R details left out here (the learned "global centre" query, the
 local-window first refinement over unfolded neighbourhoods, semantic-only blocks and the recovery block), and
@@ -99,6 +100,8 @@ class Reducer(nn.Module):
 
     @nn.compact
     def __call__(self, x, tokens, stats, *, keep: int, prefix: int, deterministic: bool = True):
+        if keep >= x.shape[1]:  # nothing to sparsify: the layer is skipped (the model's plan never calls it so)
+            return x, tokens
         pooled, new = pool(x, tokens, keep - prefix, prefix, self.pool)
         semantic = pooled[:, prefix:]
         refined = semantic + CrossAttention(self.num_heads, name="refine")(semantic, x, tokens.mask).astype(x.dtype)
