@@ -96,3 +96,10 @@ def test_proportional_attention_under_a_method_without_key_bias_is_refused_namin
         models.build("decoder_lm", vocab_size=257, num_classes=None, max_length=16, num_layers=1, embed_dim=16,
                      num_heads=2, mlp_dim=32, tokens=dict(method="tome", r=2)).init(
             jax.random.key(0), np.ones((1, 16), np.int32))
+
+
+def test_a_pruner_asks_no_key_bias_so_it_runs_under_any_attention():
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    model = vit(pooling="cls", attention="performer", tokens=dict(method="random_prune", keep=0.5, layers="1"))
+    assert not model.token_plan(17, 1).prop_attn
+    assert np.all(np.isfinite(model.apply(model.init(jax.random.key(0), images), images)))

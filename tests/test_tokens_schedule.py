@@ -29,7 +29,8 @@ def test_tome_counts_on_vit_b16_match_the_catalog(r, blocks, after):
 
 
 def test_tome_inflection_ramp_is_the_papers_decreasing_schedule():
-    assert schedule.parse_r((16, -1), 12) == (32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0)
+    assert schedule.parse_r("(16, -1)", 12) == (32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0)
+    assert schedule.parse_r((16, 8), 12) == (16, 8) + (0,) * 10  # linen makes lists tuples: a tuple is a list
     assert schedule.parse_r("(16, 0)", 12) == (16,) * 12
     assert schedule.parse_r("8,8,4", 5) == (8, 8, 4, 0, 0)
     assert schedule.parse_r([8, 8, 4], 3) == (8, 8, 4)

@@ -63,4 +63,6 @@ class Model(Backbone, kw_only=True):
         x, _, tokens = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix, with_tokens=True)
         # Mean pooling weighs each token by how many patches it stands for (ToMe's size-weighted average pool).
         weights = jnp.ones((batch, x.shape[1] - prefix)) if tokens is None else tokens.sizes[:, prefix:]
+        if tokens is not None and tokens.mask is not None:  # empty slots of fixed-capacity methods
+            weights = weights * tokens.mask[:, prefix:]
         return classifier_head(pool(x, weights, self.pooling, prefix), self.num_classes)

@@ -27,6 +27,8 @@ class Spec:
     (its ``Reducer`` creates them). ``min_prefix``/``max_prefix``: the prefix-token counts (CLS, distillation)
     the method can keep. ``cap``: the most tokens one reduction may remove from ``n`` tokens of which ``prefix``
     are protected (ToMe's bipartite matching removes at most half); ``None`` means every non-prefix token.
+    ``merges``: the method can give a token a size other than 1 (merging, fusing, many-to-many); a pure pruner
+    sets False, so proportional attention (a zero bias for it) is not asked of the attention.
     ``notes``: simplifications and fixed-capacity forms, as written in ``docs/methods.md``.
     """
 
@@ -36,6 +38,7 @@ class Spec:
     min_prefix: int = 0
     max_prefix: int = 2
     cap: object = None
+    merges: bool = True
     notes: str = ""
 
     def max_removed(self, n: int, prefix: int) -> int:

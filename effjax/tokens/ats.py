@@ -33,7 +33,7 @@ from effjax.tokens import _ranking
 from effjax.tokens import state as state_lib
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="attention", needs=("cls_attention", "values"), min_prefix=1, max_prefix=2,
+SPEC = Spec(place="attention", merges=False, needs=("cls_attention", "values"), min_prefix=1, max_prefix=2,
             notes="fixed capacity keep with a mask: the sampled count is data-dependent and <= keep")
 
 

@@ -94,4 +94,5 @@ def plan(tokens, *, num_layers: int, num_tokens: int, prefix: int, layer_methods
         for layer, keep in enumerate(counts):
             if keep is not None and spec.place == "attention" and layer < len(layer_methods):
                 check_probabilities(layer_methods[layer], layer, method)
-    return Plan(method, tuple(sorted(params.items())), counts, prefix, bool(fields["prop_attn"]), spec.place)
+    prop_attn = bool(fields["prop_attn"]) and spec.merges  # a pruner's sizes stay 1: its log-size bias is 0
+    return Plan(method, tuple(sorted(params.items())), counts, prefix, prop_attn, spec.place)

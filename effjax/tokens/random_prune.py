@@ -19,7 +19,7 @@ from flax import linen as nn
 from effjax.tokens import _ranking
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="attention", needs=(), max_prefix=2,
+SPEC = Spec(place="attention", merges=False, needs=(), max_prefix=2,
             notes="uniform random subset of the non-prefix tokens; 'dropout' rng in training, a fixed key folded "
                   "with the input length otherwise")
 

@@ -1,8 +1,10 @@
 """How many tokens each layer keeps: ToMe's ``r`` forms, keep ratios per stage, turned into static counts.
 
-* ``r``: an int (the same r on every reducing layer), a per-layer list (padded with zeros, ToMe's
-  ``parse_r``), or ToMe's ``(r, inflection)``: a linear ramp from ``int(r (1 - inflection))`` to
-  ``2 r - int(r (1 - inflection))`` over the layers, so ``(16, -1)`` is the paper's decreasing schedule.
+* ``r``: an int (the same r on every reducing layer), a per-layer list or tuple (padded with zeros, ToMe's
+  ``parse_r``), or ToMe's ``(r, inflection)`` written as a string, ``'(16,-1)'``: a linear ramp from
+  ``int(r (1 - inflection))`` to ``2 r - int(r (1 - inflection))`` over the layers, the paper's decreasing
+  schedule. (Only the string spelling means a ramp: linen turns a model field's lists into tuples, so a Python
+  tuple could not be told from a per-layer list.)
   Each layer removes ``min(r_l, cap)`` tokens, where ``cap`` is the method's limit (ToMe: half the
   non-prefix tokens; the paper applies it silently, and so does this).
 * ``keep``: DynamicViT's ratio per stage: stage k keeps ``int(P * rho_1 * ... * rho_k)`` of the ``P``
@@ -45,12 +47,12 @@ def parse_layers(layers, num_layers: int) -> tuple[int, ...]:
 
 def parse_r(r, num_layers: int) -> tuple[int, ...] | None:
     """Removals per layer from ToMe's ``r`` forms (see the module doc), or None when ``r`` is unset."""
-    spelled = r.strip() if isinstance(r, str) else ""
+    ramp = isinstance(r, str) and r.strip().startswith("(")
     r = _literal(r, "r")
     if r is None:
         return None
-    if spelled and isinstance(r, tuple) and not spelled.startswith("("):
-        r = list(r)  # '8,8,4' on a command line is a per-layer list; '(16,-1)' is ToMe's (r, inflection)
+    if isinstance(r, tuple) and not ramp:
+        r = list(r)  # '8,8,4', (8, 8, 4) and [8, 8, 4] are per-layer lists; only '(16,-1)' is (r, inflection)
     if isinstance(r, bool) or not isinstance(r, (int, tuple, list)):
         raise ValueError(f"model.tokens.r must be an int, a per-layer list or (r, inflection), got {r!r}.")
     if isinstance(r, int):

@@ -29,7 +29,7 @@ from flax import linen as nn
 from effjax.tokens import _ranking
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="attention", needs=("probabilities", "keys"), max_prefix=2,
+SPEC = Spec(place="attention", merges=False, needs=("probabilities", "keys"), max_prefix=2,
             notes="I-stage weighted PageRank (mean over heads, no EIR/VHF), S-stage similarity pruning, top-k")
 
 
