@@ -61,11 +61,12 @@ def test_a_later_group_never_revives_a_dropped_patch_and_training_samples_with_l
     x, tokens = start(4, 33)
     _, ((out, new), _) = run(x, tokens, 25, 1)
     _, ((out2, new2), _) = run(out, new, 17, 1, seed=3)
+    source, mask, source2, mask2 = (np.asarray(a) for a in (new.source, new.mask, new2.source, new2.mask))
     for b in range(4):
         for original in range(33):
-            s1, s2 = int(new.source[b, original]), int(new2.source[b, original])
-            if s1 >= 0 and not new.mask[b, s1] and s2 >= 0:
-                assert not new2.mask[b, s2]
+            s1, s2 = source[b, original], source2[b, original]
+            if s1 >= 0 and not mask[b, s1] and s2 >= 0:
+                assert not mask2[b, s2]
     variables, ((out, new), sown) = run(x, tokens, 25, 1, deterministic=False)
     inter = sown["intermediates"]
     (log_prob,), (kept,) = inter["ia_red2_log_prob"], inter["ia_red2_kept_fraction"]
