@@ -103,3 +103,17 @@ def test_a_pruner_asks_no_key_bias_so_it_runs_under_any_attention():
     model = vit(pooling="cls", attention="performer", tokens=dict(method="random_prune", keep=0.5, layers="1"))
     assert not model.token_plan(17, 1).prop_attn
     assert np.all(np.isfinite(model.apply(model.init(jax.random.key(0), images), images)))
+
+
+def test_a_learned_method_fine_tunes_in_the_trainer_with_its_sown_loss():
+    config = shapes_config(method="dynamicvit", keep="0.5", layers="1", r="")
+    config.model.num_layers = 2
+    run = Run(config, devices=jax.devices()[:1])
+    state, it = run.init_state(), run.train_iterator()
+    before = jax.device_get(state.params["tokens_1"])
+    for _ in range(2):
+        state, metrics = run.step(state, next(it))
+    assert float(metrics["aux_loss"]) > 0 and np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state.params["tokens_1"])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after))
+    assert max(moved) > 0

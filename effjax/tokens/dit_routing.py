@@ -19,7 +19,7 @@ effjax keeps the dynamic-depth part within the token-reduction interface ("routi
     ``(sum_i g_i / P - (keep - prefix) / P)^2`` (the expected routed fraction of the ``P`` original tokens
     against the schedule's; tokens routed out earlier count as 0; the token fraction stands in for FLOPs, whose
     per-token cost is the same in every block of a plain ViT up to the attention's quadratic term) is sown with
-    ``self.sow('losses', 'dit_routing_budget', value)``. The effjax trainer does not add it yet.
+    ``self.sow('losses', 'dit_routing_budget', budget_weight * value)``, which the train step adds to the loss.
 Not implemented: the multi-scale (downsampling) paths, soft multi-path propagation, and re-entry of a token
 after an identity step. Tokens that exit keep their last features only in the caller's hands (``recover``
 fills their positions); prefix tokens always continue and stay first.
@@ -32,7 +32,7 @@ from effjax.tokens import state as state_lib
 from effjax.tokens._pruning import dense_init, keep_fraction_gap, prior_keep, straight_through, top_index, with_prefix
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="block", needs=(), learned=True, min_prefix=0, max_prefix=2,
+SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,
             notes="Routing, simplified: a per-token gate sends the top-keep tokens through the remaining blocks "
                   "and the rest on the identity path (early exit); straight-through gates and a sown budget loss "
                   "('losses', 'dit_routing_budget'); no multi-scale paths.")
@@ -61,6 +61,8 @@ def route(x, tokens: state_lib.TokenState, gates, keep: int, prefix: int = 1):
 class Reducer(nn.Module):
     """Routing gate before a block: the top-``keep`` gated tokens continue, the others exit."""
 
+    budget_weight: float = 1.0  # weight of the sown budget loss (unpublished; no code was released)
+
     @nn.compact
     def __call__(self, x, tokens, stats, *, keep: int, prefix: int, deterministic: bool = True):
         if keep >= x.shape[1]:
@@ -68,7 +70,8 @@ class Reducer(nn.Module):
         gates = Gate(name="gate")(x[:, prefix:])
         if not deterministic:
             prior = prior_keep(tokens, prefix, x.shape[1])
-            self.sow("losses", "dit_routing_budget", keep_fraction_gap(gates * prior, keep, prefix, tokens))
+            budget = keep_fraction_gap(gates * prior, keep, prefix, tokens)
+            self.sow("losses", "dit_routing_budget", self.budget_weight * budget)
             scale = with_prefix(straight_through(jnp.ones_like(gates), gates), prefix, 1.0)
             x = x * scale[..., None].astype(x.dtype)
         return route(x, tokens, gates, keep, prefix)

@@ -25,8 +25,9 @@ attention (``softmax_with_policy``, Eq. 4-5), because a ``Reducer`` must return 
     paper keeps each token's self-loop; here a masked token attends to the others and no one attends to it).
 The ratio loss (Eq. 11, ``(keep fraction - rho^k)^2`` averaged over the batch, the keep fraction taken over
 the ``P`` original patches with tokens removed earlier counting as dropped) is sown per stage with
-``self.sow('losses', 'dynamicvit_ratio', value)``; the paper adds ``ratio_weight`` (2.0) times its mean over
-stages to the loss. The effjax trainer does not add it yet: apply with ``mutable=['losses']`` and add it.
+``self.sow('losses', 'dynamicvit_ratio', ratio_weight * value)``, and the train step adds every sown loss to
+the task loss (``effjax.train.steps.AUX_LOSSES``). The paper adds 2.0 times the mean over its 3 stages, so the
+default ``ratio_weight`` is 2.0 / 3 per stage.
 Neither the teacher distillation terms (KL on logits, MSE on kept tokens) nor the 30-epoch recipe are here.
 """
 
@@ -46,10 +47,10 @@ from effjax.tokens._pruning import (
 )
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="block", needs=(), learned=True, min_prefix=0, max_prefix=2,
+SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,
             notes="Training keeps the top-keep tokens by the Gumbel-perturbed score (static shapes) and multiplies "
                   "them by the straight-through decision, masking kept tokens the policy drops; the ratio loss is "
-                  "sown ('losses', 'dynamicvit_ratio') but not added by the trainer; no distillation losses.")
+                  "sown ('losses', 'dynamicvit_ratio', weighted), which the train step adds; no distillation losses.")
 
 
 def gelu(x):
@@ -89,6 +90,7 @@ class Reducer(nn.Module):
     """DynamicViT before a block: the predictor's top-``keep`` tokens (Gumbel straight-through in training)."""
 
     tau: float = 1.0  # Gumbel-softmax temperature (the reference's default)
+    ratio_weight: float = 2.0 / 3  # per stage: the paper's 2.0 times the mean over its 3 stages
 
     @nn.compact
     def __call__(self, x, tokens, stats, *, keep: int, prefix: int, deterministic: bool = True):
@@ -103,7 +105,7 @@ class Reducer(nn.Module):
         logits = (logprob + noise) / self.tau
         hard = prior & (logits[..., 0] > logits[..., 1])
         decision = straight_through(hard, jax.nn.softmax(logits, axis=-1)[..., 0]) * prior
-        self.sow("losses", "dynamicvit_ratio", keep_fraction_gap(decision, keep, prefix, tokens))
+        self.sow("losses", "dynamicvit_ratio", self.ratio_weight * keep_fraction_gap(decision, keep, prefix, tokens))
         scores = jnp.where(prior, logits[..., 0] - logits[..., 1], LOWEST)
         index = top_index(with_prefix(scores, prefix, 0.0), keep, prefix)
         scale = with_prefix(decision, prefix, 1.0)

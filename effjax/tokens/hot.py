@@ -31,7 +31,7 @@ from effjax.tokens import state as state_lib
 from effjax.tokens._pruning import LOWEST, CrossAttention
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="block", needs=(), learned=True, min_prefix=0, max_prefix=2,
+SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,
             notes="DPC-kNN (k=2) on the token features, keeps the f' centres sorted by position plus a learned "
                   "position embedding; ties broken by position instead of noise; Recover is the TRA "
                   "cross-attention with learnable full-length queries.")

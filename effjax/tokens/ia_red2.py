@@ -36,7 +36,7 @@ from effjax.tokens import state as state_lib
 from effjax.tokens._pruning import dense_init, prior_keep, straight_through, top_index, with_prefix
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="block", needs=(), learned=True, min_prefix=0, max_prefix=2,
+SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,
             notes="[mem] interpreter (CLS query x patch keys, sigmoid, head mean); fixed capacity keep plus a mask "
                   "for the 0.5 threshold; straight-through Bernoulli training instead of REINFORCE (log-probs "
                   "sown for a REINFORCE trainer).")

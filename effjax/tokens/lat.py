@@ -25,7 +25,7 @@ from effjax.tokens import state as state_lib
 from effjax.tokens._pruning import LOWEST, top_index
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="attention", needs=("probabilities",), learned=False, min_prefix=0, max_prefix=2,
+SPEC = Spec(place="attention", merges=False, needs=("probabilities",), learned=False, min_prefix=0, max_prefix=2,
             notes="[mem] ACC = column sums of the attention probabilities (real queries, mean over heads); keeps the "
                   "top-ACC tokens in order with [CLS] kept; geometric schedule from one keep ratio.")
 
