@@ -12,20 +12,29 @@ import effjax.attention as _package
 _NOT_METHODS = frozenset({"registry", "common", "patterns", "kernel_attention", "grid", "fftconv", "scan", "permute"})
 
 
-def names() -> list[str]:
-    """Sorted names of all registered attention methods."""
-    found = (m.name for m in pkgutil.iter_modules(_package.__path__))
-    return sorted(n for n in found if n not in _NOT_METHODS and not n.startswith("_"))
+def package_modules(package, shared) -> list[str]:
+    """Sorted names of ``package``'s modules, without the ``shared`` ones and those starting with '_'."""
+    found = (m.name for m in pkgutil.iter_modules(package.__path__))
+    return sorted(n for n in found if n not in shared and not n.startswith("_"))
 
 
-def check_name(name: str) -> None:
-    """Raises ValueError naming the close matches when ``name`` is not a registered method."""
-    known = names()
+def check_known(name: str, known, kind: str, where: str = "") -> None:
+    """Raises ValueError naming the close matches when ``name`` is not in ``known`` (``kind``: what it names)."""
     if name in known:
         return
     close = difflib.get_close_matches(str(name), known, n=3)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"Unknown attention method {name!r}.{hint} Known methods: {', '.join(known)}.")
+    raise ValueError(f"Unknown {kind} {name!r}{where}.{hint} Known methods: {', '.join(known)}.")
+
+
+def names() -> list[str]:
+    """Sorted names of all registered attention methods."""
+    return package_modules(_package, _NOT_METHODS)
+
+
+def check_name(name: str) -> None:
+    """Raises ValueError naming the close matches when ``name`` is not a registered method."""
+    check_known(name, names(), "attention method")
 
 
 def _method_module(name: str):

@@ -1,33 +1,24 @@
 """Name -> token-reduction method lookup: the module ``effjax.tokens.<name>`` is the method."""
 
 import dataclasses
-import difflib
 import importlib
-import pkgutil
 
 import effjax.tokens as _package
-from effjax.attention.registry import field_type
+from effjax.attention.registry import check_known, field_type, package_modules
 from effjax.tokens._spec import Spec
 
 # Modules in this package that hold shared code rather than a method.
-_NOT_METHODS = frozenset({"registry", "state", "stats", "schedule", "plan", "matching", "flops"})
+_NOT_METHODS = frozenset({"registry", "state", "stats", "schedule", "plan", "flops"})
 
 
 def names() -> list[str]:
     """Sorted names of all token-reduction methods."""
-    found = (m.name for m in pkgutil.iter_modules(_package.__path__))
-    return sorted(n for n in found if n not in _NOT_METHODS and not n.startswith("_"))
+    return package_modules(_package, _NOT_METHODS)
 
 
 def check_name(name: str) -> None:
     """Raises ValueError naming the close matches when ``name`` is not a token-reduction method."""
-    known = names()
-    if name in known:
-        return
-    close = difflib.get_close_matches(str(name), known, n=3)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"Unknown token-reduction method {name!r} (config.model.tokens.method).{hint} "
-                     f"Known methods: {', '.join(known)}.")
+    check_known(name, names(), "token-reduction method", " (config.model.tokens.method)")
 
 
 def module(name: str):
