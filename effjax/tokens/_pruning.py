@@ -13,20 +13,6 @@ dense_init = nn.initializers.xavier_uniform()
 LOWEST = -1e30  # below every real score; float32's min would overflow when scores are shifted
 
 
-def top_index(scores, keep: int, prefix: int, *, by_position: bool = False):
-    """``[batch, keep]`` int32 token positions: the ``prefix`` tokens (0..prefix-1, in order), then the
-    ``keep - prefix`` non-prefix tokens with the largest ``scores [batch, n]`` (the prefix columns of ``scores``
-    are ignored), in descending score order or, with ``by_position``, in their original order."""
-    batch = scores.shape[0]
-    rest = jax.lax.stop_gradient(scores[:, prefix:].astype(jnp.float32))
-    _, index = jax.lax.top_k(rest, keep - prefix)
-    index = index.astype(jnp.int32) + prefix
-    if by_position:
-        index = jnp.sort(index, axis=-1)
-    head = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (batch, prefix))
-    return jnp.concatenate([head, index], axis=1)
-
-
 def prior_keep(tokens: state_lib.TokenState, prefix: int, n: int):
     """``[batch, n - prefix]`` bool: the non-prefix tokens a previous stage kept (its mask), all True without."""
     if tokens.mask is None:

@@ -1,7 +1,7 @@
 """Shared pieces of the training-free token-reduction methods: per-token scores and keeping by priority.
 
-Private (a leading underscore keeps it out of ``effjax.tokens.names()``): random pruning, Top-K, Zero-TPrune,
-Token Transforming, ATS, DiffRate and MCTF import from it.
+Private (a leading underscore keeps it out of ``effjax.tokens.names()``): the training-free methods and the
+learned pruners (through ``_pruning``) import from it.
 """
 
 import jax
@@ -20,9 +20,10 @@ def prefix_flags(n: int, prefix: int):
     return jnp.arange(n) < prefix
 
 
-def top_index(priority, keep: int, prefix: int, mask=None):
-    """Indices ``[batch, keep]`` (ascending, so prefix tokens stay first) of the ``prefix`` tokens and the
-    ``keep - prefix`` others of highest ``priority [batch, n]``; padded tokens (``mask`` False) go last."""
+def top_index(priority, keep: int, prefix: int, mask=None, *, by_position: bool = True):
+    """Indices ``[batch, keep]`` of the ``prefix`` tokens and the ``keep - prefix`` others of highest ``priority
+    [batch, n]`` (its prefix columns are ignored); padded tokens (``mask`` False) go last. In their original
+    order (``by_position``), else prefix first and then by descending priority."""
     n = priority.shape[1]
     priority = jax.lax.stop_gradient(priority.astype(jnp.float32))
     low = jnp.finfo(jnp.float32).min
@@ -30,8 +31,8 @@ def top_index(priority, keep: int, prefix: int, mask=None):
     if mask is not None:
         priority = jnp.where(mask, priority, low)
     priority = jnp.where(prefix_flags(n, prefix), jnp.inf, priority)
-    _, index = jax.lax.top_k(priority, keep)
-    return jnp.sort(index, axis=-1).astype(jnp.int32)
+    _, index = jax.lax.top_k(priority, keep)  # ties (the prefix's inf) in index order
+    return (jnp.sort(index, axis=-1) if by_position else index).astype(jnp.int32)
 
 
 def keep_top(x, tokens, priority, keep: int, prefix: int):

@@ -42,9 +42,9 @@ from effjax.tokens._pruning import (
     keep_fraction_gap,
     prior_keep,
     straight_through,
-    top_index,
     with_prefix,
 )
+from effjax.tokens._ranking import top_index
 from effjax.tokens._spec import Spec
 
 SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,
@@ -83,7 +83,7 @@ def prune(x, tokens: state_lib.TokenState, keep_logprob, keep: int, prefix: int 
     if keep >= x.shape[1]:
         return x, tokens
     scores = jnp.where(prior_keep(tokens, prefix, x.shape[1]), keep_logprob, LOWEST)
-    return state_lib.gather(x, tokens, top_index(with_prefix(scores, prefix, 0.0), keep, prefix))
+    return state_lib.gather(x, tokens, top_index(with_prefix(scores, prefix, 0.0), keep, prefix, by_position=False))
 
 
 class Reducer(nn.Module):
@@ -107,7 +107,7 @@ class Reducer(nn.Module):
         decision = straight_through(hard, jax.nn.softmax(logits, axis=-1)[..., 0]) * prior
         self.sow("losses", "dynamicvit_ratio", self.ratio_weight * keep_fraction_gap(decision, keep, prefix, tokens))
         scores = jnp.where(prior, logits[..., 0] - logits[..., 1], LOWEST)
-        index = top_index(with_prefix(scores, prefix, 0.0), keep, prefix)
+        index = top_index(with_prefix(scores, prefix, 0.0), keep, prefix, by_position=False)
         scale = with_prefix(decision, prefix, 1.0)
         mask = with_prefix(hard, prefix, True)
         x, tokens = state_lib.gather(x, tokens, index, mask_out=jnp.take_along_axis(mask, index, axis=1))

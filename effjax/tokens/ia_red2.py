@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.tokens import state as state_lib
-from effjax.tokens._pruning import dense_init, prior_keep, straight_through, top_index, with_prefix
+from effjax.tokens._pruning import dense_init, prior_keep, straight_through, with_prefix
+from effjax.tokens._ranking import top_index
 from effjax.tokens._spec import Spec
 
 SPEC = Spec(place="block", merges=False, needs=(), learned=True, min_prefix=0, max_prefix=2,

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.tokens import state as state_lib
-from effjax.tokens._pruning import LOWEST, top_index
+from effjax.tokens._pruning import LOWEST
+from effjax.tokens._ranking import top_index
 from effjax.tokens._spec import Spec
 
 SPEC = Spec(place="attention", merges=False, needs=("probabilities",), learned=False, min_prefix=0, max_prefix=2,
