@@ -11,7 +11,8 @@ from effjax.train.state import TrainState
 FROZEN_PREFIX = "frozen_"
 
 # Auxiliary training losses a model sows (``self.sow(AUX_LOSSES, name, value)``, already weighted), e.g.
-# DynamicViT's keep-ratio loss: the train step adds their sum to the task loss and reports it as ``aux_loss``.
+# DynamicViT's keep-ratio loss: the train step minimises their sum plus the task loss and reports the two apart
+# (``loss`` is the task loss alone, ``aux_loss`` the sown sum).
 AUX_LOSSES = "losses"
 
 
@@ -42,9 +43,9 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn, schedule):
         aux = jax.tree.leaves(model_state.pop(AUX_LOSSES, {}))
         loss, sums = loss_fn(out, batch)
         aux_loss = sum(jnp.sum(value) for value in aux) if aux else None
-        return loss if aux_loss is None else loss + aux_loss, (sums, model_state, aux_loss)
+        return loss if aux_loss is None else loss + aux_loss, (sums, model_state, aux_loss, loss)
 
-    (loss, (sums, model_state, aux_loss)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (_, (sums, model_state, aux_loss, loss)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = {
