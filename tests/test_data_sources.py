@@ -12,11 +12,11 @@ from effjax.data import bytes_lm, tfds_sources
 
 
 def test_names():
-    assert data.names() == ["bytes_lm", "listops", "tfds_cifar10", "tfds_imdb"]
+    assert data.names() == ["bytes_lm", "listops", "shapes", "tfds_cifar10", "tfds_imdb"]
 
 
 def test_unknown_name_lists_known_ones_and_a_close_match():
-    with pytest.raises(ValueError, match=r"'listop'.*bytes_lm, listops, tfds_cifar10, tfds_imdb.*'listops'"):
+    with pytest.raises(ValueError, match=r"'listop'.*bytes_lm, listops, shapes, tfds_cifar10, tfds_imdb.*'listops'"):
         data.make_source("listop", "train")
 
 

@@ -21,8 +21,9 @@ SCHEDULES = {
     "token_shuffle": dict(keep=0.25, layers="1"),  # 2 x 2 windows of the 4 x 4 patch grid
 }
 NAMES = [name for name in tokens_lib.names() if name not in NOT_BLOCK_REDUCERS]
-# One merger, one pruner by attention, one learned pruner before the block in the default tier; all in the slow.
-DEFAULT_TIER = ("tome", "topk", "dynamicvit")
+# One merger and one learned pruner before the block in the default tier; all in the slow. The learned-gradient
+# check's default-tier twin is tests/test_tokens_model.py's DynamicViT fine-tuning in the trainer.
+DEFAULT_TIER = ("tome", "dynamicvit")
 
 
 def tiered(names):
@@ -112,7 +113,8 @@ def test_keep_equal_to_the_length_is_the_identity(name):
 LEARNED = [name for name in NAMES if tokens_lib.spec(name).learned]
 
 
-@pytest.mark.parametrize("name", tiered(LEARNED))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LEARNED)
 def test_learned_methods_get_gradients_through_a_classification_loss(name):
     model = vit(name)
     vs = model.init(jax.random.key(2), IMAGES[:2])

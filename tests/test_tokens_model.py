@@ -64,6 +64,7 @@ def run_losses(config, devices, steps=3):
     return losses
 
 
+@pytest.mark.slow  # the default tier's twin: tests/test_tokens_conformance.py's eight-device check
 def test_tome_fine_tunes_in_the_trainer_on_eight_devices_as_on_one():
     config = shapes_config(method="tome", r="(3,-1)")
     config.mesh.data = 8

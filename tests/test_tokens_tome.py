@@ -64,9 +64,10 @@ def test_matching_equals_the_papers_algorithm_run_as_loops(prefix, n, r):
 def test_prefix_tokens_stay_first_unmerged_and_sizes_sum_to_the_original_count():
     x, metric, tokens = random_case(1, n=33)
     x2, tokens2 = x, tokens
-    for _ in range(4):
-        x2, tokens2 = tome.merge(x2, tokens2, metric[:, :x2.shape[1]], 6, 2)
-    assert x2.shape[1] == 33 - 24
+    merge = jax.jit(tome.merge, static_argnums=(3, 4))
+    for _ in range(3):
+        x2, tokens2 = merge(x2, tokens2, metric[:, :x2.shape[1]], 6, 2)
+    assert x2.shape[1] == 33 - 18
     np.testing.assert_allclose(x2[:, :2], x[:, :2], rtol=1e-6, atol=1e-6)  # (s x) / s, so up to an ulp
     np.testing.assert_array_equal(tokens2.source[:, :2], np.broadcast_to([0, 1], (3, 2)))
     np.testing.assert_allclose(tokens2.sizes.sum(1), tokens.sizes.sum(1))
@@ -83,13 +84,15 @@ def test_r_zero_is_the_identity_and_identical_tokens_merge_to_themselves():
 
 def test_recover_maps_every_original_position_to_the_token_that_absorbed_it():
     x, metric, tokens = random_case(3, n=21)
-    out, new = tome.merge(x, tokens, metric, 8, 1)
-    out2, new2 = tome.merge(out, new, metric[:, :out.shape[1]], 4, 1)
-    full = recover(out2, new2.source)
+    merge = jax.jit(tome.merge, static_argnums=(3, 4))
+    out, new = merge(x, tokens, metric, 8, 1)
+    out2, new2 = merge(out, new, metric[:, :out.shape[1]], 4, 1)
+    full = np.asarray(recover(out2, new2.source))
     assert full.shape == x.shape
+    source, out2_np = np.asarray(new2.source), np.asarray(out2)
     for b in range(3):
         for i in range(21):
-            np.testing.assert_array_equal(full[b, i], out2[b, new2.source[b, i]])
+            np.testing.assert_array_equal(full[b, i], out2_np[b, source[b, i]])
     # The size of each output token is the number of originals mapped to it, weighted by their start sizes.
     counted = state_lib.scatter_sum(tokens.sizes, new2.source, out2.shape[1])
     np.testing.assert_allclose(counted, new2.sizes)
