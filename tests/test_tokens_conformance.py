@@ -26,8 +26,8 @@ NAMES = [name for name in tokens_lib.names() if name not in NOT_BLOCK_REDUCERS]
 DEFAULT_TIER = ("tome", "dynamicvit")
 
 
-def tiered(names):
-    return [name if name in DEFAULT_TIER else pytest.param(name, marks=pytest.mark.slow) for name in names]
+def tiered(names, default=DEFAULT_TIER):
+    return [name if name in default else pytest.param(name, marks=pytest.mark.slow) for name in names]
 IMAGES = jax.random.uniform(jax.random.key(0), (8, 16, 16, 3))  # 16 patches + CLS
 
 
@@ -58,7 +58,7 @@ def with_method_params(name, variables):
     return {**own, "params": {**own["params"], **variables["params"]}} if tokens_lib.spec(name).learned else variables
 
 
-@pytest.mark.parametrize("name", tiered(NAMES))
+@pytest.mark.parametrize("name", tiered(NAMES, ("tome",)))
 def test_counts_prefix_sizes_and_source_map_inside_a_vit(name, variables):
     model = vit(name)
     vs = with_method_params(name, variables)
