@@ -5,6 +5,7 @@ first, high-score tokens always kept), the masked fixed capacity, gradients, and
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from token_cases import check_in_vit, jit_run, probabilities, random_case
 
 from effjax.tokens import ats
@@ -84,6 +85,7 @@ def test_gradients_are_finite():
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_ats_inside_a_vit_masks_the_slots_it_does_not_fill():
     *_, inter = check_in_vit("ats", needs_probabilities=True)
     sizes = np.asarray(inter["token_sizes"][0])

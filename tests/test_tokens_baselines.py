@@ -4,6 +4,7 @@ tokens) against a naive reading, and random pruning's draws; both inside a ViT."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from token_cases import check_in_vit, jit_run, probabilities, random_case, run
 
 from effjax.tokens import random_prune, topk
@@ -79,6 +80,7 @@ def test_gradients_are_finite():
     assert topk.SPEC.needs == ("cls_attention",) and random_prune.SPEC.needs == ()
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_topk_inside_a_vit():
     check_in_vit("topk", needs_probabilities=True)
 

@@ -113,6 +113,7 @@ def test_gradients_are_finite():
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_diffrate_inside_a_vit_with_a_schedule_and_learned():
     tokens = diffrate.schedule((17, 12), (15, 9), num_tokens=17)  # prune 0 + merge 2, then prune 3 + merge 3
     *_, inter = check_in_vit("diffrate", needs_probabilities=True, r=tokens["r"], params=tokens["params"])

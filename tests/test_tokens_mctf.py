@@ -101,6 +101,7 @@ def test_gradients_are_finite():
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_mctf_inside_a_vit():
     *_, inter = check_in_vit("mctf", needs_probabilities=True)
     np.testing.assert_array_equal(np.asarray(inter["token_sizes"][0]).sum(1), 17.0)

@@ -5,6 +5,7 @@ gradients, and Token Transforming inside a ViT."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from token_cases import check_in_vit, jit_run, probabilities, random_case
 
 from effjax.tokens import token_transforming
@@ -65,6 +66,7 @@ def test_gradients_are_finite():
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_token_transforming_inside_a_vit():
     *_, inter = check_in_vit("token_transforming", needs_probabilities=True)
     np.testing.assert_allclose(np.asarray(inter["token_sizes"][0]).sum(1), 17.0, rtol=1e-5)

@@ -5,6 +5,7 @@ inside a ViT."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from token_cases import check_in_vit, jit_run, probabilities, random_case
 
 from effjax.tokens import zero_tprune
@@ -82,6 +83,7 @@ def test_gradients_are_finite():
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # a ViT compile; the default tier runs a model with tome and dynamicvit
 def test_zero_tprune_inside_a_vit():
     *_, inter = check_in_vit("zero_tprune", needs_probabilities=True)
     np.testing.assert_array_equal(inter["token_sizes"][0], 1.0)  # pruning: the kept tokens keep size 1
