@@ -59,6 +59,9 @@ _TINY = flags.DEFINE_bool("tiny", False, "One rate per method on a tiny Shapes V
                           "for the test.")
 _OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "token_reduction"),
                            "Path and basename of the .json and .png written.")
+_UPDATE = flags.DEFINE_bool("update", False, "Keep the other methods' rows of the existing --out JSON: rerun some "
+                            "methods (--methods) into a full table. Each row's ratios are against the unreduced model "
+                            "timed in its own run.")
 
 # The 12-layer models of the speed section: ViT-B/16 (ToMe's and DeiT-B's shape) and DeiT-S.
 SPEED_MODELS = {
@@ -552,6 +555,26 @@ def finite(results: dict) -> bool:
                for k in keys if k in r)
 
 
+def updated(old: dict, new: dict) -> dict:
+    """``old`` results with the rows of ``new``'s methods replaced by ``new``'s (sections ``new`` ran); the
+    unreduced rows stay ``old``'s, and ``reruns`` lists the dates and methods of the replacements."""
+    methods = set(new["methods"])
+    merged = dict(old, methods=list(old["methods"]) + [m for m in new["methods"] if m not in old["methods"]])
+    order = {m: i for i, m in enumerate(merged["methods"])}
+    for section in ("speed", "agreement"):
+        if not new[section]:
+            continue
+        rows = [r for r in old[section] if r["method"] not in methods] + [
+            r for r in new[section] if r["method"] in methods]
+        groups = {}
+        for r in old[section] + new[section]:
+            groups.setdefault((r["model"], r["batch"]), len(groups))
+        merged[section] = sorted(rows, key=lambda r, groups=groups: (  # stable: a method's rates stay in order
+            groups[(r["model"], r["batch"])], r["method"] != BASELINE, order.get(r["method"], -1)))
+    merged["reruns"] = list(old.get("reruns", [])) + [{"date": new["date"], "methods": new["methods"]}]
+    return merged
+
+
 def main(argv):
     del argv
     results = run(sections=_SECTIONS.value, methods=_METHODS.value, models=_MODELS.value, batches=_BATCH.value,
@@ -560,6 +583,9 @@ def main(argv):
                   log=functools.partial(print, flush=True))
     base = _OUT.value
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    if _UPDATE.value and os.path.isfile(base + ".json"):
+        with open(base + ".json") as f:
+            results = updated(json.load(f), results)
     with open(base + ".json", "w") as f:
         json.dump(results, f, indent=1)
     plot(results, base + ".png")

@@ -56,3 +56,22 @@ def test_tiny_token_benchmark_writes_every_row_with_finite_ratios(tmp_path, meth
     assert results["shapes"]["step"] == train_steps and results["shapes"]["images"] == 16
     assert "### Agreement: Shapes ViT" in proc.stdout and "| `tome` | r=8 |" in proc.stdout
     assert (tmp_path / "tokens.png").stat().st_size > 10_000
+
+
+def test_update_replaces_the_rerun_methods_rows_and_keeps_the_others_in_order():
+    def rows(section, methods, ratio):
+        return [dict(section=section, model="m", batch=8, method=m, schedule=s, status="ok", speed_ratio=ratio)
+                for m in methods for s in ("a", "b")]
+
+    before = ["none", "tome", "topk", "lat"]
+    old = {"date": "d0", "methods": before[1:], "speed": rows("speed", before, 1.0),
+           "agreement": rows("agreement", before, 1.0)}
+    new = {"date": "d1", "methods": ["lat", "new"], "speed": rows("speed", ["none", "lat", "new"], 2.0),
+           "agreement": []}
+    merged = _bench().updated(old, new)
+    assert [(r["method"], r["schedule"], r["speed_ratio"]) for r in merged["speed"]] == [
+        ("none", "a", 1.0), ("none", "b", 1.0), ("tome", "a", 1.0), ("tome", "b", 1.0), ("topk", "a", 1.0),
+        ("topk", "b", 1.0), ("lat", "a", 2.0), ("lat", "b", 2.0), ("new", "a", 2.0), ("new", "b", 2.0)]
+    assert merged["agreement"] == old["agreement"]  # a section the rerun skipped stays as it was
+    assert merged["methods"] == ["tome", "topk", "lat", "new"] and merged["reruns"] == [
+        {"date": "d1", "methods": ["lat", "new"]}]
