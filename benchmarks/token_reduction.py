@@ -465,22 +465,24 @@ def plot(results: dict, path: str) -> None:
     axes[0].set(xlabel="top-1 agreement with the unreduced model", ylabel="images/s ratio (speed-up)",
                 title=f"Shapes ViT (checkpoint step {step}), no retraining")
     shapes = {"vit_b16": "o", "deit_s": "^", "vit_tiny": "s", "shapes_vit": "s"}
-    for r in speed:
-        if r["batch"] != speed[0]["batch"]:
-            continue
+    batch = speed[0]["batch"] if speed else None
+    shown = [r for r in speed if r["batch"] == batch]
+    for r in shown:
         axes[1].scatter(r["gflops_ratio"], r["speed_ratio"], color=color[r["method"]],
                         marker=shapes.get(r["model"], "x"), s=40)
-    lims = [0.2, 1.05]
-    axes[1].plot(lims, [1 / x for x in lims], color="grey", lw=0.8, ls="--", label="speed-up = 1 / GFLOPs ratio")
-    axes[1].set(xlabel="GFLOPs ratio", ylabel="images/s ratio (speed-up)",
-                title=f"{' / '.join(sorted({r['model'] for r in speed}))} (o / ^), batch "
-                      f"{speed[0]['batch'] if speed else '?'}")
+    if shown:
+        low = max(0.2, min(r["gflops_ratio"] for r in shown) - 0.05)
+        grid = [low + (1.05 - low) * i / 50 for i in range(51)]
+        axes[1].plot(grid, [1 / x for x in grid], color="grey", lw=0.8, ls="--", label="speed-up = 1 / GFLOPs ratio")
+        axes[1].legend(fontsize=7, loc="upper right")
+    models = list(dict.fromkeys(r["model"] for r in shown))
+    axes[1].set(xlabel="GFLOPs ratio (XLA cost analysis)", ylabel="images/s ratio (speed-up)",
+                title=", ".join(f"{m} ({shapes.get(m, 'x')})" for m in models) + f", batch {batch}")
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     if unique:
         fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=7)
-    axes[1].legend(fontsize=7, loc="upper right")
-    fig.subplots_adjust(right=0.84)
+    fig.subplots_adjust(left=0.06, right=0.87, wspace=0.22)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
