@@ -1,6 +1,7 @@
 """Every token-reduction method through the same checks inside a ViT: the schedule's counts, prefix tokens kept
-first, sizes, the source map, jit with static shapes, 8 emulated devices equal to 1, identity at keep == n, and
-gradients into learned methods' parameters."""
+first, sizes, the source map, jit with static shapes, 8 emulated devices equal to 1, identity at keep == n.
+Gradients into each learned method's parameters are checked in its own test file (and through the trainer in
+tests/test_tokens_model.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ SCHEDULES = {
     "token_shuffle": dict(keep=0.25, layers="1"),  # 2 x 2 windows of the 4 x 4 patch grid
 }
 NAMES = [name for name in tokens_lib.names() if name not in NOT_BLOCK_REDUCERS]
-# One merger and one learned pruner before the block in the default tier; all in the slow. The learned-gradient
-# check's default-tier twin is tests/test_tokens_model.py's DynamicViT fine-tuning in the trainer.
+# One merger and one learned pruner before the block in the default tier; all in the slow.
 DEFAULT_TIER = ("tome", "dynamicvit")
 
 
@@ -106,25 +106,3 @@ def test_keep_equal_to_the_length_is_the_identity(name):
     out, state = reducer.apply(vs, x, start, stats, keep=n, prefix=prefix)
     np.testing.assert_allclose(out, x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(state.sizes, start.sizes)
-
-
-LEARNED = [name for name in NAMES if tokens_lib.spec(name).learned]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", LEARNED)
-def test_learned_methods_get_gradients_through_a_classification_loss(name):
-    model = vit(name)
-    vs = model.init(jax.random.key(2), IMAGES[:2])
-    labels = jnp.arange(8) % 10
-
-    def loss(params):
-        logits = model.apply({**vs, "params": params}, IMAGES, deterministic=False,
-                             rngs={"dropout": jax.random.key(7)})
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels])
-
-    grads = jax.grad(loss)(vs["params"])
-    own = {path: g for path, g in jax.tree_util.tree_leaves_with_path(grads)
-           if "tokens" in jax.tree_util.keystr(path)}
-    assert own, f"{name} declares learned=True but has no parameters under a 'tokens' scope"
-    assert any(float(jnp.abs(g).max()) > 0 for g in own.values()), f"{name}: all its gradients are zero"
