@@ -201,6 +201,14 @@ def layer_norm(key: str, path: str, d: int) -> list[Entry]:
             Entry(f"{key}.bias", (d,), to(f"{path}/layer_norm/bias"))]
 
 
+def mlp(fc1: str, fc2: str, path: str, d: int, m: int) -> list[Entry]:
+    """The block MLP's two Linear layers ``fc1`` [m, d] and ``fc2`` [d, m] into ``path/mlp/wi`` and ``wo``."""
+    return [Entry(f"{fc1}.weight", (m, d), linear(f"{path}/mlp/wi/kernel"), "mlp"),
+            Entry(f"{fc1}.bias", (m,), to(f"{path}/mlp/wi/bias"), "mlp"),
+            Entry(f"{fc2}.weight", (d, m), linear(f"{path}/mlp/wo/kernel"), "mlp"),
+            Entry(f"{fc2}.bias", (d,), to(f"{path}/mlp/wo/bias"))]
+
+
 def token(d: int, name: str):
     return to(name, lambda a: a.reshape(1, d))
 
@@ -277,10 +285,7 @@ def timm_entries(model, name: str) -> list[Entry]:
                     Entry(f"{src}.attn.proj.weight", (d, d), out_projection(f"{dst}/attention/out", h, hd)),
                     Entry(f"{src}.attn.proj.bias", (d,), to(f"{dst}/attention/out_bias"))]
         entries += layer_norm(f"{src}.norm2", f"{dst}/ln_mlp", d)
-        entries += [Entry(f"{src}.mlp.fc1.weight", (m, d), linear(f"{dst}/mlp/wi/kernel"), "mlp"),
-                    Entry(f"{src}.mlp.fc1.bias", (m,), to(f"{dst}/mlp/wi/bias"), "mlp"),
-                    Entry(f"{src}.mlp.fc2.weight", (d, m), linear(f"{dst}/mlp/wo/kernel"), "mlp"),
-                    Entry(f"{src}.mlp.fc2.bias", (d,), to(f"{dst}/mlp/wo/bias"))]
+        entries += mlp(f"{src}.mlp.fc1", f"{src}.mlp.fc2", dst, d, m)
     entries += layer_norm("norm", "ln_final", d)
     return entries + head_entries(model, [("head", "head")] + [("head_dist", "head_dist")] * model.distilled)
 
@@ -317,10 +322,7 @@ def hf_entries(model, name: str, prefix: str, style: str) -> list[Entry]:
         entries += [Entry(f"{src}.{names['o']}.weight", (d, d), out_projection(f"{dst}/attention/out", h, hd)),
                     Entry(f"{src}.{names['o']}.bias", (d,), to(f"{dst}/attention/out_bias"))]
         entries += layer_norm(f"{src}.layernorm_after", f"{dst}/ln_mlp", d)
-        entries += [Entry(f"{src}.{names['fc1']}.weight", (m, d), linear(f"{dst}/mlp/wi/kernel"), "mlp"),
-                    Entry(f"{src}.{names['fc1']}.bias", (m,), to(f"{dst}/mlp/wi/bias"), "mlp"),
-                    Entry(f"{src}.{names['fc2']}.weight", (d, m), linear(f"{dst}/mlp/wo/kernel"), "mlp"),
-                    Entry(f"{src}.{names['fc2']}.bias", (d,), to(f"{dst}/mlp/wo/bias"))]
+        entries += mlp(f"{src}.{names['fc1']}", f"{src}.{names['fc2']}", dst, d, m)
     entries += layer_norm(f"{prefix}layernorm", "ln_final", d)
     heads = [("cls_classifier", "head"), ("distillation_classifier", "head_dist")] if model.distilled else \
         [("classifier", "head")]
