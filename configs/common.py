@@ -57,6 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.adam_b1 = 0.9
     c.adam_b2 = 0.98
     c.grad_clip_norm = 0.0        # global-norm clipping threshold (0: off)
+    c.trainable = ""              # regex: train only params whose path ('block_1/tokens/prune_logits') matches
     c.label_smoothing = 0.0       # classification only
 
     c.model = ml_collections.ConfigDict()
@@ -126,6 +127,8 @@ def token_defaults() -> ml_collections.ConfigDict:
     t.keep = ""            # or keep ratios per stage: '0.7' (each stage keeps 0.7 of the last), '0.7,0.5'
     t.layers = ""          # the reducing layers, '3,6,9' (default: every layer)
     t.prop_attn = True     # proportional attention: log(token size) added to every key's logit (ToMe Eq. 1)
+    t.flops_target = config_dict.placeholder(float)  # GMACs learned rates are pulled to (diffrate learned=True)
+    t.flops_weight = 5.0   # the weight of that loss, (GMACs - target)^2 (DiffRate's lambda)
     t.params = ml_collections.ConfigDict()
     for method in tokens.names():
         t.params[method] = {key: config_dict.placeholder(tokens.param_type(method, key)) if val is None else val

@@ -11,6 +11,7 @@ from token_cases import check_in_vit, jit_run, probabilities, random_case, rando
 
 from effjax.tokens import diffrate
 from effjax.tokens import plan as plan_lib
+from effjax.train.optim import param_path
 
 
 def naive_diffrate(x, sizes, cls, keep, pruned, prefix):
@@ -127,3 +128,57 @@ def test_diffrate_inside_a_vit_with_a_schedule_and_learned():
     assert np.all(np.isfinite(logits))
     kept = inter["intermediates"]["block_0"]["tokens"]["diffrate_kept"][0]
     assert kept.shape == (2,) and 1 < float(kept[1]) <= float(kept[0]) <= 13
+
+
+def test_flops_target_needs_learned_rates_which_get_diffrates_layout_without_a_schedule():
+    learned = dict(method="diffrate", params=dict(learned=True), flops_target="2.9")
+    found = plan_lib.plan(learned, num_layers=4, num_tokens=17, prefix=1)
+    assert found.counts == (None, 17, 17, 17) and found.flops_target == 2.9 and found.flops_weight == 5.0
+    assert found.flops_loss(3.1) == pytest.approx(5.0 * 0.2 ** 2)
+    assert plan_lib.plan({**learned, "layers": "2"}, num_layers=4, num_tokens=17, prefix=1).counts == (
+        None, None, 17, None)
+    with_schedule = plan_lib.plan({**learned, "r": 4}, num_layers=3, num_tokens=17, prefix=1)
+    assert with_schedule.counts == (13, 9, 5)  # a fixed schedule sets the capacities instead
+    for tokens in (dict(method="diffrate", r=2, flops_target=2.9), dict(method="tome", r=2, flops_target=2.9)):
+        with pytest.raises(ValueError, match="flops_target pulls learned token rates") as err:
+            plan_lib.plan(tokens, num_layers=4, num_tokens=17, prefix=1)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="params.diffrate.learned=True"):
+        plan_lib.plan(dict(method="diffrate", r=2, flops_target=2.9), num_layers=4, num_tokens=17, prefix=1)
+
+
+def normalised_step_on_the_logits(path, param, grad):
+    if not param_path(path).endswith("_logits"):
+        return param
+    return param - grad / jnp.maximum(jnp.max(jnp.abs(grad)), 1e-30)
+
+
+def test_the_models_flops_loss_is_diffrates_count_and_descending_it_lowers_the_kept_counts():
+    """The ViT sows DiffRate's analytic GMACs of the straight-through counts (mlp_dim = 4 embed, as the paper
+    counts) and the loss flops_weight (G - target)^2; steps down its gradient on the rate logits alone lower
+    every learned count until the model is under the target or at the fewest candidates."""
+    target = 1.0e-4
+    tokens = dict(method="diffrate", params=dict(learned=True, granularity=2), flops_target=target, flops_weight=1e6)
+    model = vit(tokens=tokens, embed_dim=16, num_heads=2, mlp_dim=64, num_layers=3, dropout_rate=0.0)
+    images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    params = random_variables(model, images)["params"]
+
+    def loss(params):
+        _, state = model.apply({"params": params}, images, deterministic=False, mutable=["intermediates", "losses"],
+                                   rngs={"dropout": jax.random.key(0)})
+        return state["losses"]["tokens_flops"][0], state["intermediates"]
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    history = []
+    for _ in range(4):
+        (value, inter), grads = step(params)
+        kept = [np.asarray(inter[f"block_{b}"]["tokens"]["diffrate_kept"][0]) for b in (1, 2)]
+        prune, merge = [17] + [float(k[0]) for k in kept], [17] + [float(k[1]) for k in kept]
+        gmacs = diffrate.flops(prune, merge, embed_dim=16, num_tokens=17, patch_size=4, channels=3,
+                               num_classes=10) / 1e9
+        np.testing.assert_allclose(inter["token_gmacs"][0], gmacs, rtol=1e-6)
+        np.testing.assert_allclose(value, 1e6 * (gmacs - target) ** 2, rtol=1e-5)
+        history.append((gmacs, min(merge)))
+        params = jax.tree_util.tree_map_with_path(normalised_step_on_the_logits, params, grads)
+    gmacs = [g for g, _ in history]
+    assert all(later < earlier for earlier, later in zip(gmacs, gmacs[1:], strict=False)), history

@@ -11,6 +11,7 @@ import effjax.models as models
 from configs import vit_shapes
 from effjax.data import make_source
 from effjax.train import steps, validate
+from effjax.train.optim import param_path
 from effjax.train.state import TrainState
 from effjax.train.trainer import Run
 
@@ -154,3 +155,26 @@ def test_a_learned_method_fine_tunes_in_the_trainer_with_its_sown_loss():
     after = jax.device_get(state.params["tokens_1"])
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after))
     assert max(moved) > 0
+
+
+@pytest.mark.slow  # the default tier's twins: test_tokens_diffrate's FLOPs-loss descent and test_optim
+def test_diffrates_rate_search_trains_only_the_rates_toward_the_flops_target():
+    """DiffRate's recipe in the trainer: learned rates, the ViT frozen by config.trainable, the FLOPs loss
+    reported as aux_loss; the rates move and nothing else does."""
+    config = shapes_config(method="diffrate", r="", flops_target=0.0, flops_weight=1e4,
+                           params={"diffrate": {"learned": True}})
+    config.trainable = "tokens/(prune|merge)_logits"
+    config.model.num_layers = 3
+    config.learning_rate, config.warmup_steps, config.weight_decay = 0.5, 0, 0.05
+    run = Run(config, devices=jax.devices()[:1])
+    state, it = run.init_state(), run.train_iterator()
+    before = jax.device_get(state.params)
+    for _ in range(3):
+        state, metrics = run.step(state, next(it))
+    assert float(metrics["aux_loss"]) > 0 and np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state.params)
+    assert "tokens" not in after["block_0"]  # DiffRate never compresses block 0
+    changed = jax.tree_util.tree_map_with_path(lambda path, a, b: (param_path(path), bool(np.any(a != b))),
+                                               after, before)
+    assert {path for path, moved in jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple)) if moved} == {
+        f"block_{i}/tokens/{name}_logits" for i in (1, 2) for name in ("prune", "merge")}

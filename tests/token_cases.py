@@ -54,8 +54,9 @@ def probabilities(q, k):
 
 
 def vit(**kw):
-    return models.build("vit_classifier", vocab_size=1, num_classes=10, num_layers=2, embed_dim=32, num_heads=4,
-                        mlp_dim=64, pooling="cls", image_size=(16, 16), channels=3, patch_size=4, **kw)
+    fields = dict(vocab_size=1, num_classes=10, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, pooling="cls",
+                  image_size=(16, 16), channels=3, patch_size=4)
+    return models.build("vit_classifier", **{**fields, **kw})
 
 
 def random_variables(model, *args):

@@ -9,6 +9,7 @@ from effjax import attention as attention_lib
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
+from effjax.tokens import flops as token_flops
 from effjax.tokens import plan as token_plan
 from effjax.tokens import stats as token_stats
 from effjax.tokens.state import TokenState
@@ -229,13 +230,17 @@ class Backbone(nn.Module):
         return found
 
     def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0,
-               with_tokens=False):
+               with_tokens=False, fixed_macs=0):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
 
         With ``distil`` the length (after the ``prefix_tokens``, which are kept) halves between blocks,
         and so does the returned key-padding ``mask``. With ``model.tokens`` the length shrinks by the schedule;
         ``with_tokens`` returns ``(x, mask, TokenState)`` (sizes for size-weighted pooling, the source map), and
-        the final ``source`` and ``sizes`` are also sown into the ``intermediates`` collection.
+        the final ``source`` and ``sizes`` are also sown into the ``intermediates`` collection, with
+        ``token_gmacs``: the model's analytic GMACs under the reduction (``effjax.tokens.flops.block_macs`` per
+        block on the tokens it computes on, plus ``fixed_macs``, the caller's patch embedding and head). With
+        ``model.tokens.flops_target`` the loss ``flops_weight * (token_gmacs - flops_target)^2`` is sown into
+        ``losses`` when training (not ``deterministic``), which the train step adds.
         """
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
@@ -253,22 +258,29 @@ class Backbone(nn.Module):
             deterministic=deterministic)
         head_dim = self.embed_dim // self.num_heads
         layers = self.layer_attention()
+        macs = fixed_macs
         for i, (method, params) in enumerate(layers):
             step = None if plan is None else plan.step(i)
             if step is not None and step.place == "block":
                 x, tokens = step.apply_to(x, tokens, None, deterministic=deterministic, name=f"tokens_{i}")
                 step = None
+            entering = None if tokens is None else tokens.real_count()
             x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                               self.activation, self.norm, self.dtype, self.qkv_bias, step,
                               plan is not None and plan.prop_attn, self.norm_eps, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
                 tokens=tokens)
+            if tokens is not None:
+                macs = macs + token_flops.block_macs(entering, tokens.real_count(), self.embed_dim, self.mlp_dim)
             if self.distil and i < len(layers) - 1:
                 x, mask = distil_after_prefix(Distil(name=f"distil_{i}"), x, mask, prefix_tokens, deterministic)
         if tokens is not None:
             mask = tokens.mask
             self.sow("intermediates", "token_source", tokens.source)
             self.sow("intermediates", "token_sizes", tokens.sizes)
+            self.sow("intermediates", "token_gmacs", jnp.asarray(macs, jnp.float32) / 1e9)
+            if plan.flops_target is not None and not deterministic:  # the train step adds it (DiffRate Sec. 3.3)
+                self.sow("losses", "tokens_flops", plan.flops_loss(jnp.asarray(macs, jnp.float32) / 1e9))
         x = Norm(self.norm, self.dtype, self.norm_eps, name="ln_final")(x, mask=mask, gamma=gamma,
                                                                       deterministic=deterministic)
         return (x, mask, tokens) if with_tokens else (x, mask)

@@ -27,6 +27,7 @@ from flax import linen as nn
 
 from effjax.models.layers import Backbone, dense_init, embed_init, logical
 from effjax.models.vit_classifier import pixels_from_tokens
+from effjax.tokens.flops import patch_and_head_macs
 
 TASK = "classification"  # the data this family trains on: a source with task == TASK
 
@@ -185,7 +186,9 @@ class Model(Backbone, kw_only=True):
         x = (x + pos[None]).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x, _ = self.blocks(x, deterministic=deterministic, prefix_tokens=self.prefix_tokens)
+        fixed_macs = patch_and_head_macs(x.shape[1], self.embed_dim, p, self.channels, self.num_classes,
+                                         heads=1 + self.distilled)
+        x, _ = self.blocks(x, deterministic=deterministic, prefix_tokens=self.prefix_tokens, fixed_macs=fixed_macs)
         if not self.num_classes:
             return (x[:, :self.prefix_tokens].mean(1)).astype(jnp.float32)
         logits = dense(self.num_classes, "head")(x[:, 0])

@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from effjax.models.encoder_classifier import check_pooling, classifier_head, pool
 from effjax.models.layers import Backbone, dense_init, embed_init, logical
+from effjax.tokens.flops import patch_and_head_macs
 
 TASK = "classification"  # the data this family trains on: a source with task == TASK
 
@@ -60,7 +61,9 @@ class Model(Backbone, kw_only=True):
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.embed_dim)), x], axis=1)
         x = (x + pos[None]).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x, _, tokens = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix, with_tokens=True)
+        fixed_macs = patch_and_head_macs(x.shape[1], self.embed_dim, p, self.channels, self.num_classes)
+        x, _, tokens = self.blocks(x, deterministic=deterministic, prefix_tokens=prefix, with_tokens=True,
+                                   fixed_macs=fixed_macs)
         # Mean pooling weighs each token by how many patches it stands for (ToMe's size-weighted average pool).
         weights = jnp.ones((batch, x.shape[1] - prefix)) if tokens is None else tokens.sizes[:, prefix:]
         if tokens is not None and tokens.mask is not None:  # empty slots of fixed-capacity methods

@@ -29,6 +29,8 @@ class Spec:
     are protected (ToMe's bipartite matching removes at most half); ``None`` means every non-prefix token.
     ``merges``: the method can give a token a size other than 1 (merging, fusing, many-to-many); a pure pruner
     sets False, so proportional attention (a zero bias for it) is not asked of the attention.
+    ``rate_param``: the boolean param that makes the method learn its per-layer rates (its counts then reach
+    ``TokenState.count``, so ``model.tokens.flops_target`` can pull them); '' when it has none.
     ``notes``: simplifications and fixed-capacity forms, as written in ``docs/methods.md``.
     """
 
@@ -39,6 +41,7 @@ class Spec:
     max_prefix: int = 2
     cap: object = None
     merges: bool = True
+    rate_param: str = ""
     notes: str = ""
 
     def max_removed(self, n: int, prefix: int) -> int:

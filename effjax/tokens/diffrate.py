@@ -24,9 +24,12 @@ shapes: the schedule's ``keep`` is the capacity; ranks past ``P`` are pruned and
 and their slots stay in the output, masked (``TokenState.mask``), as in DiffRate's training. The gradient
 reaches the logits by a straight-through mask on the output features (forward 0/1, backward the keep
 probability), where DiffRate puts it in a masked softmax of the next attention (this interface passes the mask
-as booleans); the straight-through counts ``(P, M)`` are sown as ``intermediates/diffrate_kept`` for the FLOPs
-loss ``lambda (flops - target)^2`` (``flops`` below takes traced counts), which the trainer does not add
-(unfinished: no loss hook). Training only the proxies (frozen ViT) is the trainer's concern.
+as booleans); the straight-through counts ``(P, M)`` are sown as ``intermediates/diffrate_kept``, and the
+token state's ``count`` carries ``min(M, count entering)`` so the model's FLOPs loss
+``model.tokens.flops_weight * (GMACs - model.tokens.flops_target)^2`` (lambda = 5 in the paper) reaches the
+logits. Without ``r``/``keep``, learned rates get DiffRate's own layout: every block but the first reduces,
+each from its full entering length (``effjax.tokens.plan``). DiffRate trains only the proxies (the ViT frozen):
+``config.trainable='prune_logits|merge_logits'``.
 
 ``flops`` is the reference's analytic count (MACs: attention ``4NC^2 + 2N^2C`` on the tokens entering the block,
 MLP ``8NC^2`` on those left, the patch embedding on every token and the head); on the published schedules it
@@ -39,10 +42,11 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.tokens import _ranking
+from effjax.tokens import flops as flops_lib
 from effjax.tokens import state as state_lib
 from effjax.tokens._spec import Spec
 
-SPEC = Spec(place="attention", needs=("cls_attention",), min_prefix=1, max_prefix=2,
+SPEC = Spec(place="attention", needs=("cls_attention",), min_prefix=1, max_prefix=2, rate_param="learned",
             notes="sort by CLS attention, prune the tail, merge the next tail (unweighted mean, size x similarity); "
                   "learned=True: straight-through rate proxies with a masked fixed capacity")
 
@@ -63,7 +67,7 @@ def flops(prune_kept, merge_kept, *, embed_dim: int, num_tokens: int = 197, patc
     traced = any(isinstance(count, jax.Array) for count in (*prune_kept, *merge_kept))
     c = embed_dim
     n = jnp.float32(num_tokens) if traced else num_tokens  # Python ints count exactly (no int32 overflow)
-    total = num_tokens * c * patch_size * patch_size * channels + c * num_classes
+    total = flops_lib.patch_and_head_macs(num_tokens, c, patch_size, channels, num_classes)
     for p, m in zip(prune_kept, merge_kept, strict=True):
         total = total + 4 * n * c * c + 2 * n * n * c
         n = jnp.minimum(jnp.minimum(n, p), m) if traced else min(n, p, m)
@@ -188,7 +192,8 @@ def learned_prune_merge(x, tokens, importance, metric, keep: int, prune_logits, 
     mask = jnp.broadcast_to(hard > 0, (batch, keep))
     if new.mask is not None:
         mask = mask & new.mask
-    return out, new.replace(mask=mask), (kept, keep_m)
+    count = keep_m if tokens.count is None else jnp.minimum(keep_m, tokens.count)
+    return out, new.replace(mask=mask, count=count), (kept, keep_m)
 
 
 class Reducer(nn.Module):

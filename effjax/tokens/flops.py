@@ -11,6 +11,13 @@ def block_macs(n_attention: int, n_mlp: int, embed: int, mlp_dim: int | None = N
     return 4 * n_attention * embed ** 2 + 2 * n_attention ** 2 * embed + 2 * n_mlp * embed * mlp_dim
 
 
+def patch_and_head_macs(num_tokens: int, embed: int, patch_size: int, channels: int, num_classes: int,
+                        heads: int = 1) -> int:
+    """The ViT's MACs outside the blocks as DiffRate counts them: the patch embedding on every token (the prefix
+    tokens included, as the reference does) and ``heads`` linear heads."""
+    return num_tokens * embed * patch_size * patch_size * channels + heads * embed * num_classes
+
+
 def vit_macs(num_tokens: int, counts, embed: int, *, mlp_dim: int | None = None, place: str = "attention",
              patch_macs: int = 0, head_macs: int = 0) -> int:
     """MACs of the blocks under ``counts`` (tokens left after each layer's reduction, None where none;

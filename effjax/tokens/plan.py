@@ -11,7 +11,8 @@ from effjax.tokens import registry, schedule
 from effjax.tokens._spec import PLACES
 from effjax.tokens.stats import check_probabilities
 
-FIELDS = {"method": "", "r": None, "keep": None, "layers": None, "prop_attn": True, "params": None}
+FIELDS = {"method": "", "r": None, "keep": None, "layers": None, "prop_attn": True, "params": None,
+          "flops_target": None, "flops_weight": 5.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,12 @@ class Plan:
     prefix: int
     prop_attn: bool
     place: str
+    flops_target: float | None = None  # GMACs the learned rates are pulled to (model.tokens.flops_target)
+    flops_weight: float = 5.0
+
+    def flops_loss(self, gmacs):
+        """DiffRate's rate loss ``flops_weight * (GMACs - flops_target)^2`` (Sec. 3.3)."""
+        return self.flops_weight * (gmacs - self.flops_target) ** 2
 
     def step(self, layer: int) -> Step | None:
         keep = self.counts[layer]
@@ -88,11 +95,23 @@ def plan(tokens, *, num_layers: int, num_tokens: int, prefix: int, layer_methods
                          " or another method.")
     params = method_params(method, fields["params"])
     registry.check_params(method, params)
-    counts = schedule.counts(num_tokens, prefix, num_layers, r=fields["r"], keep=fields["keep"],
-                             layers=fields["layers"], max_removed=spec.max_removed)
+    learned_rate = bool(spec.rate_param and params.get(spec.rate_param))
+    target = fields["flops_target"]
+    if target not in (None, "") and not learned_rate:
+        fix = (f"set model.tokens.params.{method}.{spec.rate_param}=True" if spec.rate_param else
+               "use a method with learned rates (diffrate with params.diffrate.learned=True)")
+        raise ValueError(f"model.tokens.flops_target pulls learned token rates toward a FLOPs target, but "
+                         f"{method!r} has no learned rate here; {fix}, or unset flops_target.")
+    fixed = schedule.is_set(fields["r"], "r") or schedule.is_set(fields["keep"], "keep")
+    if learned_rate and not fixed:
+        counts = schedule.learned_capacity(num_tokens, num_layers, fields["layers"])
+    else:
+        counts = schedule.counts(num_tokens, prefix, num_layers, r=fields["r"], keep=fields["keep"],
+                                 layers=fields["layers"], max_removed=spec.max_removed)
     if {"probabilities", "cls_attention"} & set(spec.needs):
         for layer, keep in enumerate(counts):
             if keep is not None and spec.place == "attention" and layer < len(layer_methods):
                 check_probabilities(layer_methods[layer], layer, method)
     prop_attn = bool(fields["prop_attn"]) and spec.merges  # a pruner's sizes stay 1: its log-size bias is 0
-    return Plan(method, tuple(sorted(params.items())), counts, prefix, prop_attn, spec.place)
+    return Plan(method, tuple(sorted(params.items())), counts, prefix, prop_attn, spec.place,
+                None if target in (None, "") else float(target), float(fields["flops_weight"]))

@@ -30,6 +30,11 @@ def _literal(value, field: str):
                          "'(16,-1)'.") from None
 
 
+def is_set(value, field: str) -> bool:
+    """Whether a schedule field holds a value (not None, '' or an empty tuple)."""
+    return _literal(value, field) not in (None, ())
+
+
 def parse_layers(layers, num_layers: int) -> tuple[int, ...]:
     """The reducing layers: ``layers`` (ints, or a string '3,6,9'), default all ``num_layers``."""
     layers = _literal(layers, "layers")
@@ -137,3 +142,11 @@ def counts(num_tokens: int, prefix: int, num_layers: int, *, r=None, keep=None, 
             out[layer] = left
             n = left
     return tuple(out)
+
+
+def learned_capacity(num_tokens: int, num_layers: int, layers=None) -> tuple:
+    """The layout of a learned rate without a fixed schedule (DiffRate): each reducing layer (``layers``; by
+    default every layer but the first, which DiffRate never compresses) keeps its full length as the capacity
+    and its learned count masks the rest."""
+    reducing = parse_layers(layers, num_layers) if is_set(layers, "layers") else range(1, num_layers)
+    return tuple(num_tokens if layer in reducing else None for layer in range(num_layers))

@@ -15,11 +15,14 @@ from flax import struct
 class TokenState:
     """``sizes [batch, n]`` float32: how many original tokens each current token stands for (0 on padding).
     ``source [batch, n0]`` int32: the current position of each original token, -1 once pruned.
-    ``mask [batch, n]`` bool or None: real (kept) tokens, for key padding and fixed-capacity methods."""
+    ``mask [batch, n]`` bool or None: real (kept) tokens, for key padding and fixed-capacity methods.
+    ``count`` float32 scalar or None: how many tokens are real, as a differentiable (straight-through) count a
+    learned-rate method sets (DiffRate's proxies), so a FLOPs loss can reach its rates; None: all ``n``."""
 
     sizes: jax.Array
     source: jax.Array
     mask: jax.Array | None = None
+    count: jax.Array | None = None
 
     @classmethod
     def start(cls, batch: int, n: int, mask=None) -> "TokenState":
@@ -36,6 +39,10 @@ class TokenState:
     @property
     def length(self) -> int:
         return self.sizes.shape[1]
+
+    def real_count(self):
+        """The tokens the next layer computes on, for FLOPs: ``count`` (at most the length) or the length."""
+        return self.length if self.count is None else jnp.minimum(self.count, self.length)
 
 
 def scatter_sum(values, assign, n_out: int):

@@ -7,6 +7,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+# Auxiliary training losses a model sows (``self.sow(AUX_LOSSES, name, value)``, already weighted), e.g.
+# DynamicViT's keep-ratio loss: the train step minimises their sum plus the task loss and reports the two apart
+# (``loss`` is the task loss alone, ``aux_loss`` the sown sum).
+AUX_LOSSES = "losses"
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -28,7 +33,8 @@ def make_init_fn(model, tx, sample_inputs):
         variables = model.init({"params": params_key, "dropout": dropout_key}, sample_inputs,
                                deterministic=True)
         params = variables["params"]
-        model_state = {name: tree for name, tree in variables.items() if name != "params"}
+        # Sown training losses are per step, not state (flax's init already leaves out intermediates).
+        model_state = {name: tree for name, tree in variables.items() if name not in ("params", AUX_LOSSES)}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=tx.init(params),
                           rng=jax.random.key_data(jax.random.fold_in(base, 1)))

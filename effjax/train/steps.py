@@ -4,16 +4,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.train.state import TrainState
+from effjax.train.state import AUX_LOSSES, TrainState
 
 # Params whose name starts with this are fixed buffers (e.g. Performer's random projection): they live in
 # the "params" collection so checkpoints carry them, but no update (weight decay included) changes them.
 FROZEN_PREFIX = "frozen_"
 
-# Auxiliary training losses a model sows (``self.sow(AUX_LOSSES, name, value)``, already weighted), e.g.
-# DynamicViT's keep-ratio loss: the train step minimises their sum plus the task loss and reports the two apart
-# (``loss`` is the task loss alone, ``aux_loss`` the sown sum).
-AUX_LOSSES = "losses"
 
 
 def _is_frozen(path) -> bool:
