@@ -58,6 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.98
     c.grad_clip_norm = 0.0        # global-norm clipping threshold (0: off)
     c.trainable = ""              # regex: train only params whose path ('block_1/tokens/prune_logits') matches
+    c.init_from = ""              # fine-tune: a workdir (or its checkpoints/<step>) whose matching params start the run
     c.label_smoothing = 0.0       # classification only
 
     c.model = ml_collections.ConfigDict()

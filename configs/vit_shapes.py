@@ -1,8 +1,9 @@
 """A small ViT with a CLS token on the generated Shapes images (``effjax/data/shapes.py``), offline.
 
 The model the token-reduction benchmark and colab reduce: trained here in minutes on a CPU, then ToMe and the
-other methods run on it without retraining (``--config.model.tokens.method=tome --config.model.tokens.r=4``
-evaluates with reduction; fine-tuning with reduction on is the same command with a workdir to train in).
+other methods run on it without retraining; fine-tuning with reduction on starts from its checkpoint
+(``--config.init_from=/tmp/vit_shapes --config.model.tokens.method=tome --config.model.tokens.r=4`` with a new
+workdir).
   python -m effjax.main --config=configs/vit_shapes.py --workdir=/tmp/vit_shapes
 Args after ':': ``smoke`` a seconds-long run.
 """

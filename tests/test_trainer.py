@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ from helpers import (
     subprocess_env,
 )
 
-from effjax.train import checkpoint, steps, trainer
+from effjax.train import checkpoint, steps, trainer, warm_start
 
 # A run long enough to be interrupted part-way: 60 steps, a checkpoint every 5, a metrics row every step.
 LONG = ("--config.total_steps=60", "--config.checkpoint_every=5", "--config.eval_every=0",
@@ -204,3 +205,40 @@ def test_model_state_of_prepbn_and_distil_resumes_exactly(tmp_path):
     state = load_params(tmp_path / "straight", 6, "model_state")
     assert int(state["norm_progress"]["trunk"]["prepbn_schedule"]["step"]) == 6
     assert "distil_0" in state["batch_stats"]["trunk"]
+
+
+@pytest.mark.slow  # two trainer compiles; the default tier's twin: test_merge_params_copies_matching_paths_only
+def test_init_from_starts_a_new_run_from_the_matching_params_of_an_earlier_one(tmp_path, capsys):
+    """A fine-tune of a 3-layer model from a 2-layer run: blocks 0-1 and the embeddings come over, block_2 is
+    new, and a changed shape is refused naming the param."""
+    trainer.train_and_evaluate(smoke_config(total_steps=2, eval_every=0), str(tmp_path / "first"))
+    saved = load_params(tmp_path / "first", 2)
+    run = trainer.Run(smoke_config(**{"init_from": str(tmp_path / "first"), "model.num_layers": 3}))
+    state = warm_start.warm_start(run.init_state(), str(tmp_path / "first"))
+    note = capsys.readouterr().out
+    assert "Initialised" in note and "new: trunk/block_2/" in note
+    flat = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    fresh = flax.traverse_util.flatten_dict(jax.device_get(run.init_state().params), sep="/")
+    for key, value in flax.traverse_util.flatten_dict(saved, sep="/").items():
+        np.testing.assert_array_equal(flat[key], value)
+    assert any("block_2" in key for key in flat) and all(
+        np.array_equal(flat[key], fresh[key]) for key in flat if "block_2" in key)
+    wider = trainer.Run(smoke_config(**{"model.mlp_dim": 48}))
+    with pytest.raises(ValueError, match="mlp.*has shape .* there but .* in this model") as err:
+        warm_start.warm_start(wider.init_state(), str(tmp_path / "first"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        warm_start.checkpoint_dir(str(tmp_path))
+
+
+def test_merge_params_copies_matching_paths_only_and_refuses_another_shape():
+    params = {"block_0": {"kernel": jnp.zeros((2, 3))}, "new": {"bias": jnp.zeros(4)}}
+    saved = {"block_0/kernel": np.ones((2, 3)), "old_head/kernel": np.ones(5)}
+    merged, loaded, fresh, unused = warm_start.merge_params(params, saved)
+    np.testing.assert_array_equal(merged["block_0"]["kernel"], 1.0)
+    np.testing.assert_array_equal(merged["new"]["bias"], 0.0)
+    assert (loaded, fresh, unused) == (["block_0/kernel"], ["new/bias"], ["old_head/kernel"])
+    with pytest.raises(ValueError, match=r"param block_0/kernel has shape \[3, 2\] there but \[2, 3\]"):
+        warm_start.merge_params(params, {"block_0/kernel": np.ones((3, 2))})
+    with pytest.raises(ValueError, match="none of its 1 params is in this model"):
+        warm_start.merge_params(params, {"other": np.ones(2)})

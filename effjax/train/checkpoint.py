@@ -20,7 +20,7 @@ from effjax.train.workdir import WorkdirError, free_space, move_aside, say
 # (total_steps also sets the length of the cosine schedule: extending such a run changes its later rates.)
 RESUMABLE_FIELDS = (
     "total_steps", "eval_every", "eval_max_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-    "log_every", "mesh", "logical_axis_rules", "data.cache_dir",
+    "log_every", "mesh", "logical_axis_rules", "data.cache_dir", "init_from",
 )
 
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is renamed <step>.corrupt, which orbax does not list

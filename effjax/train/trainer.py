@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 import effjax.models
 from effjax import data as data_lib
 from effjax.data import pipeline
-from effjax.train import checkpoint, metrics, optim, sharding, steps, tasks
+from effjax.train import checkpoint, metrics, optim, sharding, steps, tasks, warm_start
 from effjax.train import state as state_lib
 from effjax.train import workdir as workdir_lib
 from effjax.train.checkpoint import last_good_phrase
@@ -233,6 +233,8 @@ def _start(run, workdir, data_iterator):
         raise
     if resume_step is None:
         state = run.init_state()
+        if run.config.get("init_from"):
+            state = warm_start.warm_start(state, run.config.init_from)
     return int(resume_step or 0), state, rows, checkpoint.Saver(manager, resume_step)
 
 
