@@ -137,13 +137,17 @@ class NasSpace:
         return dataclasses.replace(genome, **{kind: tuple(values)})
 
     def _active(self, genome: Genome, gene: str) -> bool:
-        """Whether changing ``gene`` can change the computation (it is not inert)."""
+        """Whether changing ``gene`` alone changes the computation: a global, or a gene of an active layer
+        that is not inert (a flagged layer's method; a flag on a layer whose method is ``full_attention``)."""
         kind, _, index = gene.partition("/")
         if not index:
             return True
-        if int(index) >= genome.num_layers:
+        i = int(index)
+        if i >= genome.num_layers:
             return False
-        return kind == "full_attention" or not genome.full_attention[int(index)]
+        if kind == "full_attention":
+            return genome.attention[i] != self.full_attention
+        return not genome.full_attention[i]
 
     def seeds(self) -> list[Genome]:
         """The all-softmax model at the first choice of every size."""
@@ -155,7 +159,8 @@ class NasSpace:
 
     def mutate(self, candidate: Genome, rng: np.random.Generator) -> tuple[Genome, str]:
         """Resamples each gene with probability ``mutation_rate`` to a different value; when none is picked,
-        one active gene (or, failing that, any gene) is. Returns the child and e.g. 'embed_dim 64->96'."""
+        one active gene is (so the child computes something else), or any gene when none is active. Returns
+        the child and e.g. 'embed_dim 64->96; attention/1 softmax->performer'."""
         genes = self._gene_names()
         if not genes:
             raise ValueError("this NasSpace has a single candidate: every choice list has one entry.")
