@@ -190,10 +190,35 @@ def test_wall_clock_stop_then_resume(tmp):
     assert lines(cut) == lines(full)
 
 
+class TermAt(DigitEvaluator):
+    def run_band(self, candidate_json, band, candidate_dir, seed):
+        if candidate_json["digits"] == list(TERM_AT):
+            os.kill(os.getpid(), signal.SIGTERM)  # the search stops after this band and journals nothing more
+        return super().run_band(candidate_json, band, candidate_dir, seed)
+
+
+TERM_AT = None
+
+
+def test_sigterm_stops_cleanly_then_resume(tmp, monkeypatch):
+    full, cut = os.path.join(tmp, "full"), os.path.join(tmp, "cut")
+    ref = search(full, n=40, in_flight=2)
+    monkeypatch.setattr(sys.modules[__name__], "TERM_AT", tuple(ref.history[15]["candidate"]["digits"]))
+    previous = signal.getsignal(signal.SIGTERM)
+    r = search(cut, n=40, in_flight=2, evaluator=TermAt())
+    assert r.stopped == "sigterm" and 5 < len(r.history) < 40 and signal.getsignal(signal.SIGTERM) == previous
+    assert lines(cut) == lines(full)[:len(lines(cut))]
+    search(cut, n=40, in_flight=2)
+    assert lines(cut) == lines(full)
+
+
 def test_multi_objective_search_uses_pareto_ranks(tmp):
     ev = DigitEvaluator(objectives=("fitness", "size"))
     r = search(tmp, n=80, evaluator=ev, objectives=("fitness", "size"))
     assert all(set(m["objectives"]) == {"fitness", "size"} for m in r.population)
+    pts = [(f["objectives"]["fitness"], f["objectives"]["size"]) for f in r.front]
+    assert len(pts) > 1 and (31.0, 0.0) in pts  # the all-zeros seed has the smallest size: never dominated
+    assert not any(a[0] <= b[0] and a[1] <= b[1] and a != b for a in pts for b in pts)
     assert min(m["objectives"]["fitness"] for m in r.population) < 20  # the seed is 31 from the target
     with pytest.raises(ValueError, match="belongs to another search"):
         search(tmp, n=80, evaluator=ev)  # same workdir, single objective: another search
@@ -215,7 +240,6 @@ def test_process_executor_timeout_and_dead_worker(tmp):
     assert all(failed[i] == "worker process died (exit code 3)" for i in dead)
 
 
-@pytest.mark.slow
 def test_process_executor_matches_inline(tmp):
     a, b = os.path.join(tmp, "inline"), os.path.join(tmp, "process")
     search(a, n=40, executor=InlineExecutor(workers=2), evaluator=DigitEvaluator(sleep=0.01), seed=7)

@@ -31,7 +31,8 @@ import numpy as np
 from effjax.search import hurdles
 from effjax.search.executors import InlineExecutor
 from effjax.search.journal import Journal
-from effjax.search.results import best_of
+from effjax.search.replay import Recorded
+from effjax.search.results import best_of, front_of
 
 MAX_RETRIES = 100  # re-mutations of a duplicate child before it is accepted anyway
 
@@ -41,6 +42,7 @@ class SearchResult:
     population: list[dict]  # member records, oldest first
     history: list[dict]  # every finished or failed candidate's record, in the order results were consumed
     best: dict | None  # results.best_of(history)
+    front: list[dict]  # the non-dominated finished records over every objective (results.front_of)
     stopped: str | None = None  # None: max_candidates reached; "wall" or "sigterm": stopped early (resumable)
 
 
@@ -70,37 +72,13 @@ def _check(value, names) -> str | None:
     return None
 
 
-class _Recorded:
-    """What an existing journal already holds, by event identity."""
-
-    def __init__(self, events: list[dict]):
-        self.created, self.results, self.hurdles, self.written = {}, {}, {}, set()
-        for e in events:
-            kind, n = e.get("event"), e.get("id")
-            if kind == "created":
-                self.created[n] = e
-                self.written.add(("created", n))
-            elif kind == "band":
-                value = {"objectives": e["objectives"], "cost": e.get("cost", {})}
-                self.results[(n, e["band"])] = {"ok": True, "value": value, "wall": e.get("wall", 0.0)}
-                self.written.add(("band", n, e["band"]))
-            elif kind == "failed":
-                self.results[(n, e["band"])] = {"ok": False, "reason": e["reason"], "wall": e.get("wall", 0.0)}
-                self.written.add(("failed", n))
-            elif kind == "hurdle":
-                self.hurdles[(n, e["k"])] = e["passed"]
-                self.written.add(("hurdle", n, e["k"]))
-            elif kind == "finished":
-                self.written.add(("finished", n))
-
-
 class _Search:
     def __init__(self, space, evaluator, journal, executor, *, population, tournament, seed, min_history,
                  objectives, in_flight, max_candidates, deadline, bar):
         self.space, self.evaluator, self.journal, self.executor = space, evaluator, journal, executor
         self.P, self.S, self.seed, self.min_history = population, tournament, seed, min_history
         self.names, self.in_flight, self.deadline, self.bar = list(objectives), in_flight, deadline, bar
-        self.rec = _Recorded(journal.events)
+        self.rec = Recorded(journal.events)
         self.limit = max([max_candidates] + [n + 1 for n in self.rec.created])  # never strand journaled work
         self.n_bands = evaluator.bands()
         self.seeds = list(space.seeds())
@@ -204,7 +182,8 @@ class _Search:
         reason = _check(outcome["value"], self.names) if outcome["ok"] else outcome["reason"]
         if reason is not None:
             self._write(("failed", n), {"event": "failed", "id": n, "band": band, "status": "failed",
-                                        "reason": reason, "candidate": a["json"], "wall": a["wall"]})
+                                        "reason": reason, "candidate": a["json"], "fitness": None,
+                                        "wall": a["wall"]})
             return self._done(n, {"status": "failed", "reason": reason, "objectives": {}, "fitness": None})
         objectives = {name: float(outcome["value"]["objectives"][name]) for name in self.names}
         cost = outcome["value"].get("cost", {})
@@ -253,7 +232,8 @@ class _Search:
         for handle in list(self.handles):  # stopped early: what is in flight is re-run on resume
             self.executor.cancel(handle)
         history = [self.records[n] for n in self.history]
-        return SearchResult([self.records[n] for n in self.members], history, best_of(history), self.stopped)
+        return SearchResult([self.records[n] for n in self.members], history, best_of(history),
+                            front_of(history, self.names), self.stopped)
 
 
 def run_search(space, evaluator, *, workdir: str, fingerprint: dict, max_candidates: int, population: int = 100,
@@ -291,7 +271,7 @@ def run_search(space, evaluator, *, workdir: str, fingerprint: dict, max_candida
         return search.run()
     finally:
         if handler:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         bar.close()
         journal.close()
         if owned:

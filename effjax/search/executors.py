@@ -23,7 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
@@ -135,7 +135,11 @@ class ProcessExecutor:
         task = self._tasks[handle]
         if os.path.exists(self._marker(handle)):
             os.remove(self._marker(handle))
-        task.future = self._pool.submit(_call, task.fn, task.args, self._marker(handle))
+        try:
+            task.future = self._pool.submit(_call, task.fn, task.args, self._marker(handle))
+        except BrokenProcessPool as e:  # a worker died since the last wait: recovered on the next one
+            task.future = Future()
+            task.future.set_exception(e)
         self._procs.update(getattr(self._pool, "_processes", None) or {})
 
     def submit(self, fn, args: tuple) -> int:
@@ -170,6 +174,8 @@ class ProcessExecutor:
 
     def _finish(self, handle: int, outcome: dict) -> None:
         self._tasks.pop(handle)
+        if os.path.exists(self._marker(handle)):
+            os.remove(self._marker(handle))
         self._doomed.pop(handle, None)
         self._done.append((handle, outcome))
 

@@ -16,6 +16,18 @@ def best_of(records: list[dict]) -> dict | None:
     return min(done, key=lambda r: (r["fitness"], r["id"])) if done else None
 
 
+def front_of(records: list[dict], names) -> list[dict]:
+    """The fully trained records no other one Pareto-dominates over the objectives ``names`` (lower is better),
+    in id order; with one objective, the records tied for the best fitness."""
+    done = [r for r in records if r.get("status") == "finished"]
+    if not done:
+        return []
+    from effjax.search.pareto import pareto_front
+
+    front = pareto_front([[r["objectives"][n] for n in names] for r in done])
+    return sorted((done[i] for i in front), key=lambda r: r["id"])
+
+
 def records(workdir: str) -> tuple[list[str], list[dict]]:
     """``(objective names, one record per created candidate in id order)`` replayed from ``workdir``'s journal;
     a candidate with neither ``finished`` nor ``failed`` has status ``in flight``."""

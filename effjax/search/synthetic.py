@@ -108,6 +108,8 @@ def main(argv=None) -> None:
         population=args.population, tournament=args.tournament, seed=args.seed, min_history=5,
         in_flight=args.in_flight)
     results.write_outputs(args.workdir, space)
+    if result.stopped:
+        print(f"stopped ({result.stopped}) after {len(result.history)} candidates: rerun the same command to resume")
     print(f"best: {result.best and space.describe(space.from_json(result.best['candidate']))}")
 
 
