@@ -1,6 +1,7 @@
 """Pareto ranking, model costs and the mixed-attention NAS space (``effjax.search.{pareto,costs,nas_space}``)."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +194,6 @@ def test_json_round_trip_and_errors():
     data = space.to_json(genome)
     assert space.from_json(data) == genome
     assert space.key(space.from_json(data)) == space.key(genome)
-    import json
     assert space.from_json(json.loads(json.dumps(data))) == genome
 
     def broken(**changes):
@@ -205,6 +205,8 @@ def test_json_round_trip_and_errors():
         space.from_json({k: v for k, v in data.items() if k != "num_heads"})
     with pytest.raises(ValueError, match="embed_dim='96' is not one of"):
         space.from_json(broken(embed_dim="96"))
+    with pytest.raises(ValueError, match="embed_dim=96.0 is not one of"):
+        space.from_json(broken(embed_dim=96.0))
     with pytest.raises(ValueError, match="list of 4 entries"):
         space.from_json(broken(attention=["softmax"]))
     with pytest.raises(ValueError, match="booleans"):

@@ -231,7 +231,8 @@ class NasSpace:
         genes = {f: data[f] for f in FIELDS if f != "checksum"}
         for gene in GLOBALS:
             value = genes[gene]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value not in self.choices[gene]:
+            types = int | float if gene == "mlp_ratio" else int  # 64.0 would build a float-sized model
+            if isinstance(value, bool) or not isinstance(value, types) or value not in self.choices[gene]:
                 raise ValueError(f"genome {gene}={value!r} is not one of {list(self.choices[gene])}.")
         for gene in ("attention", "full_attention"):
             value = genes[gene]
