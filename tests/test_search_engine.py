@@ -240,6 +240,31 @@ def test_process_executor_timeout_and_dead_worker(tmp):
     assert all(failed[i] == "worker process died (exit code 3)" for i in dead)
 
 
+def _refuse():
+    raise RuntimeError("refuses to unpickle")
+
+
+class Unpicklable:
+    def __reduce__(self):
+        return _refuse, ()
+
+
+def test_process_executor_env_errors_and_unpicklable_task():
+    ex = ProcessExecutor(workers=1, env={"EFFJAX_SEARCH_TEST": "42"}, retries=1)
+    try:
+        handles = [ex.submit(os.getenv, ("EFFJAX_SEARCH_TEST",)), ex.submit(int, ("x",)), ex.submit(sys.exit, (3,))]
+        got = dict(ex.next_done(timeout=60) for _ in handles)
+        assert got[handles[0]]["ok"] and got[handles[0]]["value"] == "42"  # env applied in the worker
+        assert got[handles[1]]["reason"] == "ValueError: invalid literal for int() with base 10: 'x'"
+        assert got[handles[2]]["reason"] == "SystemExit: 3"
+        h = ex.submit(repr, (Unpicklable(),))  # kills its worker before it starts: retried once, then failed
+        handle, outcome = ex.next_done(timeout=60)
+        assert handle == h and not outcome["ok"] and "worker process died 2 times" in outcome["reason"]
+        assert ex.next_done(timeout=0.1) is None
+    finally:
+        ex.close()
+
+
 def test_process_executor_matches_inline(tmp):
     a, b = os.path.join(tmp, "inline"), os.path.join(tmp, "process")
     search(a, n=40, executor=InlineExecutor(workers=2), evaluator=DigitEvaluator(sleep=0.01), seed=7)

@@ -214,10 +214,12 @@ class _Search:
         self.records[n] = {"id": n, "parent": a["parent"], "key": a["key"], "candidate": a["json"],
                            "cost": a["cost"], "wall": a["wall"], **fields}
         self.history.append(n)
-        if fields["status"] != "failed":
+        if fields["status"] == "failed":
+            del self.cands[n]
+        else:
             self.members.append(n)
             if len(self.members) > self.P:
-                self.members.pop(0)
+                del self.cands[self.members.pop(0)]  # only members are ever parents
         self.bar.update(1)
 
     def run(self) -> SearchResult:

@@ -61,7 +61,11 @@ def _call(fn, args: tuple, marker: str | None = None) -> dict:
         os.replace(marker + ".tmp", marker)
     try:
         value = fn(*args)
-    except Exception as e:  # a BaseException (KeyboardInterrupt, SystemExit) is not a candidate's failure
+    except Exception as e:
+        return {"ok": False, "reason": reason_of(e), "wall": time.time() - start}
+    except BaseException as e:  # in-process (no marker) a KeyboardInterrupt is the controller's; in a worker,
+        if marker is None:  # a SystemExit is the task's failure
+            raise
         return {"ok": False, "reason": reason_of(e), "wall": time.time() - start}
     return {"ok": True, "value": value, "wall": time.time() - start}
 
@@ -184,7 +188,7 @@ class ProcessExecutor:
         wait([t.future for t in self._tasks.values()], timeout=10)
         for p in self._procs.values():
             p.join(timeout=5)
-        resubmit = []
+        suspects, culprit = [], False
         for handle, task in list(self._tasks.items()):
             try:
                 self._finish(handle, task.future.result(timeout=0))  # finished before the pool broke
@@ -194,16 +198,24 @@ class ProcessExecutor:
             started = self._started(handle)
             proc = self._procs.get(started[0]) if started else None
             code = proc.exitcode if proc is not None else None
+            wall = time.time() - started[1] if started else 0.0
             if handle in self._doomed:
-                self._finish(handle, {"ok": False, "reason": self._doomed[handle], "wall": time.time() - started[1]})
-            elif started is None or code == -signal.SIGTERM:  # queued, or terminated by the pool: innocent
-                resubmit.append(handle)
-            elif code is not None or task.tries >= self.retries:
-                why = f"exit code {code}" if code is not None else "each time the pool broke while it ran"
-                self._finish(handle, {"ok": False, "reason": f"worker process died ({why})",
-                                      "wall": time.time() - started[1]})
+                self._finish(handle, {"ok": False, "reason": self._doomed[handle], "wall": wall})
+                culprit = True
+            elif code is not None and code != -signal.SIGTERM:  # died on its own, not terminated by the pool
+                self._finish(handle, {"ok": False, "reason": f"worker process died (exit code {code})", "wall": wall})
+                culprit = True
             else:
+                suspects.append((handle, started is not None and code == -signal.SIGTERM))
+        resubmit = []
+        for handle, innocent in suspects:  # with no culprit in sight (a worker died before its task started,
+            task = self._tasks[handle]  # e.g. arguments that do not unpickle) every other task is charged a try
+            if not (culprit or innocent):
                 task.tries += 1
+            if task.tries > self.retries:
+                self._finish(handle, {"ok": False, "wall": 0.0, "reason": f"worker process died {task.tries} times "
+                                      "while this task was queued or running (it may not unpickle in a worker)"})
+            else:
                 resubmit.append(handle)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
