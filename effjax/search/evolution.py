@@ -16,6 +16,15 @@ config, ``in_flight``) and the evaluator. Resume is re-execution: the controller
 result, hurdle and candidate the journal already holds instead of recomputing it, writes only what is missing,
 and submits what was in flight; it therefore ends where an uninterrupted run ends. With several objectives,
 tournaments compare by Pareto rank, then crowding distance (NSGA-II, ``effjax.search.pareto``).
+
+Journal events (``effjax.search.journal``), one line each, in the order the controller consumes results:
+``created`` (id, parent, mutation, candidate, key, seed), ``band`` (id, band, objectives, cost, wall),
+``hurdle`` (id, k, passed, fitness, median), ``finished`` (id, status ``finished`` or ``stopped at hurdle k``,
+candidate, objectives, fitness, cost and wall summed over bands, bands) and ``failed`` (id, band, status,
+reason, candidate). Only ``wall`` differs between two runs of one search.
+
+Spawned workers re-import the caller's main module: a script that builds a ``ProcessExecutor`` needs an
+``if __name__ == "__main__":`` guard.
 """
 
 import dataclasses
@@ -65,6 +74,8 @@ def _check(value, names) -> str | None:
             return f"objective {name!r} is not a number: {value['objectives'][name]!r}"
         if not math.isfinite(x):
             return f"objective {name!r} is {x} (non-finite)"
+    if not isinstance(value.get("cost", {}), dict):
+        return f"run_band returned cost {value.get('cost')!r}, not a dict of numbers"
     try:
         json.dumps(value.get("cost", {}), allow_nan=False)
     except (TypeError, ValueError):
@@ -197,7 +208,10 @@ class _Search:
             passed = self.rec.hurdles.get((n, band))
             if passed is None:
                 passed = hurdles.passes(fitness, self.at_band[band], self.min_history)
-            self._write(("hurdle", n, band), {"event": "hurdle", "id": n, "k": band, "passed": passed})
+            earlier = self.at_band[band]
+            median = float(np.median(earlier)) if len(earlier) >= self.min_history else None
+            self._write(("hurdle", n, band), {"event": "hurdle", "id": n, "k": band, "passed": passed,
+                                              "fitness": fitness, "median": median})
             self.at_band[band].append(fitness)
             if passed:
                 return self._submit(n, band + 1)
