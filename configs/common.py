@@ -81,6 +81,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.prepbn_warmup = 0             # PRepBN: steps of pure LN first
     c.model.distil = False                # Informer distilling between encoder blocks (halves the length)
     c.model.qkv_bias = False              # biases on the attention projections (timm's ViT has them)
+    c.model.program = ""                   # a searched block (effjax.search): program JSON or a .json file path
     c.model.tokens = token_defaults()     # token reduction inside the block loop (off unless tokens.method is set)
     c.model.dtype = "float32"             # activation dtype; parameters stay float32
 

@@ -9,6 +9,8 @@ from effjax import attention as attention_lib
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm
+from effjax.search import program as search_program
+from effjax.search.interpreter import ProgramBlock
 from effjax.tokens import flops as token_flops
 from effjax.tokens import plan as token_plan
 from effjax.tokens import stats as token_stats
@@ -191,7 +193,8 @@ class Backbone(nn.Module):
     path, unless the method's own params set one; layers whose method has none run XLA.
     ``qkv_bias`` gives the attention projections biases; ``norm_eps`` is LayerNorm's epsilon.
     ``tokens`` (``model.tokens``: method, schedule, ``prop_attn``, params) reduces the tokens inside the block
-    loop (``effjax.tokens``); prefix tokens are kept.
+    loop (``effjax.tokens``); prefix tokens are kept. ``program`` (``effjax.search.program``: a Program, its JSON
+    object or text, or a .json file) replaces every block by that program (causal by construction).
     """
 
     num_layers: int = 4
@@ -213,6 +216,7 @@ class Backbone(nn.Module):
     qkv_bias: bool = False
     norm_eps: float = 1e-6
     tokens: dict | None = None
+    program: Any = None
     dtype: Dtype = jnp.float32
 
     def layer_attention(self) -> tuple[tuple[str, dict], ...]:
@@ -259,7 +263,14 @@ class Backbone(nn.Module):
         head_dim = self.embed_dim // self.num_heads
         layers = self.layer_attention()
         macs = fixed_macs
+        program = search_program.load(self.program) if self.program else None
+        if program is not None and (plan is not None or self.distil or self.norm != "layernorm"):
+            raise ValueError("model.program replaces every block, so model.tokens, model.distil and "
+                             "model.norm='prepbn' cannot act inside it; unset them or model.program.")
         for i, (method, params) in enumerate(layers):
+            if program is not None:
+                x = ProgramBlock(program, name=f"block_{i}")(x)
+                continue
             step = None if plan is None else plan.step(i)
             if step is not None and step.place == "block":
                 x, tokens = step.apply_to(x, tokens, None, deterministic=deterministic, name=f"tokens_{i}")

@@ -71,7 +71,7 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def _data_sources(config):
+def data_sources(config):
     params = {k: v for k, v in config.data.to_dict().items() if k != "name"}
     make = functools.partial(data_lib.make_source, config.data.name, **params)
     return make("train"), make("validation")
@@ -97,13 +97,15 @@ def _loss_fn(config, source):
 class Run:
     """The compiled pieces of one training run (also used directly by tests, benchmarks and colabs)."""
 
-    def __init__(self, config, devices=None):
+    def __init__(self, config, devices=None, sources=None):
+        """``sources``: the ``(train, validation)`` data sources when the caller already built them for this
+        ``config.data`` (the architecture search trains many models on one data set)."""
         self.config = config
         self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         validate(config, process_count=jax.process_count(),
                  batch_shards=sharding.batch_shards(self.mesh, self.rules))
-        self.train_source, self.eval_source = _data_sources(config)
+        self.train_source, self.eval_source = sources or data_sources(config)
         self.model = _build_model(config, self.train_source)
         self.loss_fn = _loss_fn(config, self.train_source)
         self.tx, self.schedule = optim.make_optimizer(config)

@@ -1,0 +1,1 @@
+"""Architecture search: programs (Primer-style), NAS over the attention zoo, and the evolution engine."""

@@ -1,0 +1,169 @@
+"""Fitness on a proxy task: a candidate's decoder LM trained on local bytes, scored by validation bits per byte
+(Primer §1.5: LM1B perplexity after a fixed training budget; ``search.md`` §5.5 sizes it for a CPU).
+
+``ProxyEvaluator`` is an ``effjax.search.space.Evaluator``: band by band (halving hurdles) it trains the model
+the candidate's ``model_fields`` give with the ordinary trainer's pieces (``effjax.train.trainer.Run``), keeps
+the train state and data position under the candidate's directory between bands (written atomically), and
+reports validation bits per byte on a fixed set of batches. The budget is ``steps``, ``flops`` (XLA's cost
+analysis of the train step: a costlier program gets fewer steps, deterministically) or ``seconds`` of training
+after compilation (faithful to Primer, which rewarded net speed, and as noisy as the machine). Before band 0
+every candidate is checked for future-token leakage: the logits at or before a position must not change when
+later tokens do.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from effjax.search import hurdles
+
+BUDGETS = ("steps", "flops", "seconds")
+
+
+class LeakError(ValueError):
+    """A candidate's outputs depend on future tokens."""
+
+
+@functools.lru_cache(maxsize=4)
+def _sources(data_json: str):
+    from effjax.train import trainer
+
+    config = ml_collections.ConfigDict({"data": json.loads(data_json)})
+    return trainer.data_sources(config)
+
+
+def model_fields(space_kind: str, candidate_json: dict) -> dict:
+    """The decoder-LM fields of a candidate of the program or NAS space."""
+    if space_kind == "program":
+        return {"program": candidate_json}
+    if space_kind == "nas":
+        from effjax.search import nas_space
+
+        return nas_space.NasSpace().model_fields(nas_space.NasSpace().from_json(candidate_json))
+    raise ValueError(f"Unknown space kind {space_kind!r}; known: program, nas.")
+
+
+def check_causal(model, params, length: int, vocab: int, position: int | None = None) -> None:
+    """LeakError when changing tokens after ``position`` changes the logits at or before it."""
+    position = length // 2 if position is None else position
+    tokens = jax.random.randint(jax.random.key(0), (2, length), 1, vocab)
+    changed = tokens.at[:, position + 1:].set((tokens[:, position + 1:] + 7) % (vocab - 1) + 1)
+    apply = jax.jit(lambda t: model.apply({"params": params}, t)[:, :position + 1])
+    if not np.allclose(apply(tokens), apply(changed), atol=1e-4, rtol=1e-4):
+        raise LeakError(f"the model's outputs at positions <= {position} change with later tokens (it leaks the "
+                        "future)")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _flops_per_step(run, state, batch) -> float:
+    from effjax.train import sharding
+
+    with run._context():
+        compiled = run.train_step.lower(state, sharding.global_batch(batch, run.batch_sharding)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or "flops" not in cost:
+        raise RuntimeError("XLA's cost analysis reports no FLOPs on this backend; use budget='steps' or 'seconds'.")
+    return float(cost["flops"])
+
+
+@dataclasses.dataclass
+class ProxyEvaluator:
+    """``config``: the trainer config of the proxy task (plain dict); ``space_kind``: 'program' or 'nas';
+    ``budget``/``total``: the full training budget (steps, FLOPs or seconds) split by ``num_hurdles`` halving
+    hurdles; ``eval_batches``: the fixed validation batches of the fitness."""
+
+    config: dict
+    space_kind: str = "program"
+    budget: str = "steps"
+    total: float = 200
+    num_hurdles: int = 2
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"Unknown search budget {self.budget!r}; known: {', '.join(BUDGETS)}.")
+
+    def bands(self) -> int:
+        return self.num_hurdles + 1
+
+    def band_budget(self, band: int) -> float:
+        if self.budget == "steps":
+            return hurdles.band_steps(self.num_hurdles, int(self.total))[band]
+        return hurdles.band_lengths(self.num_hurdles, self.total)[band]
+
+    def make_run(self, candidate_json: dict, seed: int):
+        from effjax.train import trainer
+
+        config = ml_collections.ConfigDict(self.config)
+        config.seed = seed
+        config.eval_max_batches = self.eval_batches
+        for key, value in model_fields(self.space_kind, candidate_json).items():
+            config.model[key] = json.dumps(value) if isinstance(value, dict) else value
+        return trainer.Run(config, devices=jax.devices()[:1],
+                           sources=_sources(json.dumps(self.config["data"], sort_keys=True)))
+
+    def run_band(self, candidate_json: dict, band: int, candidate_dir: str, seed: int) -> dict:
+        os.makedirs(candidate_dir, exist_ok=True)
+        run = self.make_run(candidate_json, seed)
+        state = run.init_state()
+        iterator = run.train_iterator()
+        saved = os.path.join(candidate_dir, "state.msgpack")
+        if band == 0:
+            check_causal(run.model, state.params, run.train_source.max_length, run.train_source.vocab_size)
+        else:
+            with open(saved, "rb") as f:
+                restored = serialization.msgpack_restore(f.read())
+            state = serialization.from_state_dict(state, restored["state"])
+            iterator.set_state(json.loads(restored["data"]))
+        start = time.perf_counter()
+        state, info = self._train(run, state, iterator, self.band_budget(band))
+        seconds = time.perf_counter() - start
+        metrics = run.evaluate(state)
+        bits = float(metrics["loss"]) / math.log(2.0)
+        if not math.isfinite(bits):
+            raise FloatingPointError(f"validation loss is {metrics['loss']} after band {band}")
+        blob = {"state": serialization.to_state_dict(jax.device_get(state)),
+                "data": json.dumps(iterator.get_state())}
+        _write_atomic(saved, serialization.msgpack_serialize(blob))
+        params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+        return {"objectives": {"bits_per_byte": bits},
+                "cost": {"seconds": seconds, "params": params, **info}}
+
+    def _train(self, run, state, iterator, budget):
+        first = next(iterator)
+        steps, flops = None, None
+        if self.budget == "steps":
+            steps = int(budget)
+        elif self.budget == "flops":
+            flops = _flops_per_step(run, state, first)
+            steps = max(1, int(budget // flops))
+        state, metrics = run.step(state, first)  # compiles
+        jax.block_until_ready(metrics["loss"])
+        done, start = 1, time.perf_counter()
+        while (done < steps) if steps is not None else (time.perf_counter() - start < budget):
+            state, metrics = run.step(state, next(iterator))
+            done += 1
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {done} of the band")
+        info = {"steps": done}
+        if flops is not None:
+            info["flops_per_step"] = flops
+        return jax.block_until_ready(state), info
