@@ -108,7 +108,7 @@ def test_search_finds_target_without_duplicate_keys(tmp):
     assert len(r.population) == 20
     paths = results.write_outputs(tmp, SPACE)
     rows = open(paths["csv"]).read().splitlines()
-    assert len(rows) == 301 and rows[0].startswith("id,parent,mutation,status,fitness,cost,wall,reason")
+    assert len(rows) == 301 and rows[0].startswith("id,parent,mutation,status,fitness,cost,info,wall,reason")
     assert json.load(open(paths["json"])) == r.best["candidate"]
     assert "L1 distance 0" in open(paths["txt"]).read() and os.path.getsize(paths["png"]) > 1000
 

@@ -202,6 +202,7 @@ class _Search:
                                         "cost": cost, "wall": outcome.get("wall", 0.0)})
         for k, v in cost.items():
             a["cost"][k] = a["cost"].get(k, 0) + v if isinstance(v, int | float) else v
+        a["info"] = outcome["value"].get("info", {})  # the last band's descriptive values (params, s/step)
         fitness = objectives[self.names[0]]
         status = "finished"
         if band < self.n_bands - 1:
@@ -220,13 +221,13 @@ class _Search:
             self.at_band[band].append(fitness)
         self._write(("finished", n), {"event": "finished", "id": n, "status": status, "candidate": a["json"],
                                       "objectives": objectives, "fitness": fitness, "cost": a["cost"],
-                                      "wall": a["wall"], "bands": band + 1})
+                                      "info": a.get("info", {}), "wall": a["wall"], "bands": band + 1})
         self._done(n, {"status": status, "reason": "", "objectives": objectives, "fitness": fitness})
 
     def _done(self, n: int, fields: dict) -> None:
         a = self.active.pop(n)
         self.records[n] = {"id": n, "parent": a["parent"], "key": a["key"], "candidate": a["json"],
-                           "cost": a["cost"], "wall": a["wall"], **fields}
+                           "cost": a["cost"], "info": a.get("info", {}), "wall": a["wall"], **fields}
         self.history.append(n)
         if fields["status"] == "failed":
             del self.cands[n]

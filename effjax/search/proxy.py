@@ -26,6 +26,9 @@ from flax import serialization
 from effjax.search import hurdles
 
 BUDGETS = ("steps", "flops", "seconds")
+# What a band can report as an objective (lower is better): the fitness, the training step's time after
+# compilation, parameters, XLA's FLOPs per step (flops budget only) and decode state per token (NAS).
+OBJECTIVES = ("bits_per_byte", "seconds_per_step", "params", "flops_per_step", "state_bytes_per_token")
 
 
 class LeakError(ValueError):
@@ -95,10 +98,15 @@ class ProxyEvaluator:
     total: float = 200
     num_hurdles: int = 2
     eval_batches: int = 8
+    objectives: tuple = ("bits_per_byte",)
+    context_length: int = 2048  # the reference context of state_bytes_per_token
 
     def __post_init__(self):
         if self.budget not in BUDGETS:
             raise ValueError(f"Unknown search budget {self.budget!r}; known: {', '.join(BUDGETS)}.")
+        unknown = sorted(set(self.objectives) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"Unknown search objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}.")
 
     def bands(self) -> int:
         return self.num_hurdles + 1
@@ -143,8 +151,18 @@ class ProxyEvaluator:
                 "data": json.dumps(iterator.get_state())}
         _write_atomic(saved, serialization.msgpack_serialize(blob))
         params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-        return {"objectives": {"bits_per_byte": bits},
-                "cost": {"seconds": seconds, "params": params, **info}}
+        steps = info.pop("steps")
+        cost = {"seconds": seconds, "steps": steps}
+        if "flops_per_step" in info:
+            cost["flops"] = steps * info["flops_per_step"]
+        values = {"bits_per_byte": bits, "params": params, **info}
+        if "state_bytes_per_token" in self.objectives:
+            from effjax.search import costs
+
+            fields = {**self.config["model"], **model_fields(self.space_kind, candidate_json)}
+            values["state_bytes_per_token"] = costs.decode_state_bytes_per_token(fields, self.context_length)
+        return {"objectives": {name: float(values[name]) for name in self.objectives}, "cost": cost,
+                "info": values}
 
     def _train(self, run, state, iterator, budget):
         first = next(iterator)
@@ -160,10 +178,11 @@ class ProxyEvaluator:
         while (done < steps) if steps is not None else (time.perf_counter() - start < budget):
             state, metrics = run.step(state, next(iterator))
             done += 1
-        loss = float(metrics["loss"])
+        loss = float(metrics["loss"])  # waits for the last step
+        elapsed = time.perf_counter() - start
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {done} of the band")
-        info = {"steps": done}
+        info = {"steps": done, "seconds_per_step": elapsed / max(done - 1, 1)}
         if flops is not None:
             info["flops_per_step"] = flops
         return jax.block_until_ready(state), info

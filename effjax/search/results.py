@@ -41,12 +41,13 @@ def records(workdir: str) -> tuple[list[str], list[dict]]:
         if kind == "created":
             rows[e["id"]] = {"id": e["id"], "parent": e.get("parent"), "mutation": e.get("mutation"),
                              "candidate": e.get("candidate"), "status": "in flight", "objectives": {},
-                             "fitness": None, "cost": {}, "wall": None, "reason": ""}
+                             "fitness": None, "cost": {}, "info": {}, "wall": None, "reason": ""}
         elif kind in ("finished", "failed") and e["id"] in rows:
             row = rows[e["id"]]
             row.update(status=e.get("status", kind), wall=e.get("wall"), reason=e.get("reason", ""))
             if kind == "finished":
-                row.update(objectives=e["objectives"], fitness=e["fitness"], cost=e.get("cost", {}))
+                row.update(objectives=e["objectives"], fitness=e["fitness"], cost=e.get("cost", {}),
+                           info=e.get("info", {}))
     return names, [rows[i] for i in sorted(rows)]
 
 
@@ -82,12 +83,12 @@ def write_outputs(workdir: str, space, plot: bool = True) -> dict:
              [("csv", "candidates.csv"), ("json", "best.json"), ("txt", "best.txt"), ("png", "fitness.png")]}
     with open(paths["csv"], "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["id", "parent", "mutation", "status", *names, "cost", "wall", "reason"])
+        out.writerow(["id", "parent", "mutation", "status", *names, "cost", "info", "wall", "reason"])
         for r in rows:
             wall = "" if r["wall"] is None else f"{r['wall']:.3f}"
             out.writerow([r["id"], "" if r["parent"] is None else r["parent"], r["mutation"], r["status"],
                           *[r["objectives"].get(n, "") for n in names], json.dumps(r["cost"], sort_keys=True),
-                          wall, r["reason"]])
+                          json.dumps(r["info"], sort_keys=True), wall, r["reason"]])
     best = best_of(rows)
     if best is not None:
         with open(paths["json"], "w") as f:
@@ -97,4 +98,35 @@ def write_outputs(workdir: str, space, plot: bool = True) -> dict:
             f.write(space.describe(space.from_json(best["candidate"])) + "\n")
     if plot:
         _plot(paths["png"], rows, names[0])
+    if len(names) > 1:  # several objectives: the Pareto front, as a table and against the fitness
+        front = front_of(rows, names)
+        paths["front"] = os.path.join(workdir, "front.csv")
+        with open(paths["front"], "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["id", *names, "candidate"])
+            for r in front:
+                out.writerow([r["id"], *[r["objectives"][n] for n in names], json.dumps(r["candidate"])])
+        if plot and front:
+            paths["front_png"] = os.path.join(workdir, "front.png")
+            _plot_front(paths["front_png"], rows, front, names)
     return paths
+
+
+def _plot_front(path: str, rows: list[dict], front: list[dict], names: list[str]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r["status"] == "finished"]
+    fig = Figure(figsize=(5 * (len(names) - 1), 4))
+    FigureCanvasAgg(fig)
+    for i, other in enumerate(names[1:]):
+        ax = fig.add_subplot(1, len(names) - 1, i + 1)
+        ax.scatter([r["objectives"][other] for r in done], [r["fitness"] for r in done], s=8, alpha=0.5,
+                   label="finished")
+        ax.scatter([r["objectives"][other] for r in front], [r["fitness"] for r in front], s=16, color="r",
+                   label="Pareto front")
+        ax.set_xlabel(other)
+        ax.set_ylabel(names[0])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

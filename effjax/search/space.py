@@ -49,6 +49,7 @@ class Evaluator(Protocol):
 
     def run_band(self, candidate_json: dict, band: int, candidate_dir: str, seed: int) -> dict:
         """Runs band ``band`` (0-based) of one candidate and returns
-        ``{"objectives": {name: float, ...}, "cost": {...}}``: the objectives after this band (the first one
-        is the fitness hurdles compare), and costs (seconds, FLOPs, params...). Raises to fail the candidate;
-        a non-finite objective also fails it."""
+        ``{"objectives": {name: float, ...}, "cost": {...}, "info": {...}}``: the objectives after this band
+        (the first one the engine is asked for is the fitness hurdles compare), costs the engine sums over bands
+        (seconds, steps, FLOPs) and optional descriptive values of the last band (params, seconds per step).
+        Raises to fail the candidate; a non-finite objective also fails it."""
