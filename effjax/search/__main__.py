@@ -25,6 +25,9 @@ def main(argv):
     except (ValueError, OSError) as error:
         sys.exit(f"effjax.search: {type(error).__name__}: {error}")
     done = len(result.history)
+    if result.stopped and result.stopped.startswith("seed failed"):
+        sys.exit(f"effjax.search: the search stopped because its {result.stopped}; nothing can evolve from it. "
+                 "Check the proxy settings (config.proxy) and the space.")
     if result.stopped:
         print(f"Stopped ({result.stopped}) after {done} candidates; rerun the same command to resume.")
     best = result.best

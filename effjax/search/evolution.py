@@ -52,7 +52,8 @@ class SearchResult:
     history: list[dict]  # every finished or failed candidate's record, in the order results were consumed
     best: dict | None  # results.best_of(history)
     front: list[dict]  # the non-dominated finished records over every objective (results.front_of)
-    stopped: str | None = None  # None: max_candidates reached; "wall" or "sigterm": stopped early (resumable)
+    stopped: str | None = None  # None: max_candidates reached; "wall" or "sigterm": stopped early (resumable);
+    # "seed failed: <reason>": a seed candidate failed, so the search cannot go on (fix the evaluator or space)
 
 
 def evaluate_band(evaluator, candidate_json: dict, band: int, candidate_dir: str, seed: int) -> dict:
@@ -195,6 +196,8 @@ class _Search:
             self._write(("failed", n), {"event": "failed", "id": n, "band": band, "status": "failed",
                                         "reason": reason, "candidate": a["json"], "fitness": None,
                                         "wall": a["wall"]})
+            if a["parent"] is None:  # nothing can evolve from a seed that does not train: stop, say why
+                self.stopped = f"seed failed: {reason}"
             return self._done(n, {"status": "failed", "reason": reason, "objectives": {}, "fitness": None})
         objectives = {name: float(outcome["value"]["objectives"][name]) for name in self.names}
         cost = outcome["value"].get("cost", {})

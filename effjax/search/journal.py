@@ -12,6 +12,7 @@ truncates it. Opening a journal written under another fingerprint raises and lea
 import hashlib
 import json
 import os
+import time
 
 FILENAME = "journal.jsonl"
 VERSION = 1
@@ -93,10 +94,10 @@ class Journal:
         os.fsync(self._file.fileno())
 
     def append(self, event: dict) -> None:
-        """Writes one event line, flushed and fsynced before returning."""
+        """Writes one event line, stamped with the Unix ``time``, flushed and fsynced before returning."""
         if self._file is None:
             self._open()
-        self._write(event)
+        self._write({**event, "time": round(time.time(), 3)})
 
     def close(self) -> None:
         if self._file is not None:

@@ -5,13 +5,15 @@ to run (``max_candidates``, ``max_wall_seconds``, ``workers``, ``timeout``), so 
 more candidates or time; any other change is refused (a journal is never overwritten by another search).
 """
 
+import os
+
 from effjax.search import evolution, executors, program_space, proxy, results, synthetic
 
 RUNTIME_FIELDS = ("max_candidates", "max_wall_seconds", "workers", "timeout")
 
 
-def build(config):
-    """``(space, evaluator)`` of a search config."""
+def build(config, workdir: str = ""):
+    """``(space, evaluator)`` of a search config (compilations cached under ``workdir/xla_cache``)."""
     if config.preset == "synthetic":
         return synthetic.DigitSpace(), synthetic.DigitEvaluator()
     objectives = tuple(filter(None, config.objectives.split(",")))
@@ -27,7 +29,9 @@ def build(config):
         raise ValueError(f"Unknown search space {config.space!r}; known: program, nas.")
     evaluator = proxy.ProxyEvaluator(config.proxy.to_dict(), space_kind=config.space, budget=config.budget,
                                      total=config.total, num_hurdles=config.hurdles,
-                                     eval_batches=config.eval_batches, objectives=objectives)
+                                     eval_batches=config.eval_batches, objectives=objectives,
+                                     compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache") if workdir
+                                     else "")
     return space, evaluator
 
 
@@ -43,7 +47,7 @@ def make_executor(config):
 
 def search(config, workdir: str, progress: bool = True):
     """Runs or resumes the search of ``config`` in ``workdir``; writes the readable outputs; returns the result."""
-    space, evaluator = build(config)
+    space, evaluator = build(config, workdir)
     objectives = ("fitness",) if config.preset == "synthetic" else evaluator.objectives
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
     executor = make_executor(config)

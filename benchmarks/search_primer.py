@@ -1,0 +1,172 @@
+"""Primer-EZ against the Transformer on the byte-level LM, and what a program search found.
+
+  python benchmarks/search_primer.py                               # curves: 3 seeds x 600 steps each
+  python benchmarks/search_primer.py --steps=100 --seeds=1 --eval_every=50     # the test's mode
+  python benchmarks/search_primer.py --journal=/tmp/search_primer  # + a search's candidates/hour and finds
+
+(a) curves: the search's proxy model (``configs/search_common.py``: d 64, 2 layers, seq 64, batch 16) as the
+vanilla program (``seeds.vanilla``: the Transformer with ReLU) and as Primer-EZ (``seeds.primer_ez``: squared
+ReLU + depthwise convs after Q, K, V), trained for the same number of steps with the same data and seeds
+through the ordinary trainer's pieces; validation bits per byte every ``--eval_every`` steps. Primer's claim
+(So et al. 2021, Table 4: 1.7-2.3x at 35M on LM1B) is read as: the steps Primer-EZ needs to reach the
+vanilla model's final loss, divided into the vanilla steps (linear interpolation between evaluations).
+Equal steps is not equal compute: Primer-EZ's convs cost extra FLOPs per step, which the table reports
+(XLA's cost analysis) so the ratio can be read at equal FLOPs too. Full Primer (shared QK, pre/post-norm
+alternation, custom norm) is not built in effjax.
+
+(b) with ``--journal``: candidates per hour of that search (finished + failed over the journal's wall span),
+the best fitness against the seed's, and the first candidate (if any) whose program contains squared ReLU
+(``square`` after ``relu``) or a depthwise conv after a projection in the head (``dconv``).
+
+Writes ``benchmarks/results/search_primer.{json,png}`` (``--out``).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def curves(steps: int, seeds: int, eval_every: int, eval_batches: int) -> dict:
+    import jax
+
+    from configs import search_common
+    from effjax.search import proxy, seeds as seed_programs
+    from effjax.search import program as program_lib
+
+    base = search_common.proxy_task()
+    model = base.model
+    programs = {"vanilla": seed_programs.vanilla(model.embed_dim, model.num_heads, model.mlp_dim),
+                "primer_ez": seed_programs.primer_ez(model.embed_dim, model.num_heads, model.mlp_dim)}
+    evaluator = proxy.ProxyEvaluator(base.to_dict(), eval_batches=eval_batches)
+    out = {}
+    for name, program in programs.items():
+        out[name] = []
+        for seed in range(seeds):
+            run = evaluator.make_run(program_lib.to_json(program), seed)
+            state, iterator = run.init_state(), run.train_iterator()
+            flops = proxy._flops_per_step(run, state, next(run.train_iterator()))
+            points, start = [], time.perf_counter()
+            for step in range(1, steps + 1):
+                state, _ = run.step(state, next(iterator))
+                if step % eval_every == 0 or step == steps:
+                    bits = float(run.evaluate(state)["loss"]) / math.log(2.0)
+                    points.append((step, bits))
+                    print(f"{name} seed {seed} step {step}: {bits:.4f} bits/byte", flush=True)
+            jax.block_until_ready(state.params)
+            out[name].append({"seed": seed, "points": points, "flops_per_step": flops,
+                              "seconds": time.perf_counter() - start})
+    return out
+
+
+def steps_to_reach(points, target: float) -> float | None:
+    """The first step (interpolated) at which the curve reaches ``target`` bits per byte, or None."""
+    previous = None
+    for step, bits in points:
+        if bits <= target:
+            if previous is None:
+                return float(step)
+            (s0, b0) = previous
+            return s0 + (step - s0) * (b0 - target) / (b0 - bits)
+        previous = (step, bits)
+    return None
+
+
+def summarise(runs: dict) -> dict:
+    rows = {}
+    for name, seeds in runs.items():
+        finals = [r["points"][-1][1] for r in seeds]
+        rows[name] = {"final_bits_mean": sum(finals) / len(finals), "finals": finals,
+                      "flops_per_step": seeds[0]["flops_per_step"]}
+    ratios = []
+    for vanilla, ez in zip(runs["vanilla"], runs["primer_ez"], strict=True):
+        target, steps = vanilla["points"][-1][1], vanilla["points"][-1][0]
+        reached = steps_to_reach(ez["points"], target)
+        ratios.append(None if reached is None else steps / reached)
+    rows["speedup_steps"] = ratios
+    flop_ratio = rows["primer_ez"]["flops_per_step"] / rows["vanilla"]["flops_per_step"]
+    rows["speedup_flops"] = [None if r is None else r / flop_ratio for r in ratios]
+    return rows
+
+
+def search_report(workdir: str) -> dict:
+    from effjax.search import program as program_lib
+    from effjax.search import results
+
+    names, rows = results.records(workdir)
+    done = [r for r in rows if r["status"] != "in flight"]
+    events = [json.loads(line) for line in open(os.path.join(workdir, "journal.jsonl")) if line.strip()][1:]
+    stamps = [e["time"] for e in events if "time" in e]
+    span = (max(stamps) - min(stamps)) if len(stamps) > 1 else None
+    found = {"squared_relu": None, "dconv_in_head": None}
+    for r in done:
+        if r["fitness"] is None:
+            continue
+        text = program_lib.canonical(program_lib.trace(program_lib.from_json(r["candidate"])))
+        if found["squared_relu"] is None and "relu" in text and "square" in text:
+            found["squared_relu"] = r["id"]
+        if found["dconv_in_head"] is None and "dconv" in text:
+            found["dconv_in_head"] = r["id"]
+    seed = next((r for r in rows if r["id"] == 0), None)
+    best = results.best_of(rows)
+    return {"candidates": len(done), "span_seconds": span,
+            "candidates_per_hour": None if not span else 3600 * len(done) / span,
+            "seed_fitness": seed and seed["fitness"], "best_fitness": best and best["fitness"],
+            "best_id": best and best["id"], "first_found": found}
+
+
+def plot(runs: dict, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, color in (("vanilla", "tab:blue"), ("primer_ez", "tab:red")):
+        for i, r in enumerate(runs[name]):
+            steps, bits = zip(*r["points"], strict=True)
+            ax.plot(steps, bits, color=color, alpha=0.7, label=name if i == 0 else None)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation bits per byte")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--eval_batches", type=int, default=8)
+    parser.add_argument("--journal", default="", help="a search workdir to report on")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "search_primer"))
+    args = parser.parse_args(argv)
+    runs = curves(args.steps, args.seeds, args.eval_every, args.eval_batches)
+    report = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "steps": args.steps, "seeds": args.seeds, "runs": runs,
+              "summary": summarise(runs)}
+    if args.journal:
+        report["search"] = search_report(args.journal)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    plot(runs, args.out + ".png")
+    summary = report["summary"]
+    print(f"final bits/byte: vanilla {summary['vanilla']['final_bits_mean']:.4f}, "
+          f"primer_ez {summary['primer_ez']['final_bits_mean']:.4f}")
+    print(f"steps to the vanilla final loss, vanilla / primer_ez per seed: {summary['speedup_steps']}; at equal "
+          f"FLOPs: {summary['speedup_flops']}")
+    if args.journal:
+        print(f"search: {json.dumps(report['search'])}")
+
+
+if __name__ == "__main__":
+    main()
