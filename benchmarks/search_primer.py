@@ -38,8 +38,9 @@ def curves(steps: int, seeds: int, eval_every: int, eval_batches: int) -> dict:
     import jax
 
     from configs import search_common
-    from effjax.search import proxy, seeds as seed_programs
     from effjax.search import program as program_lib
+    from effjax.search import proxy
+    from effjax.search import seeds as seed_programs
 
     base = search_common.proxy_task()
     model = base.model

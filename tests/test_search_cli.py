@@ -15,8 +15,8 @@ import pytest
 from helpers import ROOT, subprocess_env
 
 from configs import search_nas_mixed, search_primer
-from effjax.search import proxy, runner, seeds
 from effjax.search import program as program_lib
+from effjax.search import proxy, runner, seeds
 
 
 def search_command(workdir, *overrides, config="configs/search_primer.py:synthetic"):
