@@ -36,7 +36,7 @@ def base(space: str, arg=None) -> ml_collections.ConfigDict:
     c.min_history = 8             # a hurdle passes everyone until this many candidates reached it
     c.objectives = "bits_per_byte"  # comma-separated, lower is better; several = Pareto (NSGA-II) selection
     c.budget = "flops"            # 'flops' (XLA cost analysis, deterministic), 'seconds' (Primer) or 'steps'
-    c.total = 5.0e11              # full training budget of one candidate in that unit (600 steps of the seed)
+    c.total = 3.0e11              # full training budget of one candidate in that unit (360 steps of the seed)
     c.hurdles = 2                 # halving hurdles (Primer: 4)
     c.eval_batches = 8            # fixed validation batches of the fitness (bits per byte)
     c.ray_address = ""            # '' local processes; a Ray cluster address is not supported yet
