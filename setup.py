@@ -25,7 +25,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "ruff>=0.6", "portpicker>=1.6"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "ruff>=0.6", "portpicker>=1.6", "ray>=2.9"],
+        "ray": ["ray>=2.9"],  # architecture search past one machine (effjax.search with config.ray_address)
         "gpu": ["jax[cuda12]>=0.11,<0.13"],
         "tpu": ["jax[tpu]>=0.11,<0.13"],
     },

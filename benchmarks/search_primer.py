@@ -15,8 +15,8 @@ Equal steps is not equal compute: Primer-EZ's convs cost extra FLOPs per step, w
 alternation, custom norm) is not built in effjax.
 
 (b) with ``--journal``: candidates per hour of that search (finished + failed over the journal's wall span),
-the best fitness against the seed's, and the first candidate (if any) whose program contains squared ReLU
-(``square`` after ``relu``) or a depthwise conv after a projection in the head (``dconv``).
+the best fitness against the seed's, and the first candidate (if any) whose live program contains squared ReLU
+(``square`` of a ``relu``) or a depthwise conv of a projection that feeds attention (``rediscoveries``).
 
 Writes ``benchmarks/results/search_primer.{json,png}`` (``--out``).
 """
@@ -97,6 +97,28 @@ def summarise(runs: dict) -> dict:
     return rows
 
 
+def rediscoveries(trace) -> dict:
+    """Whether a program's live computation holds Primer's two finds: ``square`` of a ``relu`` (squared ReLU),
+    and a depthwise conv of a ``dense`` projection whose output feeds attention (``t_matmul`` or ``matmul``)."""
+    found = {"squared_relu": False, "dconv_after_projection": False}
+
+    def walk(tr):
+        for node in tr.nodes:
+            args = [tr.nodes[ref[1]] for ref in node.inputs if ref[0] == "node"]
+            if node.op == "square" and any(a.op == "relu" for a in args):
+                found["squared_relu"] = True
+            if node.op in ("t_matmul", "matmul"):
+                for a in args:
+                    before = [tr.nodes[ref[1]] for ref in a.inputs if ref[0] == "node"]
+                    if a.op.startswith("dconv") and any(b.op == "dense" for b in before):
+                        found["dconv_after_projection"] = True
+            if node.body is not None:
+                walk(node.body)
+
+    walk(trace)
+    return found
+
+
 def search_report(workdir: str) -> dict:
     from effjax.search import program as program_lib
     from effjax.search import results
@@ -106,15 +128,13 @@ def search_report(workdir: str) -> dict:
     events = [json.loads(line) for line in open(os.path.join(workdir, "journal.jsonl")) if line.strip()][1:]
     stamps = [e["time"] for e in events if "time" in e]
     span = (max(stamps) - min(stamps)) if len(stamps) > 1 else None
-    found = {"squared_relu": None, "dconv_in_head": None}
+    found = {"squared_relu": None, "dconv_after_projection": None}
     for r in done:
         if r["fitness"] is None:
             continue
-        text = program_lib.canonical(program_lib.trace(program_lib.from_json(r["candidate"])))
-        if found["squared_relu"] is None and "relu" in text and "square" in text:
-            found["squared_relu"] = r["id"]
-        if found["dconv_in_head"] is None and "dconv" in text:
-            found["dconv_in_head"] = r["id"]
+        for name, present in rediscoveries(program_lib.trace(program_lib.from_json(r["candidate"]))).items():
+            if present and found[name] is None:
+                found[name] = r["id"]
     seed = next((r for r in rows if r["id"] == 0), None)
     best = results.best_of(rows)
     return {"candidates": len(done), "span_seconds": span,
@@ -149,7 +169,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_batches", type=int, default=8)
     parser.add_argument("--journal", default="", help="a search workdir to report on")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "search_primer"))
+    parser.add_argument("--search_only", action="store_true", help="only the --journal report (no training)")
     args = parser.parse_args(argv)
+    if args.search_only:
+        print(json.dumps(search_report(args.journal)))
+        return
     runs = curves(args.steps, args.seeds, args.eval_every, args.eval_batches)
     report = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "steps": args.steps, "seeds": args.seeds, "runs": runs,

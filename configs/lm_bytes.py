@@ -3,15 +3,16 @@
   python -m effjax.main --config=configs/lm_bytes.py --workdir=/tmp/lm_bytes
   python -m effjax.main --config=configs/lm_bytes.py --workdir=/tmp/lm_text --config.data.paths=/path/to/texts
 
-Args after ':': ``smoke`` a seconds-long run for tests. The final line reports validation loss in
-nats and bits per byte.
+Args after ':': ``smoke`` a seconds-long run for tests; ``primer_ez`` Primer-EZ (So et al. 2021: squared ReLU and
+multi-dconv-head attention) instead of the Transformer. The final line reports validation loss in nats and bits
+per byte. A searched block trains with ``--config.model.program=DIR/best.json`` (``python -m effjax.search``).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, smoke=False)
+    args = common.parse_arg(arg, smoke=False, primer_ez=False)
     c = common.get_base_config()
     c.total_steps = 2000
     c.batch_size = 16
@@ -39,6 +40,9 @@ def get_config(arg=None):
     c.data.validation_fraction = 0.05
     c.data.test_fraction = 0.05
     c.data.seed = 0
+    if args.primer_ez:
+        c.model.attention = "primer_mdha"
+        c.model.activation = "squared_relu"
     if args.smoke:
         common.shrink_for_smoke(c)
         c.model.max_length = c.data.max_length = 32

@@ -39,7 +39,7 @@ def base(space: str, arg=None) -> ml_collections.ConfigDict:
     c.total = 3.0e11              # full training budget of one candidate in that unit (360 steps of the seed)
     c.hurdles = 2                 # halving hurdles (Primer: 4)
     c.eval_batches = 8            # fixed validation batches of the fitness (bits per byte)
-    c.ray_address = ""            # '' local processes; a Ray cluster address is not supported yet
+    c.ray_address = ""            # '' local processes; 'local' a Ray instance here; 'host:port' a Ray cluster
     c.proxy = proxy_task()
     if c.preset == "full":
         c.population, c.tournament, c.hurdles = 100, 10, 4

@@ -15,7 +15,8 @@ from effjax.train.validate import validate
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not p.endswith(("__init__.py", "common.py")))
-ARGS = {"lra_listops": [None, "cpu", "smoke"]}
+ARGS = {"lra_listops": [None, "cpu", "smoke"], "lm_bytes": [None, "smoke", "primer_ez"],
+        **{name: [None, "full", "synthetic"] for name in CONFIGS if name.startswith("search_")}}
 
 
 def load(name, arg=None):
@@ -25,8 +26,9 @@ def load(name, arg=None):
 @pytest.mark.parametrize("name, arg", [(n, a) for n in CONFIGS for a in ARGS.get(n, [None, "smoke"])])
 def test_config_is_complete_and_valid(name, arg):
     config = load(name, arg)
-    validate(config, process_count=1, batch_shards=1)
-    assert config.data.name and config.model.name
+    trainer_config = config.proxy if name.startswith("search_") else config  # a search trains its proxy task
+    validate(trainer_config, process_count=1, batch_shards=1)
+    assert trainer_config.data.name and trainer_config.model.name
     assert load(name, arg).to_dict() == config.to_dict()  # deterministic
 
 

@@ -44,8 +44,8 @@ def test_a_synthetic_search_from_the_command_writes_results_and_refuses_another_
 
 def test_bad_search_settings_fail_in_one_line():
     config = search_primer.get_config()
-    config.ray_address = "10.0.0.1:6379"
-    with pytest.raises(ValueError, match="Ray executor is not available yet") as err:
+    config.ray_address = "127.0.0.1:9"  # discard: nobody answers
+    with pytest.raises(ValueError, match="(does not answer|Ray is not installed)") as err:
         runner.make_executor(config)
     assert "\n" not in str(err.value)
     config = search_primer.get_config()
@@ -88,20 +88,19 @@ def tiny_proxy(**overrides) -> dict:
 
 @pytest.mark.slow  # trains three candidates band by band; the default twins: the synthetic search above
 def test_the_proxy_trains_a_program_band_by_band_and_resumes_from_its_state(tmp_path):
-    evaluator = proxy.ProxyEvaluator(tiny_proxy(), budget="steps", total=14, num_hurdles=2, eval_batches=2,
+    evaluator = proxy.ProxyEvaluator(tiny_proxy(), budget="steps", total=12, num_hurdles=1, eval_batches=2,
                                      objectives=("bits_per_byte", "seconds_per_step"))
     program = program_lib.to_json(seeds.primer_ez(32, 2, 128))
-    first = [evaluator.run_band(program, band, str(tmp_path / "a"), seed=0) for band in range(3)]
-    assert [r["cost"]["steps"] for r in first] == [2, 4, 8]
+    first = [evaluator.run_band(program, band, str(tmp_path), seed=0) for band in range(2)]
+    assert [r["cost"]["steps"] for r in first] == [4, 8]
     bits = [r["objectives"]["bits_per_byte"] for r in first]
     assert all(np.isfinite(bits)) and bits[-1] < bits[0] < 8.5  # 8.5: uniform over 257 bytes
     assert first[-1]["info"]["params"] > 0 and set(first[0]["objectives"]) == {"bits_per_byte", "seconds_per_step"}
-    # Band 2 rerun from the state band 1 saved (as after a crash during band 2) gives the same fitness.
-    (tmp_path / "b").mkdir()
-    for band in range(2):
-        evaluator.run_band(program, band, str(tmp_path / "b"), seed=0)
-    replay = evaluator.run_band(program, 2, str(tmp_path / "b"), seed=0)
-    assert replay["objectives"]["bits_per_byte"] == pytest.approx(bits[2], abs=1e-5)
+    # Band 1 rerun from the state band 0 saved (as after a crash during band 1) gives the same fitness.
+    os.replace(tmp_path / "state.msgpack", tmp_path / "after_band_1")
+    evaluator.run_band(program, 0, str(tmp_path), seed=0)
+    replay = evaluator.run_band(program, 1, str(tmp_path), seed=0)
+    assert replay["objectives"]["bits_per_byte"] == pytest.approx(bits[1], abs=1e-5)
     flops = proxy.ProxyEvaluator(tiny_proxy(), budget="flops", total=2e9, num_hurdles=0, eval_batches=1)
     result = flops.run_band(program, 0, str(tmp_path / "c"), seed=0)
     assert result["cost"]["steps"] == max(1, int(2e9 // result["info"]["flops_per_step"]))

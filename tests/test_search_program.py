@@ -22,7 +22,7 @@ from effjax.search.program import Instruction, Program
 EMBED, HEADS, MLP = 32, 2, 128
 
 
-@pytest.mark.parametrize("ez", [False, True], ids=["vanilla", "primer_ez"])
+@pytest.mark.parametrize("ez", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["primer_ez", "vanilla"])
 def test_reference_programs_equal_the_hand_written_blocks(ez):
     block = Block(num_heads=HEADS, head_dim=EMBED // HEADS, mlp_dim=MLP, attention="primer_mdha" if ez else "softmax",
                   activation="squared_relu" if ez else "relu")
@@ -118,8 +118,7 @@ def primitive_program(op: str) -> Program:
 
 
 # The default tier runs one primitive of each family; the slow tier runs every one.
-FIRST = ("dense", "dconv3", "conv3", "layer_norm", "t_matmul", "matmul", "softmax", "mask", "cum_prod", "div",
-         "sign", "red_max")
+FIRST = ("dense", "dconv3", "t_matmul", "matmul", "softmax", "cum_prod")
 PRIMITIVE_CASES = slow_after(list(FIRST) + sorted(set(prims.PRIMITIVES) - set(FIRST)), keep=len(FIRST))
 
 
@@ -144,7 +143,7 @@ def test_random_programs_never_see_the_future_and_the_leak_check_can_fail():
     rng = np.random.default_rng(3)
     x = jax.random.normal(jax.random.key(0), (1, 6, 16))
     program = space.seed
-    for _ in range(12):
+    for _ in range(6):
         for _ in range(3):
             program, _ = space.mutate(program, rng)
         block = interpreter.ProgramBlock(program)
@@ -155,6 +154,7 @@ def test_random_programs_never_see_the_future_and_the_leak_check_can_fail():
     assert interpreter.leaks_future(lambda z: z + jnp.mean(z, axis=1, keepdims=True), x, 3)
 
 
+@pytest.mark.slow  # the default tier's twin: test_search_cli's config test builds a program model
 def test_a_program_replaces_every_block_of_the_decoder_lm():
     program = seeds.primer_ez(EMBED, HEADS, MLP)
     model = models.build("decoder_lm", vocab_size=40, num_classes=None, num_layers=2, embed_dim=EMBED,

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -229,6 +230,9 @@ class _Search:
 
     def _done(self, n: int, fields: dict) -> None:
         a = self.active.pop(n)
+        # What a candidate kept between bands (its train state) is not needed once it is done: the journal holds
+        # its result, and a search of thousands of candidates would otherwise fill the disk.
+        shutil.rmtree(os.path.join(self.workdir, "candidates", f"{n:06d}"), ignore_errors=True)
         self.records[n] = {"id": n, "parent": a["parent"], "key": a["key"], "candidate": a["json"],
                            "cost": a["cost"], "info": a.get("info", {}), "wall": a["wall"], **fields}
         self.history.append(n)

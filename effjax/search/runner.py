@@ -1,15 +1,16 @@
 """A search from its config (``configs/search_*.py``): the space, the evaluator, the executor, then the engine.
 
 The journal's fingerprint is the config without the fields that only say how long or on how many workers
-to run (``max_candidates``, ``max_wall_seconds``, ``workers``, ``timeout``), so a stopped search resumes with
-more candidates or time; any other change is refused (a journal is never overwritten by another search).
+to run (``max_candidates``, ``max_wall_seconds``, ``workers``, ``timeout``, ``ray_address``), so a stopped search
+resumes with more candidates, time or machines; any other change is refused (a journal is never overwritten by
+another search). The engine adds its own settings, among them how many candidates are in flight.
 """
 
 import os
 
 from effjax.search import evolution, executors, program_space, proxy, results, synthetic
 
-RUNTIME_FIELDS = ("max_candidates", "max_wall_seconds", "workers", "timeout")
+RUNTIME_FIELDS = ("max_candidates", "max_wall_seconds", "workers", "timeout", "ray_address")
 
 
 def build(config, workdir: str = ""):
@@ -36,9 +37,13 @@ def build(config, workdir: str = ""):
 
 
 def make_executor(config):
+    """Ray tasks when ``config.ray_address`` is set ('local' or a cluster address), else spawned local processes
+    (``config.workers``; 0: in this process)."""
     if config.ray_address:
-        raise ValueError(f"config.ray_address={config.ray_address!r}: the Ray executor is not available yet; "
-                         "unset it to search with local processes (config.workers).")
+        from effjax.search.ray_executor import RayExecutor
+
+        env = None if config.preset == "synthetic" else executors.SINGLE_THREAD_ENV
+        return RayExecutor(config.ray_address, max(config.workers, 1), timeout=config.timeout or None, env=env)
     if config.preset == "synthetic" or config.workers <= 0:
         return executors.InlineExecutor()
     return executors.ProcessExecutor(config.workers, timeout=config.timeout or None,
