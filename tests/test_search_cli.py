@@ -2,6 +2,7 @@
 resumes, a journal of another search is refused untouched, bad settings fail in one line, a leaking model is
 caught before it trains, and (slow) a real program search trains candidates band by band on the byte LM."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -129,3 +130,13 @@ def test_the_search_config_programs_fit_the_proxy_model():
     assert program_lib.key(seed) == program_lib.key(seeds.vanilla(model.embed_dim, model.num_heads, model.mlp_dim))
     run = evaluator.make_run(program_lib.to_json(seed), seed=0)
     assert jax.tree.leaves(jax.eval_shape(run.model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32)))
+
+
+def test_a_nas_genome_becomes_the_proxy_models_per_layer_attention():
+    config = search_nas_mixed.get_config()
+    space, evaluator = runner.build(config)
+    genome = space.seeds()[0]
+    genome = dataclasses.replace(genome, attention=("linear_elu",) + genome.attention[1:])
+    run = evaluator.make_run(space.to_json(genome), seed=0)
+    assert run.config.model.attention.split(",")[:2] == ["linear_elu", genome.attention[1]]
+    assert [method for method, _ in run.model.layer_attention()][0] == "linear_elu"

@@ -148,7 +148,11 @@ class ProxyEvaluator:
         config.seed = seed
         config.eval_max_batches = self.eval_batches
         for key, value in model_fields(self.space_kind, candidate_json).items():
-            config.model[key] = json.dumps(value) if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                value = json.dumps(value)
+            elif isinstance(value, tuple) and isinstance(config.model.get(key), str):
+                value = ",".join(map(str, value))  # per-layer methods, as the command line spells them
+            config.model[key] = value
         return trainer.Run(config, devices=jax.devices()[:1],
                            sources=_sources(json.dumps(self.config["data"], sort_keys=True)))
 
