@@ -49,3 +49,13 @@ def test_a_bad_trainable_pattern_is_refused_in_one_line(pattern, message):
     with pytest.raises(ValueError, match=message) as err:
         one_step(config(trainable=pattern))
     assert "\n" not in str(err.value) and "config.trainable" in str(err.value)
+
+
+def test_keep_frozen_resets_only_frozen_params():
+    from effjax.train import steps
+
+    old = {"attention": {"frozen_projection": jnp.zeros(2), "query": jnp.zeros(2)}}
+    new = {"attention": {"frozen_projection": jnp.ones(2), "query": jnp.ones(2)}}
+    kept = steps.keep_frozen(new, old)
+    np.testing.assert_array_equal(kept["attention"]["frozen_projection"], 0.0)
+    np.testing.assert_array_equal(kept["attention"]["query"], 1.0)

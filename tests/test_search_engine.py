@@ -225,6 +225,7 @@ def test_multi_objective_search_uses_pareto_ranks(tmp):
         search(tmp, n=80, evaluator=ev)  # same workdir, single objective: another search
 
 
+@pytest.mark.slow  # spawned workers; the default tier's twin: the env/errors test below
 def test_process_executor_timeout_and_dead_worker(tmp):
     ev = DigitEvaluator(sleep_on=(1, 7), slow_seconds=60, die_on=(4, 6))  # hits candidates 1 and 5 of seed 5
     ex = ProcessExecutor(workers=2, timeout=1.0)
@@ -266,6 +267,7 @@ def test_process_executor_env_errors_and_unpicklable_task():
         ex.close()
 
 
+@pytest.mark.slow  # spawned workers; the default tier's twin: the env/errors test
 def test_process_executor_matches_inline(tmp):
     a, b = os.path.join(tmp, "inline"), os.path.join(tmp, "process")
     search(a, n=40, executor=InlineExecutor(workers=2), evaluator=DigitEvaluator(sleep=0.01), seed=7)

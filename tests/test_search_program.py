@@ -77,19 +77,22 @@ def test_the_key_ignores_dead_code_and_unread_fields_but_not_live_changes():
     assert "# dead" in program_lib.listing(dead) and "def s2(h0, h1):" in program_lib.listing(program)
 
 
-def test_thousands_of_mutations_give_valid_programs_that_round_trip():
+@pytest.mark.parametrize("count", slow_after([600, 3000]))
+def test_many_random_mutations_give_valid_programs_that_round_trip(count):
     space = program_space.make("full", embed_dim=EMBED, num_heads=HEADS, mlp_dim=MLP)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(count)
     program = space.seed
-    seen = set()
-    for step in range(1500):
+    seen, same = set(), 0
+    for step in range(count):
         child, how = space.mutate(program, rng)
-        assert how and program_lib.key(child) != program_lib.key(program), how
+        assert how
+        same += program_lib.key(child) == program_lib.key(program)  # only when 100 tries all change dead code
         program_lib.check(child)
         assert program_lib.from_json(program_lib.to_json(child)) == child
         seen.add(how.split()[0])
         program = space.seed if step % 40 == 39 else child
     assert {"delete", "insert", "field", "swap"} <= seen and seen & {"constant", "dim"}
+    assert same <= count // 100, same
 
 
 def test_the_rediscovery_preset_edits_only_the_head_and_feed_forward():

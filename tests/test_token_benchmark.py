@@ -23,7 +23,7 @@ def _bench():
         sys.path.pop(0)
 
 
-@pytest.mark.parametrize("methods,train_steps", slow_after([("tome,topk", 0), ("", 2)]))
+@pytest.mark.parametrize("methods,train_steps", slow_after([("tome,topk", 0), ("", 2)], keep=0))
 def test_tiny_token_benchmark_writes_every_row_with_finite_ratios(tmp_path, methods, train_steps):
     out = tmp_path / "tokens"
     command = [sys.executable, "benchmarks/token_reduction.py", "--tiny", f"--workdir={tmp_path / 'shapes'}",

@@ -22,8 +22,8 @@ SCHEDULES = {
     "token_shuffle": dict(keep=0.25, layers="1"),  # 2 x 2 windows of the 4 x 4 patch grid
 }
 NAMES = [name for name in tokens_lib.names() if name not in NOT_BLOCK_REDUCERS]
-# One merger and one learned pruner before the block in the default tier; all in the slow.
-DEFAULT_TIER = ("tome", "dynamicvit")
+# One merger in the default tier (the learned pruners have their own model tests there); all in the slow.
+DEFAULT_TIER = ("tome",)
 
 
 def tiered(names, default=DEFAULT_TIER):

@@ -175,6 +175,7 @@ def test_per_layer_attention_and_method_params_from_the_command_line(tmp_path):
     assert params["trunk"]["block_1"]["attention"]["Attention_0"]["e_proj"].shape[-1] == 8
 
 
+@pytest.mark.slow  # a trainer compile; the default tier's twin: test_optim's keep_frozen and trainable tests
 def test_frozen_params_survive_training_with_weight_decay(tmp_path):
     config = smoke_config(total_steps=3, eval_every=0, weight_decay=0.5, learning_rate=0.1,
                           **{"model.attention": "performer", "model.attention_params": {"num_features": 16}})
