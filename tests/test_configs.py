@@ -52,6 +52,7 @@ def unigram_entropy(source) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow  # a trainer run; the default tier trains a model in test_trainer's smoke run
 def test_byte_lm_smoke_beats_a_uniform_guess(tmp_path):
     # 4 steps cannot learn byte statistics fully, but must move below the loss of predicting every one of the
     # vocabulary's bytes equally often, which an untrained model does not reach (its first loss is above it).
