@@ -52,17 +52,6 @@ def unigram_entropy(source) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-@pytest.mark.slow  # a trainer run; the default tier trains a model in test_trainer's smoke run
-def test_byte_lm_smoke_beats_a_uniform_guess(tmp_path):
-    # 4 steps cannot learn byte statistics fully, but must move below the loss of predicting every one of the
-    # vocabulary's bytes equally often, which an untrained model does not reach (its first loss is above it).
-    config = load("lm_bytes", "smoke")
-    result = trainer.train_and_evaluate(config, str(tmp_path))
-    uniform = math.log(lm_sources(config)[1].vocab_size)
-    assert result["step"] == 4 and result["eval/loss"] < uniform - 0.05, (result, uniform)
-    assert "bits per token" in trainer.summary_line(result)
-
-
 @pytest.mark.slow
 def test_byte_lm_beats_the_unigram_entropy_of_its_validation_data(tmp_path):
     # 200 steps learn context: the loss over the whole validation split falls below the entropy of that

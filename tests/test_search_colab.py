@@ -19,7 +19,7 @@ def test_search_notebook_is_stored_clean_and_valid():
 @pytest.mark.slow
 def test_search_notebook_prints_mutates_trains_searches_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFJAX_SEARCH_TRAIN_STEPS", "3")
-    monkeypatch.setenv("EFFJAX_SEARCH_CANDIDATES", "3")
+    monkeypatch.setenv("EFFJAX_SEARCH_CANDIDATES", "2")
     monkeypatch.setenv("EFFJAX_SEARCH_STEPS", "3")
     monkeypatch.setenv("EFFJAX_SEARCH_WORKDIR", str(tmp_path / "work"))
     nb = _read(NAME)
@@ -27,5 +27,5 @@ def test_search_notebook_prints_mutates_trains_searches_and_plots(tmp_path, monk
     assert "def s2(h0, h1):" in text and "JSON round trip exact: True" in text
     assert re.search(r"mutation: \S+", text) and "changed lines:" in text
     assert re.search(r"Transformer: \d\.\d{3} bits/byte after 3 steps", text), text[-3000:]
-    assert "3 candidates; best" in text and re.search(r"3 candidates, \d+ on the Pareto front", text)
+    assert "2 candidates; best" in text and re.search(r"2 candidates, \d+ on the Pareto front", text)
     assert _has_image(nb)

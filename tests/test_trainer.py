@@ -211,9 +211,12 @@ def test_model_state_of_prepbn_and_distil_resumes_exactly(tmp_path):
 @pytest.mark.slow  # two trainer compiles; the default tier's twin: test_merge_params_copies_matching_paths_only
 def test_init_from_starts_a_new_run_from_the_matching_params_of_an_earlier_one(tmp_path, capsys):
     """A fine-tune of a 3-layer model from a 2-layer run: blocks 0-1 and the embeddings come over, block_2 is
-    new, and a changed shape is refused naming the param."""
-    trainer.train_and_evaluate(smoke_config(total_steps=2, eval_every=0), str(tmp_path / "first"))
-    saved = load_params(tmp_path / "first", 2)
+    new (a changed shape is refused: test_merge_params_copies_matching_paths_only_and_refuses_another_shape)."""
+    first = trainer.Run(smoke_config())  # its initial state saved as a checkpoint, as a run would (no training)
+    saver = checkpoint.Saver(checkpoint.make_manager(str(tmp_path / "first"), 1), None)
+    saver.save(first.init_state(), first.train_iterator(), first.config)
+    saver.finish()
+    saved = load_params(tmp_path / "first", 0)
     run = trainer.Run(smoke_config(**{"init_from": str(tmp_path / "first"), "model.num_layers": 3}))
     state = warm_start.warm_start(run.init_state(), str(tmp_path / "first"))
     note = capsys.readouterr().out
@@ -224,10 +227,6 @@ def test_init_from_starts_a_new_run_from_the_matching_params_of_an_earlier_one(t
         np.testing.assert_array_equal(flat[key], value)
     assert any("block_2" in key for key in flat) and all(
         np.array_equal(flat[key], fresh[key]) for key in flat if "block_2" in key)
-    wider = trainer.Run(smoke_config(**{"model.mlp_dim": 48}))
-    with pytest.raises(ValueError, match="mlp.*has shape .* there but .* in this model") as err:
-        warm_start.warm_start(wider.init_state(), str(tmp_path / "first"))
-    assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         warm_start.checkpoint_dir(str(tmp_path))
 
