@@ -289,9 +289,10 @@ class Backbone(nn.Module):
             mask = tokens.mask
             self.sow("intermediates", "token_source", tokens.source)
             self.sow("intermediates", "token_sizes", tokens.sizes)
-            self.sow("intermediates", "token_gmacs", jnp.asarray(macs, jnp.float32) / 1e9)
+            gmacs = jnp.asarray(macs, jnp.float32) / 1e9
+            self.sow("intermediates", "token_gmacs", gmacs)
             if plan.flops_target is not None and not deterministic:  # the train step adds it (DiffRate Sec. 3.3)
-                self.sow("losses", "tokens_flops", plan.flops_loss(jnp.asarray(macs, jnp.float32) / 1e9))
+                self.sow("losses", "tokens_flops", plan.flops_loss(gmacs))
         x = Norm(self.norm, self.dtype, self.norm_eps, name="ln_final")(x, mask=mask, gamma=gamma,
                                                                       deterministic=deterministic)
         return (x, mask, tokens) if with_tokens else (x, mask)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effjax.train.optim import param_path
 from effjax.train.state import AUX_LOSSES, TrainState
 
 # Params whose name starts with this are fixed buffers (e.g. Performer's random projection): they live in
@@ -13,8 +14,7 @@ FROZEN_PREFIX = "frozen_"
 
 
 def _is_frozen(path) -> bool:
-    names = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
-    return bool(names) and names[-1].startswith(FROZEN_PREFIX)
+    return param_path(path).rsplit("/", 1)[-1].startswith(FROZEN_PREFIX)
 
 
 def keep_frozen(new_params, old_params):
