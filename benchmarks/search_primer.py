@@ -16,7 +16,8 @@ alternation, custom norm) is not built in effjax.
 
 (b) with ``--journal``: candidates per hour of that search (finished + failed over the journal's wall span),
 the best fitness against the seed's, and the first candidate (if any) whose live program contains squared ReLU
-(``square`` of a ``relu``) or a depthwise conv of a projection that feeds attention (``rediscoveries``).
+(``square`` of a ``relu``) or a depthwise conv of a projection that feeds attention
+(``effjax.search.program_space.primer_finds``).
 
 Writes ``benchmarks/results/search_primer.{json,png}`` (``--out``).
 """
@@ -97,31 +98,9 @@ def summarise(runs: dict) -> dict:
     return rows
 
 
-def rediscoveries(trace) -> dict:
-    """Whether a program's live computation holds Primer's two finds: ``square`` of a ``relu`` (squared ReLU),
-    and a depthwise conv of a ``dense`` projection whose output feeds attention (``t_matmul`` or ``matmul``)."""
-    found = {"squared_relu": False, "dconv_after_projection": False}
-
-    def walk(tr):
-        for node in tr.nodes:
-            args = [tr.nodes[ref[1]] for ref in node.inputs if ref[0] == "node"]
-            if node.op == "square" and any(a.op == "relu" for a in args):
-                found["squared_relu"] = True
-            if node.op in ("t_matmul", "matmul"):
-                for a in args:
-                    before = [tr.nodes[ref[1]] for ref in a.inputs if ref[0] == "node"]
-                    if a.op.startswith("dconv") and any(b.op == "dense" for b in before):
-                        found["dconv_after_projection"] = True
-            if node.body is not None:
-                walk(node.body)
-
-    walk(trace)
-    return found
-
-
 def search_report(workdir: str) -> dict:
     from effjax.search import program as program_lib
-    from effjax.search import results
+    from effjax.search import program_space, results
 
     names, rows = results.records(workdir)
     done = [r for r in rows if r["status"] != "in flight"]
@@ -132,7 +111,7 @@ def search_report(workdir: str) -> dict:
     for r in done:
         if r["fitness"] is None:
             continue
-        for name, present in rediscoveries(program_lib.trace(program_lib.from_json(r["candidate"]))).items():
+        for name, present in program_space.primer_finds(program_lib.from_json(r["candidate"])).items():
             if present and found[name] is None:
                 found[name] = r["id"]
     seed = next((r for r in rows if r["id"] == 0), None)

@@ -2,9 +2,11 @@
 delete + insert, mutate a field, swap two instructions, mutate a bank value.
 
 Every mutation returns a valid program. Instructions read states by index, so an edit keeps the rest of the
-dataflow where it was: inserting shifts later references past the new state (and, half the time, splices the
-new instruction in: later readers of its first input read it instead, e.g. ``square`` after a ``relu``);
-deleting sends the deleted state's readers to its first input; swapping swaps the references to the two states.
+dataflow where it was: inserting shifts later references past the new state (and, with probability
+``Vocabulary.splice``, splices the new instruction in: later readers of its first input read it instead, e.g.
+``square`` after a ``relu``); deleting sends the deleted state's readers to its first input; swapping swaps the
+references to the two states. ``Vocabulary.chain`` makes an inserted instruction read the state just before it
+(effjax's restriction for the CPU rediscovery preset: with splicing, every insert then lands on the dataflow).
 """
 
 import dataclasses
@@ -20,11 +22,15 @@ KINDS = ("delete", "insert", "delete_insert", "field", "swap", "bank")
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
     """What mutations may write: ``ops`` (primitive names; 'call' adds calls to later subprograms), the
-    ``subprograms`` they may edit (None: all), and the probability ``weights`` of each mutation kind."""
+    ``subprograms`` they may edit (None: all), the probability ``weights`` of each mutation kind (``KINDS``),
+    the probability ``splice`` that an insert is spliced into the dataflow, and ``chain``: an inserted
+    instruction reads the state just before it (Primer: random inputs)."""
 
     ops: tuple = tuple(prims.PRIMITIVES) + ("call",)
     subprograms: tuple | None = None
     weights: tuple = (1, 1, 1, 1, 1, 1)
+    splice: float = 0.5
+    chain: bool = False
 
 
 def _first(s: int) -> int:
@@ -76,7 +82,9 @@ def insert(program: Program, s: int, vocab: Vocabulary, rng) -> tuple[Program, s
     p = int(rng.integers(len(sub) + 1))
     state = _first(s) + p
     ins = random_instruction(program, s, p, vocab, rng)
-    splice = bool(rng.integers(2))
+    if vocab.chain:
+        ins = dataclasses.replace(ins, in1=state - 1)
+    splice = bool(rng.random() < vocab.splice)
 
     def fn(i):
         if splice and i == ins.in1:
