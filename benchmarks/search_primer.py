@@ -1,18 +1,18 @@
-"""Primer-EZ against the Transformer on the byte-level LM, and what a program search found.
+"""Primer-EZ and full Primer against the Transformer on the byte-level LM, and what a program search found.
 
   python benchmarks/search_primer.py                               # curves: 3 seeds x 600 steps each
   python benchmarks/search_primer.py --steps=100 --seeds=1 --eval_every=50     # the test's mode
   python benchmarks/search_primer.py --journal=/tmp/search_primer  # + a search's candidates/hour and finds
 
 (a) curves: the search's proxy model (``configs/search_common.py``: d 64, 2 layers, seq 64, batch 16) as the
-vanilla program (``seeds.vanilla``: the Transformer with ReLU) and as Primer-EZ (``seeds.primer_ez``: squared
-ReLU + depthwise convs after Q, K, V), trained for the same number of steps with the same data and seeds
-through the ordinary trainer's pieces; validation bits per byte every ``--eval_every`` steps. Primer's claim
-(So et al. 2021, Table 4: 1.7-2.3x at 35M on LM1B) is read as: the steps Primer-EZ needs to reach the
-vanilla model's final loss, divided into the vanilla steps (linear interpolation between evaluations).
-Equal steps is not equal compute: Primer-EZ's convs cost extra FLOPs per step, which the table reports
-(XLA's cost analysis) so the ratio can be read at equal FLOPs too. Full Primer (shared QK, pre/post-norm
-alternation, custom norm) is not built in effjax.
+vanilla program (``seeds.vanilla``: the Transformer with ReLU), as Primer-EZ (``seeds.primer_ez``: squared
+ReLU + depthwise convs after Q, K, V) and as full Primer (``seeds.primer``: Primer-EZ with the shared Q/K
+depthwise representation, its q_solo per head, and the feed-forward's norm on its output), trained for the same
+number of steps with the same data and seeds through the ordinary trainer's pieces; validation bits per byte
+every ``--eval_every`` steps. Primer's claim (So et al. 2021, Table 4: 1.7-2.3x at 35M on LM1B) is read as: the
+steps a Primer needs to reach the vanilla model's final loss, divided into the vanilla steps (linear
+interpolation between evaluations). Equal steps is not equal compute: the convs cost extra FLOPs per step, which
+the table reports (XLA's cost analysis) so the ratio can be read at equal FLOPs too.
 
 (b) with ``--journal``: candidates per hour of that search (finished + failed over the journal's wall span),
 the best fitness against the seed's, and the first candidate (if any) whose live program contains squared ReLU
@@ -46,7 +46,8 @@ def curves(steps: int, seeds: int, eval_every: int, eval_batches: int) -> dict:
     base = search_common.proxy_task()
     model = base.model
     programs = {"vanilla": seed_programs.vanilla(model.embed_dim, model.num_heads, model.mlp_dim),
-                "primer_ez": seed_programs.primer_ez(model.embed_dim, model.num_heads, model.mlp_dim)}
+                "primer_ez": seed_programs.primer_ez(model.embed_dim, model.num_heads, model.mlp_dim),
+                "primer": seed_programs.primer(model.embed_dim, model.num_heads, model.mlp_dim)}
     evaluator = proxy.ProxyEvaluator(base.to_dict(), eval_batches=eval_batches)
     out = {}
     for name, program in programs.items():
@@ -87,14 +88,16 @@ def summarise(runs: dict) -> dict:
         finals = [r["points"][-1][1] for r in seeds]
         rows[name] = {"final_bits_mean": sum(finals) / len(finals), "finals": finals,
                       "flops_per_step": seeds[0]["flops_per_step"]}
-    ratios = []
-    for vanilla, ez in zip(runs["vanilla"], runs["primer_ez"], strict=True):
-        target, steps = vanilla["points"][-1][1], vanilla["points"][-1][0]
-        reached = steps_to_reach(ez["points"], target)
-        ratios.append(None if reached is None else steps / reached)
-    rows["speedup_steps"] = ratios
-    flop_ratio = rows["primer_ez"]["flops_per_step"] / rows["vanilla"]["flops_per_step"]
-    rows["speedup_flops"] = [None if r is None else r / flop_ratio for r in ratios]
+    rows["speedup_steps"], rows["speedup_flops"] = {}, {}
+    for name in (n for n in runs if n != "vanilla"):
+        ratios = []
+        for vanilla, run in zip(runs["vanilla"], runs[name], strict=True):
+            target, steps = vanilla["points"][-1][1], vanilla["points"][-1][0]
+            reached = steps_to_reach(run["points"], target)
+            ratios.append(None if reached is None else steps / reached)
+        rows["speedup_steps"][name] = ratios
+        flop_ratio = rows[name]["flops_per_step"] / rows["vanilla"]["flops_per_step"]
+        rows["speedup_flops"][name] = [None if r is None else r / flop_ratio for r in ratios]
     return rows
 
 
@@ -129,7 +132,7 @@ def plot(runs: dict, path: str) -> None:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, color in (("vanilla", "tab:blue"), ("primer_ez", "tab:red")):
+    for name, color in (("vanilla", "tab:blue"), ("primer_ez", "tab:red"), ("primer", "tab:green")):
         for i, r in enumerate(runs[name]):
             steps, bits = zip(*r["points"], strict=True)
             ax.plot(steps, bits, color=color, alpha=0.7, label=name if i == 0 else None)
@@ -164,10 +167,10 @@ def main(argv=None) -> None:
         json.dump(report, f, indent=1)
     plot(runs, args.out + ".png")
     summary = report["summary"]
-    print(f"final bits/byte: vanilla {summary['vanilla']['final_bits_mean']:.4f}, "
-          f"primer_ez {summary['primer_ez']['final_bits_mean']:.4f}")
-    print(f"steps to the vanilla final loss, vanilla / primer_ez per seed: {summary['speedup_steps']}; at equal "
-          f"FLOPs: {summary['speedup_flops']}")
+    print("final bits/byte: " + ", ".join(f"{name} {summary[name]['final_bits_mean']:.4f}" for name in runs))
+    for name, ratios in summary["speedup_steps"].items():
+        print(f"steps to the vanilla final loss, vanilla / {name} per seed: {ratios}; at equal FLOPs: "
+              f"{summary['speedup_flops'][name]}")
     if args.journal:
         print(f"search: {json.dumps(report['search'])}")
 

@@ -76,7 +76,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.full_attention_layers = ()     # MASFormer: these layer indices use model.full_attention instead
     c.model.full_attention = "softmax"
     c.model.activation = "gelu"           # gelu | relu | silu | squared_relu (Primer)
-    c.model.norm = "layernorm"            # layernorm | prepbn (SLAB; not for causal models)
+    c.model.norm = "layernorm"            # layernorm | primer (Primer's norm) | prepbn (SLAB; not for causal models)
+    c.model.norm_layout = "pre"           # pre | pre_post (full Primer: the MLP's norm on its output, in the residual)
     c.model.prepbn_steps = 60_000         # PRepBN: steps over which LN gives way to RepBN
     c.model.prepbn_warmup = 0             # PRepBN: steps of pure LN first
     c.model.distil = False                # Informer distilling between encoder blocks (halves the length)

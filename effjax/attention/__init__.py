@@ -6,6 +6,8 @@ A method's name is its module's file name. Every method module exports:
     causal=False, deterministic=True)`` maps ``q [batch, q_len, heads, head_dim]`` and
     ``k, v [batch, kv_len, heads, head_dim]`` to ``[batch, q_len, heads, head_dim]``.
 ``mask`` is a boolean key-padding mask ``[batch, kv_len]``, True where a token is real.
+A module may also define ``projections(params)``: the input projections a model makes for it (default
+``("query", "key", "value")``; without ``key`` the model passes ``k = q``): ``projections(name, params)``.
 
 Which method (and params) each layer of a model runs is the model's business:
 ``effjax.models.layer_attention.resolve``.
@@ -15,6 +17,7 @@ its module's ``CAPABILITIES``: ``capabilities(name)``, ``supporting(flag)``.
 """
 
 from effjax.attention._capabilities import Capabilities, capabilities, supporting
-from effjax.attention.registry import check_name, defaults, make, names, param_type
+from effjax.attention.registry import check_name, defaults, make, names, param_type, projections
 
-__all__ = ["Capabilities", "capabilities", "check_name", "defaults", "make", "names", "param_type", "supporting"]
+__all__ = ["Capabilities", "capabilities", "check_name", "defaults", "make", "names", "param_type", "projections",
+           "supporting"]

@@ -1,4 +1,11 @@
-"""Primer Multi-DConv-Head Attention (So et al., NeurIPS 2021, Sec. 3, Fig. 4): width-3 depthwise convs on q, k, v."""
+"""Primer Multi-DConv-Head Attention (So et al., NeurIPS 2021, Sec. 3, Fig. 4): width-3 depthwise convs on q, k, v.
+
+``share_qk=True`` is full Primer's shared Q/K representation (the paper's Sec. 3 / App. model description; the
+released code's ``share_qk_rep``, attention ``mdha_shared_qk`` in google-research ``primer/t5_models.py``): one
+projection ``r = x W_q``, one causal depthwise conv ``r' = dconv_qk(r)``, then ``K = r'`` and
+``Q = r' W_q_solo`` with ``W_q_solo`` a full ``[heads * head_dim, heads * head_dim]`` matrix (no bias); there is
+no key projection (``projections``), V is ``dconv_v(x W_v)`` as in MDHA.
+"""
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -10,9 +17,15 @@ from effjax.attention.common import check_mask, check_qkv, dropout_kwargs
 NAME = "primer_mdha"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
-    notes="centered=True refuses causal=True (the centred conv reads the next token).",
+    notes="centered=True refuses causal=True (the centred conv reads the next token). share_qk=True (full "
+          "Primer) makes K from q: self-attention only, k is not read.",
 )
 WIDTH = 3
+
+
+def projections(params: dict) -> tuple[str, ...]:
+    """The model's input projections: no key projection with ``share_qk`` (K is the shared representation)."""
+    return ("query", "value") if params.get("share_qk") else ("query", "key", "value")
 
 
 def tap_offsets(centered: bool) -> tuple[int, ...]:
@@ -57,17 +70,8 @@ def depthwise_conv(x, kernel, *, segment_ids=None, centered=False):
     return out
 
 
-def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None, causal=False, centered=False,
-           dropout_rate=0.0, dropout_rng=None):
-    """softmax attention on depthwise-convolved q, k, v (kernels ``[3, heads, head_dim]`` each).
-
-    The conv is causal (taps t, t-1, t-2) as in Primer's code for every mode; ``centered=True`` (taps t, t-1,
-    t+1) is our option for bidirectional use and refuses ``causal=True``. Padded positions (``mask``
-    False) of k and v, and of q in self-attention (q_len == kv_len), are zeroed before the conv, so they
-    reach no real output; ``segment_ids`` stop the conv at segment boundaries. With kernels (1, 0, 0) this
-    is exactly ``softmax.attend``.
-    """
-    check_qkv(NAME, q, k, v)
+def _zero_padding(q, k, v, *, mask, segment_ids, causal, centered):
+    """q, k, v with padded positions zeroed (q only in self-attention); checks the call's options."""
     if centered and causal:
         raise NotImplementedError(f"{NAME}: causal=True is not supported with centered=True: the centred conv "
                                   "reads the next token; use the default causal conv.")
@@ -81,6 +85,21 @@ def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None
     if segment_ids is not None and (q_len != kv_len or segment_ids.shape != (batch, q_len)):
         raise ValueError(f"{NAME}: segment_ids must have shape [batch, length] = {(batch, q_len)} for "
                          f"self-attention, got {segment_ids.shape} with kv_len {kv_len}.")
+    return q, k, v
+
+
+def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None, causal=False, centered=False,
+           dropout_rate=0.0, dropout_rng=None):
+    """softmax attention on depthwise-convolved q, k, v (kernels ``[3, heads, head_dim]`` each).
+
+    The conv is causal (taps t, t-1, t-2) as in Primer's code for every mode; ``centered=True`` (taps t, t-1,
+    t+1) is our option for bidirectional use and refuses ``causal=True``. Padded positions (``mask``
+    False) of k and v, and of q in self-attention (q_len == kv_len), are zeroed before the conv, so they
+    reach no real output; ``segment_ids`` stop the conv at segment boundaries. With kernels (1, 0, 0) this
+    is exactly ``softmax.attend``.
+    """
+    check_qkv(NAME, q, k, v)
+    q, k, v = _zero_padding(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, centered=centered)
     conv = dict(segment_ids=segment_ids, centered=centered)
     qc = depthwise_conv(q, q_kernel, **conv)
     kc = depthwise_conv(k, k_kernel, **conv)
@@ -88,6 +107,32 @@ def attend(q, k, v, q_kernel, k_kernel, v_kernel, *, mask=None, segment_ids=None
     out = softmax.attend(qc, kc, vc, mask=mask, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
                          dropout_rng=dropout_rng)
     return out.astype(q.dtype)
+
+
+def attend_shared_qk(r, v, qk_kernel, v_kernel, q_solo, *, mask=None, segment_ids=None, causal=False,
+                     centered=False, dropout_rate=0.0, dropout_rng=None):
+    """Full Primer's attention on the shared representation ``r = x W_q`` (self-attention only).
+
+    ``r' = dconv(r, qk_kernel)``, ``K = r'``, ``Q = einsum(r', q_solo)`` with ``q_solo [heads, head_dim, heads,
+    head_dim]`` (a full matrix over heads x head_dim, mixing heads), ``V = dconv(v, v_kernel)``, then softmax
+    attention. Padding and segments act as in ``attend``: padded positions of r and v are zeroed before the convs
+    and masked as keys, and ``segment_ids`` stop the convs at segment boundaries.
+    """
+    check_qkv(NAME, r, r, v)
+    if v.shape[1] != r.shape[1]:
+        raise ValueError(f"{NAME}: share_qk=True is self-attention only: v has length {v.shape[1]}, the shared "
+                         f"representation {r.shape[1]}.")
+    expected = r.shape[2:] * 2
+    if q_solo.shape != expected:
+        raise ValueError(f"{NAME}: q_solo must have shape {expected}, got {q_solo.shape}.")
+    r, _, v = _zero_padding(r, r, v, mask=mask, segment_ids=segment_ids, causal=causal, centered=centered)
+    conv = dict(segment_ids=segment_ids, centered=centered)
+    kc = depthwise_conv(r, qk_kernel, **conv)
+    vc = depthwise_conv(v, v_kernel, **conv)
+    qc = jnp.einsum("blhd,hdge->blge", kc, q_solo.astype(jnp.float32))
+    out = softmax.attend(qc, kc, vc, mask=mask, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
+                         dropout_rng=dropout_rng)
+    return out.astype(r.dtype)
 
 
 def primer_init(key, shape, dtype=jnp.float32):
@@ -100,15 +145,30 @@ def primer_init(key, shape, dtype=jnp.float32):
 class Attention(nn.Module):
     """Linen wrapper of ``attend`` owning the three ``[3, heads, head_dim]`` kernels (``q_dconv``,
     ``k_dconv``, ``v_dconv``), sized at init and initialised as Primer's code (0.5, 0.5/3, 0.5/3).
-    ``centered`` is our bidirectional option (see ``attend``)."""
+    ``centered`` is our bidirectional option (see ``attend``).
+
+    ``share_qk`` (full Primer, ``attend_shared_qk``): ``q`` is the shared representation and ``k`` is not read
+    (pass ``k = q``; the model does, making no key projection); the module owns ``qk_dconv`` and ``v_dconv``
+    ``[3, heads, head_dim]`` and ``q_solo [heads, head_dim, heads, head_dim]`` (Glorot-uniform over the
+    combined heads x head_dim axes)."""
 
     centered: bool = False
+    share_qk: bool = False  # full Primer's shared Q/K representation (the code's share_qk_rep)
     dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
         check_qkv(NAME, q, k, v)
         shape = (WIDTH,) + q.shape[2:]
+        if self.share_qk:
+            if k.shape != q.shape:
+                raise ValueError(f"{NAME}: share_qk=True makes K from q (self-attention only): pass k = q, got q "
+                                 f"{q.shape} and k {k.shape}.")
+            kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in ("qk", "v")]
+            solo_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=(2, 3))
+            q_solo = self.param("q_solo", solo_init, q.shape[2:] * 2, jnp.float32)
+            return attend_shared_qk(q, v, *kernels, q_solo, mask=mask, segment_ids=segment_ids, causal=causal,
+                                    centered=self.centered, **dropout_kwargs(self, deterministic))
         kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in ("q", "k", "v")]
         return attend(q, k, v, *kernels, mask=mask, segment_ids=segment_ids, causal=causal, centered=self.centered,
                       **dropout_kwargs(self, deterministic))

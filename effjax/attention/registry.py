@@ -70,6 +70,25 @@ def field_type(cls, param: str) -> type:
     return origin if isinstance(origin, type) else object
 
 
+PROJECTIONS = ("query", "key", "value")
+
+
+def projections(name: str, params: dict | None = None) -> tuple[str, ...]:
+    """The input projections a model makes for method ``name`` built with ``params``, in ``PROJECTIONS`` order.
+
+    A method module may define ``projections(params) -> tuple[str, ...]`` (default: all three). ``query`` and
+    ``value`` are always made; without ``key`` the model passes ``k = q`` and the method makes its keys from q.
+    """
+    hook = getattr(_method_module(name), "projections", None)
+    if hook is None:
+        return PROJECTIONS
+    wanted = tuple(hook(dict(params or {})))
+    if not {"query", "value"} <= set(wanted) <= set(PROJECTIONS):
+        raise TypeError(f"effjax.attention.{name}.projections must return 'query', 'value' and optionally 'key', "
+                        f"got {wanted!r}.")
+    return tuple(p for p in PROJECTIONS if p in wanted)
+
+
 def make(name: str, **params):
     """Returns the linen Module of method ``name`` built with ``params`` (paper defaults otherwise)."""
     cls, fields = _init_fields(name)

@@ -8,7 +8,7 @@ from flax import linen as nn
 from effjax import attention as attention_lib
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
-from effjax.models.norms import Norm, PRepBNSchedule, check_norm
+from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
 from effjax.search import program as search_program
 from effjax.search.interpreter import ProgramBlock
 from effjax.tokens import flops as token_flops
@@ -52,7 +52,8 @@ class MultiHeadAttention(nn.Module):
     """Q/K/V/O projections around a registered attention method.
 
     Projections are ``self.param`` tensors of shape (embed, heads, head_dim) contracted with einsum,
-    because linen's DenseGeneral with logically partitioned kernels fails under a mesh. ``use_bias`` adds
+    because linen's DenseGeneral with logically partitioned kernels fails under a mesh. Only those the method
+    asks for are made (``attention.projections``); without ``key`` the method receives ``k = q``. ``use_bias`` adds
     ``query_bias``/``key_bias``/``value_bias`` [heads, head_dim] and ``out_bias`` [embed] (timm's ViT has them).
     ``key_bias`` [batch, kv_len] is added to every query's logits (proportional attention's ``log sizes``);
     a method that does not declare the ``key_bias`` capability refuses it. ``with_stats`` returns
@@ -72,15 +73,18 @@ class MultiHeadAttention(nn.Module):
         embed = x.shape[-1]
         shape_in = (embed, self.num_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")
-        qkv = []
-        for name in ("query", "key", "value"):
+        params = self.attention_params or {}
+        projected = {}
+        for name in attention_lib.projections(self.attention, params):
             w = self.param(name, logical(dense_init, axes_in), shape_in, jnp.float32)
             y = jnp.einsum("ble,ehd->blhd", x, w.astype(self.dtype))
             if self.use_bias:
                 y = y + self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "head_dim")),
                                    shape_in[1:], jnp.float32).astype(self.dtype)
-            qkv.append(nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim")))
-        method = attention_lib.make(self.attention, **(self.attention_params or {}))
+            projected[name] = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+        # A method without a key projection makes its keys from q itself (Primer's shared Q/K representation).
+        qkv = [projected["query"], projected.get("key", projected["query"]), projected["value"]]
+        method = attention_lib.make(self.attention, **params)
         extra = {}
         if key_bias is not None:
             check_key_bias(self.attention)
@@ -130,6 +134,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
 
+    ``norm_layout='pre_post'`` (full Primer's PrePostNormLayerStack, So et al. 2021) keeps the attention sublayer
+    pre-norm and normalises the MLP's output inside its residual branch: x + MLP(x) becomes x + Norm(MLP(x)). The
+    norms keep their names (``ln_attention``, ``ln_mlp``) in both layouts.
+
     ``reduction`` (a ``effjax.tokens.plan.Step`` whose method sits at place 'attention') reduces the tokens
     between the attention residual and the MLP, as ToMe does; ``tokens`` is then the ``TokenState`` of ``x``
     and ``prop_attn`` adds ``log(sizes)`` to the attention logits. Returns ``(x, tokens)``.
@@ -148,10 +156,12 @@ class Block(nn.Module):
     reduction: Any = None
     prop_attn: bool = False
     norm_eps: float = 1e-6
+    norm_layout: str = "pre"
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
                  tokens=None):
+        check_norm_layout(self.norm_layout)
         if tokens is not None:
             mask = tokens.mask
         norm = dict(mask=mask, gamma=gamma, deterministic=deterministic)
@@ -165,9 +175,12 @@ class Block(nn.Module):
         if self.reduction is not None:
             x, tokens = self.reduction.apply_to(x, tokens, stats, deterministic=deterministic)
             norm["mask"] = tokens.mask
-        h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_mlp")(x, **norm)
-        h = Mlp(self.mlp_dim, self.dropout_rate, self.activation, self.dtype, name="mlp")(
-            h, deterministic=deterministic)
+        mlp = Mlp(self.mlp_dim, self.dropout_rate, self.activation, self.dtype, name="mlp")
+        ln_mlp = Norm(self.norm, self.dtype, self.norm_eps, name="ln_mlp")
+        if self.norm_layout == "pre_post":
+            h = ln_mlp(mlp(x, deterministic=deterministic), **norm)
+        else:
+            h = mlp(ln_mlp(x, **norm), deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), tokens
 
@@ -187,7 +200,8 @@ class Backbone(nn.Module):
     """The fields every model family shares, and the stack of blocks they configure.
 
     ``attention`` is one method name or a per-layer tuple; ``full_attention_layers`` (MASFormer, Zhang et
-    al. 2023) lists layer indices that use ``full_attention`` instead. ``norm`` is 'layernorm' or 'prepbn'.
+    al. 2023) lists layer indices that use ``full_attention`` instead. ``norm`` is 'layernorm', 'primer' (Primer's
+    norm) or 'prepbn'; ``norm_layout`` is 'pre' or 'pre_post' (full Primer: the MLP's norm on its output, ``Block``).
     ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
     ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
     path, unless the method's own params set one; layers whose method has none run XLA.
@@ -210,6 +224,7 @@ class Backbone(nn.Module):
     dropout_rate: float = 0.1
     activation: str = "gelu"
     norm: str = "layernorm"
+    norm_layout: str = "pre"
     prepbn_steps: int = 60000
     prepbn_warmup: int = 0
     distil: bool = False
@@ -250,6 +265,7 @@ class Backbone(nn.Module):
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                              f"{self.num_heads}.")
         check_norm(self.norm)
+        check_norm_layout(self.norm_layout)
         if self.norm == "prepbn" and causal:
             raise ValueError("model.norm='prepbn' cannot be causal: BatchNorm statistics over the batch and "
                              "length mix future tokens into every prediction; use 'layernorm'.")
@@ -264,9 +280,11 @@ class Backbone(nn.Module):
         layers = self.layer_attention()
         macs = fixed_macs
         program = search_program.load(self.program) if self.program else None
-        if program is not None and (plan is not None or self.distil or self.norm != "layernorm"):
-            raise ValueError("model.program replaces every block, so model.tokens, model.distil and "
-                             "model.norm='prepbn' cannot act inside it; unset them or model.program.")
+        if program is not None and (plan is not None or self.distil or self.norm != "layernorm"
+                                    or self.norm_layout != "pre"):
+            raise ValueError("model.program replaces every block, so model.tokens, model.distil, a model.norm "
+                             "other than 'layernorm' and model.norm_layout='pre_post' cannot act inside it; unset "
+                             "them or model.program.")
         for i, (method, params) in enumerate(layers):
             if program is not None:
                 x = ProgramBlock(program, name=f"block_{i}")(x)
@@ -278,7 +296,8 @@ class Backbone(nn.Module):
             entering = None if tokens is None else tokens.real_count()
             x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                               self.activation, self.norm, self.dtype, self.qkv_bias, step,
-                              plan is not None and plan.prop_attn, self.norm_eps, name=f"block_{i}")(
+                              plan is not None and plan.prop_attn, self.norm_eps, self.norm_layout,
+                              name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
                 tokens=tokens)
             if tokens is not None:
