@@ -1,15 +1,15 @@
 """Primer-EZ and full Primer against the Transformer on the byte-level LM, and what a program search found.
 
   python benchmarks/search_primer.py                               # curves: 3 seeds x 600 steps each
-  python benchmarks/search_primer.py --steps=100 --seeds=1 --eval_every=50     # the test's mode
+  python benchmarks/search_primer.py --steps=100 --seeds=1 --eval_every=50 --models=vanilla,primer
   python benchmarks/search_primer.py --journal=/tmp/search_primer  # + a search's candidates/hour and finds
 
 (a) curves: the search's proxy model (``configs/search_common.py``: d 64, 2 layers, seq 64, batch 16) as the
-vanilla program (``seeds.vanilla``: the Transformer with ReLU), as Primer-EZ (``seeds.primer_ez``: squared
-ReLU + depthwise convs after Q, K, V) and as full Primer (``seeds.primer``: Primer-EZ with the shared Q/K
-depthwise representation, its q_solo per head, and the feed-forward's norm on its output), trained for the same
-number of steps with the same data and seeds through the ordinary trainer's pieces; validation bits per byte
-every ``--eval_every`` steps. Primer's claim (So et al. 2021, Table 4: 1.7-2.3x at 35M on LM1B) is read as: the
+built-in Transformer with ReLU (the search's seed, ``seeds.vanilla``), as Primer-EZ (squared ReLU + depthwise
+convs after Q, K, V) and as full Primer (Primer-EZ with the shared Q/K depthwise representation, Primer's norm
+and the feed-forward's norm on its output; ``configs/lm_bytes.py:primer``), trained for the same number of steps
+with the same data and seeds through the ordinary trainer; validation bits per byte every ``--eval_every``
+steps (``--models`` picks a subset). Primer's claim (So et al. 2021, Table 4: 1.7-2.3x at 35M on LM1B) is read as: the
 steps a Primer needs to reach the vanilla model's final loss, divided into the vanilla steps (linear
 interpolation between evaluations). Equal steps is not equal compute: the convs cost extra FLOPs per step, which
 the table reports (XLA's cost analysis) so the ratio can be read at equal FLOPs too.
@@ -35,26 +35,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def curves(steps: int, seeds: int, eval_every: int, eval_batches: int) -> dict:
+MODELS = ("vanilla", "primer_ez", "primer")
+
+
+def model_config(name: str):
+    """The search's proxy task with the built-in model ``name``: the Transformer with ReLU (the search's seed), or
+    ``configs/lm_bytes.py``'s ``primer_ez`` / ``primer`` model fields."""
+    from configs import lm_bytes, search_common
+
+    config = search_common.proxy_task()
+    config.model.activation = "relu"
+    if name != "vanilla":
+        variant = lm_bytes.get_config(name).model
+        for field in ("attention", "attention_params", "activation", "norm", "norm_layout"):
+            config.model[field] = variant[field]
+    return config
+
+
+def curves(models, steps: int, seeds: int, eval_every: int, eval_batches: int) -> dict:
     import jax
 
-    from configs import search_common
-    from effjax.search import program as program_lib
     from effjax.search import proxy
-    from effjax.search import seeds as seed_programs
+    from effjax.train import trainer
 
-    base = search_common.proxy_task()
-    model = base.model
-    programs = {"vanilla": seed_programs.vanilla(model.embed_dim, model.num_heads, model.mlp_dim),
-                "primer_ez": seed_programs.primer_ez(model.embed_dim, model.num_heads, model.mlp_dim),
-                "primer": seed_programs.primer(model.embed_dim, model.num_heads, model.mlp_dim)}
-    evaluator = proxy.ProxyEvaluator(base.to_dict(), eval_batches=eval_batches)
     out = {}
-    for name, program in programs.items():
+    for name in models:
         out[name] = []
         for seed in range(seeds):
-            run = evaluator.make_run(program_lib.to_json(program), seed)
-            state, iterator = run.init_state(), run.train_iterator()
+            config = model_config(name)
+            config.seed, config.eval_max_batches = seed, eval_batches
+            data = json.dumps(config.data.to_dict(), sort_keys=True)
+            run = trainer.Run(config, devices=jax.devices()[:1], sources=proxy._sources(data))
+            state, iterator = proxy.initial_state(run, seed), run.train_iterator()
             flops = proxy._flops_per_step(run, state, next(run.train_iterator()))
             points, start = [], time.perf_counter()
             for step in range(1, steps + 1):
@@ -132,10 +144,11 @@ def plot(runs: dict, path: str) -> None:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, color in (("vanilla", "tab:blue"), ("primer_ez", "tab:red"), ("primer", "tab:green")):
-        for i, r in enumerate(runs[name]):
+    colors = dict(zip(MODELS, ("tab:blue", "tab:red", "tab:green"), strict=True))
+    for name, seeds in runs.items():
+        for i, r in enumerate(seeds):
             steps, bits = zip(*r["points"], strict=True)
-            ax.plot(steps, bits, color=color, alpha=0.7, label=name if i == 0 else None)
+            ax.plot(steps, bits, color=colors[name], alpha=0.7, label=name if i == 0 else None)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation bits per byte")
     ax.legend()
@@ -145,6 +158,7 @@ def plot(runs: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval_every", type=int, default=50)
@@ -156,7 +170,10 @@ def main(argv=None) -> None:
     if args.search_only:
         print(json.dumps(search_report(args.journal)))
         return
-    runs = curves(args.steps, args.seeds, args.eval_every, args.eval_batches)
+    models = args.models.split(",")
+    if "vanilla" not in models or not set(models) <= set(MODELS):
+        parser.error(f"--models must include vanilla (the reference) and name only {', '.join(MODELS)}.")
+    runs = curves(models, args.steps, args.seeds, args.eval_every, args.eval_batches)
     report = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "steps": args.steps, "seeds": args.seeds, "runs": runs,
               "summary": summarise(runs)}
