@@ -15,9 +15,10 @@ interpolation between evaluations). Equal steps is not equal compute: the convs 
 the table reports (XLA's cost analysis) so the ratio can be read at equal FLOPs too.
 
 (b) with ``--journal``: candidates per hour of that search (finished + failed over the journal's wall span),
-the best fitness against the seed's, and the first candidate (if any) whose live program contains squared ReLU
-(``square`` of a ``relu``) or a depthwise conv of a projection that feeds attention
-(``effjax.search.program_space.primer_finds``).
+the best fitness against the seed's (and, with ``--references=N``, against the vanilla, Primer-EZ and Primer
+programs trained by the search's evaluator at its full budget, N seeds each), and the first candidate (if any)
+whose live program contains squared ReLU (``square`` of a ``relu``) or a depthwise conv of a projection that
+feeds attention (``effjax.search.program_space.primer_finds``).
 
 Writes ``benchmarks/results/search_primer.{json,png}`` (``--out``).
 """
@@ -137,6 +138,37 @@ def search_report(workdir: str) -> dict:
             "best_id": best and best["id"], "first_found": found}
 
 
+def reference_fitness(workdir: str, seeds: int) -> dict:
+    """Bits per byte of the vanilla, Primer-EZ and full Primer programs (``effjax.search.seeds``) trained by the
+    search's own evaluator at its full budget (every band), ``seeds`` training seeds each: the yardstick for
+    the search's best candidate at the same training budget."""
+    import tempfile
+
+    import ml_collections
+
+    from effjax.search import program as program_lib
+    from effjax.search import runner
+    from effjax.search import seeds as seed_programs
+
+    with open(os.path.join(workdir, "journal.jsonl")) as f:
+        header = json.loads(f.readline())
+    config = ml_collections.ConfigDict(header["config"]["config"])
+    _, evaluator = runner.build(config)
+    model = config.proxy.model
+    out = {}
+    for name in MODELS:
+        program = getattr(seed_programs, name)(model.embed_dim, model.num_heads, model.mlp_dim)
+        finals = []
+        for seed in range(seeds):
+            with tempfile.TemporaryDirectory() as scratch:
+                for band in range(evaluator.bands()):
+                    result = evaluator.run_band(program_lib.to_json(program), band, scratch, seed)
+            finals.append(result["objectives"]["bits_per_byte"])
+            print(f"reference {name} seed {seed}: {finals[-1]:.4f} bits/byte", flush=True)
+        out[name] = {"finals": finals, "mean": sum(finals) / len(finals)}
+    return out
+
+
 def plot(runs: dict, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -165,10 +197,16 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_batches", type=int, default=8)
     parser.add_argument("--journal", default="", help="a search workdir to report on")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "search_primer"))
-    parser.add_argument("--search_only", action="store_true", help="only the --journal report (no training)")
+    parser.add_argument("--search_only", action="store_true", help="only the --journal report (no curves)")
+    parser.add_argument("--references", type=int, default=0,
+                        help="with --journal: train the vanilla/Primer-EZ/Primer programs at the search's budget "
+                             "with this many seeds")
     args = parser.parse_args(argv)
     if args.search_only:
-        print(json.dumps(search_report(args.journal)))
+        report = search_report(args.journal)
+        if args.references:
+            report["references"] = reference_fitness(args.journal, args.references)
+        print(json.dumps(report))
         return
     models = args.models.split(",")
     if "vanilla" not in models or not set(models) <= set(MODELS):
@@ -179,6 +217,8 @@ def main(argv=None) -> None:
               "summary": summarise(runs)}
     if args.journal:
         report["search"] = search_report(args.journal)
+        if args.references:
+            report["search"]["references"] = reference_fitness(args.journal, args.references)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
