@@ -1,14 +1,16 @@
-"""Which implementation runs where: the ``impl`` switch and Pallas' interpret mode."""
+"""Which implementation runs where: the ``impl`` check and Pallas' interpret mode."""
 
 import jax
 
-IMPLS = ("xla", "pallas")
 
+def check_impl(method: str, impl) -> None:
+    """Raises a one-line ValueError naming ``method`` when ``impl`` is not a valid ``dispatch`` spec."""
+    from effjax.kernels import dispatch
 
-def check_impl(method: str, impl: str) -> None:
-    """Raises ValueError naming ``method`` when ``impl`` is not one of IMPLS."""
-    if impl not in IMPLS:
-        raise ValueError(f"{method}: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}.")
+    try:
+        dispatch.parse(impl)
+    except ValueError as error:
+        raise ValueError(f"{method}: {error}") from None
 
 
 def interpret_default(interpret=None) -> bool:

@@ -95,19 +95,17 @@ def reference(q, k, v, block_mask, *, block_size=64, mask=None, segment_ids=None
                                   dropout_rate=dropout_rate, dropout_seed=dropout_seed)
 
 
-def method_blocks_attention(method: str, q, k, v, layout, block: int, **kwargs):
-    """A method's block layout [heads or 1, n, n] at token block ``block`` (``block_local``, ``bigbird``).
-
-    One block covering the length is plain flash attention (any length); otherwise ``block_sparse_attention``,
-    which needs a power-of-two block (ValueError naming ``method``). ``kwargs``: mask, segment_ids, causal,
-    dropout_rate, dropout_seed.
+def method_blocks_attention(method: str, impl, q, k, v, layout, block: int, *, xla, **kwargs):
+    """A method's block layout [heads or 1, n, n] at token block ``block`` (``block_local``, ``bigbird``) through
+    ``dispatch``: one block covering the length is the "attention" op (any length), otherwise "block_sparse".
+    ``xla``: the method's own path (a thunk); ``kwargs``: mask, segment_ids, causal, dropout_rate, dropout_seed.
     """
+    from effjax.kernels import dispatch
+
     if layout.shape[-1] == 1:
-        return flash.flash_attention(q, k, v, **kwargs)
-    if block & (block - 1):
-        raise ValueError(f"{method}: impl='pallas' needs a power-of-two block, got {block} (length {q.shape[1]}); "
-                         "use impl='xla'.")
-    return block_sparse_attention(q, k, v, layout, block_size=block, **kwargs)
+        return dispatch.run("attention", impl, dict(q=q, k=k, v=v, **kwargs), xla=xla, where=method)
+    call = dict(q=q, k=k, v=v, block_mask=layout, block_size=block, **kwargs)
+    return dispatch.run("block_sparse", impl, call, xla=xla, where=method)
 
 
 def _any_per_block(flags, block: int):

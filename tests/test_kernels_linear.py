@@ -170,9 +170,10 @@ def test_key_log_scale_folds_into_the_kernel(causal):
 
 def test_impl_switch_errors():
     q, k, v = module_inputs(11, length=8)
-    with pytest.raises(ValueError, match="linear_elu: impl must be one of"):
-        linear_elu.attend(q, k, v, impl="triton")
-    with pytest.raises(NotImplementedError, match="segment_ids are not supported with impl='pallas'"):
+    with pytest.raises(ValueError, match="linear_elu: Unknown kernel backend"):
+        linear_elu.attend(q, k, v, impl="cuda")
+    with pytest.raises(NotImplementedError, match=r"no backend in impl='pallas' can run this linear call "
+                       r"\(triton: segment_ids"):
         kernel_attention.normalized_attention(q, k, v, segment_ids=jnp.zeros((2, 8), jnp.int32), impl="pallas",
                                               method="scattered_linear")
 

@@ -13,12 +13,12 @@ from effjax.attention import (
     attention_tile,
     flat_window,
     performer_relu,
-    permute,
     rala,
     slab_sla,
     sliced_group,
     subregion,
 )
+from effjax.kernels import triton_backend
 
 IMPLS = ("xla", "pallas")
 
@@ -102,15 +102,15 @@ def test_attention_tile_layout_is_the_frame_mask():
 
 def test_grouped_errors(monkeypatch):
     q, k, v, _ = qkv(4, 32)
-    with pytest.raises(ValueError, match="flat_window: impl must be one of"):
-        flat_window.attend(q, k, v, grid_hw=(4, 8), group_size=8, impl="triton")
-    with pytest.raises(ValueError, match="attention_tile: impl must be one of"):
-        attention_tile.attend(q, k, v, num_frames=2, impl="triton")
-    with pytest.raises(ValueError, match="subregion: head_dim must be a power of two"):
+    with pytest.raises(ValueError, match="flat_window: Unknown kernel backend"):
+        flat_window.attend(q, k, v, grid_hw=(4, 8), group_size=8, impl="cuda")
+    with pytest.raises(ValueError, match="attention_tile: Unknown kernel backend"):
+        attention_tile.attend(q, k, v, num_frames=2, impl="cuda")
+    with pytest.raises(ValueError, match=r"subregion: no backend .*\(triton: head_dim must be a power of two"):
         subregion.attend(q[..., :12], k[..., :12], v[..., :12], ratio=2, impl="pallas")
     # Compiled kernels need blocks >= 16: frames of 12 tokens give a block of 4 (interpret mode runs it).
-    monkeypatch.setattr(permute, "interpret_default", lambda interpret=None: False)
-    with pytest.raises(ValueError, match=r"attention_tile: the kernel block .*frame_len 12.* power of two >= 16"):
+    monkeypatch.setattr(triton_backend, "interpret_default", lambda interpret=None: False)
+    with pytest.raises(ValueError, match=r"attention_tile: .*\(triton: block_size 4 is below the compiled kernels'"):
         attention_tile.attend(*(jnp.zeros((1, 48, 1, 16)),) * 3, frame_len=12, impl="pallas")
 
 
@@ -134,9 +134,10 @@ def test_linear_pallas_equals_xla_with_padding(make, length, causal):
 
 def test_linear_errors():
     q, k, v, _ = qkv(5, 16)
-    with pytest.raises(NotImplementedError, match="performer_relu: segment_ids are not supported with impl='pallas'"):
+    with pytest.raises(NotImplementedError, match=r"performer_relu: no backend in impl='pallas' can "
+                       r"run this linear call \(triton: segment_ids"):
         performer_relu.attend(q, k, v, segment_ids=np.ones((2, 16), np.int32), impl="pallas")
-    with pytest.raises(ValueError, match="rala: impl must be one of"):
-        rala.attend(q, k, v, impl="triton")
-    with pytest.raises(ValueError, match="slab_sla: impl must be one of"):
-        slab_sla.attend(q, k, v, jnp.zeros((3, 3, 16)), impl="triton")
+    with pytest.raises(ValueError, match="rala: Unknown kernel backend"):
+        rala.attend(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match="slab_sla: Unknown kernel backend"):
+        slab_sla.attend(q, k, v, jnp.zeros((3, 3, 16)), impl="cuda")

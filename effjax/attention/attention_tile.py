@@ -1,5 +1,7 @@
 """Efficient-vDiT attention-tile sparse 3-D attention (Ding, Li, et al. 2025, arXiv:2502.06155, Sec. 3 mask)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +10,12 @@ from flax import linen as nn
 from effjax.attention import permute, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_causal, refuse_cross
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "attention_tile"
 CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
-MAX_TILE = 64  # largest kernel block under impl="pallas" (the flash kernels' default block)
+MAX_TILE = 64  # largest kernel block of the "block_sparse" op (the flash kernels' default block)
 
 
 def frame_length(length: int, num_frames: int, frame_len: int | None) -> int:
@@ -32,21 +35,15 @@ def frame_layout(frames: int, num_global: int) -> np.ndarray:
     return (i[:, None] == i[None, :]) | (i[None, :] < num_global) | (i[:, None] < num_global)
 
 
-def _pallas(q, k, v, *, mask, segment_ids, frame, num_global, dropout_rate, dropout_rng):
-    """The tile mask as a block layout for ``kernels.block_sparse`` (no copies of the global frames)."""
-    from effjax.kernels import flash_attention as flash
-    from effjax.kernels.block_sparse import block_sparse_attention
-
-    interpret = permute.check_pallas(NAME, q, k, v)
+def _kernel_call(q, k, v, *, mask, segment_ids, frame, num_global, dropout_rate, dropout_rng) -> dict:
+    """The tile mask as a block layout for the "block_sparse" op (no copies of the global frames), at a block of
+    the largest power of two dividing the frame, at most MAX_TILE."""
     batch, length = q.shape[:2]
-    mask = check_mask(NAME, mask, batch, length)
-    block = flash.check_block(
-        NAME, f"the kernel block under impl='pallas' (the largest power of two dividing frame_len {frame}, at most "
-        f"{MAX_TILE})", min(frame & -frame, MAX_TILE), length, interpret)
+    block = min(frame & -frame, MAX_TILE)
     per_frame = frame // block
     layout = np.repeat(np.repeat(frame_layout(length // frame, num_global), per_frame, 0), per_frame, 1)
-    return block_sparse_attention(q, k, v, layout, block_size=block, mask=mask, segment_ids=segment_ids,
-                                  **softmax.kernel_dropout(dropout_rate, dropout_rng))
+    return dict(q=q, k=k, v=v, block_mask=layout, block_size=block, mask=check_mask(NAME, mask, batch, length),
+                segment_ids=segment_ids, **softmax.kernel_dropout(dropout_rate, dropout_rng))
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, frame_len=None,
@@ -57,9 +54,10 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, 
     sees key frame j iff i == j, j < a (global reference frames) or i < a (reference frames see everything).
     Cost O(T a F^2 d) instead of O((T F)^2 d): a global query frame attends to all keys, any other frame to
     the a global frames plus itself. Padded keys are excluded; ``segment_ids`` restrict further.
-    Self-attention only. ``impl="pallas"``: the block-sparse kernel over ``frame_layout`` at a block of the largest
-    power of two dividing the frame length, at most 64 (ValueError when it is below the compiled kernels'
-    minimum of 16; interpret mode takes any); dropout with the kernel's own draws, head_dim a power of two.
+    Self-attention only. Other ``impl`` (``kernels.dispatch``, op "block_sparse"), e.g. "pallas": the block-sparse
+    kernel over ``frame_layout`` at a block of the largest power of two dividing the frame length, at most 64
+    (Triton's compiled kernels refuse one below 16; interpret mode takes any); dropout with the kernel's own
+    draws, head_dim a power of two.
     A query with no allowed key gets the mean of the values it may see on both paths (all keys for a global
     frame, else the global frames and its own).
     """
@@ -73,9 +71,18 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, num_frames=8, 
     if not isinstance(num_global_frames, int) or num_global_frames < 0:
         raise ValueError(f"{NAME}: num_global_frames must be an int >= 0, got {num_global_frames!r}.")
     a = min(num_global_frames, frames)
-    if impl == "pallas":
-        return _pallas(q, k, v, mask=mask, segment_ids=segment_ids, frame=frame, num_global=a,
-                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    xla = functools.partial(_attend_xla, q, k, v, mask=mask, segment_ids=segment_ids, frame=frame, num_global=a,
+                            dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if impl == "xla":
+        return xla()
+    call = _kernel_call(q, k, v, mask=mask, segment_ids=segment_ids, frame=frame, num_global=a,
+                        dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return dispatch.run("block_sparse", impl, call, xla=xla, where=NAME)
+
+
+def _attend_xla(q, k, v, *, mask, segment_ids, frame, num_global, dropout_rate, dropout_rng):
+    batch, length = q.shape[:2]
+    frames, a = length // frame, num_global
     global_len = a * frame
     mask = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
     segments = None if segment_ids is None else jnp.asarray(segment_ids)

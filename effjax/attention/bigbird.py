@@ -7,6 +7,7 @@ from effjax.attention import patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
+from effjax.kernels.block_sparse import method_blocks_attention
 
 NAME = "bigbird"
 CAPABILITIES = Capabilities(causal=False, mask=True, segments=True, cross=False, dropout=True, pallas=True)
@@ -35,8 +36,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     numpy function of ``seed``, not an RNG draw, so it needs no stored variable. A block_size >= the
     length is clamped to one block (full attention); otherwise a length that is not a multiple
     raises ValueError. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
-    ``impl="pallas"``: the block-sparse kernel computing only the listed tiles, per head (one block:
-    the flash kernel); the block must be a power of two (ValueError otherwise); dropout with the
+    Other ``impl`` (``kernels.dispatch``), e.g. "pallas": the block-sparse kernel computing only the listed
+    tiles, per head (one block: the flash kernel); Triton's needs a power-of-two block; dropout with the
     kernel's own draws. The one difference: a query with no allowed key (e.g. padding) averages the
     values of its listed blocks, where the xla path averages all values.
     """
@@ -57,14 +58,16 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
         raise ValueError(f"{NAME}: num_random_blocks must be >= 0, got {num_random_blocks}.")
     block, count = patterns.num_blocks(NAME, length, block_size)
     layout = block_layout(count, heads, num_random_blocks, seed)
-    if impl == "pallas":
-        from effjax.kernels.block_sparse import method_blocks_attention
 
-        return method_blocks_attention(NAME, q, k, v, layout, block, mask=mask, segment_ids=segment_ids,
-                                       **softmax.kernel_dropout(dropout_rate, dropout_rng))
-    pair = patterns.expand_blocks(layout, block)
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, pair_mask=pair[None],
-                          dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    def xla():
+        pair = patterns.expand_blocks(layout, block)
+        return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, pair_mask=pair[None],
+                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    if impl == "xla":
+        return xla()
+    return method_blocks_attention(NAME, impl, q, k, v, layout, block, xla=xla, mask=mask, segment_ids=segment_ids,
+                                   **softmax.kernel_dropout(dropout_rate, dropout_rng))
 
 
 class Attention(nn.Module):

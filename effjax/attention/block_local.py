@@ -7,6 +7,7 @@ from effjax.attention import patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels.backend import check_impl
+from effjax.kernels.block_sparse import method_blocks_attention
 
 NAME = "block_local"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True)
@@ -19,8 +20,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
     ``causal`` adds the causal mask inside each block. A block_size >= the length is clamped to one
     block (full attention); otherwise a length that is not a multiple raises ValueError.
     Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than ``softmax``.
-    ``impl="pallas"``: block-sparse kernel computing only the diagonal blocks (the block must then be a
-    power of two); dropout with the kernel's own draws.
+    Other ``impl`` (``kernels.dispatch``), e.g. "pallas": the block-sparse kernel computing only the diagonal
+    blocks (Triton's needs a power-of-two block); dropout with the kernel's own draws.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
@@ -31,15 +32,17 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, block_size=64,
             "blocks are positions of one sequence."
         )
     block, count = patterns.num_blocks(NAME, length, block_size)
-    if impl == "pallas":
-        from effjax.kernels.block_sparse import method_blocks_attention
 
-        return method_blocks_attention(NAME, q, k, v, np.eye(count, dtype=bool), block, mask=mask,
-                                       segment_ids=segment_ids, causal=causal,
-                                       **softmax.kernel_dropout(dropout_rate, dropout_rng))
-    pair = patterns.block_diagonal(length, block)
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                          pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    def xla():
+        pair = patterns.block_diagonal(length, block)
+        return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                              pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    if impl == "xla":
+        return xla()
+    return method_blocks_attention(NAME, impl, q, k, v, np.eye(count, dtype=bool), block, xla=xla, mask=mask,
+                                   segment_ids=segment_ids, causal=causal,
+                                   **softmax.kernel_dropout(dropout_rate, dropout_rng))
 
 
 class Attention(nn.Module):

@@ -29,12 +29,15 @@ Conventions, shared by every method built on this module:
     gathered back per query: O(length * m * v_dim) memory, like the causal form without chunks.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from effjax.attention import common
 from effjax.attention.common import check_mask
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 from effjax.kernels.numerics import guarded_divide
 
@@ -80,8 +83,9 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
     restrict each query to the keys of its own segment; with a ``key_log_scale`` the units are then the
     largest real key of the segment.
 
-    ``impl="pallas"`` runs ``kernels.linear_attention`` (segment_ids: NotImplementedError); its chunk is
-    ``chunk_size`` rounded up to a power of two >= 16. A ``key_log_scale`` is folded in exactly: scaled by the
+    Other ``impl`` (``kernels.dispatch``, op "linear"), e.g. "pallas", runs ``kernels.linear_attention`` (no
+    kernel takes segment_ids: NotImplementedError without XLA to fall back to); its chunk is ``chunk_size``
+    rounded up to a power of two >= 16. A ``key_log_scale`` is folded in exactly: scaled by the
     largest real key when bidirectional; when causal, keys are scaled by the running max M and the state by the
     per-step decay exp(M_{t-1} - M_t) (clipped at exp(-60) where a real key follows an empty state).
     """
@@ -99,19 +103,21 @@ def normalized_attention(phi_q, phi_k, v, *, mask=None, causal=False, key_log_sc
         scale = lax.stop_gradient(key_log_scale.astype(jnp.float32))
     if mask is not None:
         scale = jnp.where(mask[:, :, None], scale, LOG_SCALE_FLOOR)
-    if impl == "pallas":
-        _refuse_pallas_segments(method, labels)
-        return _pallas(phi_q, phi_k, v, mask, scale if key_log_scale is not None else None, causal, chunk_size, eps)
     if causal:
-        return _causal(phi_q, phi_k, v, scale, chunk_size, eps)
-    return _bidirectional(phi_q, phi_k, v, scale, labels, eps)
+        xla = functools.partial(_causal, phi_q, phi_k, v, scale, chunk_size, eps)
+    else:
+        xla = functools.partial(_bidirectional, phi_q, phi_k, v, scale, labels, eps)
+    if impl == "xla":
+        return xla()
+    call = _kernel_call(phi_q, phi_k, v, mask, scale if key_log_scale is not None else None, causal, chunk_size, eps)
+    return dispatch.run("linear", impl, call, xla=xla, where=method, refuse=_segments_refusal(labels))
 
 
-def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
-    """``normalized_attention`` through the Pallas kernel, ``scale`` (log key scales, or None) folded in."""
-    from effjax.kernels import linear_attention as kernel  # only this path needs Pallas
+def _kernel_call(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps) -> dict:
+    """``normalized_attention`` as the "linear" op's arguments, ``scale`` (log key scales, or None) folded in."""
+    from effjax.kernels.linear_attention import next_power_of_2
 
-    chunk = max(16, kernel.next_power_of_2(chunk_size))
+    chunk = max(16, next_power_of_2(chunk_size))  # the kernels' tiles
     log_decay = None
     if scale is not None and not causal:
         phi_k = phi_k * jnp.exp(scale - jnp.max(scale, axis=1, keepdims=True))[..., None]
@@ -120,30 +126,27 @@ def _pallas(phi_q, phi_k, v, mask, scale, causal, chunk_size, eps):
         phi_k = phi_k * jnp.exp(scale - top)[..., None]
         step = top - jnp.concatenate([top[:, :1], top[:, :-1]], axis=1)  # M_t - M_{t-1} >= 0
         log_decay = -jnp.minimum(step, 60.0)
-    return kernel.chunked_linear_attention(phi_q, phi_k, v, causal=causal, chunk_size=chunk, eps=eps, mask=mask,
-                                           log_decay=log_decay)
+    return dict(phi_q=phi_q, phi_k=phi_k, v=v, causal=causal, chunk_size=chunk, eps=eps, mask=mask,
+                log_decay=log_decay)
 
 
-def _refuse_pallas_segments(method, labels):
-    if labels is not None:
-        raise NotImplementedError(f"{method}: segment_ids are not supported with impl='pallas' (the kernel "
-                                  "keeps one state per row); use impl='xla'.")
+def _segments_refusal(labels) -> str | None:
+    return None if labels is None else "segment_ids (the linear kernels keep one state per row)"
 
 
 def linear_attention(phi_q, phi_k, v, *, mask=None, segment_ids=None, method=NAME, impl="xla"):
     """Unnormalized bidirectional ``phi_q_i . sum_j phi_k_j v_j^T`` over the real keys j (of i's segment).
 
     Float32 ``[batch, q_len, heads, v_dim]``; padded keys' features and values are zeroed first.
-    ``impl="pallas"``: ``kernels.linear_attention`` with ``normalize=False`` (segment_ids: NotImplementedError).
+    Other ``impl`` (``kernels.dispatch``): the "linear" op with ``normalize=False`` (no segment_ids).
     """
     check_impl(method, impl)
     phi_q, phi_k, v, mask, labels = _prepare(phi_q, phi_k, v, mask, segment_ids, False, method)
-    if impl == "pallas":
-        _refuse_pallas_segments(method, labels)
-        from effjax.kernels.linear_attention import chunked_linear_attention
-
-        return chunked_linear_attention(phi_q, phi_k, v, normalize=False, mask=mask)
-    return _contract(phi_q, phi_k, v, labels)
+    xla = functools.partial(_contract, phi_q, phi_k, v, labels)
+    if impl == "xla":
+        return xla()
+    call = dict(phi_q=phi_q, phi_k=phi_k, v=v, normalize=False, mask=mask)
+    return dispatch.run("linear", impl, call, xla=xla, where=method, refuse=_segments_refusal(labels))
 
 
 def _prepare(phi_q, phi_k, v, mask, segment_ids, causal, method):

@@ -7,6 +7,7 @@ from flax import linen as nn
 from effjax.attention import patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "longformer"
@@ -22,7 +23,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, nu
     q, k, v: the paper's separate global projections are not modelled. ``causal`` intersects the
     pattern with the causal mask (keys [i - window, i] plus earlier global tokens; a global query sees
     only its prefix). Self-attention only. ``impl="xla"``: masked O(N^2) softmax, exact, not faster than
-    ``softmax``. ``impl="pallas"``: the flash kernel with the same token-level pattern, computing only
+    ``softmax``. Other ``impl`` (``kernels.dispatch``, op "window_global"), e.g. "pallas": the flash kernel
+    with the same token-level pattern, computing only
     the window band's tiles and the rows/columns of tiles holding a global token (union over the batch;
     a traced ``global_mask`` gives a traced tile layout, visited through tables); dropout with the
     kernel's own draws. The one difference: a query with no allowed key (e.g. padding far from real keys,
@@ -43,22 +45,24 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, nu
         raise ValueError(
             f"{NAME}: global_mask must have shape [batch, length] = {(batch, length)}, got {np.shape(global_mask)}."
         )
-    if impl == "pallas":
-        from effjax.kernels.block_sparse import window_global_attention
 
-        # numpy, so the tile layout stays static unless global_mask is traced.
-        is_global = np.broadcast_to(np.arange(length) < num_global, (batch, length))
+    def xla():
+        is_global = patterns.first_tokens(length, num_global)[None]
         if global_mask is not None:
-            is_global = is_global | global_mask
-        return window_global_attention(q, k, v, window=window, global_tokens=is_global, mask=mask,
-                                       segment_ids=segment_ids, causal=causal,
-                                       **softmax.kernel_dropout(dropout_rate, dropout_rng))
-    is_global = patterns.first_tokens(length, num_global)[None]
+            is_global = is_global | jnp.asarray(global_mask, bool)
+        pair = patterns.band(length, length, window)[None] | patterns.global_tokens(is_global)
+        return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                              pair_mask=pair[:, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    if impl == "xla":
+        return xla()
+    # numpy, so the tile layout stays static unless global_mask is traced.
+    is_global = np.broadcast_to(np.arange(length) < num_global, (batch, length))
     if global_mask is not None:
-        is_global = is_global | jnp.asarray(global_mask, bool)
-    pair = patterns.band(length, length, window)[None] | patterns.global_tokens(is_global)
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                          pair_mask=pair[:, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        is_global = is_global | global_mask
+    call = dict(q=q, k=k, v=v, window=window, global_tokens=is_global, mask=mask, segment_ids=segment_ids,
+                causal=causal, **softmax.kernel_dropout(dropout_rate, dropout_rng))
+    return dispatch.run("window_global", impl, call, xla=xla, where=NAME)
 
 
 class Attention(nn.Module):

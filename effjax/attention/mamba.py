@@ -9,6 +9,7 @@ from flax import linen as nn
 from effjax.attention import fftconv, scan
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, refuse_cross, torch_uniform
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "mamba"
@@ -59,7 +60,8 @@ def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DE
     ``params``: ``conv_taps [d_conv, heads, head_dim]``, ``conv_bias [heads, head_dim]``, ``dt_down
     [heads * head_dim, dt_rank]``, ``dt_up [dt_rank, heads * head_dim]``, ``dt_bias [heads * head_dim]``,
     ``w_b, w_c [heads, head_dim, d_state]``, ``a_log [heads, head_dim, d_state]``, ``d_skip [heads, head_dim]``.
-    ``impl="pallas"`` runs the scan as ``kernels.selective_scan.selective_scan`` (same arguments).
+    Other ``impl`` (``kernels.dispatch``, op "scan"), e.g. "pallas": ``kernels.selective_scan.selective_scan``
+    (same arguments).
     """
     batch, length, heads, head_dim = v.shape
     x = jax.nn.silu(fftconv.short_causal(v, params["conv_taps"], params["conv_bias"], segment_ids))
@@ -68,11 +70,11 @@ def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DE
     b = jnp.einsum("blhd,hdn->blhn", k.astype(jnp.float32), params["w_b"].astype(jnp.float32))
     c = jnp.einsum("blhd,hdn->blhn", q.astype(jnp.float32), params["w_c"].astype(jnp.float32))
     reset = None if segment_ids is None else segment_starts(segment_ids)
-    scan_fn = selective_scan
-    if impl == "pallas":
-        from effjax.kernels.selective_scan import selective_scan as scan_fn  # only this path needs Pallas
-    return scan_fn(x, delta.reshape(x.shape), params["a_log"], b, c, params["d_skip"], keep=keep,
-                   reset=reset, chunk_size=chunk_size)
+    call = dict(x=x, delta=delta.reshape(x.shape), a_log=params["a_log"], b=b, c=c, d_skip=params["d_skip"],
+                keep=keep, reset=reset, chunk_size=chunk_size)
+    if impl == "xla":
+        return selective_scan(**call)
+    return dispatch.run("scan", impl, call, xla=lambda: selective_scan(**call), where=NAME)
 
 
 def _refuse_cross(q, k):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.attention import softmax
-from effjax.kernels.backend import check_impl, interpret_default
+from effjax.kernels import dispatch
+from effjax.kernels.backend import check_impl
 
 
 def gather(x, order):
@@ -67,16 +68,6 @@ def softmax_in_groups(q, k, v, *, key_mask=None, query_segments=None, key_segmen
     return out.reshape(batch, groups, gq, *q.shape[3:])
 
 
-def check_pallas(method: str, q, k, v) -> bool:
-    """A grouped method's checks for ``impl="pallas"``, raising errors that name ``method``: inputs the flash
-    kernel takes (float32/bfloat16, power-of-two head_dim). Returns the interpret flag."""
-    from effjax.kernels import flash_attention as flash
-
-    interpret = interpret_default(None)
-    flash.check_inputs(method, q, k, v, interpret)
-    return interpret
-
-
 def group_size_for(method: str, length: int, group_size: int, *, pad: bool = False) -> int:
     """The padded length for ``group_size``; ValueError naming ``method`` for a bad size or, unless ``pad``, a
     length that is not a multiple of it."""
@@ -95,13 +86,12 @@ def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=
     identity) is the permutation applied before grouping. With ``pad=True`` a length that is not a multiple
     of ``group_size`` is filled up at the end of the order with masked slots (excluded as keys, dropped from
     the output); otherwise it raises ValueError naming ``method``. Padded keys (``mask`` False) are excluded in
-    every group and ``segment_ids`` restrict each group further. ``impl="pallas"``: each group is one sequence
-    of the flash kernel, with the group's key mask and segment ids (dropout: the kernel's own draws);
-    a query whose group has no allowed key gets the uniform mean of the group's values on both paths.
+    every group and ``segment_ids`` restrict each group further. Other ``impl`` (``kernels.dispatch``, op
+    "attention"), e.g. "pallas": each group is one sequence of the flash kernel, with the group's key mask and
+    segment ids (dropout: the kernel's own draws); a query whose group has no allowed key gets the uniform mean
+    of the group's values on both paths.
     """
     check_impl(method, impl)
-    if impl == "pallas":
-        check_pallas(method, q, k, v)
     batch, length = q.shape[:2]
     padded = group_size_for(method, length, group_size, pad=pad)
     if order is not None:
@@ -129,17 +119,18 @@ def attend_in_groups(q, k, v, *, group_size: int, method: str, order=None, mask=
     def split(x, lead=(batch, groups)):
         return None if x is None else jnp.asarray(x).reshape(lead + (group_size,) + x.shape[2:])
 
-    if impl == "pallas":
-        from effjax.kernels.flash_attention import flash_attention
-
-        flat = (batch * groups,)
-        out = flash_attention(split(q, flat), split(k, flat), split(v, flat), mask=split(mask, flat),
-                              segment_ids=split(segment_ids, flat),
-                              **softmax.kernel_dropout(dropout_rate, dropout_rng))
-    else:
+    def xla():
         segments = split(segment_ids)
-        out = softmax_in_groups(split(q), split(k), split(v), key_mask=split(mask), query_segments=segments,
-                                key_segments=segments, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        return softmax_in_groups(split(q), split(k), split(v), key_mask=split(mask), query_segments=segments,
+                                 key_segments=segments, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    if impl == "xla":
+        out = xla()
+    else:  # every group one sequence of the kernel
+        flat = (batch * groups,)
+        call = dict(q=split(q, flat), k=split(k, flat), v=split(v, flat), mask=split(mask, flat),
+                    segment_ids=split(segment_ids, flat), **softmax.kernel_dropout(dropout_rate, dropout_rng))
+        out = dispatch.run("attention", impl, call, xla=xla, where=method)
     out = out.reshape((batch, padded) + out.shape[-2:])
     if order is not None:
         out = gather(out, inverse(order))

@@ -5,6 +5,7 @@ from flax import linen as nn
 from effjax.attention import patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
@@ -17,21 +18,25 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dr
 
     ``causal`` keeps keys [i - window, i]. For cross attention (kv_len != q_len) queries are aligned
     to the end, as for causal softmax. A window >= the length is simply full attention (no error).
-    ``impl="xla"``: masked O(N^2) softmax, exact but not faster than ``softmax``. ``impl="pallas"``: the
-    flash kernel skipping the key blocks outside the window (O(N * window)); dropout with the kernel's own draws.
+    ``impl="xla"``: masked O(N^2) softmax, exact but not faster than ``softmax``. Other ``impl``
+    (``kernels.dispatch``, op "attention" with ``window``), e.g. "pallas": the flash kernel skipping the key
+    blocks outside the window (O(N * window)); dropout with the kernel's own draws.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
-    if impl == "pallas":
-        from effjax.kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=window,
-                               **softmax.kernel_dropout(dropout_rate, dropout_rng))
-    pair = patterns.band(q.shape[1], k.shape[1], window)
-    return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                          pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    def xla():
+        pair = patterns.band(q.shape[1], k.shape[1], window)
+        return softmax.attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                              pair_mask=pair[None, None], dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+    if impl == "xla":
+        return xla()
+    call = dict(q=q, k=k, v=v, mask=mask, segment_ids=segment_ids, causal=causal, window=window,
+                **softmax.kernel_dropout(dropout_rate, dropout_rng))
+    return dispatch.run("attention", impl, call, xla=xla, where=NAME)
 
 
 class Attention(nn.Module):

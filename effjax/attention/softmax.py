@@ -1,11 +1,14 @@
 """Vanilla softmax attention (Vaswani et al. 2017, "Attention Is All You Need", Eq. 1)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
@@ -43,26 +46,30 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     ``pair_mask`` (boolean, broadcastable to [batch, heads, q_len, kv_len]) further restricts which
     query/key pairs may attend: sparse patterns (windows, blocks, globals) are softmax with one.
     Queries with no allowed key (fully padded rows) return a uniform average rather than NaN.
-    ``impl="pallas"`` runs the flash kernel (``kernels.flash_attention``; interpreted on CPU), which
-    takes no ``pair_mask`` (it raises) and draws its dropout mask differently (``kernel_dropout``).
+    ``impl`` other than "xla" goes through ``kernels.dispatch`` (op "attention"): "pallas" is the flash kernel
+    (``kernels.flash_attention``; interpreted on CPU), and a list such as "cudnn,pallas,xla" tries each in turn.
+    No kernel takes ``pair_mask`` or ``key_bias`` (such a call runs XLA only if the list has it), and kernels draw
+    their dropout mask differently (``kernel_dropout``).
     ``dropout_keep`` (bool [batch, heads, q_len, kv_len]) replaces the dropout draw (kernel references).
     ``key_bias`` [batch, kv_len] is added to every query's logits (ToMe's proportional attention, Eq. 1).
     """
     check_qkv("softmax", q, k, v)
     check_impl("softmax", impl)
-    if impl == "pallas":
-        if key_bias is not None:
-            raise ValueError("softmax: impl='pallas' takes no key_bias (proportional attention): the flash kernel "
-                             "has no bias input yet; use impl='xla' or model.tokens.prop_attn=False.")
-        if pair_mask is not None:
-            raise ValueError(
-                "softmax: impl='pallas' cannot take a pair_mask: an arbitrary [batch, heads, q, k] mask is not "
-                "expressible in the flash kernel (key padding, segments, causal, window only); use impl='xla', "
-                "or kernels.block_sparse.block_sparse_attention for block layouts.")
-        from effjax.kernels.flash_attention import flash_attention
+    xla = functools.partial(_attend_xla, q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                            pair_mask=pair_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                            dropout_keep=dropout_keep, key_bias=key_bias)
+    if impl == "xla":
+        return xla()
+    refuse = ("key_bias (proportional attention): no kernel takes a logit bias yet" if key_bias is not None else
+              "pair_mask: an arbitrary [batch, heads, q, k] mask is no kernel input (key padding, segments, causal "
+              "and window only; block layouts go through kernels.block_sparse)" if pair_mask is not None else None)
+    call = dict(q=q, k=k, v=v, mask=mask, segment_ids=segment_ids, causal=causal,
+                **kernel_dropout(dropout_rate, dropout_rng))
+    return dispatch.run("attention", impl, call, xla=xla, where="softmax", refuse=refuse)
 
-        return flash_attention(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                               **kernel_dropout(dropout_rate, dropout_rng))
+
+def _attend_xla(q, k, v, *, mask, segment_ids, causal, pair_mask, dropout_rate, dropout_rng, dropout_keep,
+                key_bias):
     batch, q_len, _, head_dim = q.shape
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
@@ -80,7 +87,8 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
 
 
 class Attention(nn.Module):
-    """Linen wrapper of ``attend``; has no parameters of its own. ``impl``: "xla" or "pallas" (flash kernel)."""
+    """Linen wrapper of ``attend``; has no parameters of its own. ``impl``: "xla", "pallas" (the flash kernel) or
+    any ``kernels.dispatch`` spec."""
 
     dropout_rate: float = 0.0
     impl: str = "xla"

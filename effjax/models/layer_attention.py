@@ -10,6 +10,7 @@ meaning "unset"), then the model-wide settings (``attention_dropout_rate`` as ``
 import collections.abc
 
 from effjax import attention as attention_lib
+from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 # The model fields ``resolve`` reads, with the defaults ``Backbone`` gives them.
@@ -88,14 +89,16 @@ def layer_params(method: str, attention_params, attention_dropout_rate: float, a
     return params
 
 
-def check_attention_impl(attention_impl: str, methods) -> None:
-    """ValueError for an unknown ``attention_impl``, or "pallas" when no layer's method has a kernel path."""
+def check_attention_impl(attention_impl, methods) -> None:
+    """ValueError for an unknown ``attention_impl``, or kernels only (no 'xla' or 'auto' to fall back to) when no
+    layer's method has a kernel path."""
     check_impl("model.attention_impl", attention_impl)
-    if attention_impl == "pallas" and not any(map(has_kernel_path, methods)):
+    kernels_only = not {"xla", "auto"} & set(dispatch.parse(attention_impl))
+    if kernels_only and not any(map(has_kernel_path, methods)):
         with_kernels = [name for name in attention_lib.names() if has_kernel_path(name)]
         used = ", ".join(sorted(set(methods)))
-        raise ValueError(f"model.attention_impl='pallas', but no layer's method ({used}) has a Pallas kernel "
-                         f"path; these do: {', '.join(with_kernels)}.")
+        raise ValueError(f"model.attention_impl={dispatch.spec(attention_impl)!r}, but no layer's method ({used}) "
+                         f"has a kernel path; these do: {', '.join(with_kernels)}.")
 
 
 def resolve(fields) -> tuple[tuple[str, dict], ...]:
