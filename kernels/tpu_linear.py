@@ -1,0 +1,290 @@
+"""Chunked linear attention as a Mosaic TPU Pallas kernel (Katharopoulos et al. 2020; the chunkwise form of GLA,
+Yang et al. 2024, Sec. 3), with the semantics of ``kernels.linear_attention.chunked_linear_attention``:
+
+    num_i = sum_{j visible to i} w_ij (phi_q_i . phi_k_j) v_j,   den_i = sum_{j visible to i} w_ij phi_q_i . phi_k_j,
+    out_i = num_i / den_i (``numerics.guarded_divide``; ``normalize=True``),   out_i = num_i (``normalize=False``),
+
+"visible": every real key (bidirectional) or the real keys j <= i (causal, end aligned), and
+``w_ij = prod_{t=j+1..i} decay_t`` (causal only; per head ``[h]`` or per step ``[b, len, h]``).
+
+TPU design (one kernel, ``_kernel``, used five ways):
+- Head-major ``[b, h, len, d]`` (transposed outside the kernel); feature and value dims padded to multiples of 128
+  (the lane width), length to the chunk. Mosaic needs a block's last two dims to be multiples of (8, 128) or the
+  whole array dim, so the chunk is a multiple of 128 or, for a single chunk, the (16-rounded) padded length.
+- Grid (batch, heads, value blocks of 128, chunks): the chunk axis is "arbitrary" and the running ``[m, 128]``
+  float32 state lives in a VMEM scratch accumulator, zeroed at the first chunk.
+- The denominator rides in the numerator: with ``normalize`` a column of ones is appended to ``v`` (it usually
+  fits in the lane padding), so ``num[..., dv]`` is ``den`` with exactly the same decay weights.
+- The decay enters as the chunk-local cumulative log-decay ``g``, given twice (a ``[chunk, 1]`` column and a
+  ``[1, chunk]`` row), so the in-chunk weights ``exp(g_i - g_j)`` need no in-kernel transpose. Every factor
+  the kernel exponentiates is <= 0, so nothing overflows.
+- Three modes: "causal" (chunks in order), "anticausal" (keys j >= i, chunks in reverse order through the
+  index maps) and "bidirectional" (2 x chunks grid steps: first the state ``phi_k^T v`` is summed over all
+  chunks, then every query chunk is multiplied by it).
+
+Backward (custom VJP), all in Pallas with the same kernel, for ``dn = d num`` and the same decay:
+``d phi_q = causal(dn, v, phi_k)``, ``d phi_k = anticausal(v, dn, phi_q)``, ``d v = anticausal(phi_k, phi_q, dn)``
+(bidirectional: all three bidirectional). The decay's gradient is ``dG_t = phi_q_t . d phi_q_t - phi_k_t .
+d phi_k_t`` for the cumulative log-decay G (Yang et al. 2024, Sec. 4.2), then a reverse cumulative sum, in plain
+JAX. The key mask, causal end alignment, padding, the ones column and the final division are plain JAX around the
+kernel, differentiated by JAX. float32 dots use ``Precision.HIGHEST``; bfloat16 operands multiply in bfloat16 on
+the MXU with float32 accumulation.
+
+Entry point: ``chunked_linear_attention`` (op "linear" of the ``mosaic_tpu`` backend, see ``tpu_scan.py`` for the
+module-level ``NAME``/``PLATFORMS``/``OPS``/``supports``).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from effjax.kernels import sharding
+from effjax.kernels.backend import interpret_default
+from effjax.kernels.linear_attention import pad_axis
+from effjax.kernels.numerics import guarded_divide
+
+KERNEL = "tpu_chunked_linear_attention"
+DTYPES = (jnp.float32, jnp.bfloat16)  # Mosaic TPU has no float16 matmul
+LANES = 128  # TPU vreg lanes: feature, value and multi-chunk lengths are padded to multiples of it
+SUBLANES = 16  # a single chunk is padded to a multiple of this (bfloat16 packs 16 rows per vreg tile)
+MAX_DIM = 2048  # largest padded feature / value dim: keeps the double-buffered blocks and state in VMEM
+CHUNK_AXIS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+def tpu_chunk(chunk_size, length: int) -> int:
+    """The chunk the kernel uses: ``chunk_size`` rounded up to a multiple of 128, or one chunk of the length
+    rounded up to 16 when that is no longer (Mosaic's block rule: multiples of 128 lanes or the whole dim)."""
+    chunk = round_up(max(int(chunk_size or LANES), 1), LANES)
+    return round_up(max(length, 1), SUBLANES) if length <= chunk else chunk
+
+
+def interpret_params(interpret):
+    """pallas_call's ``interpret``: TPU interpret mode (``pltpu.InterpretParams``) where interpreting, else False."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret_default(interpret) else False
+
+
+def _mm(a, b, contract):
+    """float32-accumulated 2-D product contracting ``contract = ((dims of a), (dims of b))``; mixed dtypes and
+    float32 go through float32 at full precision (HIGHEST: no bfloat16 passes on the MXU)."""
+    if a.dtype != b.dtype:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+NT = ((1,), (1,))  # a @ b.T
+NN = ((1,), (0,))  # a @ b
+TN = ((0,), (0,))  # a.T @ b
+
+
+def _kernel(*refs, mode, num_chunks, has_decay):
+    q_ref, k_ref, v_ref = refs[:3]
+    gc_ref, gr_ref = refs[3:5] if has_decay else (None, None)
+    o_ref, s_ref = refs[3 + 2 * has_decay:]
+    step = pl.program_id(3)
+
+    @pl.when(step == 0)
+    def _():
+        s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
+
+    if mode == "bidirectional":
+        @pl.when(step < num_chunks)
+        def _():
+            s_ref[...] += _mm(k_ref[...], v_ref[...], TN)
+
+        @pl.when(step >= num_chunks)
+        def _():
+            q = q_ref[...]
+            o_ref[...] = _mm(q, s_ref[...].astype(q.dtype), NN).astype(o_ref.dtype)
+        return
+
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    chunk = q.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    allowed = rows >= cols if mode == "causal" else rows <= cols
+    scores = _mm(q, k, NT)
+    state = s_ref[...]
+    if has_decay:
+        g_col, g_row = gc_ref[...], gr_ref[...]  # [chunk, 1], [1, chunk]: the chunk-local cumulative log-decay
+        last = jnp.sum(jnp.where(cols[:1, :] == chunk - 1, g_row, 0.0), axis=1, keepdims=True)  # [1, 1]
+        if mode == "causal":  # w_ij = exp(g_i - g_j), j <= i; the state enters with exp(g_i), leaves exp(last - g_j)
+            w = jnp.exp(jnp.where(allowed, g_col - g_row, -jnp.inf))
+            q_factor, k_factor = jnp.exp(g_col), jnp.exp(last - g_col)
+        else:  # anticausal: w_ij = exp(g_j - g_i), j >= i; the state enters with exp(last - g_i), leaves exp(g_j)
+            w = jnp.exp(jnp.where(allowed, g_row - g_col, -jnp.inf))
+            q_factor, k_factor = jnp.exp(last - g_col), jnp.exp(g_col)
+        scores = scores * w
+        carried = q_factor * _mm(q, state.astype(q.dtype), NN)
+        k = (k * k_factor).astype(k.dtype)
+        state = state * jnp.exp(last)
+    else:
+        scores = jnp.where(allowed, scores, 0.0)
+        carried = _mm(q, state.astype(q.dtype), NN)
+    o_ref[...] = (_mm(scores.astype(v.dtype), v, NN) + carried).astype(o_ref.dtype)
+    s_ref[...] = state + _mm(k, v, TN)
+
+
+def _call(q, k, v, g, mode, chunk, interpret):
+    """``_kernel`` over head-major ``q, k [b, h, n, m]``, ``v [b, h, n, dv]`` (n a multiple of ``chunk``; m, dv
+    multiples of 128) and the chunk-local cumulative log-decay ``g [b, h, n]`` (or None): float32 ``[b, h, n, dv]``."""
+    batch, heads, length, m = q.shape
+    dv = v.shape[-1]
+    nc = length // chunk
+    block_v = LANES
+    has_decay = g is not None
+    if mode == "bidirectional":
+        steps = 2 * nc
+        q_at = lambda c: jnp.maximum(c - nc, 0)  # noqa: E731 - second pass: the query chunks
+        k_at = lambda c: jnp.minimum(c, nc - 1)  # noqa: E731 - first pass: the key chunks
+    else:
+        steps = nc
+        q_at = k_at = (lambda c: c) if mode == "causal" else (lambda c: nc - 1 - c)
+    in_specs = [
+        pl.BlockSpec((None, None, chunk, m), lambda b, h, j, c: (b, h, q_at(c), 0)),
+        pl.BlockSpec((None, None, chunk, m), lambda b, h, j, c: (b, h, k_at(c), 0)),
+        pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, k_at(c), j)),
+    ]
+    inputs = [q, k, v]
+    if has_decay:
+        in_specs += [pl.BlockSpec((None, None, chunk, 1), lambda b, h, j, c: (b, h, k_at(c), 0)),
+                     pl.BlockSpec((None, None, 1, chunk), lambda b, h, j, c: (b, h, 0, k_at(c)))]
+        inputs += [g[..., None], g[:, :, None, :]]
+    return pl.pallas_call(
+        functools.partial(_kernel, mode=mode, num_chunks=nc, has_decay=has_decay),
+        grid=(batch, heads, dv // block_v, steps),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, q_at(c), j)),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, length, dv), jnp.float32),
+        scratch_shapes=[pltpu.VMEM((m, block_v), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=CHUNK_AXIS),
+        interpret=interpret_params(interpret), name=f"tpu_linear_attention_{mode}",
+    )(*inputs)
+
+
+def _local_cumsum(log_decay, chunk):
+    """Cumulative log-decay restarted at every chunk: ``[b, h, n]`` float32."""
+    batch, heads, length = log_decay.shape
+    return jnp.cumsum(log_decay.reshape(batch, heads, length // chunk, chunk), axis=3).reshape(batch, heads, length)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _core(q, k, v, log_decay, causal, chunk, interpret):
+    """Numerator ``[b, h, n, dv]`` (float32) of padded head-major inputs; ``log_decay [b, h, n]`` or None."""
+    g = None if log_decay is None else _local_cumsum(log_decay, chunk)
+    return _call(q, k, v, g, "causal" if causal else "bidirectional", chunk, interpret)
+
+
+def _core_fwd(q, k, v, log_decay, causal, chunk, interpret):
+    return _core(q, k, v, log_decay, causal, chunk, interpret), (q, k, v, log_decay)
+
+
+def _core_bwd(causal, chunk, interpret, residuals, dnum):
+    q, k, v, log_decay = residuals
+    g = None if log_decay is None else _local_cumsum(log_decay, chunk)
+    forward, backward = ("causal", "anticausal") if causal else ("bidirectional", "bidirectional")
+    dnum = dnum.astype(jnp.float32)
+    dq = _call(dnum, v, k, g, forward, chunk, interpret)
+    dk = _call(v, dnum, q, g, backward, chunk, interpret)
+    dv = _call(k, q, dnum, g, backward, chunk, interpret)
+    d_log_decay = None
+    if log_decay is not None:  # dG_t = q_t . dq_t - k_t . dk_t for the cumulative G; d a_s = sum_{t >= s} dG_t
+        dg = jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=-1)
+        d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, axis=2), axis=2), axis=2)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask):
+    for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{KERNEL}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
+        if x.dtype not in DTYPES:
+            raise ValueError(f"{KERNEL}: {label} must be float32 or bfloat16, got {x.dtype}.")
+    batch, q_len, heads, m = phi_q.shape
+    kv_len = phi_k.shape[1]
+    if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
+        raise ValueError(f"{KERNEL}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{KERNEL}: chunk_size must be a positive int, got {chunk_size!r}.")
+    for label, size in (("feature dim", m), ("value dim", v.shape[-1] + 1)):
+        if round_up(size, LANES) > MAX_DIM:
+            raise ValueError(f"{KERNEL}: {label} {size} pads to more than {MAX_DIM} lanes (VMEM).")
+    if mask is not None and mask.shape != (batch, kv_len):
+        raise ValueError(f"{KERNEL}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    if decay is not None:
+        if not causal:
+            raise ValueError(f"{KERNEL}: decay needs causal=True (a decay orders the keys).")
+        if decay.shape not in ((heads,), (batch, kv_len, heads)):
+            raise ValueError(f"{KERNEL}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
+                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
+
+
+def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,
+                             mask=None, interpret=None, block_v=None, log_decay=None):
+    """Mosaic TPU twin of ``kernels.linear_attention.chunked_linear_attention`` (same arguments and result):
+    ``phi_q [b, q_len, h, m]``, ``phi_k [b, kv_len, h, m]``, ``v [b, kv_len, h, dv]`` -> ``[b, q_len, h, dv]`` in
+    the inputs' promoted dtype.
+
+    ``chunk_size`` is rounded up to a multiple of 128 (one chunk of the padded length when that is shorter); it
+    changes the result only by rounding. ``block_v`` (a Triton knob) is accepted and ignored: value blocks are 128
+    lanes. ``interpret`` None: TPU interpret mode on CPU; an ``InterpretParams`` is passed through. Forward and
+    backward (custom VJP) are Pallas kernels; the decay's gradient is plain JAX from theirs.
+    """
+    del block_v
+    if decay is not None and log_decay is not None:
+        raise ValueError(f"{KERNEL}: give decay or log_decay, not both.")
+    _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask)
+    batch, q_len, heads, m = phi_q.shape
+    kv_len, dv = phi_k.shape[1], v.shape[-1]
+    dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
+    phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
+    if mask is not None:
+        keep = jnp.asarray(mask, bool)[:, :, None, None]
+        phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
+    if normalize:  # the denominator as one more value column: sum_j w_ij (phi_q_i . phi_k_j) * 1
+        v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
+    if decay is not None:
+        floor = jnp.finfo(jnp.float32).tiny  # decay 0 would give log 0 = -inf and inf - inf in the weights
+        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), floor))
+    if log_decay is not None:
+        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+    # Causal end alignment: dummy queries in front when kv_len > q_len, empty keys when q_len > kv_len.
+    q_front = max(kv_len - q_len, 0) if causal else 0
+    k_front = max(q_len - kv_len, 0) if causal else 0
+    length = max(q_len + q_front, kv_len + k_front)
+    chunk = tpu_chunk(chunk_size, length)
+    padded = round_up(length, chunk)
+    m_pad, dv_pad = round_up(m, LANES), round_up(v.shape[-1], LANES)
+    phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
+    phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
+    v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - v.shape[-1])
+    if log_decay is not None:
+        log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
+    interpret = interpret_params(interpret)
+
+    def per_shard(_, q, k, vals, ld):
+        heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [b, n, h, ...] <-> [b, h, n, ...]
+        ld = None if ld is None else jnp.swapaxes(ld, 1, 2)
+        num = _core(heads_major(q), heads_major(k), heads_major(vals), ld, bool(causal), chunk, interpret)
+        return heads_major(num)
+
+    per_step = (sharding.BATCH, None, sharding.HEADS)  # [batch, length, heads, ...]
+    num = sharding.per_shard(per_shard, (phi_q, phi_k, v, log_decay),
+                             (per_step,) * 3 + (None if log_decay is None else per_step,), per_step,
+                             batch=batch, head_counts=(heads,))
+    num = num[:, q_front:q_front + q_len]
+    out = guarded_divide(num[..., :dv], num[..., dv], eps) if normalize else num[..., :dv]
+    return out.astype(dtype)

@@ -1,0 +1,198 @@
+"""kernels.tpu_linear and kernels.tpu_scan (the mosaic_tpu backend) in TPU interpret mode on CPU against the
+plain-JAX references: outputs and gradients at awkward shapes (lengths not multiples of the chunk, dims not multiples
+of 128, several chunks and value/channel blocks), decay per head and per step, padding mask, keep/reset, bfloat16;
+the backend contract; and Mosaic lowering for TPU from this CPU (forward and gradient), so that a rejected block
+shape fails here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from kernel_checks import assert_tree_close, value_and_grads_of
+
+from effjax.kernels import linear_attention as la
+from effjax.kernels import selective_scan as ss
+from effjax.kernels import tpu_linear, tpu_scan
+
+MOSAIC = "tpu_custom_call"
+
+
+def tpu_calls(fn, *args) -> int:
+    """How many Mosaic kernels ``jax.export`` of jitted ``fn`` for TPU holds: lowering only, no TPU needed."""
+    return export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module().count(f"@{MOSAIC}(")
+
+
+def linear_inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    phi_q = jnp.exp(0.5 * jax.random.normal(keys[0], (b, lq, h, m))).astype(dtype)
+    phi_k = jnp.exp(0.5 * jax.random.normal(keys[1], (b, lk, h, m))).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, h, dv)).astype(dtype)
+    return phi_q, phi_k, v, keys[3]
+
+
+def lengths_mask(lengths, n):
+    return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
+
+
+def decay_of(kind, key, lk, heads=2):
+    if kind == "head":
+        return jnp.array([0.9, 0.6][:heads])
+    return jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, lk, heads)))
+
+
+def check_linear(causal, lq, lk, chunk, decay, normalize, lengths, m=8, dv=8, dtype=jnp.float32, tol=(1e-5, 1e-4)):
+    phi_q, phi_k, v, key = linear_inputs(0, lq=lq, lk=lk, m=m, dv=dv, dtype=dtype)
+    mask = None if lengths is None else lengths_mask(lengths, lk)
+    args = [phi_q, phi_k, v] + ([decay_of(decay, key, lk)] if decay else [])
+    opts = dict(causal=causal, normalize=normalize, mask=mask)
+
+    def kernel(*a):
+        return tpu_linear.chunked_linear_attention(*a[:3], decay=a[3] if decay else None, chunk_size=chunk, **opts)
+
+    def ref(*a):
+        return la.reference(*(x.astype(jnp.float32) for x in a[:3]), decay=a[3] if decay else None, **opts)
+
+    cot = jax.random.normal(jax.random.key(7), (2, lq, 2, dv))
+    out, grads = value_and_grads_of(kernel, args, cot)
+    want, want_grads = value_and_grads_of(ref, args, cot)
+    assert out.shape == (2, lq, 2, dv) and out.dtype == dtype
+    assert all(g.dtype == a.dtype for g, a in zip(grads, args, strict=True))
+    assert_tree_close(out, want, tol[0], tol[0])
+    assert_tree_close(grads, want_grads, tol[1], tol[1])
+
+
+LINEAR_CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, mask lengths
+    (True, 37, 37, 64, "step", True, [30, 37]),  # one chunk of 48 rows, per-step decay, padding mask
+    (True, 150, 150, 128, "step", True, [140, 150]),  # two chunks: the state crosses a chunk boundary
+    (True, 150, 150, 128, "head", False, None),
+    (False, 150, 150, 128, None, True, [100, 150]),  # bidirectional over two chunks
+    (False, 37, 37, 64, None, False, None),
+    (True, 13, 29, 64, "step", True, None),  # q_len < kv_len: end aligned
+    (True, 29, 13, 64, None, True, None),  # q_len > kv_len
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal,lq,lk,chunk,decay,normalize,lengths", LINEAR_CASES)
+def test_linear_equals_reference(causal, lq, lk, chunk, decay, normalize, lengths):
+    check_linear(causal, lq, lk, chunk, decay, normalize, lengths)
+
+
+@pytest.mark.slow
+def test_linear_value_and_feature_blocks():
+    # value dim 130 (+1 denominator column) spans two 128-lane value blocks; feature dim 136 pads to 256.
+    check_linear(True, 40, 40, 64, "step", True, [33, 40], m=136, dv=130)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_bfloat16(causal):
+    check_linear(causal, 150, 150, 128, "step" if causal else None, True, [140, 150], dtype=jnp.bfloat16,
+                 tol=(2e-2, 3e-2))
+
+
+@pytest.mark.slow
+def test_linear_padded_keys_do_not_leak():
+    phi_q, phi_k, v, _ = linear_inputs(1, lq=45, lk=45)
+    mask = lengths_mask([33, 45], 45)
+    fn = jax.jit(lambda *a: tpu_linear.chunked_linear_attention(*a, causal=True, mask=mask))
+    noisy = jnp.where(mask[:, :, None, None], v, 1e3)
+    np.testing.assert_array_equal(np.asarray(fn(phi_q, phi_k, v)), np.asarray(fn(phi_q, phi_k, noisy)))
+
+
+def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (b, length, h, p))
+    delta = jax.nn.softplus(jax.random.normal(keys[1], (b, length, h, p)) - 1.0)
+    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(keys[2], (h, p, n))
+    bb = jax.random.normal(keys[3], (b, length, h, n))
+    cc = jax.random.normal(keys[4], (b, length, h, n))
+    d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
+    return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]
+
+
+def flags(length, keep_lengths, reset_at):
+    keep = jnp.asarray(np.arange(length)[None, :] < np.asarray(keep_lengths)[:, None])
+    reset = np.zeros((2, length), bool)
+    for row, cols in enumerate(reset_at):
+        reset[row, cols] = True
+    return keep, jnp.asarray(reset)
+
+
+def check_scan(length, chunk, p=6, n=5, with_flags=True, dtype=jnp.float32, tol=(1e-5, 1e-4)):
+    args = scan_inputs(0, length=length, p=p, n=n, dtype=dtype)
+    opts = {}
+    if with_flags:
+        keep, reset = flags(length, [length - 8, length], [[5, length // 2], [min(128, length - 1)]])
+        opts = dict(keep=keep, reset=reset)
+    cot = jax.random.normal(jax.random.key(1), args[0].shape)
+    out, grads = value_and_grads_of(lambda *a: tpu_scan.selective_scan(*a, chunk_size=chunk, **opts), args, cot)
+    want, want_grads = value_and_grads_of(lambda *a: ss.reference(*a, **opts), args, cot)
+    assert out.shape == args[0].shape and out.dtype == jnp.float32
+    assert_tree_close(out, want, tol[0], tol[0])
+    assert_tree_close(grads, want_grads, tol[1], tol[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,chunk,p,n,with_flags", [
+    (37, 64, 6, 5, True),  # one chunk, padded time, channels and states, keep and reset
+    (150, 128, 6, 5, True),  # two chunks: state and adjoint cross a chunk boundary (reset on it in row 1)
+    (40, None, 130, 8, False),  # two channel blocks
+])
+def test_scan_equals_reference(length, chunk, p, n, with_flags):
+    check_scan(length, chunk, p=p, n=n, with_flags=with_flags)
+
+
+@pytest.mark.slow
+def test_scan_bfloat16():
+    check_scan(40, None, dtype=jnp.bfloat16, tol=(1e-2, 2e-2))
+
+
+def test_backend_contract():
+    f32 = jnp.float32
+    feats = jax.ShapeDtypeStruct((2, 300, 4, 64), f32)
+    assert tpu_scan.NAME == "mosaic_tpu" and "tpu" in tpu_scan.PLATFORMS
+    assert tpu_scan.OPS == {"linear": tpu_linear.chunked_linear_attention, "scan": tpu_scan.selective_scan}
+    assert tpu_scan.supports("linear", dict(phi_q=feats, phi_k=feats, v=feats, causal=True, mask=None)) is None
+    half = jax.ShapeDtypeStruct(feats.shape, jnp.float16)
+    assert "float16" in tpu_scan.supports("linear", dict(phi_q=half, phi_k=half, v=half))
+    wide = jax.ShapeDtypeStruct((2, 300, 4, 4096), f32)
+    assert "feature dim" in tpu_scan.supports("linear", dict(phi_q=wide, phi_k=wide, v=feats))
+    x = jax.ShapeDtypeStruct((2, 300, 4, 64), f32)
+    state = jax.ShapeDtypeStruct((2, 300, 4, 16), f32)
+    call = dict(x=x, delta=x, a_log=jax.ShapeDtypeStruct((4, 64, 16), f32), b=state, c=state)
+    assert tpu_scan.supports("scan", call) is None
+    assert "d_state" in tpu_scan.supports("scan", {**call, "b": jax.ShapeDtypeStruct((2, 300, 4, 128), f32)})
+    assert "op 'flash'" in tpu_scan.supports("flash", {})
+    tpu_scan.supports("linear", {"phi_q": object()})  # a malformed call: a reason or None, never an exception
+
+
+def linear_grad_fn(causal, decay):
+    fn = lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, causal=causal, decay=g, interpret=False)
+    return fn, jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3) if decay else (0, 1, 2))
+
+
+def test_linear_lowers_for_tpu():
+    # Lowering only: Pallas -> Mosaic for the forward and the three backward kernels, several chunks, bfloat16.
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
+    gate = jax.ShapeDtypeStruct((1, 300, 2), jnp.float32)
+    fn, grad = linear_grad_fn(True, True)
+    assert tpu_calls(fn, shape, shape, shape, gate) == 1
+    assert tpu_calls(grad, shape, shape, shape, gate) == 4
+
+
+@pytest.mark.slow
+def test_bidirectional_linear_and_scan_lower_for_tpu():
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 72), jnp.float32)
+    fn, grad = linear_grad_fn(False, False)
+    assert tpu_calls(fn, shape, shape, shape, None) == 1
+    assert tpu_calls(grad, shape, shape, shape, None) == 4
+    f32 = jnp.float32
+    x = jax.ShapeDtypeStruct((2, 300, 2, 64), f32)
+    b = jax.ShapeDtypeStruct((2, 300, 2, 16), f32)
+    a_log, d_skip = jax.ShapeDtypeStruct((2, 64, 16), f32), jax.ShapeDtypeStruct((2, 64), f32)
+    scan = lambda *a: tpu_scan.selective_scan(*a, interpret=False)
+    assert tpu_calls(scan, x, x, a_log, b, b, d_skip) == 1
+    grad = jax.grad(lambda *a: jnp.sum(scan(*a)), argnums=tuple(range(6)))
+    assert tpu_calls(grad, x, x, a_log, b, b, d_skip) == 2
