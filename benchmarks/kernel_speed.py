@@ -1,25 +1,34 @@
-"""Kernel benchmark: Pallas flash / block-sparse / chunked linear attention against XLA, cuDNN and Pallas' own mha.
+"""Kernel benchmark: every dense-attention backend side by side, and effjax's block-sparse / chunked linear kernels.
 
   python benchmarks/kernel_speed.py            # GPU: batch 4, 16 heads, head_dim 64 and 128, lengths 1K..32K, bf16
   python benchmarks/kernel_speed.py --small    # CPU: tiny sizes, kernels interpreted (proves the script runs)
   python benchmarks/kernel_speed.py --lengths=1024,4096 --head_dims=128 --causal
+  python benchmarks/kernel_speed.py --patterns=bidirectional,causal --budget=240   # both, stop starting at 240 s
 
-For each head_dim and length it times, on one device in one run, the forward and forward+backward
-(gradients of sum(out * ct) with respect to q, k, v) of:
-  ``flash``           kernels.flash_attention (ours)
+For each length, head_dim and pattern (bidirectional, causal) it times, on one device in one run, the forward
+and forward+backward (gradients of sum(out * ct) with respect to q, k, v) of:
+  ``flash``           kernels.flash_attention (effjax's Triton kernel: dispatch backend "triton")
   ``flash_dropout``   the same with attention dropout 0.1 (the cost of the in-kernel keep-bit hash)
   ``xla``             effjax.attention.softmax.attend (plain JAX; XLA fuses what it can)
-  ``cudnn``           jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
+  ``cudnn``           kernels.gpu_cudnn (jax.nn.dot_product_attention(implementation="cudnn"))
+  ``mosaic_gpu``      kernels.gpu_mosaic (JAX's Mosaic GPU FlashAttention-3 kernel, Hopper; no causal backward;
+                      float16 where the others run bfloat16: it lowers float16 only)
+  ``tokamax``         kernels.gpu_tokamax (tokamax's Mosaic GPU / Triton kernels, when tokamax is installed)
   ``pallas_mha``      jax.experimental.pallas.ops.gpu.attention.mha (JAX's shipped Triton kernel)
   ``linear_chunked``  kernels.linear_attention.chunked_linear_attention on elu+1 features, if that module exists
   ``linear_xla``      effjax.attention.kernel_attention.normalized_attention (the XLA chunked scan) on the same features
   ``block_sparse_10`` / ``_25``  kernels.block_sparse at 10% / 25% block density (random per-head layouts
                       holding the diagonal), compared with dense ``flash``.
-Time is the median of ``--repeats`` runs after a warm-up. TFLOP/s uses the FLOPs the computation needs
-(softmax: 4 B H Lq Lk D forward, halved when causal, x density for block-sparse; backward 2.5x forward;
-linear: 4 B H L D (D + chunk)), not what an implementation spends. Peak memory is what XLA plans for the
+A backend module's pass is skipped with its ``supports`` reason when it cannot run (no GPU, not Hopper, not
+installed, a dtype). Time is the median of ``--repeats`` runs after a warm-up. TFLOP/s uses the FLOPs the
+computation needs (softmax: 4 B H Lq Lk D forward, halved when causal, x density for block-sparse; backward
+2.5x forward; linear: 4 B H L D (D + chunk)), not what an implementation spends. Peak memory is what XLA plans for the
 jitted step (arguments + outputs + temporaries, ``memory_analysis``); a step planned over
 ``--max_memory_gb`` is skipped, not run. Speedups are reference time / this time at the same shape and pass.
+
+``--budget`` seconds: no measurement starts after that; the rest get a "skipped: time budget" row (lengths run
+in increasing order, so the largest go first). Rows are appended to the .jsonl as they are measured, so a run
+killed from outside keeps what it finished.
 
 Writes ``benchmarks/results/kernels_<device>.{jsonl,md,png}`` (``--out`` to change the path and basename).
 """
@@ -47,22 +56,26 @@ _HEAD_DIMS = flags.DEFINE_list("head_dims", None, "Head dims (default 64,128; --
 _BATCH = flags.DEFINE_integer("batch", None, "Batch (default 4; --small: 1).")
 _HEADS = flags.DEFINE_integer("heads", None, "Heads (default 16; --small: 2).")
 _IMPLS = flags.DEFINE_list("impls", [], "Implementations to run (default: all).")
-_CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention (default bidirectional).")
+_CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention (default bidirectional); see --patterns.")
+_PATTERNS = flags.DEFINE_list("patterns", [], "Patterns to run, of bidirectional,causal (default: causal with "
+                              "--causal, else bidirectional).")
+_BUDGET = flags.DEFINE_float("budget", 0.0, "Seconds after which no measurement starts (0: no limit).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (the median is kept).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 60.0, "Skip steps whose planned memory exceeds this.")
 _OUT = flags.DEFINE_string("out", None, "Path and basename of the outputs (default "
                            "benchmarks/results/kernels_<device>).")
 
-IMPLS = ("flash", "flash_dropout", "xla", "cudnn", "pallas_mha", "linear_chunked", "linear_xla", "block_sparse_10",
-         "block_sparse_25")
+IMPLS = ("flash", "flash_dropout", "xla", "cudnn", "mosaic_gpu", "tokamax", "pallas_mha", "linear_chunked",
+         "linear_xla", "block_sparse_10", "block_sparse_25")
+BACKEND_MODULES = {"cudnn": "gpu_cudnn", "mosaic_gpu": "gpu_mosaic", "tokamax": "gpu_tokamax"}  # dispatch backends
 REFERENCES = {  # speedup columns: which implementations each one is compared with
-    "flash": ("xla", "cudnn", "pallas_mha"),
+    "flash": ("xla", "cudnn", "mosaic_gpu", "tokamax", "pallas_mha"),
     "flash_dropout": ("flash",),
     "linear_chunked": ("linear_xla", "flash"),
     "block_sparse_10": ("flash",),
     "block_sparse_25": ("flash",),
 }
-SPEEDUP_COLUMNS = ("xla", "cudnn", "pallas_mha", "flash", "linear_xla")
+SPEEDUP_COLUMNS = ("xla", "cudnn", "mosaic_gpu", "tokamax", "pallas_mha", "flash", "linear_xla")
 
 
 def device_slug(kind: str) -> str:
@@ -93,8 +106,10 @@ def linear_module():
         return None
 
 
-def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, causal: bool, small: bool):
-    """(fn(q, k, v) -> out, flop multiplier relative to dense softmax forward, note) or raises to refuse."""
+def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, causal: bool, small: bool,
+          grad: bool = True):
+    """(fn(q, k, v) -> out, flop multiplier relative to dense softmax forward) or raises to refuse; ``grad``: the
+    pass differentiates it (Mosaic GPU has a causal forward only)."""
     import jax
     import jax.numpy as jnp
 
@@ -111,10 +126,10 @@ def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, caus
                                                                 dropout_rate=0.1, dropout_seed=seed)), 1.0
     if impl == "xla":
         return (lambda q, k, v: softmax.attend(q, k, v, causal=causal)), 1.0
-    if impl == "cudnn":
-        if jax.default_backend() != "gpu":
-            raise NotImplementedError("cudnn needs a GPU")
-        return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")), 1.0
+    if impl in BACKEND_MODULES:  # refusals come per pass from the module's supports (see measure)
+        module = importlib.import_module(f"effjax.kernels.{BACKEND_MODULES[impl]}")
+        extra = {"grad": grad} if impl == "mosaic_gpu" else {}
+        return (lambda q, k, v: module.attention(q, k, v, causal=causal, **extra)), 1.0
     if impl == "pallas_mha":
         from jax.experimental.pallas.ops.gpu import attention as mha_lib
 
@@ -153,31 +168,62 @@ def build(impl: str, *, head_dim: int, length: int, batch: int, heads: int, caus
     raise ValueError(f"bench: unknown implementation {impl!r}; known: {', '.join(IMPLS)}.")
 
 
+def backend_reason(impl, *, head_dim, length, batch, heads, causal, dtype, grad) -> str | None:
+    """A dispatch backend's ``supports`` reason for this shape and pass (None: it runs; not a backend: None)."""
+    if impl not in BACKEND_MODULES:
+        return None
+    import jax
+
+    try:
+        module = importlib.import_module(f"effjax.kernels.{BACKEND_MODULES[impl]}")
+    except ImportError as error:
+        return f"not importable ({error})"
+    shape = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype)
+    return module.supports("attention", dict(q=shape, k=shape, v=shape, causal=causal, grad=grad))
+
+
+def impl_dtype(impl: str, dtype):
+    """The dtype ``impl`` runs in: ``dtype``, except Mosaic GPU's attention (its tiles are float16: it lowers
+    float16 only), which runs float16 where the others run bfloat16 (the same tensor-core rate on Hopper)."""
+    import jax.numpy as jnp
+
+    return jnp.float16 if impl == "mosaic_gpu" and jnp.dtype(dtype) == jnp.bfloat16 else dtype
+
+
 def measure(impl, *, head_dim, length, batch, heads, causal, small, dtype, repeats, max_bytes):
     """Rows (one per pass: 'fwd', 'fwd+bwd') with status, seconds, tflops and memory_bytes."""
     import jax
     import jax.numpy as jnp
 
-    base = {"impl": impl, "head_dim": head_dim, "length": length}
-    try:
-        fn, mult = build(impl, head_dim=head_dim, length=length, batch=batch, heads=heads, causal=causal,
-                         small=small)
-    except (NotImplementedError, ValueError, ImportError) as error:
-        why = f"refused: {str(error).splitlines()[0][:100]}"
-        return [{**base, "pass": p, "status": why} for p in ("fwd", "fwd+bwd")]
+    base = {"impl": impl, "head_dim": head_dim, "length": length, "causal": causal}
+    if impl_dtype(impl, dtype) is not dtype:
+        dtype = impl_dtype(impl, dtype)
+        base["dtype"] = jnp.dtype(dtype).name  # overrides the run's dtype in the .jsonl stamp
     keys = jax.random.split(jax.random.key(0), 4)
     shape = (batch, length, heads, head_dim)
     q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys[:3])
     ct = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
-
-    def loss(q, k, v):
-        return jnp.sum((fn(q, k, v) * ct).astype(jnp.float32))
-
-    steps = {"fwd": jax.jit(fn), "fwd+bwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2)))}
     dense = 4.0 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
     rows = []
-    for name, step in steps.items():
+    for name in ("fwd", "fwd+bwd"):
         row = {**base, "pass": name}
+        grad = name != "fwd"
+        reason = backend_reason(impl, head_dim=head_dim, length=length, batch=batch, heads=heads, causal=causal,
+                                dtype=dtype, grad=grad)
+        if reason:
+            rows.append({**row, "status": f"refused: {reason[:120]}"})
+            continue
+        try:
+            fn, mult = build(impl, head_dim=head_dim, length=length, batch=batch, heads=heads, causal=causal,
+                             small=small, grad=grad)
+        except (NotImplementedError, ValueError, ImportError) as error:
+            rows.append({**row, "status": f"refused: {str(error).splitlines()[0][:120]}"})
+            continue
+
+        def loss(q, k, v, fn=fn):
+            return jnp.sum((fn(q, k, v) * ct).astype(jnp.float32))
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2))) if grad else jax.jit(fn)
         try:
             compiled = step.lower(q, k, v).compile()
         except Exception as error:  # noqa: BLE001  (a refusal inside lowering: unsupported shape, no cuDNN, ...)
@@ -192,67 +238,90 @@ def measure(impl, *, head_dim, length, batch, heads, causal, small, dtype, repea
         if memory is not None and memory > max_bytes:
             rows.append({**row, "status": "skipped: planned memory over --max_memory_gb"})
             continue
-        jax.block_until_ready(compiled(q, k, v))  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(q, k, v))
-            times.append(time.perf_counter() - start)
+        try:
+            jax.block_until_ready(compiled(q, k, v))  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(q, k, v))
+                times.append(time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001  (a failure at run time, e.g. out of memory: the row says so)
+            rows.append({**row, "status": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}"})
+            continue
         seconds = statistics.median(times)
         flops = dense * mult * (1.0 if name == "fwd" else 3.5)
         rows.append({**row, "status": "ok", "seconds": seconds, "tflops": flops / seconds / 1e12})
     return rows
 
 
+def key(r, impl=None):
+    return (impl or r["impl"], r["head_dim"], r["length"], r.get("causal", False), r["pass"])
+
+
 def add_speedups(rows):
     """Adds 'x_<ref>' = ref seconds / seconds for each reference of the row's implementation."""
-    by = {(r["impl"], r["head_dim"], r["length"], r["pass"]): r for r in rows}
+    by = {key(r): r for r in rows}
     for r in rows:
         for ref in REFERENCES.get(r["impl"], ()):
-            other = by.get((ref, r["head_dim"], r["length"], r["pass"]), {})
+            other = by.get(key(r, ref), {})
             if r.get("status") == "ok" and other.get("status") == "ok":
                 r[f"x_{ref}"] = other["seconds"] / r["seconds"]
     return rows
 
 
 def table(rows) -> str:
-    """Markdown: one line per (implementation, head_dim, length, pass)."""
-    head = ("| impl | head_dim | length | pass | ms | TFLOP/s | peak MiB | "
+    """Markdown: one line per (implementation, head_dim, length, pattern, pass)."""
+    head = ("| impl | head_dim | length | causal | pass | ms | TFLOP/s | peak MiB | "
             + " | ".join(f"x {c}" for c in SPEEDUP_COLUMNS) + " |")
-    lines = [head, "|---" * (7 + len(SPEEDUP_COLUMNS)) + "|"]
+    lines = [head, "|---" * (8 + len(SPEEDUP_COLUMNS)) + "|"]
     for r in rows:
         mem = f"{r['memory_bytes'] / 2**20:.0f}" if "memory_bytes" in r else "-"
         if r["status"] != "ok":
-            cells = [r["status"][:70].replace("|", "/"), "", mem]
+            cells = [r["status"][:90].replace("|", "/"), "", mem]
         else:
             cells = [f"{r['seconds'] * 1e3:.3f}", f"{r['tflops']:.3g}", mem]
         speedups = [f"{r[f'x_{c}']:.2f}" if f"x_{c}" in r else "-" for c in SPEEDUP_COLUMNS]
-        lead = f"| `{r['impl']}` | {r['head_dim']} | {r['length']} | {r['pass']} | "
+        name = f"`{r['impl']}`" + (f" ({r['dtype']})" if "dtype" in r else "")
+        lead = (f"| {name} | {r['head_dim']} | {r['length']} | {'yes' if r.get('causal') else 'no'} | "
+                f"{r['pass']} | ")
         lines.append(lead + " | ".join(cells + speedups) + " |")
     return "\n".join(lines)
 
 
-def plot(rows, head_dims, path: str) -> None:
+def plot(rows, head_dims, patterns, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    passes = ("fwd", "fwd+bwd")
-    fig, axes = plt.subplots(len(head_dims), 2, figsize=(12, 4.5 * len(head_dims)), squeeze=False)
-    for i, d in enumerate(head_dims):
-        for j, p in enumerate(passes):
-            ax = axes[i][j]
-            for impl in IMPLS:
-                ok = sorted((r for r in rows if r["impl"] == impl and r["head_dim"] == d and r["pass"] == p
-                             and r["status"] == "ok"), key=lambda r: r["length"])
-                if ok:
-                    ax.loglog([r["length"] for r in ok], [r["seconds"] * 1e3 for r in ok], marker="o", ms=3,
-                              label=impl, lw=2.5 if impl == "flash" else 1)
-            ax.set(xlabel="sequence length", ylabel="ms", title=f"head_dim {d}, {p}")
+    panels = [(d, c, p) for d in head_dims for c in patterns for p in ("fwd", "fwd+bwd")]
+    cols = 2 * len(patterns)
+    fig, axes = plt.subplots(len(head_dims), cols, figsize=(6 * cols, 4.5 * len(head_dims)), squeeze=False)
+    for index, (d, causal, p) in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        for impl in IMPLS:
+            ok = sorted((r for r in rows if r["impl"] == impl and r["head_dim"] == d and r["pass"] == p
+                         and r.get("causal", False) == causal and r["status"] == "ok"), key=lambda r: r["length"])
+            if ok:
+                ax.loglog([r["length"] for r in ok], [r["seconds"] * 1e3 for r in ok], marker="o", ms=3,
+                          label=impl, lw=2.5 if impl == "flash" else 1)
+        ax.set(xlabel="sequence length", ylabel="ms",
+               title=f"head_dim {d}, {'causal' if causal else 'bidirectional'}, {p}")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def patterns_of(names, causal_flag: bool) -> list[bool]:
+    """--patterns as causal flags (default: [--causal])."""
+    if not names:
+        return [causal_flag]
+    known = {"bidirectional": False, "causal": True}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"bench: unknown pattern {name!r}; known: bidirectional, causal.")
+    return [known[name] for name in names]
 
 
 def main(argv):
@@ -260,10 +329,12 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
+    start = time.monotonic()
     small = _SMALL.value
     lengths = [int(n) for n in (_LENGTHS.value or (["64", "128"] if small else
                                                    ["1024", "2048", "4096", "8192", "16384", "32768"]))]
     head_dims = [int(d) for d in (_HEAD_DIMS.value or (["16", "32"] if small else ["64", "128"]))]
+    patterns = patterns_of(_PATTERNS.value, _CAUSAL.value)
     batch = _BATCH.value or (1 if small else 4)
     heads = _HEADS.value or (2 if small else 16)
     dtype = jnp.float32 if small else jnp.bfloat16
@@ -274,35 +345,46 @@ def main(argv):
     kind = jax.devices()[0].device_kind
     device = "cpu" if jax.default_backend() == "cpu" else device_slug(kind)
     mode = "interpreted" if jax.default_backend() != "gpu" else "compiled"
-    print(f"device: {kind} ({device}); batch {batch}, {heads} heads, {jnp.dtype(dtype).name}, "
-          f"{'causal' if _CAUSAL.value else 'bidirectional'}, Pallas kernels {mode}", flush=True)
-    rows = []
-    for d in head_dims:
-        for n in lengths:
-            for impl in impls:
-                for row in measure(impl, head_dim=d, length=n, batch=batch, heads=heads, causal=_CAUSAL.value,
-                                   small=small, dtype=dtype, repeats=_REPEATS.value,
-                                   max_bytes=_MAX_MEMORY_GB.value * 2**30):
-                    rows.append(row)
-                    shown = f"{row['seconds'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"][:70]
-                    print(f"{impl:16s} d={d:<4d} L={n:<6d} {row['pass']:8s} {shown}", flush=True)
-    add_speedups(rows)
+    shown_patterns = " and ".join("causal" if c else "bidirectional" for c in patterns)
+    print(f"device: {kind} ({device}); batch {batch}, {heads} heads, {jnp.dtype(dtype).name}, {shown_patterns}, "
+          f"Pallas kernels {mode}", flush=True)
     stamp = {"date": datetime.date.today().isoformat(), "device": kind, "batch": batch, "heads": heads,
-             "dtype": jnp.dtype(dtype).name, "causal": _CAUSAL.value, "kernels": mode}
+             "dtype": jnp.dtype(dtype).name, "kernels": mode}
     base = _OUT.value or os.path.join(RESULTS, f"kernels_{device}")
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    rows = []
+    with open(base + ".jsonl", "w") as log:  # one line per row as it comes; rewritten with speedups at the end
+        for n in lengths:  # shortest first, so a budget cuts the longest
+            for d in head_dims:
+                for causal in patterns:
+                    for impl in impls:
+                        if _BUDGET.value and time.monotonic() - start > _BUDGET.value:
+                            new = [{"impl": impl, "head_dim": d, "length": n, "causal": causal, "pass": p,
+                                    "status": f"skipped: time budget ({_BUDGET.value:.0f} s) spent"}
+                                   for p in ("fwd", "fwd+bwd")]
+                        else:
+                            new = measure(impl, head_dim=d, length=n, batch=batch, heads=heads, causal=causal,
+                                          small=small, dtype=dtype, repeats=_REPEATS.value,
+                                          max_bytes=_MAX_MEMORY_GB.value * 2**30)
+                        for row in new:
+                            rows.append(row)
+                            log.write(json.dumps({**stamp, **row}) + "\n")
+                            log.flush()
+                            shown = f"{row['seconds'] * 1e3:10.3f} ms" if row["status"] == "ok" else row["status"][:90]
+                            print(f"{impl:16s} d={d:<4d} L={n:<6d} {'causal' if causal else 'bidir':6s} "
+                                  f"{row['pass']:8s} {shown}", flush=True)
+    add_speedups(rows)
     with open(base + ".jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps({**stamp, **row}) + "\n")
     text = table(rows)
     with open(base + ".md", "w") as f:
-        f.write(f"{stamp['date']}, {kind}; batch {batch}, {heads} heads, {stamp['dtype']}, "
-                f"{'causal' if _CAUSAL.value else 'bidirectional'}, Pallas kernels {mode}. Median time; "
-                "TFLOP/s of the needed FLOPs; peak = XLA's planned memory; x ref = ref time / this time.\n\n"
-                + text + "\n")
-    plot(rows, head_dims, base + ".png")
+        f.write(f"{stamp['date']}, {kind}; batch {batch}, {heads} heads, {stamp['dtype']}, {shown_patterns}, "
+                f"Pallas kernels {mode}. Median time; TFLOP/s of the needed FLOPs; peak = XLA's planned memory; "
+                f"x ref = ref time / this time. {time.monotonic() - start:.0f} s in all.\n\n" + text + "\n")
+    plot(rows, head_dims, patterns, base + ".png")
     print("\n" + text)
-    print(f"\nwrote {base}.jsonl, .md and .png")
+    print(f"\nwrote {base}.jsonl, .md and .png ({time.monotonic() - start:.0f} s)")
 
 
 if __name__ == "__main__":
