@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from effjax.kernels import dropout, sharding
+from effjax.kernels import dropout, sharding, tuning
 from effjax.kernels.backend import interpret_default
 
 NAME = "flash_attention"
@@ -514,7 +514,7 @@ def blocked_attention(method, q, k, v, layout_fn, *, mask=None, segment_ids=None
             raise ValueError(
                 f"{method}: global_tokens must have shape [batch, length] = {(batch, q_len)} for self-attention, "
                 f"got {tuple(global_tokens.shape)} with q_len {q_len}, kv_len {kv_len}.")
-    blocks = blocks or DEFAULT_BLOCKS["gpu" if jax.default_backend() == "gpu" else "cpu"]
+    blocks = blocks or tuning.flash_blocks(DEFAULT_BLOCKS["gpu" if jax.default_backend() == "gpu" else "cpu"])
     bq = check_block(method, "block_q", blocks.block_q, q_len, interpret)
     bk = check_block(method, "block_k", blocks.block_k, kv_len, interpret)
     bq_bwd = check_block(method, "block_q_bwd", blocks.block_q_bwd, q_len, interpret)
@@ -575,7 +575,8 @@ def flash_attention(q, k, v, *, mask=None, segment_ids=None, causal=False, windo
     ``window``: keys with |i + kv_len - q_len - j| <= window only (``sliding_window.attend``); key
     blocks outside the band are skipped, as are future blocks under ``causal``. kv_heads dividing the
     query heads gives grouped/multi-query attention. ``blocks``: block sizes (default per backend,
-    ``DEFAULT_BLOCKS``); lengths need not be multiples (padded internally). ``interpret``: default True on CPU.
+    ``DEFAULT_BLOCKS``, or the device's tuned ones from ``tuning.py``); lengths need not be multiples (padded
+    internally). ``interpret``: default True on CPU.
     ``dropout_rate``/``dropout_seed``: attention dropout with the kernels' counter-based mask (see
     ``blocked_attention``); the same distribution as the reference's dropout, not the same draws.
     """

@@ -85,3 +85,30 @@ def test_triton_runs_interpreted_on_a_cpu_and_refuses_what_its_kernels_cannot_ta
     assert "head_dim must be a power of two" in triton_backend.supports("attention", dict(q=odd, k=odd, v=odd))
     call = dict(q=q, k=k, v=v, block_mask=np.ones((1, 1, 1), bool), block_size=24)
     assert triton_backend.supports("block_sparse", call) == "block_size must be a power of two, got 24"
+
+
+def test_the_block_table_is_written_atomically_keeps_other_entries_and_feeds_the_flash_kernel(tmp_path,
+                                                                                             monkeypatch):
+    from effjax.kernels import flash_attention, tuning
+
+    table = str(tmp_path / "block_table.json")
+    tuning.write({"block_q": 1}, "triton", "linear", "other device", table)
+    blocks = {"block_q": 8, "block_k": 16, "block_q_bwd": 16, "block_k_bwd": 8}
+    tuning.write(blocks, "triton", "attention", tuning.device_kind(), table)
+    assert tuning.tuned("triton", "linear", "other device", table) == {"block_q": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_table.json"]  # no temp file left
+    default = flash_attention.DEFAULT_BLOCKS["cpu"]
+    assert tuning.flash_blocks(default) == default  # the shipped table (none) leaves the defaults
+    monkeypatch.setattr(tuning, "TABLE_PATH", table)
+    assert tuning.flash_blocks(default) == flash_attention.BlockSizes(8, 16, 16, 8)
+
+
+@pytest.mark.slow
+def test_autotune_times_block_sizes_and_writes_the_fastest(tmp_path):
+    from effjax.kernels import tuning
+
+    table = str(tmp_path / "block_table.json")
+    tuning.main(["--small", f"--table={table}"])
+    entry = tuning.tuned("triton", "attention", tuning.device_kind(), table)
+    assert (entry["block_q"], entry["block_k"]) in ((16, 16), (32, 16)) and len(entry["seconds"]) == 2
+    assert min(entry["seconds"].values()) > 0
