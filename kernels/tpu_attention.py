@@ -335,6 +335,8 @@ def _run(method, q, k, v, build_masks, *, mask, segment_ids, sm_scale, blocks, i
         def one(q1, k1, v1, seg):
             return local(q1, k1, v1, segment_ids=None if seg is None else splash.SegmentIds(*seg))
 
+        if qh.shape[0] == 1:  # one example (per shard): no vmap, which TPU interpret mode cannot run (see README)
+            return one(qh[0], kh[0], vh[0], jax.tree.map(lambda x: x[0], segments))[None]
         return jax.vmap(one)(qh, kh, vh, segments)
 
     qkv_dims = (sharding.BATCH, sharding.HEADS)
