@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -38,6 +39,7 @@ NAME = "chunked_linear_attention"
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_DIM = 256  # largest padded feature / value-block dim: the m x block_v float32 state lives in registers
 MIN_DIM = 16  # Triton's smallest dot operand dim
+FLOOR = float(np.finfo(np.float32).tiny)  # the smallest decay: 0 would give log 0 = -inf and inf - inf in the weights
 
 
 def next_power_of_2(n: int) -> int:
@@ -335,15 +337,18 @@ def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
 
 
 def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,
-                             mask=None, interpret=None, block_v=None, log_decay=None):
+                             mask=None, interpret=None, block_v=None, log_decay=None, segment_ids=None):
     """Linear attention of feature-mapped ``phi_q [b, q_len, h, m]``, ``phi_k [b, kv_len, h, m]``, ``v [b, kv_len,
     h, dv]``; returns ``[b, q_len, h, dv]`` in the inputs' promoted dtype (float32 accumulation inside).
 
     ``mask [b, kv_len]`` False drops a key (its features and value are zeroed); a query with no visible real key
     gets 0. ``decay`` (causal only): factors in (0, 1], ``[h]`` or ``[b, kv_len, h]``, applied at every
     position (padded keys too); it gets a gradient. ``log_decay`` (same shapes, values <= 0) gives log(decay)
-    directly instead, for gates computed in log space. ``chunk_size``: power of two >= 16 (shorter inputs use one
-    chunk of the next power of two). ``block_v``: value columns per program (default all, up to 256).
+    directly instead, for gates computed in log space. ``segment_ids [b, len]`` (causal self-attention): packed
+    sequences; the state resets at each segment start, folded into the per-step decay as a factor of float32's
+    smallest normal (log -87.3, so a key of an earlier segment keeps a weight below 1e-38 of its own: zero in
+    float32). ``chunk_size``: power of two >= 16 (shorter inputs use one chunk of the next power of two).
+    ``block_v``: value columns per program (default all, up to 256).
     ``interpret`` None: interpret mode on CPU (``kernels.backend.interpret_default``).
     """
     if decay is not None and log_decay is not None:
@@ -357,10 +362,12 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
         keep = jnp.asarray(mask, bool)[:, :, None, None]
         phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
     if decay is not None:
-        floor = jnp.finfo(jnp.float32).tiny  # decay 0 would give log 0 = -inf and inf - inf in the weights
-        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), floor))
+        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
     if log_decay is not None:
         log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+    if segment_ids is not None:
+        reset = segment_reset(NAME, segment_ids, causal, batch, q_len, kv_len)
+        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
     # Causal end alignment (as kernel_attention): dummy queries in front when kv_len > q_len, empty keys when
     # q_len > kv_len, so that query i pairs with key i.
     q_front = max(kv_len - q_len, 0) if causal else 0
@@ -384,8 +391,20 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     return out[:, q_front:q_front + q_len, :, :dv].astype(dtype)
 
 
-def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=1e-6, mask=None):
-    """Materialized float32 reference of ``chunked_linear_attention`` (O(q_len * kv_len) memory), for tests."""
+def segment_reset(kernel: str, segment_ids, causal: bool, batch: int, q_len: int, kv_len: int):
+    """[batch, kv_len, 1] log decay: log(FLOOR) at each segment start after the first position, else 0."""
+    if not causal or q_len != kv_len or np.shape(segment_ids) != (batch, kv_len):
+        raise ValueError(f"{kernel}: segment_ids [batch, length] = {(batch, kv_len)} need causal self-attention (the "
+                         f"state resets at each segment start), got shape {np.shape(segment_ids)}, causal={causal}, "
+                         f"q_len {q_len}, kv_len {kv_len}.")
+    ids = jnp.asarray(segment_ids)
+    starts = jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    return jnp.where(starts, jnp.log(FLOOR), 0.0)[:, :, None]
+
+
+def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=1e-6, mask=None, segment_ids=None):
+    """Materialized float32 reference of ``chunked_linear_attention`` (O(q_len * kv_len) memory), for tests;
+    ``segment_ids`` restrict each query to the keys of its own segment."""
     batch, q_len, heads, _ = phi_q.shape
     kv_len = phi_k.shape[1]
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
@@ -396,6 +415,9 @@ def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=
     rows = jnp.arange(q_len)[:, None] + (kv_len - q_len)
     if causal:
         allowed &= rows >= jnp.arange(kv_len)[None, :]
+    if segment_ids is not None:
+        ids = jnp.asarray(segment_ids)
+        allowed &= (ids[:, :, None] == ids[:, None, :])[:, None]
     if decay is not None:
         log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), (batch, kv_len, heads))
         cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)  # [b, h, kv_len]

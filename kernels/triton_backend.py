@@ -43,6 +43,8 @@ def supports(op: str, call: dict) -> str | None:
                     return f"block_size {blocks} is below the compiled kernels' minimum of 16"
         elif op == "linear":
             linear_attention.check_dtype(NAME, "v", call["v"])
+            if call.get("segment_ids") is not None and not call.get("causal"):
+                return "segment_ids need causal=True (the state resets at each segment start)"
         elif op not in OPS:
             return f"no {op} kernel"
     except (ValueError, KeyError) as error:

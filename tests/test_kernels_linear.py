@@ -61,6 +61,33 @@ def test_outputs_and_gradients_equal_reference(causal, lq, lk, chunk, decay, nor
     assert_tree_close(grads, want_grads, 1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("decay", slow_after([None, "step"]))
+def test_packed_segments_reset_the_state_and_match_the_segment_masked_reference(decay):
+    # Segments of 5, 14 and 18 tokens: starts inside and at the edge of the 16-token chunks.
+    phi_q, phi_k, v, key = inputs(3)
+    segment_ids = jnp.asarray(np.repeat([[1, 2, 3], [4, 4, 5]], [5, 14, 18], axis=1))
+    mask = lengths_mask([37, 33], 37)
+    gates = jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, 37, 2))) if decay else None
+
+    def kernel(q, k, v):
+        return la.chunked_linear_attention(q, k, v, causal=True, decay=gates, chunk_size=16, mask=mask,
+                                           segment_ids=segment_ids)
+
+    def ref(q, k, v):
+        return la.reference(q, k, v, causal=True, decay=gates, mask=mask, segment_ids=segment_ids)
+
+    cot = jax.random.normal(jax.random.key(7), (2, 37, 2, 8))
+    out, grads = value_and_grads_of(kernel, [phi_q, phi_k, v], cot)
+    want, want_grads = value_and_grads_of(ref, [phi_q, phi_k, v], cot)
+    assert_tree_close(out, want, 1e-5, 1e-5)
+    assert_tree_close(grads, want_grads, 1e-4, 1e-5)
+    # The first segment's outputs do not change when a later segment's keys do.
+    later = v.at[:, 5:].set(0.0)
+    np.testing.assert_allclose(kernel(phi_q, phi_k, later)[0, :5], out[0, :5], atol=1e-6)
+    with pytest.raises(ValueError, match="segment_ids .* need causal self-attention"):
+        la.chunked_linear_attention(phi_q, phi_k, v, segment_ids=segment_ids)
+
+
 @pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_normalized_equals_kernel_attention_and_ignores_padded_keys(causal):
     phi_q, phi_k, v, _ = inputs(1, lq=45, lk=45, m=6, dv=5)
