@@ -23,6 +23,7 @@ kernels, differentiated by JAX.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -337,7 +338,8 @@ def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
 
 
 def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,
-                             mask=None, interpret=None, block_v=None, log_decay=None, segment_ids=None):
+                             mask=None, interpret=None, block_v=None, log_decay=None, segment_ids=None,
+                             initial_state=None, return_state=False):
     """Linear attention of feature-mapped ``phi_q [b, q_len, h, m]``, ``phi_k [b, kv_len, h, m]``, ``v [b, kv_len,
     h, dv]``; returns ``[b, q_len, h, dv]`` in the inputs' promoted dtype (float32 accumulation inside).
 
@@ -348,7 +350,12 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     sequences; the state resets at each segment start, folded into the per-step decay as a factor of float32's
     smallest normal (log -87.3, so a key of an earlier segment keeps a weight below 1e-38 of its own: zero in
     float32). ``chunk_size``: power of two >= 16 (shorter inputs use one chunk of the next power of two).
-    ``block_v``: value columns per program (default all, up to 256).
+    ``block_v``: value columns per program (default all, up to 256). ``initial_state`` (a ``LinearState``: the
+    ``[b, h, m, dv]`` sum of ``phi_k v^T`` and ``[b, h, m]`` sum of ``phi_k`` of the keys before this call) and
+    ``return_state`` (then ``(out, LinearState)`` with the state after the last key), causal self-attention only,
+    continue a sequence across calls (decoding, context-parallel chunks): the state enters every query decayed
+    by the decays up to it and leaves decayed from each key to the end, computed beside the kernel in XLA
+    (exact; one ``O(len * m * dv)`` einsum each).
     ``interpret`` None: interpret mode on CPU (``kernels.backend.interpret_default``).
     """
     if decay is not None and log_decay is not None:
@@ -361,6 +368,11 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     if mask is not None:
         keep = jnp.asarray(mask, bool)[:, :, None, None]
         phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
+    carry = initial_state is not None or return_state
+    if carry and (not causal or q_len != kv_len):
+        raise ValueError(f"{NAME}: initial_state and return_state need causal self-attention (a state sums the "
+                         f"keys before a position), got causal={causal}, q_len {q_len}, kv_len {kv_len}.")
+    sequence = (phi_q, phi_k, v)
     if decay is not None:
         log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
     if log_decay is not None:
@@ -380,6 +392,7 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
     phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
     v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - dv)
+    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h], before padding
     if log_decay is not None:
         log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
     static = (bool(causal), bool(normalize), chunk, block, interpret_default(interpret))
@@ -387,8 +400,46 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     num, den = sharding.per_shard(lambda _, *arrays: _core(*arrays, *static), (phi_q, phi_k, v, log_decay),
                                   (per_step,) * 3 + (None if log_decay is None else per_step,), (per_step, per_step),
                                   batch=batch, head_counts=(heads,))
-    out = guarded_divide(num, den, eps) if normalize else num
-    return out[:, q_front:q_front + q_len, :, :dv].astype(dtype)
+    num = num[:, q_front:q_front + q_len, :, :dv]
+    den = None if den is None else den[:, q_front:q_front + q_len]
+    if initial_state is not None:
+        num, den = _with_initial_state(initial_state, sequence[0], cum, num, den)
+    out = (guarded_divide(num, den, eps) if normalize else num).astype(dtype)
+    return (out, _final_state(initial_state, *sequence[1:], cum)) if return_state else out
+
+
+class LinearState(NamedTuple):
+    """The recurrent state of causal linear attention after some keys: ``kv [b, h, m, dv]`` (sum of decayed
+    ``phi_k v^T``) and ``k_sum [b, h, m]`` (sum of decayed ``phi_k``, the normaliser's)."""
+
+    kv: jax.Array
+    k_sum: jax.Array
+
+
+def _with_initial_state(state: LinearState, phi_q, cum, num, den):
+    """num + w_i phi_q_i . kv and den + w_i phi_q_i . k_sum, w_i = exp(cum_i): the decays up to query i."""
+    q = phi_q.astype(jnp.float32) if cum is None else phi_q.astype(jnp.float32) * jnp.exp(cum)[..., None]
+    hi = lax.Precision.HIGHEST
+    num = num + jnp.einsum("blhm,bhmd->blhd", q, state.kv.astype(jnp.float32), precision=hi)
+    if den is not None:
+        den = den + jnp.einsum("blhm,bhm->blh", q, state.k_sum.astype(jnp.float32), precision=hi)
+    return num, den
+
+
+def _final_state(state: LinearState | None, phi_k, v, cum) -> LinearState:
+    """The state after the last key: each key decayed to the end (exp(cum_last - cum_j)), plus the initial state
+    decayed by every step (exp(cum_last))."""
+    k = phi_k.astype(jnp.float32)
+    if cum is not None:
+        k = k * jnp.exp(cum[:, -1:] - cum)[..., None]
+    hi = lax.Precision.HIGHEST
+    kv = jnp.einsum("blhm,blhd->bhmd", k, v.astype(jnp.float32), precision=hi)
+    k_sum = jnp.sum(k, axis=1)
+    if state is not None:
+        through = 1.0 if cum is None else jnp.exp(cum[:, -1])  # [b, h]
+        kv = kv + jnp.asarray(through)[..., None, None] * state.kv.astype(jnp.float32)
+        k_sum = k_sum + jnp.asarray(through)[..., None] * state.k_sum.astype(jnp.float32)
+    return LinearState(kv, k_sum)
 
 
 def segment_reset(kernel: str, segment_ids, causal: bool, batch: int, q_len: int, kv_len: int):

@@ -88,6 +88,40 @@ def test_packed_segments_reset_the_state_and_match_the_segment_masked_reference(
         la.chunked_linear_attention(phi_q, phi_k, v, segment_ids=segment_ids)
 
 
+@pytest.mark.parametrize("normalize", slow_after([True, False]))
+def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(normalize):
+    phi_q, phi_k, v, key = inputs(5, lq=40, lk=40)
+    gates = jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, 40, 2)))
+    mask = lengths_mask([40, 29], 40)
+    opts = dict(causal=True, chunk_size=16, normalize=normalize)
+
+    def whole(q, k, v):
+        return la.chunked_linear_attention(q, k, v, decay=gates, mask=mask, **opts)
+
+    def halves(q, k, v, cut=23):  # the cut is inside a chunk
+        first, state = la.chunked_linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], decay=gates[:, :cut],
+                                                   mask=mask[:, :cut], return_state=True, **opts)
+        second, final = la.chunked_linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], decay=gates[:, cut:],
+                                                    mask=mask[:, cut:], initial_state=state, return_state=True,
+                                                    **opts)
+        return jnp.concatenate([first, second], axis=1), final
+
+    cot = jax.random.normal(jax.random.key(7), (2, 40, 2, 8))
+    out, grads = value_and_grads_of(whole, [phi_q, phi_k, v], cot)
+    split, split_grads = value_and_grads_of(lambda *a: halves(*a)[0], [phi_q, phi_k, v], cot)
+    assert_tree_close(split, out, 1e-5, 1e-5)
+    assert_tree_close(split_grads, grads, 1e-4, 1e-5)
+    # The final state is the decayed sum over every real key: a query after the sequence reads it.
+    final = halves(phi_q, phi_k, v)[1]
+    cum = jnp.cumsum(jnp.log(gates), axis=1)
+    weight = jnp.exp(cum[:, -1:] - cum) * mask[:, :, None]
+    kv = jnp.einsum("blh,blhm,blhd->bhmd", weight, phi_k, v, precision="highest")
+    np.testing.assert_allclose(final.kv, kv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(final.k_sum, jnp.einsum("blh,blhm->bhm", weight, phi_k), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="initial_state and return_state need causal self-attention"):
+        la.chunked_linear_attention(phi_q, phi_k, v, return_state=True)
+
+
 @pytest.mark.parametrize("causal", slow_after([True, False]))
 def test_normalized_equals_kernel_attention_and_ignores_padded_keys(causal):
     phi_q, phi_k, v, _ = inputs(1, lq=45, lk=45, m=6, dv=5)
