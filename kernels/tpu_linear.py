@@ -30,8 +30,8 @@ JAX. The key mask, causal end alignment, padding, the ones column and the final 
 kernel, differentiated by JAX. float32 dots use ``Precision.HIGHEST``; bfloat16 operands multiply in bfloat16 on
 the MXU with float32 accumulation.
 
-Entry point: ``chunked_linear_attention`` (op "linear" of the ``mosaic_tpu`` backend, see ``tpu_scan.py`` for the
-module-level ``NAME``/``PLATFORMS``/``OPS``/``supports``).
+Entry point: ``chunked_linear_attention``, op "linear" of ``kernels.dispatch``'s ``mosaic_tpu`` backend (``NAME``,
+``PLATFORMS``, ``OPS``, ``supports`` below; ``tpu_attention`` and ``tpu_scan`` hold its other ops).
 """
 
 import functools
@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from effjax.kernels import linear_attention as la
 from effjax.kernels import sharding
 from effjax.kernels.backend import interpret_default
 from effjax.kernels.linear_attention import pad_axis
@@ -233,17 +234,23 @@ def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask):
 
 
 def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,
-                             mask=None, interpret=None, block_v=None, log_decay=None):
+                             mask=None, interpret=None, block_v=None, log_decay=None, segment_ids=None,
+                             initial_state=None, return_state=False):
     """Mosaic TPU twin of ``kernels.linear_attention.chunked_linear_attention`` (same arguments and result):
     ``phi_q [b, q_len, h, m]``, ``phi_k [b, kv_len, h, m]``, ``v [b, kv_len, h, dv]`` -> ``[b, q_len, h, dv]`` in
     the inputs' promoted dtype.
 
     ``chunk_size`` is rounded up to a multiple of 128 (one chunk of the padded length when that is shorter); it
     changes the result only by rounding. ``block_v`` (a Triton knob) is accepted and ignored: value blocks are 128
-    lanes. ``interpret`` None: TPU interpret mode on CPU; an ``InterpretParams`` is passed through. Forward and
-    backward (custom VJP) are Pallas kernels; the decay's gradient is plain JAX from theirs.
+    lanes. ``segment_ids [b, len]`` (causal self-attention): the state resets at each segment start, folded into
+    the per-step log-decay as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state`` (a carried
+    state) are not implemented here (``supports`` says so). ``interpret`` None: TPU interpret mode on CPU; an
+    ``InterpretParams`` is passed through. Forward and backward (custom VJP) are Pallas kernels; the decay's
+    gradient is plain JAX from theirs.
     """
     del block_v
+    if initial_state is not None or return_state:
+        raise NotImplementedError(f"{KERNEL}: initial_state / return_state (a carried state) are not implemented.")
     if decay is not None and log_decay is not None:
         raise ValueError(f"{KERNEL}: give decay or log_decay, not both.")
     _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask)
@@ -257,10 +264,12 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     if normalize:  # the denominator as one more value column: sum_j w_ij (phi_q_i . phi_k_j) * 1
         v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
     if decay is not None:
-        floor = jnp.finfo(jnp.float32).tiny  # decay 0 would give log 0 = -inf and inf - inf in the weights
-        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), floor))
+        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), la.FLOOR))  # decay 0: log 0 = -inf
     if log_decay is not None:
         log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+    if segment_ids is not None:  # log(float32 tiny) at each segment start: earlier segments weigh < 1e-38
+        reset = la.segment_reset(KERNEL, segment_ids, causal, batch, q_len, kv_len)
+        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
     # Causal end alignment: dummy queries in front when kv_len > q_len, empty keys when q_len > kv_len.
     q_front = max(kv_len - q_len, 0) if causal else 0
     k_front = max(q_len - kv_len, 0) if causal else 0
@@ -288,3 +297,45 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     num = num[:, q_front:q_front + q_len]
     out = guarded_divide(num[..., :dv], num[..., dv], eps) if normalize else num[..., :dv]
     return out.astype(dtype)
+
+
+# --- op "linear" of the mosaic_tpu backend (kernels.dispatch) ----------------------------------------------------
+
+NAME = "mosaic_tpu"
+PLATFORMS = ("tpu",)  # compiled there; on a CPU the kernels run in TPU interpret mode
+OPS = {"linear": chunked_linear_attention}
+
+
+def platform_reason(call: dict) -> str | None:
+    """Why a compiled (not interpreted) Mosaic TPU kernel cannot run here, or None."""
+    if not interpret_default(call.get("interpret")) and jax.default_backend() != "tpu":
+        return f"compiled Mosaic TPU kernels on backend {jax.default_backend()!r} (a TPU, or interpret=True)"
+    return None
+
+
+def dtype_of(call: dict, key: str):
+    value = call.get(key)
+    return None if value is None or not hasattr(value, "dtype") else jnp.dtype(value.dtype)
+
+
+def supports(op: str, call: dict) -> str | None:
+    """None when ``chunked_linear_attention(**call)`` runs here, else a short reason naming the unsupported
+    feature; ``call`` holds the entry point's keyword arguments (arrays or ``jax.ShapeDtypeStruct``). Never raises."""
+    if op not in OPS:
+        return f"op {op!r} (this module implements {', '.join(OPS)})"
+    try:
+        if call.get("initial_state") is not None or call.get("return_state"):
+            return "initial_state / return_state (a carried state)"
+        for key in ("phi_q", "phi_k", "v"):
+            if dtype_of(call, key) is not None and dtype_of(call, key) not in [jnp.dtype(d) for d in DTYPES]:
+                return f"dtype {dtype_of(call, key).name} (float32 and bfloat16 only: no float16 Mosaic TPU matmul)"
+        if call.get("segment_ids") is not None and not call.get("causal"):
+            return "segment_ids need causal=True (the state resets at each segment start)"
+        features, values = call.get("phi_q"), call.get("v")
+        if features is not None and round_up(features.shape[-1], LANES) > MAX_DIM:
+            return f"feature dim {features.shape[-1]} > {MAX_DIM} (VMEM blocks)"
+        if values is not None and round_up(values.shape[-1] + 1, LANES) > MAX_DIM:
+            return f"value dim {values.shape[-1]} >= {MAX_DIM} (VMEM blocks)"
+        return platform_reason(call)
+    except Exception as error:  # noqa: BLE001 - a malformed call is the entry point's to reject, not ours
+        return f"unreadable call ({type(error).__name__}: {error})"

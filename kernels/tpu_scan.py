@@ -1,5 +1,5 @@
 """Mamba's selective scan as a Mosaic TPU Pallas kernel (Gu & Dao 2023, Sec. 3.2 Alg. 2), with the semantics of
-``kernels.selective_scan.selective_scan``; also the ``mosaic_tpu`` backend's contract for ``kernels.dispatch``.
+``kernels.selective_scan.selective_scan``: op "scan" of ``kernels.dispatch``'s ``mosaic_tpu`` backend.
 
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t,    y_t = C_t . h_t + D x_t,    A = -exp(a_log)
 
@@ -260,42 +260,22 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     return y[:, :length, :, :p] + d_skip.astype(jnp.float32) * x
 
 
-# --- the mosaic_tpu backend of kernels.dispatch -----------------------------------------------------------------
+# --- op "scan" of the mosaic_tpu backend (kernels.dispatch) -------------------------------------------------------
 
 NAME = "mosaic_tpu"
-PLATFORMS = ("tpu",)  # compiled there; elsewhere (CPU) the kernels run in TPU interpret mode
-OPS = {"linear": tpu_linear.chunked_linear_attention, "scan": selective_scan}
-
-
-def _shape(call, key):
-    value = call.get(key)
-    return None if value is None else tuple(getattr(value, "shape", ()))
-
-
-def _dtype(call, key):
-    value = call.get(key)
-    return None if value is None else getattr(value, "dtype", None)
+PLATFORMS = ("tpu",)  # compiled there; on a CPU the kernels run in TPU interpret mode
+OPS = {"scan": selective_scan}
 
 
 def supports(op: str, call: dict) -> str | None:
-    """None when this backend runs ``OPS[op](**call)``, else a short reason naming the unsupported feature.
-    ``call`` holds the entry point's keyword arguments (arrays or ``jax.ShapeDtypeStruct``); never raises."""
+    """None when ``selective_scan(**call)`` runs here, else a short reason naming the unsupported feature; ``call``
+    holds the entry point's keyword arguments (arrays or ``jax.ShapeDtypeStruct``). Never raises."""
     if op not in OPS:
-        return f"op {op!r} (mosaic_tpu implements {', '.join(sorted(OPS))})"
+        return f"op {op!r} (this module implements {', '.join(OPS)})"
     try:
-        if op == "linear":
-            for key in ("phi_q", "phi_k", "v"):
-                if _dtype(call, key) is not None and jnp.dtype(_dtype(call, key)) == jnp.float16:
-                    return "float16 inputs (Mosaic TPU matmuls take float32 or bfloat16)"
-            feature, values = _shape(call, "phi_q"), _shape(call, "v")
-            if feature and round_up(feature[-1], LANES) > tpu_linear.MAX_DIM:
-                return f"feature dim {feature[-1]} > {tpu_linear.MAX_DIM} (VMEM blocks)"
-            if values and round_up(values[-1] + 1, LANES) > tpu_linear.MAX_DIM:
-                return f"value dim {values[-1]} >= {tpu_linear.MAX_DIM} (VMEM blocks)"
-            return None
-        state = _shape(call, "b")
-        if state and round_up(state[-1], 8) > MAX_STATE:
-            return f"d_state {state[-1]} > {MAX_STATE} (the backward's states in VMEM)"
-        return None
+        states = call.get("b")
+        if states is not None and round_up(states.shape[-1], 8) > MAX_STATE:
+            return f"d_state {states.shape[-1]} > {MAX_STATE} (the backward's states in VMEM)"
+        return tpu_linear.platform_reason(call)
     except Exception as error:  # noqa: BLE001 - a malformed call is the entry point's to reject, not ours
-        return f"unreadable call ({type(error).__name__})"
+        return f"unreadable call ({type(error).__name__}: {error})"

@@ -91,6 +91,19 @@ def test_linear_bfloat16(causal):
 
 
 @pytest.mark.slow
+def test_linear_segment_ids():
+    # Packed sequences (the state resets at each start, one start on the chunk boundary) with a per-step gate.
+    phi_q, phi_k, v, key = linear_inputs(2, lq=150, lk=150)
+    ids = jnp.asarray(np.stack([np.repeat([0, 1, 2], [40, 88, 22]), np.repeat([0, 1], [128, 22])]))
+    gate = decay_of("step", key, 150)
+    cot = jax.random.normal(jax.random.key(3), v.shape)
+    kernel = lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, decay=g, causal=True, segment_ids=ids)
+    ref = lambda q, k, v, g: la.reference(q, k, v, decay=g, causal=True, segment_ids=ids)
+    assert_tree_close(value_and_grads_of(kernel, [phi_q, phi_k, v, gate], cot),
+                      value_and_grads_of(ref, [phi_q, phi_k, v, gate], cot), 1e-5, 1e-5)
+
+
+@pytest.mark.slow
 def test_linear_padded_keys_do_not_leak():
     phi_q, phi_k, v, _ = linear_inputs(1, lq=45, lk=45)
     mask = lengths_mask([33, 45], 45)
@@ -148,22 +161,29 @@ def test_scan_bfloat16():
 
 
 def test_backend_contract():
+    # Each module is one op of dispatch's mosaic_tpu backend; supports gives a reason or None and never raises.
     f32 = jnp.float32
     feats = jax.ShapeDtypeStruct((2, 300, 4, 64), f32)
-    assert tpu_scan.NAME == "mosaic_tpu" and "tpu" in tpu_scan.PLATFORMS
-    assert tpu_scan.OPS == {"linear": tpu_linear.chunked_linear_attention, "scan": tpu_scan.selective_scan}
-    assert tpu_scan.supports("linear", dict(phi_q=feats, phi_k=feats, v=feats, causal=True, mask=None)) is None
+    for module, op in ((tpu_linear, "linear"), (tpu_scan, "scan")):
+        assert module.NAME == "mosaic_tpu" and module.PLATFORMS == ("tpu",) and list(module.OPS) == [op]
+        assert "op 'flash'" in module.supports("flash", {})
+        assert module.supports(op, {"phi_q": object(), "b": object()}).startswith("unreadable call")
+    assert tpu_linear.OPS["linear"] is tpu_linear.chunked_linear_attention
+    assert tpu_scan.OPS["scan"] is tpu_scan.selective_scan
+    linear = dict(phi_q=feats, phi_k=feats, v=feats, causal=True, mask=None, segment_ids=None)
+    assert tpu_linear.supports("linear", linear) is None  # CPU: TPU interpret mode
+    assert "interpret=True" in tpu_linear.supports("linear", {**linear, "interpret": False})
     half = jax.ShapeDtypeStruct(feats.shape, jnp.float16)
-    assert "float16" in tpu_scan.supports("linear", dict(phi_q=half, phi_k=half, v=half))
+    assert "float16" in tpu_linear.supports("linear", dict(linear, phi_q=half, phi_k=half, v=half))
     wide = jax.ShapeDtypeStruct((2, 300, 4, 4096), f32)
-    assert "feature dim" in tpu_scan.supports("linear", dict(phi_q=wide, phi_k=wide, v=feats))
-    x = jax.ShapeDtypeStruct((2, 300, 4, 64), f32)
+    assert "feature dim" in tpu_linear.supports("linear", dict(linear, phi_q=wide, phi_k=wide))
+    assert "carried state" in tpu_linear.supports("linear", dict(linear, return_state=True))
+    ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+    assert "segment_ids need causal" in tpu_linear.supports("linear", dict(linear, causal=False, segment_ids=ids))
     state = jax.ShapeDtypeStruct((2, 300, 4, 16), f32)
-    call = dict(x=x, delta=x, a_log=jax.ShapeDtypeStruct((4, 64, 16), f32), b=state, c=state)
-    assert tpu_scan.supports("scan", call) is None
-    assert "d_state" in tpu_scan.supports("scan", {**call, "b": jax.ShapeDtypeStruct((2, 300, 4, 128), f32)})
-    assert "op 'flash'" in tpu_scan.supports("flash", {})
-    tpu_scan.supports("linear", {"phi_q": object()})  # a malformed call: a reason or None, never an exception
+    scan = dict(x=feats, delta=feats, a_log=jax.ShapeDtypeStruct((4, 64, 16), f32), b=state, c=state)
+    assert tpu_scan.supports("scan", scan) is None
+    assert "d_state" in tpu_scan.supports("scan", {**scan, "b": jax.ShapeDtypeStruct((2, 300, 4, 128), f32)})
 
 
 def linear_grad_fn(causal, decay):
