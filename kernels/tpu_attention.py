@@ -17,11 +17,13 @@ the key blocks the static mask leaves empty, forward and backward (its own custo
 - Splash has no key mask: key padding, ``segment_ids`` and the keys added by padding become segment ids;
   excluded keys get an id no query has (one below the smallest query id). Their logits are splash's mask
   value, so they carry exactly zero weight in every row that has an allowed key.
-- A query with no statically allowed key (causal cross attention with q_len > kv_len, empty block rows)
-  returns the reference's answer, the mean of all values, and gets no q/k gradient. A query whose keys
-  are all removed by ``mask``/``segment_ids`` instead averages the values of the key blocks splash visits
-  for it (padding included, as zeros), and its q/k gradient is not zero unless its output's cotangent is
-  (as for padded positions a loss ignores); the reference averages all keys. See ``supports``' callers.
+- A query with no allowed key returns the reference's answer, the mean of all values, with no q/k gradient
+  (splash alone would average whatever its visited blocks hold, and divide by zero where it visits none).
+  Rows with no key in the static pattern (causal cross attention with q_len > kv_len, empty block rows) are
+  known on the host; they are given key 0 so that splash stays finite, and their output is replaced. Rows
+  whose keys ``mask``/``segment_ids`` remove are found by ``_key_in_range`` (a binary search over the keys
+  sorted by segment, O(length log length)), and replaced likewise; the replaced rows pass splash a zero
+  cotangent, so its backward adds nothing for them.
 - Refused: dropout, a traced block mask, global tokens that are traced or differ across the batch.
 
 Under a device mesh the core runs per shard (``sharding.per_shard``); splash's mask tables are built for
@@ -151,6 +153,27 @@ def _block_masks(shape, q_len, kv_len, layout, bq, bk, causal):
     return result, empty_real
 
 
+def _block_ranges(layout, q_len, kv_len, bq, bk, causal):
+    """The keys each query may see under a block layout, as ranges: (lo, hi) int [H, W, q_len], one range per
+    run of consecutive listed blocks (W: the most runs in a row; missing runs are empty, lo > hi)."""
+    runs = [[[] for _ in range(layout.shape[1])] for _ in range(layout.shape[0])]
+    for h, r in zip(*np.nonzero(layout.any(-1)), strict=True):
+        row = np.concatenate([[False], layout[h, r], [False]])
+        starts, ends = np.flatnonzero(row[1:] & ~row[:-1]), np.flatnonzero(row[:-1] & ~row[1:])
+        runs[h][r] = list(zip(starts * bk, np.minimum(ends * bk, kv_len) - 1, strict=True))
+    width = max(1, max(len(row) for head in runs for row in head))
+    lo, hi = np.ones(layout.shape[:2] + (width,), np.int64), np.zeros(layout.shape[:2] + (width,), np.int64)
+    for h, head in enumerate(runs):
+        for r, row in enumerate(head):
+            for w, (a, b) in enumerate(row):
+                lo[h, r, w], hi[h, r, w] = a, b
+    rows = np.arange(q_len)
+    lo, hi = lo[:, rows // bq].transpose(0, 2, 1), hi[:, rows // bq].transpose(0, 2, 1)
+    if causal:
+        hi = np.minimum(hi, rows + kv_len - q_len)
+    return lo, hi
+
+
 def _window_global_mask(shape, length, window, flags, causal):
     """Longformer's pattern: |i - j| <= window or global[i] or global[j] (AND causal), ``flags`` bool [length]."""
     if flags is None or not flags.any():
@@ -163,6 +186,28 @@ def _window_global_mask(shape, length, window, flags, causal):
         return ok & (j <= i) if causal else ok
 
     return _Pattern(shape, ("window_global", length, window, causal, glob.tobytes()), fn)
+
+
+def _key_in_range(seg_q, seg_k, lo, hi):
+    """bool [batch, q_len]: whether some key j in [lo_i, hi_i] has ``seg_k[b, j] == seg_q[b, i]``.
+
+    Rows with no allowed key are invisible to splash (masked logits all get one finite value), so they are
+    found here: the keys sorted by (segment, position), then one vectorised binary search per query for the
+    first key at or after (its segment, lo_i). O(length log length); ``lo``/``hi`` broadcast to [batch, q_len].
+    """
+    n = seg_k.shape[1]
+    order = jnp.argsort(seg_k, axis=1, stable=True).astype(jnp.int32)  # positions ascend within a segment
+    sorted_seg = jnp.take_along_axis(seg_k, order, 1)
+    lo, hi = (jnp.broadcast_to(jnp.asarray(x, jnp.int32), seg_q.shape) for x in (lo, hi))
+    left, right = jnp.zeros(seg_q.shape, jnp.int32), jnp.full(seg_q.shape, n, jnp.int32)
+    for _ in range(n.bit_length()):
+        mid = jnp.minimum((left + right) // 2, n - 1)
+        seg_mid, pos_mid = jnp.take_along_axis(sorted_seg, mid, 1), jnp.take_along_axis(order, mid, 1)
+        before = (left < right) & ((seg_mid < seg_q) | ((seg_mid == seg_q) & (pos_mid < lo)))
+        left, right = jnp.where(before, mid + 1, left), jnp.where(before | (left >= right), right, mid)
+    found = jnp.minimum(left, n - 1)
+    return ((left < n) & (lo <= hi) & (jnp.take_along_axis(sorted_seg, found, 1) == seg_q)
+            & (jnp.take_along_axis(order, found, 1) <= hi))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,9 +328,13 @@ def _pad(x, axis, length, value=0):
     return x if length == x.shape[axis] else jnp.pad(x, widths, constant_values=value)
 
 
-def _run(method, q, k, v, build_masks, *, mask, segment_ids, sm_scale, blocks, interpret):
+def _run(method, q, k, v, build_masks, *, mask, segment_ids, sm_scale, blocks, interpret, rows_with_key=None):
     """Pads, builds the static masks with ``build_masks(shape) -> (per-head masks, empty real rows [H or 1,
-    Lq_pad])``, runs splash per example (and per shard) and replaces rows with no allowed key by the mean value."""
+    Lq_pad])``, runs splash per example (and per shard) and replaces rows with no allowed key by the mean value.
+
+    ``rows_with_key(seg_q, seg_k)``: bool [batch, q_len] (or [batch, heads, q_len]), the rows with an allowed
+    key once ``mask`` and ``segment_ids`` apply (``seg_k`` holds an id no query has at excluded keys).
+    """
     interpret = interpret_default(interpret)
     _platform_ok(method, interpret)
     batch, q_len, heads, head_dim = q.shape
@@ -323,6 +372,9 @@ def _run(method, q, k, v, build_masks, *, mask, segment_ids, sm_scale, blocks, i
             kv_seg = jnp.where(jnp.asarray(mask, bool), kv_seg, excluded)
         seg_kv = jnp.concatenate([kv_seg, jnp.broadcast_to(excluded, (batch, lk - kv_len))], 1)
         segments = (seg_q, seg_kv)
+    dynamic_empty = None
+    if rows_with_key is not None and (mask is not None or segment_ids is not None):
+        dynamic_empty = ~rows_with_key(seg_q[:, :q_len], seg_kv[:, :kv_len])  # [batch, q_len]
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(kernel)
     leaf_dims = [(sharding.HEADS,) if getattr(path[-1], "name", None) in _SHARDED_FIELDS else None
@@ -344,11 +396,14 @@ def _run(method, q, k, v, build_masks, *, mask, segment_ids, sm_scale, blocks, i
     out = sharding.per_shard(run, (qh, kh, vh, segments, leaves), (qkv_dims, qkv_dims, qkv_dims, seg_dims, leaf_dims),
                              qkv_dims, batch=batch, head_counts=(heads, kv_heads))
     out = out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
-    empty = np.asarray(empty)[:, :q_len]
-    if empty.any():  # no allowed key at all: the reference's uniform average over every key
+    empty = np.asarray(empty)[:, :q_len].T[None, :, :, None]  # [1, q_len, heads or 1, 1]
+    if dynamic_empty is not None:  # [batch, q_len] or, per head, [batch, heads, q_len]
+        dynamic_empty = dynamic_empty.swapaxes(1, 2) if dynamic_empty.ndim == 3 else dynamic_empty[:, :, None]
+        empty = jnp.asarray(empty) | dynamic_empty[..., None]
+    if dynamic_empty is not None or empty.any():  # no allowed key: the reference's uniform average over all keys
         mean = jnp.mean(v.astype(jnp.float32), axis=1).astype(v.dtype)  # [batch, kv_heads, head_dim]
         mean = jnp.repeat(mean, heads // kv_heads, axis=1)[:, None]
-        out = jnp.where(jnp.asarray(empty.T)[None, :, :, None], mean, out)
+        out = jnp.where(empty, mean, out)
     return out
 
 
@@ -372,8 +427,12 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None
         head_mask, empty = _band_mask(shape, q_len, kv_len, bool(causal), window)
         return [head_mask], empty
 
+    def rows_with_key(seg_q, seg_k):
+        lo, hi = _band_rows(np.arange(q_len), kv_len, kv_len - q_len, bool(causal), window)
+        return _key_in_range(seg_q, seg_k, lo[None], hi[None])
+
     return _run(NAME, q, k, v, build, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale, blocks=blocks,
-                interpret=interpret)
+                interpret=interpret, rows_with_key=rows_with_key)
 
 
 def block_sparse(q, k, v, block_mask, *, block_size=64, mask=None, segment_ids=None, causal=False, sm_scale=None,
@@ -399,8 +458,14 @@ def block_sparse(q, k, v, block_mask, *, block_size=64, mask=None, segment_ids=N
     def build(shape):
         return _block_masks(shape, q_len, kv_len, layout, bq, bk, bool(causal))
 
+    def rows_with_key(seg_q, seg_k):
+        lo, hi = _block_ranges(layout, q_len, kv_len, bq, bk, bool(causal))  # [H, W, q_len]
+        heads_, width = lo.shape[:2]
+        found = _key_in_range(jnp.tile(seg_q, (1, heads_ * width)), seg_k, lo.reshape(1, -1), hi.reshape(1, -1))
+        return found.reshape(-1, heads_, width, q_len).any(2)
+
     return _run(method, q, k, v, build, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale, blocks=None,
-                interpret=interpret)
+                interpret=interpret, rows_with_key=rows_with_key)
 
 
 def window_global(q, k, v, *, window: int, global_tokens=None, mask=None, segment_ids=None, causal=False,
@@ -432,8 +497,19 @@ def window_global(q, k, v, *, window: int, global_tokens=None, mask=None, segmen
     def build(shape):
         return [_window_global_mask(shape, length, window, flags, bool(causal))], np.zeros((1, shape[0]), bool)
 
+    def rows_with_key(seg_q, seg_k):
+        rows = np.arange(length)
+        lo, hi = _band_rows(rows, length, 0, bool(causal), window)
+        found = _key_in_range(seg_q, seg_k, lo[None], hi[None])
+        if flags is not None and flags.any():
+            last = (rows if causal else np.full_like(rows, length - 1))[None]  # global pairs: any key up to here
+            global_keys = jnp.where(jnp.asarray(flags)[None], seg_k, jnp.min(seg_q, 1, keepdims=True) - 1)
+            found |= _key_in_range(seg_q, global_keys, 0, last)
+            found |= jnp.asarray(flags)[None] & _key_in_range(seg_q, seg_k, 0, last)
+        return found
+
     return _run(method, q, k, v, build, mask=mask, segment_ids=segment_ids, sm_scale=sm_scale, blocks=blocks,
-                interpret=interpret)
+                interpret=interpret, rows_with_key=rows_with_key)
 
 
 OPS = {"attention": attention, "block_sparse": block_sparse, "window_global": window_global}
