@@ -26,9 +26,9 @@ computation needs (softmax: 4 B H Lq Lk D forward, halved when causal, x density
 jitted step (arguments + outputs + temporaries, ``memory_analysis``); a step planned over
 ``--max_memory_gb`` is skipped, not run. Speedups are reference time / this time at the same shape and pass.
 
-``--budget`` seconds: no measurement starts after that; the rest get a "skipped: time budget" row (lengths run
-in increasing order, so the largest go first). Rows are appended to the .jsonl as they are measured, so a run
-killed from outside keeps what it finished.
+``--budget`` seconds: after that no measurement starts beyond the first length; the rest get a "skipped: time
+budget" row (lengths run in the order given, so list the ones that matter most first). Rows are appended to the
+.jsonl as they are measured, so a run killed from outside keeps what it finished.
 
 Writes ``benchmarks/results/kernels_<device>.{jsonl,md,png}`` (``--out`` to change the path and basename).
 """
@@ -51,7 +51,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes (batch 1, 2 heads, head_dim 16/32, lengths 64/128), "
                            "float32, kernels interpreted: for CPU, to prove the script works.")
-_LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default 1K..32K; --small: 64,128).")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths, run in this order (default 1K..32K; --small: "
+                              "64,128).")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", None, "Head dims (default 64,128; --small: 16,32).")
 _BATCH = flags.DEFINE_integer("batch", None, "Batch (default 4; --small: 1).")
 _HEADS = flags.DEFINE_integer("heads", None, "Heads (default 16; --small: 2).")
@@ -59,7 +60,8 @@ _IMPLS = flags.DEFINE_list("impls", [], "Implementations to run (default: all)."
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention (default bidirectional); see --patterns.")
 _PATTERNS = flags.DEFINE_list("patterns", [], "Patterns to run, of bidirectional,causal (default: causal with "
                               "--causal, else bidirectional).")
-_BUDGET = flags.DEFINE_float("budget", 0.0, "Seconds after which no measurement starts (0: no limit).")
+_BUDGET = flags.DEFINE_float("budget", 0.0, "Seconds after which no measurement starts, except at the first "
+                             "length (0: no limit).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (the median is kept).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 60.0, "Skip steps whose planned memory exceeds this.")
 _OUT = flags.DEFINE_string("out", None, "Path and basename of the outputs (default "
@@ -354,13 +356,13 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     rows = []
     with open(base + ".jsonl", "w") as log:  # one line per row as it comes; rewritten with speedups at the end
-        for n in lengths:  # shortest first, so a budget cuts the longest
+        for n in lengths:  # in the order given: a budget cuts the last ones (the first always runs)
             for d in head_dims:
                 for causal in patterns:
                     for impl in impls:
-                        if _BUDGET.value and time.monotonic() - start > _BUDGET.value:
+                        if _BUDGET.value and n != lengths[0] and time.monotonic() - start > _BUDGET.value:
                             new = [{"impl": impl, "head_dim": d, "length": n, "causal": causal, "pass": p,
-                                    "status": f"skipped: time budget ({_BUDGET.value:.0f} s) spent"}
+                                    "status": f"skipped: time budget ({_BUDGET.value:g} s) spent"}
                                    for p in ("fwd", "fwd+bwd")]
                         else:
                             new = measure(impl, head_dim=d, length=n, batch=batch, heads=heads, causal=causal,

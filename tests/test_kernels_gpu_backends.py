@@ -5,7 +5,11 @@ lowering for CUDA from this CPU where jax allows it. The ``gpu``-marked tests ru
 reference on a GPU (``benchmarks/gpu_check.sh``) and skip here.
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -21,6 +25,7 @@ from effjax.kernels import gpu_cudnn, gpu_mosaic, gpu_tokamax
 
 BACKENDS = (gpu_cudnn, gpu_mosaic, gpu_tokamax)
 ON_GPU = jax.default_backend() == "gpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16 = jnp.float16
 
 
@@ -55,6 +60,7 @@ def segments(length):
     return np.stack([row0, np.ones(length, int)]).astype(np.int32)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the reasons given on a CPU")
 def test_supports_on_cpu_gives_reasons_and_never_raises():
     for backend in BACKENDS:
         assert backend.PLATFORMS == ("gpu",) and set(backend.OPS) == {"attention"}
@@ -101,6 +107,8 @@ def test_supports_on_cpu_gives_reasons_and_never_raises():
             assert gpu_tokamax.supports("attention", call) == "tokamax is not installed"
         with pytest.raises(NotImplementedError, match="tokamax: tokamax is not installed"):
             gpu_tokamax.attention(q, k, v)
+    else:
+        assert gpu_tokamax.supports("attention", call_of()) == cpu
     with pytest.raises(NotImplementedError, match=re.escape(f"cudnn: cannot run this attention call: {cpu}.")):
         gpu_cudnn.attention(q, k, v)
 
@@ -189,8 +197,9 @@ def test_mapped_arguments_through_jax_nn_xla_match_softmax_attend(case):
         args = gpu_cudnn.nn_arguments(lq, lk, p, full_rows=not two_sided, **kwargs)
         return jax.nn.dot_product_attention(q, k, v, implementation="xla", **args)
 
-    (out, grads), (ref_out, ref_grads) = outputs_and_grads(
-        (mapped, lambda q, k, v: effjax_reference(q, k, v, **kwargs)), q, k, v, ct)
+    with jax.default_matmul_precision("highest"):  # float32 dots on a GPU too (no TF32): 1e-5 tolerances
+        (out, grads), (ref_out, ref_grads) = outputs_and_grads(
+            (mapped, lambda q, k, v: effjax_reference(q, k, v, **kwargs)), q, k, v, ct)
     assert_close(out, ref_out, 1e-5, 1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, 1e-5, 2e-5)
@@ -208,8 +217,9 @@ def test_a_traced_mask_takes_the_dense_path_and_stays_exact():
         assert args["mask"].shape == (2, 1, 32, 32)
         return jax.nn.dot_product_attention(q, k, v, implementation="xla", **args)
 
-    out = jax.jit(mapped)(q, k, v, mask)
-    assert_close(out, softmax.attend(q, k, v, mask=mask, causal=True), 1e-5, 1e-5)
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(mapped)(q, k, v, mask)
+        assert_close(out, softmax.attend(q, k, v, mask=mask, causal=True), 1e-5, 1e-5)
 
 
 @pytest.mark.slow
@@ -218,7 +228,7 @@ def test_tokamax_mapping_through_its_xla_implementation():
     for _, lq, lk, heads, kv_heads, kwargs, _, _ in MAPPING_CASES:
         q, k, v, _ = inputs(3, lq, lk, heads, kv_heads)
         kwargs = resolve(kwargs, lq, lk)
-        out = gpu_tokamax.attention(q, k, v, implementation="xla", **kwargs)
+        out = jit(lambda q, k, v, kw=kwargs: gpu_tokamax.attention(q, k, v, implementation="xla", **kw))(q, k, v)
         assert_close(out, effjax_reference(q, k, v, **kwargs), 1e-5, 1e-5)
 
 
@@ -278,6 +288,31 @@ def test_mosaic_gpu_lowers_for_cuda_from_cpu(monkeypatch):
     kernel = lambda q, k, v: attention_mgpu.attention(q, k, v, gpu_mosaic.tuning(256, 128, False))  # noqa: E731
     with target_gpu(), pytest.raises(ValueError, match="Expected dtypes to match but src had type bfloat16"):
         export(jax.jit(kernel), platforms=["cuda"], disabled_checks=check)(sds(q.shape), sds(k.shape), sds(k.shape))
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_end_to_end(tmp_path):
+    # benchmarks/gpu_check.sh --dry-run: every step of the GPU check on this CPU (interpreted kernels, tiny sizes),
+    # into one folder the device tool can bring back (at most 8 files), with the benchmark's time guard tripping.
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SITE": str(tmp_path / "site"), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": ""}
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(os.listdir(out))
+    assert names == ["gpu_check.log", "kernels.jsonl", "kernels.md", "kernels.png", "summary.md",
+                     "token_reduction.json", "token_reduction.png"]
+    summary = (out / "summary.md").read_text()
+    for step in ("tests: GPU tests: ok", "kernel_speed.py: ok", "token_reduction.py (ToMe speed): ok"):
+        assert step in summary, summary
+    rows = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
+    first = {(r["impl"], r["causal"], r["pass"]): r["status"] for r in rows if r["length"] == 32}
+    assert first[("cudnn", True, "fwd")] == "refused: float32 (cuDNN takes bf16/fp16)"
+    assert first[("tokamax", False, "fwd+bwd")].startswith("refused: ")
+    assert first[("flash", True, "fwd+bwd")] == "ok"
+    assert {r["status"] for r in rows if r["length"] == 64} == {"skipped: time budget (0.5 s) spent"}
+    assert "| `flash` | 16 | 32 | yes | fwd+bwd |" in (out / "kernels.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------
