@@ -65,6 +65,7 @@ CASES = [
     ("mqa_cross_causal_window_queries_before_every_key", 300, 140, 2, 1, 128,
      dict(causal=True, window=40, mask="pad")),
     ("bidirectional_window_segments", 256, 256, 2, 2, 32, dict(window=17, segment_ids="seg")),
+    ("causal_queries_before_every_key_no_masks", 300, 140, 2, 2, 64, dict(causal=True)),
 ]
 
 
