@@ -125,7 +125,7 @@ grep -E "^(python|import FAILED)" "$LOG" | sed 's/^/- /' >>"$SUMMARY"
 
 # 2. Correctness with compiled kernels (on a GPU interpret_default() is False, so every kernel test compiles).
 TIMEOUT_OPT=()
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_OPT=(-p timeout --timeout=120); fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_OPT=(--timeout=120); fi
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider "${TIMEOUT_OPT[@]}")
 if [[ $DRY == 1 ]]; then
   step "tests: GPU tests" 120 40 "${PYTEST[@]}" tests/test_kernels_gpu_backends.py -m gpu

@@ -41,27 +41,30 @@ HALF = (jnp.float16, jnp.bfloat16)
 
 def gpu_reason(min_capability: tuple[int, int] | None = None, exact: tuple[int, int] | None = None,
                label: str = "") -> str | None:
-    """Why the current device cannot run a CUDA kernel (None when it can): not a GPU, not CUDA, or a compute
-    capability below ``min_capability`` / other than ``exact`` (``label`` names the architecture)."""
+    """Why the current device cannot run a CUDA kernel (None when it can): not a GPU, a ROCm GPU, or a compute
+    capability below ``min_capability`` / of another major version than ``exact`` (``label`` names the
+    architecture). What cannot be read (an attribute another jax version lacks) is not held against the device."""
     try:
         platform = jax.default_backend()
-        if platform != "gpu":
-            return f"needs a GPU (platform is {platform})"
-        device = jax.devices()[0]
-        version = str(getattr(device.client, "platform_version", "")).lower()
-        if version and "cuda" not in version:
-            return f"needs CUDA (the GPU platform is {version.split()[0] if version.split() else version})"
-        capability = getattr(device, "compute_capability", None)
-        if capability is None or (min_capability is None and exact is None):
-            return None
-        have = tuple(int(x) for x in str(capability).split(".")[:2])
-        if exact is not None and have[0] != exact[0]:
-            return f"needs compute capability {exact[0]}.{exact[1]} ({label}); this GPU has {capability}"
-        if min_capability is not None and have < min_capability:
-            return (f"needs compute capability {min_capability[0]}.{min_capability[1]} ({label}) or newer; this "
-                    f"GPU has {capability}")
     except Exception as error:  # noqa: BLE001  (supports must never raise)
-        return f"cannot inspect the device ({type(error).__name__}: {error})"
+        return f"no JAX backend ({type(error).__name__}: {error})"
+    if platform != "gpu":
+        return f"needs a GPU (platform is {platform})"
+    try:
+        version = str(jax.devices()[0].client.platform_version).lower()
+    except Exception:  # noqa: BLE001
+        version = ""
+    if "rocm" in version or "hip" in version:
+        return "needs CUDA (the GPU platform is ROCm)"
+    have = capability()
+    if have is None or (min_capability is None and exact is None):
+        return None
+    shown = f"{have[0]}.{have[1]}"
+    if exact is not None and have[0] != exact[0]:
+        return f"needs compute capability {exact[0]}.{exact[1]} ({label}); this GPU has {shown}"
+    if min_capability is not None and have < min_capability:
+        need = f"{min_capability[0]}.{min_capability[1]}"
+        return f"needs compute capability {need} ({label}) or newer; this GPU has {shown}"
     return None
 
 

@@ -60,8 +60,40 @@ def segments(length):
     return np.stack([row0, np.ones(length, int)]).astype(np.int32)
 
 
+class FakeGpu:
+    """A stand-in device for the GPU-side checks of ``supports``."""
+
+    def __init__(self, capability, version="cuda 13000"):
+        self.compute_capability = capability
+        self.client = types.SimpleNamespace(platform_version=version)
+
+
+def check_stand_in_gpus(monkeypatch):
+    """The GPU-side reasons (capability, head_dim limits, mask size) on stand-in devices."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    hopper = [FakeGpu("9.0")]
+    monkeypatch.setattr(jax, "devices", lambda *a: hopper)
+    assert gpu_cudnn.supports("attention", call_of(d=256, causal=True, mask=suffix_mask(256))) is None
+    assert gpu_cudnn.supports("attention", call_of(d=264)) == "head_dim 264 is over 256 (Hopper)"
+    assert gpu_mosaic.supports("attention", f16(kv_heads=1)) is None
+    assert gpu_mosaic.supports("attention", f16(causal=True, grad=False)) is None
+    big = call_of(lq=32768, segment_ids=jax.ShapeDtypeStruct((2, 32768), jnp.int32))
+    assert gpu_cudnn.supports("attention", big) == (
+        "segment_ids would need a dense [2, 1, 32768, 32768] mask (6.0 GiB, over 2 GiB)")
+    assert gpu_cudnn.supports("attention", call_of(lq=255, lk=255, window=4)).startswith("odd lengths (255, 255)")
+    hopper[0] = FakeGpu("8.0")
+    assert gpu_cudnn.supports("attention", call_of(d=192)) == "head_dim 192 is over 128 (before Hopper)"
+    assert gpu_mosaic.supports("attention", f16()) == \
+        "needs compute capability 9.0 (Hopper: wgmma); this GPU has 8.0"
+    hopper[0] = FakeGpu("7.5")
+    assert gpu_cudnn.supports("attention", call_of()) == \
+        "needs compute capability 8.0 (Ampere) or newer; this GPU has 7.5"
+    hopper[0] = FakeGpu(None, "rocm 6.2")
+    assert gpu_cudnn.supports("attention", call_of()) == "needs CUDA (the GPU platform is ROCm)"
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the reasons given on a CPU")
-def test_supports_on_cpu_gives_reasons_and_never_raises():
+def test_supports_reasons_on_cpu_and_stand_in_gpus(monkeypatch):
     for backend in BACKENDS:
         assert backend.PLATFORMS == ("gpu",) and set(backend.OPS) == {"attention"}
         assert backend.supports("scan", call_of()) == "no scan kernel"
@@ -111,6 +143,7 @@ def test_supports_on_cpu_gives_reasons_and_never_raises():
         assert gpu_tokamax.supports("attention", call_of()) == cpu
     with pytest.raises(NotImplementedError, match=re.escape(f"cudnn: cannot run this attention call: {cpu}.")):
         gpu_cudnn.attention(q, k, v)
+    check_stand_in_gpus(monkeypatch)
 
 
 def test_plan_routes_each_pattern_to_native_arguments_or_a_mask():
