@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax import export
 from kernel_checks import assert_tree_close, value_and_grads_of
 
@@ -110,6 +111,23 @@ def test_linear_padded_keys_do_not_leak():
     fn = jax.jit(lambda *a: tpu_linear.chunked_linear_attention(*a, causal=True, mask=mask))
     noisy = jnp.where(mask[:, :, None, None], v, 1e3)
     np.testing.assert_array_equal(np.asarray(fn(phi_q, phi_k, v)), np.asarray(fn(phi_q, phi_k, noisy)))
+
+
+@pytest.mark.slow
+def test_linear_per_shard_under_a_mesh_equals_the_unsharded_call():
+    # 8 emulated devices (2 x 2 x 2): batch over data x fsdp, heads over tensor, through sharding.per_shard.
+    phi_q, phi_k, v, key = linear_inputs(3, b=4, lq=40, lk=40)
+    gate = decay_of("step", key, 40)
+    gate = jnp.concatenate([gate, gate[::-1]])
+    cot = jax.random.normal(jax.random.key(4), v.shape)
+    fn = lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, decay=g, causal=True)
+    want = value_and_grads_of(fn, (phi_q, phi_k, v, gate), cot)
+    the_mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("length", None))
+    with jax.set_mesh(the_mesh), nn.logical_axis_rules(rules):
+        assert "shard_map" in str(jax.make_jaxpr(fn)(phi_q, phi_k, v, gate))
+        got = value_and_grads_of(fn, (phi_q, phi_k, v, gate), cot)
+    assert_tree_close(got, want, 1e-6, 1e-6)
 
 
 def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
