@@ -249,7 +249,8 @@ def supports(op: str, call: dict) -> str | None:
     """None when this backend can run ``op`` with the entry point's keyword arguments ``call`` here, else why not."""
     if op not in OPS:
         return f"op {op!r} (mosaic_tpu implements {', '.join(OPS)})"
-    if float(call.get("dropout_rate") or 0.0) > 0.0:
+    rate = call.get("dropout_rate")
+    if rate is not None and (_concrete(rate) is None or float(_concrete(rate)) > 0.0):  # traced: may be > 0
         return "dropout"
     q = call.get("q")
     if q is not None and jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
