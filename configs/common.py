@@ -71,7 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention = "softmax"          # a method name, or one per layer: 'performer,softmax' on a command line
     c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>
     c.model.attention_dropout_rate = 0.1
-    c.model.attention_impl = "xla"         # xla | pallas | auto | a backend | a list tried in order ("cudnn,pallas,xla"):
+    c.model.attention_impl = "xla"         # xla | pallas | auto | a backend | a list ("cudnn,pallas,xla"):
     #                                        kernels.dispatch, for every layer whose method has a kernel path
     c.model.dropout_rate = 0.1
     c.model.full_attention_layers = ()     # MASFormer: these layer indices use model.full_attention instead
