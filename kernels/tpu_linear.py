@@ -11,8 +11,9 @@ TPU design (one kernel, ``_kernel``, used five ways):
 - Head-major ``[b, h, len, d]`` (transposed outside the kernel); feature and value dims padded to multiples of 128
   (the lane width), length to the chunk. Mosaic needs a block's last two dims to be multiples of (8, 128) or the
   whole array dim, so the chunk is a multiple of 128 or, for a single chunk, the (16-rounded) padded length.
-- Grid (batch, heads, value blocks of 128, chunks): the chunk axis is "arbitrary" and the running ``[m, 128]``
-  float32 state lives in a VMEM scratch accumulator, zeroed at the first chunk.
+- Grid (batch, heads, value blocks, chunks): the chunk axis is "arbitrary" and the running ``[m, block_v]`` float32
+  state lives in a VMEM scratch accumulator, zeroed at the first chunk. A value block is the whole padded value dim
+  up to 512 lanes (``value_block``), so ``phi_q phi_k^T`` is computed once per chunk for the usual head dims.
 - The denominator rides in the numerator: with ``normalize`` a column of ones is appended to ``v`` (it usually
   fits in the lane padding), so ``num[..., dv]`` is ``den`` with exactly the same decay weights.
 - The decay enters as the chunk-local cumulative log-decay ``g``, given twice (a ``[chunk, 1]`` column and a
@@ -53,6 +54,7 @@ DTYPES = (jnp.float32, jnp.bfloat16)  # Mosaic TPU has no float16 matmul
 LANES = 128  # TPU vreg lanes: feature, value and multi-chunk lengths are padded to multiples of it
 SUBLANES = 16  # a single chunk is padded to a multiple of this (bfloat16 packs 16 rows per vreg tile)
 MAX_DIM = 2048  # largest padded feature / value dim: keeps the double-buffered blocks and state in VMEM
+MAX_BLOCK_V = 512  # value lanes per program by default: d_v <= 511 (+ the ones column) takes one value block
 CHUNK_AXIS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
@@ -65,6 +67,14 @@ def tpu_chunk(chunk_size, length: int) -> int:
     rounded up to 16 when that is no longer (Mosaic's block rule: multiples of 128 lanes or the whole dim)."""
     chunk = round_up(max(int(chunk_size or LANES), 1), LANES)
     return round_up(max(length, 1), SUBLANES) if length <= chunk else chunk
+
+
+def value_block(dim: int, requested=None) -> int:
+    """Value lanes per program: ``requested`` rounded up to 128 when that divides ``dim`` (a multiple of 128), else
+    the largest multiple of 128 up to 512 that does. One block recomputes ``phi_q phi_k^T`` least often."""
+    if requested and dim % round_up(requested, LANES) == 0:
+        return round_up(requested, LANES)
+    return max(b for b in range(LANES, min(dim, MAX_BLOCK_V) + 1, LANES) if dim % b == 0)
 
 
 def interpret_params(interpret):
@@ -136,13 +146,13 @@ def _kernel(*refs, mode, num_chunks, has_decay):
     s_ref[...] = state + _mm(k, v, TN)
 
 
-def _call(q, k, v, g, mode, chunk, interpret):
+def _call(q, k, v, g, mode, chunk, interpret, block_v=None):
     """``_kernel`` over head-major ``q, k [b, h, n, m]``, ``v [b, h, n, dv]`` (n a multiple of ``chunk``; m, dv
     multiples of 128) and the chunk-local cumulative log-decay ``g [b, h, n]`` (or None): float32 ``[b, h, n, dv]``."""
     batch, heads, length, m = q.shape
     dv = v.shape[-1]
     nc = length // chunk
-    block_v = LANES
+    block_v = value_block(dv, block_v)
     has_decay = g is not None
     if mode == "bidirectional":
         steps = 2 * nc
@@ -179,25 +189,25 @@ def _local_cumsum(log_decay, chunk):
     return jnp.cumsum(log_decay.reshape(batch, heads, length // chunk, chunk), axis=3).reshape(batch, heads, length)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _core(q, k, v, log_decay, causal, chunk, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _core(q, k, v, log_decay, causal, chunk, interpret, block_v):
     """Numerator ``[b, h, n, dv]`` (float32) of padded head-major inputs; ``log_decay [b, h, n]`` or None."""
     g = None if log_decay is None else _local_cumsum(log_decay, chunk)
-    return _call(q, k, v, g, "causal" if causal else "bidirectional", chunk, interpret)
+    return _call(q, k, v, g, "causal" if causal else "bidirectional", chunk, interpret, block_v)
 
 
-def _core_fwd(q, k, v, log_decay, causal, chunk, interpret):
-    return _core(q, k, v, log_decay, causal, chunk, interpret), (q, k, v, log_decay)
+def _core_fwd(q, k, v, log_decay, causal, chunk, interpret, block_v):
+    return _core(q, k, v, log_decay, causal, chunk, interpret, block_v), (q, k, v, log_decay)
 
 
-def _core_bwd(causal, chunk, interpret, residuals, dnum):
+def _core_bwd(causal, chunk, interpret, block_v, residuals, dnum):
     q, k, v, log_decay = residuals
     g = None if log_decay is None else _local_cumsum(log_decay, chunk)
     forward, backward = ("causal", "anticausal") if causal else ("bidirectional", "bidirectional")
     dnum = dnum.astype(jnp.float32)
     dq = _call(dnum, v, k, g, forward, chunk, interpret)
     dk = _call(v, dnum, q, g, backward, chunk, interpret)
-    dv = _call(k, q, dnum, g, backward, chunk, interpret)
+    dv = _call(k, q, dnum, g, backward, chunk, interpret, block_v)
     d_log_decay = None
     if log_decay is not None:  # dG_t = q_t . dq_t - k_t . dk_t for the cumulative G; d a_s = sum_{t >= s} dG_t
         dg = jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=-1)
@@ -241,14 +251,14 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     the inputs' promoted dtype.
 
     ``chunk_size`` is rounded up to a multiple of 128 (one chunk of the padded length when that is shorter); it
-    changes the result only by rounding. ``block_v`` (a Triton knob) is accepted and ignored: value blocks are 128
-    lanes. ``segment_ids [b, len]`` (causal self-attention): the state resets at each segment start, folded into
-    the per-step log-decay as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state`` (a carried
-    state) are not implemented here (``supports`` says so). ``interpret`` None: TPU interpret mode on CPU; an
-    ``InterpretParams`` is passed through. Forward and backward (custom VJP) are Pallas kernels; the decay's
-    gradient is plain JAX from theirs.
+    changes the result only by rounding. ``block_v``: value lanes per program, used when its round-up to 128
+    divides the padded value dim (default: the whole padded dim up to 512, see ``value_block``). ``segment_ids
+    [b, len]`` (causal self-attention): the state resets at each segment start, folded into the per-step log-decay
+    as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state`` (a carried state) are not
+    implemented here (``supports`` says so). ``interpret`` None: TPU interpret mode on CPU; an ``InterpretParams``
+    is passed through. Forward and backward (custom VJP) are Pallas kernels; the decay's gradient is plain JAX
+    from theirs.
     """
-    del block_v
     if initial_state is not None or return_state:
         raise NotImplementedError(f"{KERNEL}: initial_state / return_state (a carried state) are not implemented.")
     if decay is not None and log_decay is not None:
@@ -287,7 +297,7 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     def per_shard(_, q, k, vals, ld):
         heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [b, n, h, ...] <-> [b, h, n, ...]
         ld = None if ld is None else jnp.swapaxes(ld, 1, 2)
-        num = _core(heads_major(q), heads_major(k), heads_major(vals), ld, bool(causal), chunk, interpret)
+        num = _core(heads_major(q), heads_major(k), heads_major(vals), ld, bool(causal), chunk, interpret, block_v)
         return heads_major(num)
 
     per_step = (sharding.BATCH, None, sharding.HEADS)  # [batch, length, heads, ...]

@@ -42,14 +42,16 @@ def decay_of(kind, key, lk, heads=2):
     return jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, lk, heads)))
 
 
-def check_linear(causal, lq, lk, chunk, decay, normalize, lengths, m=8, dv=8, dtype=jnp.float32, tol=(1e-5, 1e-4)):
+def check_linear(causal, lq, lk, chunk, decay, normalize, lengths, m=8, dv=8, dtype=jnp.float32, tol=(1e-5, 1e-4),
+                 block_v=None):
     phi_q, phi_k, v, key = linear_inputs(0, lq=lq, lk=lk, m=m, dv=dv, dtype=dtype)
     mask = None if lengths is None else lengths_mask(lengths, lk)
     args = [phi_q, phi_k, v] + ([decay_of(decay, key, lk)] if decay else [])
     opts = dict(causal=causal, normalize=normalize, mask=mask)
 
     def kernel(*a):
-        return tpu_linear.chunked_linear_attention(*a[:3], decay=a[3] if decay else None, chunk_size=chunk, **opts)
+        return tpu_linear.chunked_linear_attention(*a[:3], decay=a[3] if decay else None, chunk_size=chunk,
+                                                   block_v=block_v, **opts)
 
     def ref(*a):
         return la.reference(*(x.astype(jnp.float32) for x in a[:3]), decay=a[3] if decay else None, **opts)
@@ -80,8 +82,11 @@ def test_linear_equals_reference(causal, lq, lk, chunk, decay, normalize, length
 
 @pytest.mark.slow
 def test_linear_value_and_feature_blocks():
-    # value dim 130 (+1 denominator column) spans two 128-lane value blocks; feature dim 136 pads to 256.
-    check_linear(True, 40, 40, 64, "step", True, [33, 40], m=136, dv=130)
+    # value dim 130 (+1 denominator column) pads to 256 lanes, here in two value blocks of 128 (by default one of
+    # 256); feature dim 136 pads to 256.
+    check_linear(True, 40, 40, 64, "step", True, [33, 40], m=136, dv=130, block_v=100)
+    assert [tpu_linear.value_block(d) for d in (128, 256, 512, 640, 1024)] == [128, 256, 512, 128, 512]
+    assert tpu_linear.value_block(256, 128) == 128 and tpu_linear.value_block(256, 384) == 256
 
 
 @pytest.mark.slow
@@ -218,6 +223,8 @@ def test_linear_lowers_for_tpu():
     assert tpu_calls(grad, shape, shape, shape, gate) == 4
     short = jax.ShapeDtypeStruct((1, 37, 2, 8), jnp.float32)  # one chunk of 48 rows: blocks span the whole length
     assert tpu_calls(grad, short, short, short, jax.ShapeDtypeStruct((1, 37, 2), jnp.float32)) == 4
+    wide = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)  # 128 values + the ones column: a 256-lane block
+    assert tpu_calls(grad, wide, wide, wide, gate) == 4
 
 
 def test_bidirectional_linear_and_scan_lower_for_tpu():
