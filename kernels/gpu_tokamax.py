@@ -87,26 +87,29 @@ def _reason(call: dict) -> str | None:
     structs = {name: jax.ShapeDtypeStruct(x.shape, x.dtype) for name, x in call.items()
                if name in ("q", "k", "v") and x is not None}
     rest = {name: x for name, x in call.items() if name not in structs and name != "grad"}
+    implementation = rest.pop("implementation", None) or IMPLEMENTATIONS
     try:
-        jax.eval_shape(lambda q, k, v: attention(q, k, v, **rest), structs["q"], structs["k"], structs["v"])
+        jax.eval_shape(lambda q, k, v: attention(q, k, v, implementation=implementation, **rest), structs["q"],
+                       structs["k"], structs["v"])
     except (NotImplementedError, ExceptionGroup) as error:
-        return _message(error)
+        return _message(error, (implementation,) if isinstance(implementation, str) else tuple(implementation))
     return None
 
 
-def _message(error: BaseException) -> str:
-    """One line from tokamax's refusal (the first implementation's, for a group)."""
+def _message(error: BaseException, implementations: tuple[str, ...]) -> str:
+    """One line from tokamax's refusal: each implementation's first line, for a group."""
     if isinstance(error, ExceptionGroup) and error.exceptions:
-        parts = [_message(e) for e in error.exceptions]
-        return "; ".join(f"{impl}: {part}" for impl, part in zip(IMPLEMENTATIONS, parts, strict=False))
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        parts = [_message(e, ()) for e in error.exceptions]
+        return "; ".join(f"{impl}: {part}" for impl, part in zip(implementations, parts, strict=False))
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return f"{implementations[0]}: {line}" if len(implementations) == 1 else line
 
 
 def attention(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None, sm_scale=None, blocks=None,
               interpret=None, num_warps=None, num_stages=None, dropout_rate=0.0, dropout_seed=None,
-              implementation=IMPLEMENTATIONS):
+              implementation=None):
     """``flash_attention``'s computation through ``tokamax.dot_product_attention`` (tried in ``implementation``
-    order; see the module docstring)."""
+    order, default ``IMPLEMENTATIONS``; see the module docstring)."""
     del blocks, num_warps, num_stages, interpret, dropout_seed
     lib, why = _import()
     if lib is None:
@@ -119,6 +122,7 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=False, window=None
              two_sided_window=True)
     kwargs = nn_arguments(q_len, kv_len, p, mask=mask, segment_ids=segment_ids, causal=causal, window=window)
     scale = float(sm_scale) if sm_scale else 1.0 / math.sqrt(head_dim)
+    implementation = implementation or IMPLEMENTATIONS
     impl = implementation if isinstance(implementation, str) else tuple(implementation)
     out = lib.dot_product_attention(q, k, v, scale=scale, implementation=impl, **kwargs)
     return out.astype(q.dtype) if out.dtype != jnp.dtype(q.dtype) else out

@@ -256,8 +256,14 @@ def test_a_traced_mask_takes_the_dense_path_and_stays_exact():
 
 
 @pytest.mark.slow
-def test_tokamax_mapping_through_its_xla_implementation():
+def test_tokamax_mapping_through_its_xla_implementation(monkeypatch):
     pytest.importorskip("tokamax")
+    # supports traces the call through tokamax: its kernels' refusals come back one line per implementation.
+    monkeypatch.setattr(gpu_tokamax, "gpu_reason", lambda *a, **k: None)
+    call = call_of(lq=64, kv_heads=2, causal=True, window=8, mask=holes_mask(64))
+    assert gpu_tokamax.supports("attention", call) == "mosaic: Not supported on cpu.; triton: Not supported on cpu."
+    monkeypatch.setattr(gpu_tokamax, "IMPLEMENTATIONS", ("xla",))
+    assert gpu_tokamax.supports("attention", call) is None
     for _, lq, lk, heads, kv_heads, kwargs, _, _ in MAPPING_CASES:
         q, k, v, _ = inputs(3, lq, lk, heads, kv_heads)
         kwargs = resolve(kwargs, lq, lk)
