@@ -359,6 +359,33 @@ def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PALLAS)
+def test_every_backend_reachable_here_equals_xla(name):
+    """The Mosaic TPU backend (TPU interpret mode on this CPU) against the XLA path, like the Triton kernels
+    above; a method whose call it cannot take falls back to XLA and says why (then nothing is compared)."""
+    from effjax.kernels import dispatch
+
+    q, k, v = qkv(7)
+    ct = jax.random.normal(jax.random.key(8), q.shape) * MASK[:, :, None, None]
+    causal = declares(name, "causal")
+    results = {}
+    for impl in ("xla", "mosaic_tpu,xla"):
+        module = attention.make(name, impl=impl, **small_params(name))
+        variables = module.init(jax.random.key(0), q, k, v, mask=MASK, causal=causal)
+
+        def loss(vs, q, k, v, module=module):
+            return jnp.sum(module.apply(vs, q, k, v, mask=MASK, causal=causal) * ct)
+
+        results[impl] = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(variables, q, k, v)
+    choice = next(c for where, c in dispatch.choices().items() if where == name or where.startswith(name))
+    if choice.backend == "xla":
+        pytest.skip(f"mosaic_tpu cannot run {name}'s call: {choice.skipped}")
+    for got, want in zip(jax.tree.leaves(results["mosaic_tpu,xla"]), jax.tree.leaves(results["xla"]), strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+
+
 @pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "block_local")))
 def test_impl_pallas_applies_attention_dropout_in_training_only(name):
     q, k, v = qkv(9)
