@@ -11,7 +11,8 @@
 #      forward and forward+backward, batch 4, 16 heads, head_dim 64/128, 1K-32K (4K and 16K first), bf16;
 #      linear attention against flash; block-sparse at 10% and 25% density; whatever the budget leaves out is
 #      listed as "skipped: time budget" (rerun those with --lengths);
-#   4. runs benchmarks/token_reduction.py --batch=256,32 --sections=speed for ToMe (the owed target) if it fits.
+#   4. runs benchmarks/token_reduction.py --batch=256,32 --sections=speed for ToMe on ViT-B/16 (the owed target)
+#      if it fits.
 # Everything goes into one folder (at most 8 files, for the device tool): gpu_check.log, summary.md,
 # kernels.{jsonl,md,png}, token_reduction.{json,png}. A time guard ends the whole script inside 9 minutes
 # (GPU_CHECK_BUDGET seconds, default 540): each step gets what is left minus what the later steps need, the
@@ -168,7 +169,7 @@ fi
 if [[ $DRY == 1 ]]; then
   TOKENS=(--tiny --sections=speed --methods=tome --repeats=1)
 else
-  TOKENS=(--batch=256,32 --sections=speed --methods=tome)
+  TOKENS=(--batch=256,32 --sections=speed --methods=tome --models=vit_b16)  # the owed target; the rest: --update
 fi
 step "token_reduction.py (ToMe speed)" 150 5 "$PY" benchmarks/token_reduction.py "${TOKENS[@]}" \
   --out="$DEST/token_reduction"
