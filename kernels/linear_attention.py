@@ -368,10 +368,7 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     if mask is not None:
         keep = jnp.asarray(mask, bool)[:, :, None, None]
         phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
-    carry = initial_state is not None or return_state
-    if carry and (not causal or q_len != kv_len):
-        raise ValueError(f"{NAME}: initial_state and return_state need causal self-attention (a state sums the "
-                         f"keys before a position), got causal={causal}, q_len {q_len}, kv_len {kv_len}.")
+    check_carry(NAME, initial_state, return_state, causal, q_len, kv_len)
     sequence = (phi_q, phi_k, v)
     if decay is not None:
         log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
@@ -403,9 +400,9 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     num = num[:, q_front:q_front + q_len, :, :dv]
     den = None if den is None else den[:, q_front:q_front + q_len]
     if initial_state is not None:
-        num, den = _with_initial_state(initial_state, sequence[0], cum, num, den)
+        num, den = with_initial_state(initial_state, sequence[0], cum, num, den)
     out = (guarded_divide(num, den, eps) if normalize else num).astype(dtype)
-    return (out, _final_state(initial_state, *sequence[1:], cum)) if return_state else out
+    return (out, final_state(initial_state, *sequence[1:], cum)) if return_state else out
 
 
 class LinearState(NamedTuple):
@@ -416,7 +413,13 @@ class LinearState(NamedTuple):
     k_sum: jax.Array
 
 
-def _with_initial_state(state: LinearState, phi_q, cum, num, den):
+def check_carry(kernel: str, initial_state, return_state: bool, causal: bool, q_len: int, kv_len: int) -> None:
+    if (initial_state is not None or return_state) and (not causal or q_len != kv_len):
+        raise ValueError(f"{kernel}: initial_state and return_state need causal self-attention (a state sums the "
+                         f"keys before a position), got causal={causal}, q_len {q_len}, kv_len {kv_len}.")
+
+
+def with_initial_state(state: LinearState, phi_q, cum, num, den):
     """num + w_i phi_q_i . kv and den + w_i phi_q_i . k_sum, w_i = exp(cum_i): the decays up to query i."""
     q = phi_q.astype(jnp.float32) if cum is None else phi_q.astype(jnp.float32) * jnp.exp(cum)[..., None]
     hi = lax.Precision.HIGHEST
@@ -426,7 +429,7 @@ def _with_initial_state(state: LinearState, phi_q, cum, num, den):
     return num, den
 
 
-def _final_state(state: LinearState | None, phi_k, v, cum) -> LinearState:
+def final_state(state: LinearState | None, phi_k, v, cum) -> LinearState:
     """The state after the last key: each key decayed to the end (exp(cum_last - cum_j)), plus the initial state
     decayed by every step (exp(cum_last))."""
     k = phi_k.astype(jnp.float32)

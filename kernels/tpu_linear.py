@@ -254,13 +254,11 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     changes the result only by rounding. ``block_v``: value lanes per program, used when its round-up to 128
     divides the padded value dim (default: the whole padded dim up to 512, see ``value_block``). ``segment_ids
     [b, len]`` (causal self-attention): the state resets at each segment start, folded into the per-step log-decay
-    as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state`` (a carried state) are not
-    implemented here (``supports`` says so). ``interpret`` None: TPU interpret mode on CPU; an ``InterpretParams``
-    is passed through. Forward and backward (custom VJP) are Pallas kernels; the decay's gradient is plain JAX
-    from theirs.
+    as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state``: as
+    ``linear_attention.chunked_linear_attention`` (the same XLA composition beside the kernel). ``interpret``
+    None: TPU interpret mode on CPU; an ``InterpretParams`` is passed through. Forward and backward (custom VJP)
+    are Pallas kernels; the decay's gradient is plain JAX from theirs.
     """
-    if initial_state is not None or return_state:
-        raise NotImplementedError(f"{KERNEL}: initial_state / return_state (a carried state) are not implemented.")
     if decay is not None and log_decay is not None:
         raise ValueError(f"{KERNEL}: give decay or log_decay, not both.")
     _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask)
@@ -271,6 +269,8 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     if mask is not None:
         keep = jnp.asarray(mask, bool)[:, :, None, None]
         phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
+    la.check_carry(KERNEL, initial_state, return_state, causal, q_len, kv_len)
+    sequence = (phi_q, phi_k, v)
     if normalize:  # the denominator as one more value column: sum_j w_ij (phi_q_i . phi_k_j) * 1
         v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
     if decay is not None:
@@ -290,6 +290,7 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
     phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
     v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - v.shape[-1])
+    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h], before padding
     if log_decay is not None:
         log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
     interpret = interpret_params(interpret)
@@ -305,8 +306,11 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
                              (per_step,) * 3 + (None if log_decay is None else per_step,), per_step,
                              batch=batch, head_counts=(heads,))
     num = num[:, q_front:q_front + q_len]
-    out = guarded_divide(num[..., :dv], num[..., dv], eps) if normalize else num[..., :dv]
-    return out.astype(dtype)
+    num, den = num[..., :dv], (num[..., dv] if normalize else None)
+    if initial_state is not None:
+        num, den = la.with_initial_state(initial_state, sequence[0], cum, num, den)
+    out = (guarded_divide(num, den, eps) if normalize else num).astype(dtype)
+    return (out, la.final_state(initial_state, *sequence[1:], cum)) if return_state else out
 
 
 # --- op "linear" of the mosaic_tpu backend (kernels.dispatch) ----------------------------------------------------
@@ -334,8 +338,8 @@ def supports(op: str, call: dict) -> str | None:
     if op not in OPS:
         return f"op {op!r} (this module implements {', '.join(OPS)})"
     try:
-        if call.get("initial_state") is not None or call.get("return_state"):
-            return "initial_state / return_state (a carried state)"
+        if (call.get("initial_state") is not None or call.get("return_state")) and not call.get("causal"):
+            return "initial_state / return_state need causal=True"
         for key in ("phi_q", "phi_k", "v"):
             if dtype_of(call, key) is not None and dtype_of(call, key) not in [jnp.dtype(d) for d in DTYPES]:
                 return f"dtype {dtype_of(call, key).name} (float32 and bfloat16 only: no float16 Mosaic TPU matmul)"

@@ -45,6 +45,8 @@ def supports(op: str, call: dict) -> str | None:
             linear_attention.check_dtype(NAME, "v", call["v"])
             if call.get("segment_ids") is not None and not call.get("causal"):
                 return "segment_ids need causal=True (the state resets at each segment start)"
+            if (call.get("initial_state") is not None or call.get("return_state")) and not call.get("causal"):
+                return "initial_state / return_state need causal=True"
         elif op not in OPS:
             return f"no {op} kernel"
     except (ValueError, KeyError) as error:

@@ -88,20 +88,23 @@ def test_packed_segments_reset_the_state_and_match_the_segment_masked_reference(
         la.chunked_linear_attention(phi_q, phi_k, v, segment_ids=segment_ids)
 
 
-@pytest.mark.parametrize("normalize", slow_after([True, False]))
-def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(normalize):
+@pytest.mark.parametrize("backend,normalize", slow_after([("triton", True), ("triton", False), ("mosaic_tpu", True)]))
+def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(backend, normalize):
+    from effjax.kernels import tpu_linear
+
+    kernel = {"triton": la, "mosaic_tpu": tpu_linear}[backend]
     phi_q, phi_k, v, key = inputs(5, lq=40, lk=40)
     gates = jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, 40, 2)))
     mask = lengths_mask([40, 29], 40)
     opts = dict(causal=True, chunk_size=16, normalize=normalize)
 
     def whole(q, k, v):
-        return la.chunked_linear_attention(q, k, v, decay=gates, mask=mask, **opts)
+        return kernel.chunked_linear_attention(q, k, v, decay=gates, mask=mask, **opts)
 
     def halves(q, k, v, cut=23):  # the cut is inside a chunk
-        first, state = la.chunked_linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], decay=gates[:, :cut],
+        first, state = kernel.chunked_linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], decay=gates[:, :cut],
                                                    mask=mask[:, :cut], return_state=True, **opts)
-        second, final = la.chunked_linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], decay=gates[:, cut:],
+        second, final = kernel.chunked_linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], decay=gates[:, cut:],
                                                     mask=mask[:, cut:], initial_state=state, return_state=True,
                                                     **opts)
         return jnp.concatenate([first, second], axis=1), final
@@ -119,7 +122,7 @@ def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(norm
     np.testing.assert_allclose(final.kv, kv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(final.k_sum, jnp.einsum("blh,blhm->bhm", weight, phi_k), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="initial_state and return_state need causal self-attention"):
-        la.chunked_linear_attention(phi_q, phi_k, v, return_state=True)
+        kernel.chunked_linear_attention(phi_q, phi_k, v, return_state=True)
 
 
 @pytest.mark.parametrize("causal", slow_after([True, False]))

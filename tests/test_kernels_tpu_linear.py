@@ -200,7 +200,7 @@ def test_backend_contract():
     assert "float16" in tpu_linear.supports("linear", dict(linear, phi_q=half, phi_k=half, v=half))
     wide = jax.ShapeDtypeStruct((2, 300, 4, 4096), f32)
     assert "feature dim" in tpu_linear.supports("linear", dict(linear, phi_q=wide, phi_k=wide))
-    assert "carried state" in tpu_linear.supports("linear", dict(linear, return_state=True))
+    assert tpu_linear.supports("linear", dict(linear, return_state=True)) is None
     ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
     assert "segment_ids need causal" in tpu_linear.supports("linear", dict(linear, causal=False, segment_ids=ids))
     state = jax.ShapeDtypeStruct((2, 300, 4, 16), f32)
