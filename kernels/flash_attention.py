@@ -98,8 +98,8 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-def check_inputs(method: str, q, k, v, interpret: bool) -> int:
-    """Validates [batch, length, heads, head_dim] q, k, v for the kernels; returns the GQA group size."""
+def check_shapes(method: str, q, k, v) -> None:
+    """[batch, length, heads, head_dim] q, k, v that agree (kv heads dividing q heads), one float32/bfloat16 dtype."""
     for label, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{method}: {label} must have shape [batch, length, heads, head_dim], got {x.shape}.")
@@ -113,14 +113,20 @@ def check_inputs(method: str, q, k, v, interpret: bool) -> int:
         raise ValueError(f"{method}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"{method}: dtype must be float32 or bfloat16, got {q.dtype}.")
+    if q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"{method}: empty sequence (q_len {q.shape[1]}, kv_len {k.shape[1]}).")
+
+
+def check_inputs(method: str, q, k, v, interpret: bool) -> int:
+    """Validates q, k, v for the Triton kernels (``check_shapes``, a power-of-two head_dim); returns the GQA group
+    size."""
+    check_shapes(method, q, k, v)
     head_dim = q.shape[3]
     low = 1 if interpret else 16
     if not (_is_pow2(head_dim) and low <= head_dim <= 256):
         raise ValueError(
             f"{method}: head_dim must be a power of two in [{low}, 256] (64 and 128 are the tuned ones"
             f"{'' if interpret else '; smaller ones run in interpret mode only'}), got {head_dim}.")
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"{method}: empty sequence (q_len {q.shape[1]}, kv_len {k.shape[1]}).")
     return q.shape[2] // k.shape[2]
 
 

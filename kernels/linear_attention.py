@@ -309,15 +309,29 @@ def _core_bwd(causal, normalize, chunk, block_v, interpret, residuals, cotangent
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
+def check_args(kernel: str, phi_q, phi_k, v, causal, decay, mask) -> None:
+    """Shapes and dtypes of the linear-attention arguments (one-line ValueErrors naming ``kernel``)."""
     for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
         if x.ndim != 4:
-            raise ValueError(f"{NAME}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
-        check_dtype(NAME, label, x)
-    batch, q_len, heads, m = phi_q.shape
+            raise ValueError(f"{kernel}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
+        check_dtype(kernel, label, x)
+    batch, _, heads, m = phi_q.shape
     kv_len = phi_k.shape[1]
     if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
-        raise ValueError(f"{NAME}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
+        raise ValueError(f"{kernel}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
+    if mask is not None and mask.shape != (batch, kv_len):
+        raise ValueError(f"{kernel}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
+    if decay is not None:
+        if not causal:
+            raise ValueError(f"{kernel}: decay needs causal=True (a decay orders the keys).")
+        if decay.shape not in ((heads,), (batch, kv_len, heads)):
+            raise ValueError(f"{kernel}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
+                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
+
+
+def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
+    check_args(NAME, phi_q, phi_k, v, causal, decay, mask)
+    m = phi_q.shape[-1]
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < MIN_DIM or (
             chunk_size & (chunk_size - 1)):
         raise ValueError(f"{NAME}: chunk_size must be a power of two >= {MIN_DIM} (Triton tiles), got {chunk_size!r}.")
@@ -327,14 +341,6 @@ def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
         if next_power_of_2(size) > MAX_DIM and not (label == "value dim" and block_v):
             raise ValueError(f"{NAME}: {label} {size} pads to {next_power_of_2(size)} > {MAX_DIM}, more state "
                              "than one program keeps in registers; use fewer features (or block_v for values).")
-    if mask is not None and mask.shape != (batch, kv_len):
-        raise ValueError(f"{NAME}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-    if decay is not None:
-        if not causal:
-            raise ValueError(f"{NAME}: decay needs causal=True (a decay orders the keys).")
-        if decay.shape not in ((heads,), (batch, kv_len, heads)):
-            raise ValueError(f"{NAME}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
-                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
 
 
 def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,

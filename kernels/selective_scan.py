@@ -171,23 +171,29 @@ def _core_bwd(chunk, block_p, interpret, residuals, dy):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _check(x, delta, a_log, b, c, d_skip, keep, reset, chunk_size, block_p):
+def check_args(kernel: str, x, delta, a_log, b, c, d_skip, keep, reset) -> int:
+    """The scan's argument shapes and dtypes (one-line ValueErrors naming ``kernel``); returns d_state."""
     if x.ndim != 4 or delta.shape != x.shape:
-        raise ValueError(f"{NAME}: x and delta must both have shape [batch, length, heads, head_dim], "
+        raise ValueError(f"{kernel}: x and delta must both have shape [batch, length, heads, head_dim], "
                          f"got {x.shape} and {delta.shape}.")
     batch, length, heads, p = x.shape
     if b.ndim != 4 or b.shape[:3] != (batch, length, heads) or c.shape != b.shape:
-        raise ValueError(f"{NAME}: b and c must have shape [batch, length, heads, d_state] = "
+        raise ValueError(f"{kernel}: b and c must have shape [batch, length, heads, d_state] = "
                          f"{(batch, length, heads, 'd_state')}, got {b.shape} and {c.shape}.")
     n = b.shape[-1]
     if a_log.shape != (heads, p, n) or d_skip.shape != (heads, p):
-        raise ValueError(f"{NAME}: a_log must have shape {(heads, p, n)} and d_skip {(heads, p)}, "
+        raise ValueError(f"{kernel}: a_log must have shape {(heads, p, n)} and d_skip {(heads, p)}, "
                          f"got {a_log.shape} and {d_skip.shape}.")
     for label, t in (("x", x), ("delta", delta), ("a_log", a_log), ("b", b), ("c", c), ("d_skip", d_skip)):
-        check_dtype(NAME, label, t)
+        check_dtype(kernel, label, t)
     for label, t in (("keep", keep), ("reset", reset)):
         if t is not None and t.shape != (batch, length):
-            raise ValueError(f"{NAME}: {label} must have shape [batch, length] = {(batch, length)}, got {t.shape}.")
+            raise ValueError(f"{kernel}: {label} must have shape [batch, length] = {(batch, length)}, got {t.shape}.")
+    return n
+
+
+def _check(x, delta, a_log, b, c, d_skip, keep, reset, chunk_size, block_p):
+    n = check_args(NAME, x, delta, a_log, b, c, d_skip, keep, reset)
     if next_power_of_2(n) > MAX_STATE:
         raise ValueError(f"{NAME}: d_state {n} pads to {next_power_of_2(n)} > {MAX_STATE}: too much state per program.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):

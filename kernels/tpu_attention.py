@@ -39,6 +39,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
+from effjax.kernels import flash_attention as flash
 from effjax.kernels import sharding
 from effjax.kernels.backend import interpret_default
 
@@ -270,20 +271,7 @@ def supports(op: str, call: dict) -> str | None:
 
 
 def _check(method, q, k, v, mask, segment_ids, window, dropout_rate):
-    for label, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{method}: {label} must have shape [batch, length, heads, head_dim], got {x.shape}.")
-    if k.shape != v.shape:
-        raise ValueError(f"{method}: k and v shapes differ: {k.shape} vs {v.shape}.")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{method}: q {q.shape} and k {k.shape} must agree in batch and head_dim.")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{method}: key/value heads ({k.shape[2]}) must divide query heads ({q.shape[2]}) for GQA.")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"{method}: q, k, v must all be float32 or all bfloat16, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}.")
-    if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"{method}: empty sequence (q_len {q.shape[1]}, kv_len {k.shape[1]}).")
+    flash.check_shapes(method, q, k, v)
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if mask is not None and tuple(mask.shape) != (batch, kv_len):
         raise ValueError(f"{method}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")

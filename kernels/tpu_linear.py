@@ -219,28 +219,15 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask):
+    la.check_args(KERNEL, phi_q, phi_k, v, causal, decay, mask)
     for label, x in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{KERNEL}: {label} must have shape [batch, length, heads, dim], got {x.shape}.")
         if x.dtype not in DTYPES:
             raise ValueError(f"{KERNEL}: {label} must be float32 or bfloat16, got {x.dtype}.")
-    batch, q_len, heads, m = phi_q.shape
-    kv_len = phi_k.shape[1]
-    if phi_k.shape != (batch, kv_len, heads, m) or v.shape[:3] != (batch, kv_len, heads):
-        raise ValueError(f"{KERNEL}: phi_q {phi_q.shape}, phi_k {phi_k.shape} and v {v.shape} do not agree.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{KERNEL}: chunk_size must be a positive int, got {chunk_size!r}.")
-    for label, size in (("feature dim", m), ("value dim", v.shape[-1] + 1)):
+    for label, size in (("feature dim", phi_q.shape[-1]), ("value dim", v.shape[-1] + 1)):
         if round_up(size, LANES) > MAX_DIM:
             raise ValueError(f"{KERNEL}: {label} {size} pads to more than {MAX_DIM} lanes (VMEM).")
-    if mask is not None and mask.shape != (batch, kv_len):
-        raise ValueError(f"{KERNEL}: mask must have shape [batch, kv_len] = {(batch, kv_len)}, got {mask.shape}.")
-    if decay is not None:
-        if not causal:
-            raise ValueError(f"{KERNEL}: decay needs causal=True (a decay orders the keys).")
-        if decay.shape not in ((heads,), (batch, kv_len, heads)):
-            raise ValueError(f"{KERNEL}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
-                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
 
 
 def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk_size=64, normalize=True, eps=1e-6,

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from effjax.kernels import sharding, tpu_linear
-from effjax.kernels.linear_attention import check_dtype, pad_axis
+from effjax.kernels.linear_attention import pad_axis
+from effjax.kernels.selective_scan import check_args
 from effjax.kernels.tpu_linear import CHUNK_AXIS, LANES, interpret_params, round_up
 
 KERNEL = "tpu_selective_scan"
@@ -196,22 +197,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _check(x, delta, a_log, b, c, d_skip, keep, reset, chunk_size):
-    if x.ndim != 4 or delta.shape != x.shape:
-        raise ValueError(f"{KERNEL}: x and delta must both have shape [batch, length, heads, head_dim], "
-                         f"got {x.shape} and {delta.shape}.")
-    batch, length, heads, p = x.shape
-    if b.ndim != 4 or b.shape[:3] != (batch, length, heads) or c.shape != b.shape:
-        raise ValueError(f"{KERNEL}: b and c must have shape [batch, length, heads, d_state] = "
-                         f"{(batch, length, heads, 'd_state')}, got {b.shape} and {c.shape}.")
-    n = b.shape[-1]
-    if a_log.shape != (heads, p, n) or d_skip.shape != (heads, p):
-        raise ValueError(f"{KERNEL}: a_log must have shape {(heads, p, n)} and d_skip {(heads, p)}, "
-                         f"got {a_log.shape} and {d_skip.shape}.")
-    for label, t in (("x", x), ("delta", delta), ("a_log", a_log), ("b", b), ("c", c), ("d_skip", d_skip)):
-        check_dtype(KERNEL, label, t)
-    for label, t in (("keep", keep), ("reset", reset)):
-        if t is not None and t.shape != (batch, length):
-            raise ValueError(f"{KERNEL}: {label} must have shape [batch, length] = {(batch, length)}, got {t.shape}.")
+    n = check_args(KERNEL, x, delta, a_log, b, c, d_skip, keep, reset)
     if round_up(n, 8) > MAX_STATE:
         raise ValueError(f"{KERNEL}: d_state {n} pads to more than {MAX_STATE} (the backward's VMEM states).")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
