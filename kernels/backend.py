@@ -18,3 +18,14 @@ def interpret_default(interpret=None) -> bool:
     if interpret is not None:
         return bool(interpret)
     return jax.default_backend() == "cpu"
+
+
+def guarded_reason(op: str, call: dict, ops, reason) -> str | None:
+    """A backend's ``supports``: "no <op> kernel" for an op not in ``ops``, else ``reason(call)``, and any error
+    while checking becomes the reason (``supports`` must never raise)."""
+    if op not in ops:
+        return f"no {op} kernel"
+    try:
+        return reason(call)
+    except Exception as error:  # noqa: BLE001
+        return f"cannot check the call ({type(error).__name__}: {error})"

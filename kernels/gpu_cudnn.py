@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.kernels.backend import guarded_reason
+
 NAME = "cudnn"
 PLATFORMS = ("gpu",)
 DENSE_MASK_LIMIT = 2 * 2**30  # bytes of the boolean mask plus cuDNN's bias made from it
@@ -233,12 +235,7 @@ def nn_arguments(q_len: int, kv_len: int, p: Plan, *, mask=None, segment_ids=Non
 
 def supports(op: str, call: dict) -> str | None:
     """None when cuDNN can run ``call`` here; else the first unsupported feature or requirement."""
-    if op != "attention":
-        return f"no {op} kernel"
-    try:
-        return _reason(call)
-    except Exception as error:  # noqa: BLE001  (supports must never raise)
-        return f"cannot check the call ({type(error).__name__}: {error})"
+    return guarded_reason(op, call, OPS, _reason)
 
 
 def _reason(call: dict) -> str | None:

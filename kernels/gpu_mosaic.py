@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from effjax.kernels.backend import guarded_reason
 from effjax.kernels.gpu_cudnn import HALF, concrete, dropout_reason, gpu_reason, qkv
 
 NAME = "mosaic_gpu"
@@ -45,12 +46,7 @@ def tuning(kv_len: int, head_dim: int, causal: bool):
 
 def supports(op: str, call: dict) -> str | None:
     """None when attention_mgpu can run ``call`` here; else the first unsupported feature or requirement."""
-    if op != "attention":
-        return f"no {op} kernel"
-    try:
-        return _reason(call)
-    except Exception as error:  # noqa: BLE001  (supports must never raise)
-        return f"cannot check the call ({type(error).__name__}: {error})"
+    return guarded_reason(op, call, OPS, _reason)
 
 
 def _reason(call: dict) -> str | None:

@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from effjax.kernels.backend import guarded_reason
 from effjax.kernels.gpu_cudnn import dropout_reason, gpu_reason, nn_arguments, plan, qkv
 
 NAME = "tokamax"
@@ -57,12 +58,7 @@ def installed_reason() -> str | None:
 
 def supports(op: str, call: dict) -> str | None:
     """None when tokamax can run ``call`` here; else why not (tokamax's own message when its kernels refuse)."""
-    if op != "attention":
-        return f"no {op} kernel"
-    try:
-        return _reason(call)
-    except Exception as error:  # noqa: BLE001  (supports must never raise)
-        return f"cannot check the call ({type(error).__name__}: {error})"
+    return guarded_reason(op, call, OPS, _reason)
 
 
 def _reason(call: dict) -> str | None:

@@ -335,28 +335,34 @@ def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
 PALLAS = supporting("pallas")
 
 
-@pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "bigbird", "linear_elu")))
-def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
-    """Every method with a kernel path computes what its XLA path computes (causal too, where supported).
-
-    Padded queries are left out (zero cotangent): their outputs are unspecified, and the kernels average
-    only the visited blocks for a query with no allowed key.
-    """
+def masked_loss_value_and_grads(name, impl, *, jitted=True):
+    """The method's value and gradients (params, q, k, v) of a random projection of its output; padded queries
+    are left out (zero cotangent): their outputs are unspecified, and the kernels average only the visited blocks
+    for a query with no allowed key."""
     q, k, v = qkv(7)
     ct = jax.random.normal(jax.random.key(8), q.shape) * MASK[:, :, None, None]
     causal = declares(name, "causal")
-    results = {}
-    for impl in ("xla", "pallas"):
-        module = attention.make(name, impl=impl, **small_params(name))
-        variables = module.init(jax.random.key(0), q, k, v, mask=MASK, causal=causal)
+    module = attention.make(name, impl=impl, **small_params(name))
+    variables = module.init(jax.random.key(0), q, k, v, mask=MASK, causal=causal)
 
-        def loss(vs, q, k, v, module=module):
-            return jnp.sum(module.apply(vs, q, k, v, mask=MASK, causal=causal) * ct)
+    def loss(vs, q, k, v):
+        return jnp.sum(module.apply(vs, q, k, v, mask=MASK, causal=causal) * ct)
 
-        results[impl] = jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(variables, q, k, v)
-    for got, want in zip(jax.tree.leaves(results["pallas"]), jax.tree.leaves(results["xla"]), strict=True):
-        assert np.all(np.isfinite(got))
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    return (jit(fn) if jitted else fn)(variables, q, k, v)
+
+
+def assert_same_as_xla(name, got):
+    want = masked_loss_value_and_grads(name, "xla")
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+
+
+@pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "bigbird", "linear_elu")))
+def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
+    """Every method with a kernel path computes what its XLA path computes (causal too, where supported)."""
+    assert_same_as_xla(name, masked_loss_value_and_grads(name, "pallas"))
 
 
 @pytest.mark.slow
@@ -366,24 +372,11 @@ def test_every_backend_reachable_here_equals_xla(name):
     above; a method whose call it cannot take falls back to XLA and says why (then nothing is compared)."""
     from effjax.kernels import dispatch
 
-    q, k, v = qkv(7)
-    ct = jax.random.normal(jax.random.key(8), q.shape) * MASK[:, :, None, None]
-    causal = declares(name, "causal")
-    results = {}
-    for impl in ("xla", "mosaic_tpu,xla"):
-        module = attention.make(name, impl=impl, **small_params(name))
-        variables = module.init(jax.random.key(0), q, k, v, mask=MASK, causal=causal)
-
-        def loss(vs, q, k, v, module=module):
-            return jnp.sum(module.apply(vs, q, k, v, mask=MASK, causal=causal) * ct)
-
-        results[impl] = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(variables, q, k, v)
+    got = masked_loss_value_and_grads(name, "mosaic_tpu,xla", jitted=False)
     choice = next(c for where, c in dispatch.choices().items() if where == name or where.startswith(name))
     if choice.backend == "xla":
         pytest.skip(f"mosaic_tpu cannot run {name}'s call: {choice.skipped}")
-    for got, want in zip(jax.tree.leaves(results["mosaic_tpu,xla"]), jax.tree.leaves(results["xla"]), strict=True):
-        assert np.all(np.isfinite(got))
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+    assert_same_as_xla(name, got)
 
 
 @pytest.mark.parametrize("name", tiered(PALLAS, ("softmax", "block_local")))
