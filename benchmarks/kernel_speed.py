@@ -30,7 +30,9 @@ jitted step (arguments + outputs + temporaries, ``memory_analysis``); a step pla
 budget" row (lengths run in the order given, so list the ones that matter most first). Rows are appended to the
 .jsonl as they are measured, so a run killed from outside keeps what it finished.
 
-Writes ``benchmarks/results/kernels_<device>.{jsonl,md,png}`` (``--out`` to change the path and basename).
+Writes ``benchmarks/results/kernels_<device>.{jsonl,md,png}`` (``--out`` to change the path and basename) and
+``kernels_<device>_auto_table.json``: the order ``impl="auto"`` would try per op and length on this platform
+(``kernels.dispatch.table_from_measurements``); copied to ``kernels/auto_table.json`` it becomes the shipped one.
 """
 
 import datetime
@@ -385,8 +387,12 @@ def main(argv):
                 f"Pallas kernels {mode}. Median time; TFLOP/s of the needed FLOPs; peak = XLA's planned memory; "
                 f"x ref = ref time / this time. {time.monotonic() - start:.0f} s in all.\n\n" + text + "\n")
     plot(rows, head_dims, patterns, base + ".png")
+    from effjax.kernels import dispatch
+
+    with open(base + "_auto_table.json", "w") as f:  # copy to kernels/auto_table.json to make it 'auto''s order
+        json.dump(dispatch.table_from_measurements(rows, jax.default_backend()), f, indent=1)
     print("\n" + text)
-    print(f"\nwrote {base}.jsonl, .md and .png ({time.monotonic() - start:.0f} s)")
+    print(f"\nwrote {base}.jsonl, .md, .png and _auto_table.json ({time.monotonic() - start:.0f} s)")
 
 
 if __name__ == "__main__":

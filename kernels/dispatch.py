@@ -92,6 +92,38 @@ def load_auto_table(path: str = AUTO_TABLE_PATH) -> dict:
 AUTO_TABLE = load_auto_table()
 
 
+# benchmarks/kernel_speed.py's implementation names -> (op, backend)
+MEASURED = {"flash": ("attention", "triton"), "cudnn": ("attention", "cudnn"),
+            "mosaic_gpu": ("attention", "mosaic_gpu"), "tokamax": ("attention", "tokamax"), "xla": ("attention", "xla"),
+            "linear_chunked": ("linear", "triton"), "linear_xla": ("linear", "xla")}
+
+
+def table_from_measurements(rows, platform: str) -> dict:
+    """An ``AUTO_TABLE`` for ``platform`` from ``benchmarks/kernel_speed.py`` rows: per op and length, the backends
+    that ran every measured shape and pattern of that length (forward + backward), fastest first by their summed
+    time, cut at XLA (a backend slower than XLA is not tried). Lengths whose order equals the previous one's are
+    merged, so each entry holds from its ``min_length`` up."""
+    totals, shapes = {}, {}
+    for r in rows:
+        if r.get("pass") != "fwd+bwd" or r.get("impl") not in MEASURED:
+            continue
+        op, backend = MEASURED[r["impl"]]
+        shape = (r["head_dim"], r.get("causal", False))
+        shapes.setdefault((op, r["length"]), set()).add(shape)
+        entry = totals.setdefault((op, r["length"], backend), {})
+        entry[shape] = r["seconds"] if r.get("status") == "ok" else None
+    table = {}
+    for (op, length), needed in sorted(shapes.items()):
+        timed = {backend: sum(t.values()) for (o, n, backend), t in totals.items()
+                 if o == op and n == length and set(t) == needed and None not in t.values()}
+        order = sorted(timed, key=timed.get)
+        order = order[:order.index("xla")] if "xla" in order else order
+        rows_of_op = table.setdefault(op, [])
+        if not rows_of_op or rows_of_op[-1]["order"] != order + ["xla"]:
+            rows_of_op.append({"min_length": length, "order": order + ["xla"]})
+    return {platform: table}
+
+
 def auto_order(op: str, length: int, platform: str, table: dict | None = None) -> tuple[str, ...]:
     """The backends ``"auto"`` tries for ``op`` at sequence ``length`` on ``platform``, ending in XLA."""
     rows = (AUTO_TABLE if table is None else table).get(platform, {}).get(op, [])

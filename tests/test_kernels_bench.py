@@ -34,3 +34,5 @@ def test_bench_small_writes_jsonl_md_and_png(tmp_path):
     if os.path.exists(os.path.join(ROOT, "kernels", "linear_attention.py")):
         assert status[("linear_chunked", "fwd+bwd")] == "ok", status[("linear_chunked", "fwd+bwd")]
     assert "| `flash` | 16 | 64 | no | fwd |" in open(f"{base}.md").read()
+    auto = json.load(open(f"{base}_auto_table.json"))["cpu"]  # the interpreted times order nothing real
+    assert auto["attention"][0]["min_length"] == 64 and auto["attention"][0]["order"][-1] == "xla"

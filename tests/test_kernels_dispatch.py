@@ -112,3 +112,23 @@ def test_autotune_times_block_sizes_and_writes_the_fastest(tmp_path):
     entry = tuning.tuned("triton", "attention", tuning.device_kind(), table)
     assert (entry["block_q"], entry["block_k"]) in ((16, 16), (32, 16)) and len(entry["seconds"]) == 2
     assert min(entry["seconds"].values()) > 0
+
+
+def test_the_auto_table_is_built_from_measurements_fastest_first_and_cut_at_xla():
+    def row(impl, length, seconds, head_dim=64, causal=False, status="ok"):
+        return dict(impl=impl, length=length, head_dim=head_dim, causal=causal, status=status, seconds=seconds,
+                    **{"pass": "fwd+bwd"})
+
+    rows = [row("xla", 1024, 1.0), row("cudnn", 1024, 0.5), row("flash", 1024, 0.7), row("mosaic_gpu", 1024, 2.0),
+            row("xla", 8192, 9.0), row("cudnn", 8192, 4.0), row("flash", 8192, 3.0),
+            row("flash", 8192, 0.5, causal=True), row("cudnn", 8192, 1.0, causal=True),
+            row("xla", 8192, 9.0, causal=True), row("tokamax", 8192, 0.1, status="refused: not installed"),
+            row("linear_xla", 8192, 2.0), row("linear_chunked", 8192, 1.0), {**row("flash", 8192, 0.1), "pass": "fwd"}]
+    table = dispatch.table_from_measurements(rows, "gpu")
+    # 1K: cudnn then flash (mosaic_gpu is slower than XLA); 8K over both patterns: flash 3.5 s, cudnn 5 s
+    assert table["gpu"]["attention"] == [{"min_length": 1024, "order": ["cudnn", "triton", "xla"]},
+                                         {"min_length": 8192, "order": ["triton", "cudnn", "xla"]}]
+    assert dispatch.auto_order("attention", 4096, "gpu", table) == ("cudnn", "triton", "xla")
+    assert dispatch.auto_order("attention", 16384, "gpu", table) == ("triton", "cudnn", "xla")
+    assert dispatch.auto_order("linear", 8192, "gpu", table) == ("triton", "xla")
+    assert dispatch.auto_order("linear", 1024, "gpu", table) == ("xla",)  # nothing measured below 8K
