@@ -366,10 +366,11 @@ def test_impl_pallas_equals_xla_in_outputs_and_gradients(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PALLAS)
+@pytest.mark.parametrize("name", [name for name in PALLAS if name != "mamba"])
 def test_every_backend_reachable_here_equals_xla(name):
     """The Mosaic TPU backend (TPU interpret mode on this CPU) against the XLA path, like the Triton kernels
-    above; a method whose call it cannot take falls back to XLA and says why (then nothing is compared)."""
+    above; a method whose call it cannot take falls back to XLA and says why (then nothing is compared). Mamba's
+    scan (43 s interpreted) is checked on this backend directly, in tests/test_kernels_tpu_linear.py."""
     from effjax.kernels import dispatch
 
     got = masked_loss_value_and_grads(name, "mosaic_tpu,xla", jitted=False)

@@ -88,7 +88,7 @@ def test_packed_segments_reset_the_state_and_match_the_segment_masked_reference(
         la.chunked_linear_attention(phi_q, phi_k, v, segment_ids=segment_ids)
 
 
-@pytest.mark.parametrize("backend,normalize", slow_after([("triton", True), ("triton", False), ("mosaic_tpu", True)]))
+@pytest.mark.parametrize("backend,normalize", slow_after([("triton", False), ("triton", True), ("mosaic_tpu", True)]))
 def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(backend, normalize):
     from effjax.kernels import tpu_linear
 

@@ -18,7 +18,7 @@ def tokens(seed, shape=(3, 20), vocab=17):
     return jax.random.randint(jax.random.key(seed), shape, 1, vocab)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["mean", pytest.param("cls", marks=pytest.mark.slow)])
 def test_encoder_ignores_padding_tokens(pooling):
     model = encoder(pooling=pooling)
     x = tokens(0).at[:, 12:].set(0)
@@ -147,6 +147,7 @@ def test_vit_takes_pixel_tokens_or_images_and_embeds_a_patch_grid():
         vit.clone(patch_size=3).init(jax.random.key(0), pixels)
 
 
+@pytest.mark.slow
 def test_informer_distilling_halves_the_length_between_blocks_and_ignores_padding():
     model = encoder(num_layers=3, distil=True, pooling="mean", max_length=20)
     x = tokens(11, (2, 20)).at[:, 12:].set(0)

@@ -44,7 +44,7 @@ def test_one_centre_per_well_separated_cluster_sorted_by_time():
     assert index[0] not in again and sorted(labels[again].tolist()) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("prefix", [0, 1, 2])
+@pytest.mark.parametrize("prefix", [0, 1, pytest.param(2, marks=pytest.mark.slow)])
 def test_reducer_keeps_the_centres_after_the_prefix_in_position_order(prefix):
     x, tokens = start(2, 19, seed=prefix)
     reducer = hot.Reducer()

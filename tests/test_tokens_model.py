@@ -35,6 +35,7 @@ def vit(**kw):
     return models.build("vit_classifier", vocab_size=1, num_classes=10, **{**fields, **kw})
 
 
+@pytest.mark.slow
 def test_mean_pooling_weighs_merged_tokens_by_size():
     # Merging identical patches must not move a size-weighted mean: a constant image gives equal tokens
     # before position embeddings only, so check with the positions zeroed and one block of attention.
@@ -99,6 +100,7 @@ def test_proportional_attention_under_a_method_without_key_bias_is_refused_namin
         jax.eval_shape(decoder.init, jax.random.key(0), np.ones((1, 16), np.int32))
 
 
+@pytest.mark.slow
 def test_a_pruner_asks_no_key_bias_so_it_runs_under_any_attention():
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     model = vit(pooling="cls", attention="performer", tokens=dict(method="random_prune", keep=0.5, layers="1"))
