@@ -237,7 +237,7 @@ def cga_reference(q, k, v, kernels, table, cascade, q_bias, win):
     return jnp.stack(outs, axis=2)
 
 
-@pytest.mark.parametrize("heads,window", [(1, 7), (3, 3)])
+@pytest.mark.parametrize("heads,window", [(1, 7), pytest.param(3, 3, marks=pytest.mark.slow)])
 def test_efficientvit_cga_equals_dense_cascade_of_window_softmax_with_bias(heads, window):
     q, k, v = qkv(7, h=heads)
     win = efficientvit_cga.window_shape(HW, window)

@@ -109,11 +109,14 @@ def test_a_sequence_run_in_two_calls_with_the_state_carried_equals_one_call(back
                                                     **opts)
         return jnp.concatenate([first, second], axis=1), final
 
-    cot = jax.random.normal(jax.random.key(7), (2, 40, 2, 8))
-    out, grads = value_and_grads_of(whole, [phi_q, phi_k, v], cot)
-    split, split_grads = value_and_grads_of(lambda *a: halves(*a)[0], [phi_q, phi_k, v], cot)
-    assert_tree_close(split, out, 1e-5, 1e-5)
-    assert_tree_close(split_grads, grads, 1e-4, 1e-5)
+    if backend == "triton" and not normalize:  # the default tier's case: outputs only (compiles half as much)
+        assert_tree_close(halves(phi_q, phi_k, v)[0], whole(phi_q, phi_k, v), 1e-5, 1e-5)
+    else:
+        cot = jax.random.normal(jax.random.key(7), (2, 40, 2, 8))
+        out, grads = value_and_grads_of(whole, [phi_q, phi_k, v], cot)
+        split, split_grads = value_and_grads_of(lambda *a: halves(*a)[0], [phi_q, phi_k, v], cot)
+        assert_tree_close(split, out, 1e-5, 1e-5)
+        assert_tree_close(split_grads, grads, 1e-4, 1e-5)
     # The final state is the decayed sum over every real key: a query after the sequence reads it.
     final = halves(phi_q, phi_k, v)[1]
     cum = jnp.cumsum(jnp.log(gates), axis=1)

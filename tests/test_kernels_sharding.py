@@ -81,6 +81,7 @@ def test_encoder_with_pallas_attention_trains_the_same_on_eight_devices():
     assert_tree_close(got, want, 1e-5, 1e-5)
 
 
+@pytest.mark.slow  # the default tier's twin: the flash kernel per shard, above
 def test_linear_attention_and_selective_scan_per_shard_equal_the_unsharded_call():
     from effjax.kernels.linear_attention import chunked_linear_attention
     from effjax.kernels.selective_scan import selective_scan

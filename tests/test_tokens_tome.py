@@ -103,6 +103,7 @@ def vit(**kw):
                         mlp_dim=64, pooling="cls", image_size=(16, 16), channels=3, patch_size=4, **kw)
 
 
+@pytest.mark.slow  # the default tier's twin: tests/test_tokens_conformance.py's ToMe-in-a-ViT check
 def test_tome_inside_a_vit_follows_the_schedule_with_r_zero_unchanged():
     images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
     base = vit()
