@@ -71,3 +71,28 @@ def triton_calls(fn, *args) -> int:
         exported = export.export(jax.jit(fn), platforms=["cuda"],
                                  disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
     return exported.mlir_module().count(TRITON)
+
+
+def linear_inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
+    """Positive features phi_q, phi_k [b, len, h, m], values [b, lk, h, dv] and a spare key, for the linear kernels."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    phi_q = jnp.exp(0.5 * jax.random.normal(keys[0], (b, lq, h, m))).astype(dtype)
+    phi_k = jnp.exp(0.5 * jax.random.normal(keys[1], (b, lk, h, m))).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, h, dv)).astype(dtype)
+    return phi_q, phi_k, v, keys[3]
+
+
+def lengths_mask(lengths, n):
+    return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
+
+
+def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
+    """x, delta, a_log, b, c, d_skip of the selective scan at Mamba-like scales."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (b, length, h, p))
+    delta = jax.nn.softplus(jax.random.normal(keys[1], (b, length, h, p)) - 1.0)
+    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(keys[2], (h, p, n))
+    bb = jax.random.normal(keys[3], (b, length, h, n))
+    cc = jax.random.normal(keys[4], (b, length, h, n))
+    d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
+    return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]

@@ -6,23 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import slow_after
-from kernel_checks import assert_tree_close, jit, triton_calls, value_and_grads_of
+from kernel_checks import assert_tree_close, jit, lengths_mask, triton_calls, value_and_grads_of
+from kernel_checks import linear_inputs as inputs
 
 from effjax.attention import cosformer, kernel_attention, linear_elu, performer
 from effjax.kernels import linear_attention as la
-
-
-def inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    phi_q = jnp.exp(0.5 * jax.random.normal(keys[0], (b, lq, h, m))).astype(dtype)
-    phi_k = jnp.exp(0.5 * jax.random.normal(keys[1], (b, lk, h, m))).astype(dtype)
-    v = jax.random.normal(keys[2], (b, lk, h, dv)).astype(dtype)
-    return phi_q, phi_k, v, keys[3]
-
-
-def lengths_mask(lengths, n):
-    return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
-
 
 CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, mask lengths
     (False, 37, 37, 16, None, True, [30, 37]),

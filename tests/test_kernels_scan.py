@@ -6,22 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import slow_after
-from kernel_checks import assert_tree_close, triton_calls, value_and_grads_of
+from kernel_checks import assert_tree_close, scan_inputs, triton_calls, value_and_grads_of
 
 from effjax.attention import mamba
 from effjax.kernels import selective_scan as ss
-
-
-def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(keys[0], (b, length, h, p))
-    delta = jax.nn.softplus(jax.random.normal(keys[1], (b, length, h, p)) - 1.0)
-    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(keys[2], (h, p, n))
-    bb = jax.random.normal(keys[3], (b, length, h, n))
-    cc = jax.random.normal(keys[4], (b, length, h, n))
-    d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
-    return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]
-
 
 FLAGS = np.zeros((2, 37), bool)
 

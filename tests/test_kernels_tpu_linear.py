@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax import export
-from kernel_checks import assert_tree_close, value_and_grads_of
+from kernel_checks import assert_tree_close, lengths_mask, linear_inputs, scan_inputs, value_and_grads_of
 
 from effjax.kernels import linear_attention as la
 from effjax.kernels import selective_scan as ss
@@ -22,18 +22,6 @@ MOSAIC = "tpu_custom_call"
 def tpu_calls(fn, *args) -> int:
     """How many Mosaic kernels ``jax.export`` of jitted ``fn`` for TPU holds: lowering only, no TPU needed."""
     return export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module().count(f"@{MOSAIC}(")
-
-
-def linear_inputs(seed, b=2, lq=37, lk=37, h=2, m=8, dv=8, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    phi_q = jnp.exp(0.5 * jax.random.normal(keys[0], (b, lq, h, m))).astype(dtype)
-    phi_k = jnp.exp(0.5 * jax.random.normal(keys[1], (b, lk, h, m))).astype(dtype)
-    v = jax.random.normal(keys[2], (b, lk, h, dv)).astype(dtype)
-    return phi_q, phi_k, v, keys[3]
-
-
-def lengths_mask(lengths, n):
-    return jnp.asarray(np.arange(n)[None, :] < np.asarray(lengths)[:, None])
 
 
 def decay_of(kind, key, lk, heads=2):
@@ -133,17 +121,6 @@ def test_linear_per_shard_under_a_mesh_equals_the_unsharded_call():
         assert "shard_map" in str(jax.make_jaxpr(fn)(phi_q, phi_k, v, gate))
         got = value_and_grads_of(fn, (phi_q, phi_k, v, gate), cot)
     assert_tree_close(got, want, 1e-6, 1e-6)
-
-
-def scan_inputs(seed, b=2, length=37, h=2, p=6, n=5, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(keys[0], (b, length, h, p))
-    delta = jax.nn.softplus(jax.random.normal(keys[1], (b, length, h, p)) - 1.0)
-    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(keys[2], (h, p, n))
-    bb = jax.random.normal(keys[3], (b, length, h, n))
-    cc = jax.random.normal(keys[4], (b, length, h, n))
-    d_skip = 1.0 + 0.1 * jax.random.normal(keys[5], (h, p))
-    return [t.astype(dtype) for t in (x, delta, a_log, bb, cc, d_skip)]
 
 
 def flags(length, keep_lengths, reset_at):
