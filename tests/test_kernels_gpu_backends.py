@@ -340,8 +340,8 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = sorted(os.listdir(out))
-    assert names == ["gpu_check.log", "kernels.jsonl", "kernels.md", "kernels.png", "summary.md",
-                     "token_reduction.json", "token_reduction.png"]
+    assert names == ["gpu_check.log", "kernels.jsonl", "kernels.md", "kernels.png", "kernels_auto_table.json",
+                     "summary.md", "token_reduction.json", "token_reduction.png"]
     summary = (out / "summary.md").read_text()
     for step in ("tests: GPU tests: ok", "kernel_speed.py: ok", "token_reduction.py (ToMe speed): ok"):
         assert step in summary, summary
