@@ -369,20 +369,10 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask, block_v)
     batch, q_len, heads, m = phi_q.shape
     kv_len, dv = phi_k.shape[1], v.shape[-1]
-    dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
-    phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
-    if mask is not None:
-        keep = jnp.asarray(mask, bool)[:, :, None, None]
-        phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
-    check_carry(NAME, initial_state, return_state, causal, q_len, kv_len)
+    phi_q, phi_k, v, log_decay, dtype = prepare(NAME, phi_q, phi_k, v, causal=causal, decay=decay,
+                                                log_decay=log_decay, mask=mask, segment_ids=segment_ids,
+                                                initial_state=initial_state, return_state=return_state)
     sequence = (phi_q, phi_k, v)
-    if decay is not None:
-        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
-    if log_decay is not None:
-        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
-    if segment_ids is not None:
-        reset = segment_reset(NAME, segment_ids, causal, batch, q_len, kv_len)
-        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
     # Causal end alignment (as kernel_attention): dummy queries in front when kv_len > q_len, empty keys when
     # q_len > kv_len, so that query i pairs with key i.
     q_front = max(kv_len - q_len, 0) if causal else 0
@@ -417,6 +407,29 @@ class LinearState(NamedTuple):
 
     kv: jax.Array
     k_sum: jax.Array
+
+
+def prepare(kernel: str, phi_q, phi_k, v, *, causal, decay, log_decay, mask, segment_ids, initial_state,
+            return_state):
+    """The linear kernels' shared input preparation: ``(phi_q, phi_k, v, log_decay, dtype)`` with the inputs in
+    their promoted dtype, padded keys' features and values zeroed, and the per-step log decay ``[b, kv_len, h]``
+    (or None) holding ``decay``/``log_decay`` and the segment resets; the carried state's conditions checked."""
+    batch, q_len, heads, _ = phi_q.shape
+    kv_len = phi_k.shape[1]
+    dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
+    phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
+    if mask is not None:
+        keep = jnp.asarray(mask, bool)[:, :, None, None]
+        phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
+    check_carry(kernel, initial_state, return_state, causal, q_len, kv_len)
+    if decay is not None:
+        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
+    if log_decay is not None:
+        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+    if segment_ids is not None:
+        reset = segment_reset(kernel, segment_ids, causal, batch, q_len, kv_len)
+        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
+    return phi_q, phi_k, v, log_decay, dtype
 
 
 def check_carry(kernel: str, initial_state, return_state: bool, causal: bool, q_len: int, kv_len: int) -> None:

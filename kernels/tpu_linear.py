@@ -251,22 +251,12 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     _check(phi_q, phi_k, v, causal, decay if log_decay is None else log_decay, chunk_size, mask)
     batch, q_len, heads, m = phi_q.shape
     kv_len, dv = phi_k.shape[1], v.shape[-1]
-    dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
-    phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
-    if mask is not None:
-        keep = jnp.asarray(mask, bool)[:, :, None, None]
-        phi_k, v = jnp.where(keep, phi_k, 0), jnp.where(keep, v, 0)
-    la.check_carry(KERNEL, initial_state, return_state, causal, q_len, kv_len)
+    phi_q, phi_k, v, log_decay, dtype = la.prepare(KERNEL, phi_q, phi_k, v, causal=causal, decay=decay,
+                                                   log_decay=log_decay, mask=mask, segment_ids=segment_ids,
+                                                   initial_state=initial_state, return_state=return_state)
     sequence = (phi_q, phi_k, v)
     if normalize:  # the denominator as one more value column: sum_j w_ij (phi_q_i . phi_k_j) * 1
         v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), dtype)], axis=-1)
-    if decay is not None:
-        log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), la.FLOOR))  # decay 0: log 0 = -inf
-    if log_decay is not None:
-        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
-    if segment_ids is not None:  # log(float32 tiny) at each segment start: earlier segments weigh < 1e-38
-        reset = la.segment_reset(KERNEL, segment_ids, causal, batch, q_len, kv_len)
-        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
     # Causal end alignment: dummy queries in front when kv_len > q_len, empty keys when q_len > kv_len.
     q_front = max(kv_len - q_len, 0) if causal else 0
     k_front = max(q_len - kv_len, 0) if causal else 0
