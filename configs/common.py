@@ -64,6 +64,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "encoder_classifier"   # a module of effjax/models: encoder_classifier | decoder_lm
     c.model.max_length = 2000     # longest input the position table covers
+    c.model.position = "learned"  # learned | sinusoid (fixed, LRA Pathfinder) | rotary (RoFormer, on q and k) | none
     c.model.num_layers = 4
     c.model.embed_dim = 128
     c.model.num_heads = 4

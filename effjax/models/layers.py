@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
-from effjax.models import layer_attention
+from effjax.models import layer_attention, positions
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
 from effjax.search import program as search_program
@@ -57,7 +57,8 @@ class MultiHeadAttention(nn.Module):
     ``query_bias``/``key_bias``/``value_bias`` [heads, head_dim] and ``out_bias`` [embed] (timm's ViT has them).
     ``key_bias`` [batch, kv_len] is added to every query's logits (proportional attention's ``log sizes``);
     a method that does not declare the ``key_bias`` capability refuses it. ``with_stats`` returns
-    ``(y, AttentionStats)`` for token reduction.
+    ``(y, AttentionStats)`` for token reduction. ``rotary`` rotates q and k by their token index (RoFormer,
+    ``positions.apply_rotary``) before the method sees them.
     """
 
     num_heads: int
@@ -66,6 +67,7 @@ class MultiHeadAttention(nn.Module):
     attention_params: dict | None = None
     dtype: Dtype = jnp.float32
     use_bias: bool = False
+    rotary: bool = False
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None,
@@ -82,6 +84,9 @@ class MultiHeadAttention(nn.Module):
                 y = y + self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "head_dim")),
                                    shape_in[1:], jnp.float32).astype(self.dtype)
             projected[name] = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+        if self.rotary:
+            check_rotary(self.attention, projected)
+            projected = {name: positions.apply_rotary(y) if name != "value" else y for name, y in projected.items()}
         # A method without a key projection makes its keys from q itself (Primer's shared Q/K representation).
         qkv = [projected["query"], projected.get("key", projected["query"]), projected["value"]]
         method = attention_lib.make(self.attention, **params)
@@ -100,6 +105,15 @@ class MultiHeadAttention(nn.Module):
         if not with_stats:
             return y
         return y, token_stats.AttentionStats(*qkv, key_bias=key_bias, mask=mask, method=self.attention)
+
+
+def check_rotary(method: str, projected: dict) -> None:
+    """ValueError when attention ``method`` makes its keys from q itself: rotating that shared representation
+    before the method's own mixing would not give RoFormer's relative scores."""
+    if "key" not in projected:
+        raise ValueError(f"model.position='rotary' rotates q and k before the attention method, but {method!r} "
+                         f"(with these params) makes its keys from q itself (no key projection, e.g. primer_mdha "
+                         f"share_qk=True): use model.position='learned' or 'sinusoid', or a key projection.")
 
 
 def check_key_bias(method: str) -> None:
@@ -157,6 +171,7 @@ class Block(nn.Module):
     prop_attn: bool = False
     norm_eps: float = 1e-6
     norm_layout: str = "pre"
+    rotary: bool = False
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
@@ -168,7 +183,7 @@ class Block(nn.Module):
         h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_attention")(x, **norm)
         key_bias = tokens.log_sizes() if tokens is not None and self.prop_attn else None
         h, stats = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
-                                      self.dtype, self.qkv_bias, name="attention")(
+                                      self.dtype, self.qkv_bias, self.rotary, name="attention")(
             h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, key_bias=key_bias,
             with_stats=True)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -206,6 +221,10 @@ class Backbone(nn.Module):
     ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
     path, unless the method's own params set one; layers whose method has none run XLA.
     ``qkv_bias`` gives the attention projections biases; ``norm_eps`` is LayerNorm's epsilon.
+    ``position`` (``effjax.models.positions``): 'learned' | 'sinusoid' are added to the embeddings by ``Trunk``,
+    'rotary' rotates q and k of every layer by token index (packed segments included: the index runs on across
+    segments, and rotary scores depend on index differences only), 'none' adds nothing. A family embedding
+    tokens itself (ViT) keeps its own learned table and accepts only 'learned'.
     ``tokens`` (``model.tokens``: method, schedule, ``prop_attn``, params) reduces the tokens inside the block
     loop (``effjax.tokens``); prefix tokens are kept. ``program`` (``effjax.search.program``: a Program, its JSON
     object or text, or a .json file) replaces every block by that program (causal by construction).
@@ -233,6 +252,7 @@ class Backbone(nn.Module):
     tokens: dict | None = None
     program: Any = None
     dtype: Dtype = jnp.float32
+    position: str = "learned"
 
     def layer_attention(self) -> tuple[tuple[str, dict], ...]:
         """``((method, params), ...)`` per layer, resolved from this model's attention fields."""
@@ -248,8 +268,19 @@ class Backbone(nn.Module):
                              "causal, keep packed segments apart or follow model.distil; use it in encoders.")
         return found
 
+    def check_position(self, *, embeds_positions: bool, reduces_tokens: bool) -> None:
+        """ValueError for a ``position`` this model cannot honour (rather than silently ignoring it)."""
+        positions.check_position(self.position)
+        if not embeds_positions and self.position != "learned":
+            raise ValueError(f"model.position={self.position!r} is for the token models (encoder_classifier, "
+                             f"decoder_lm); this family adds its own learned position table: use 'learned'.")
+        if self.position == "rotary" and (reduces_tokens or self.program):
+            raise ValueError("model.position='rotary' rotates q and k by token index, which model.tokens (merged "
+                             "tokens have no one index) and model.program (its own attention) cannot honour; "
+                             "use 'learned' or 'sinusoid'.")
+
     def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0,
-               with_tokens=False, fixed_macs=0):
+               with_tokens=False, fixed_macs=0, embeds_positions=False):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
 
         With ``distil`` the length (after the ``prefix_tokens``, which are kept) halves between blocks,
@@ -259,7 +290,8 @@ class Backbone(nn.Module):
         ``token_gmacs``: the model's analytic GMACs under the reduction (``effjax.tokens.flops.block_macs`` per
         block on the tokens it computes on, plus ``fixed_macs``, the caller's patch embedding and head). With
         ``model.tokens.flops_target`` the loss ``flops_weight * (token_gmacs - flops_target)^2`` is sown into
-        ``losses`` when training (not ``deterministic``), which the train step adds.
+        ``losses`` when training (not ``deterministic``), which the train step adds. ``embeds_positions``: the
+        caller (``Trunk``) has applied ``position``'s additive part, so every value of it is honoured.
         """
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
@@ -273,6 +305,7 @@ class Backbone(nn.Module):
             raise ValueError("model.distil halves the sequence with a two-sided conv and pooling: it cannot be "
                              "causal or keep packed segments apart; use it in encoders only.")
         plan = self.token_plan(x.shape[1], prefix_tokens, causal=causal, segment_ids=segment_ids)
+        self.check_position(embeds_positions=embeds_positions, reduces_tokens=plan is not None)
         tokens = None if plan is None else TokenState.start(x.shape[0], x.shape[1], mask)
         gamma = PRepBNSchedule(self.norm, self.prepbn_steps, self.prepbn_warmup, name="prepbn_schedule")(
             deterministic=deterministic)
@@ -297,7 +330,7 @@ class Backbone(nn.Module):
             x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                               self.activation, self.norm, self.dtype, self.qkv_bias, step,
                               plan is not None and plan.prop_attn, self.norm_eps, self.norm_layout,
-                              name=f"block_{i}")(
+                              self.position == "rotary", name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
                 tokens=tokens)
             if tokens is not None:
@@ -322,8 +355,10 @@ class Backbone(nn.Module):
 
 
 class Trunk(Backbone, kw_only=True):
-    """Token + learned position embeddings (and ``prefix_tokens`` learned vectors, e.g. CLS), then the blocks.
+    """Token embeddings (and ``prefix_tokens`` learned vectors, e.g. CLS), the ``position`` encoding, the blocks.
 
+    'learned' adds the trained ``pos_embed`` table, 'sinusoid' the fixed one (``positions.sinusoid_table``);
+    both cover the prefix tokens, which take positions 0..prefix_tokens-1. 'rotary' and 'none' add nothing here.
     Returns ``(x, mask)``: the final states and their key-padding mask (shorter than the input with ``distil``).
     """
 
@@ -333,6 +368,7 @@ class Trunk(Backbone, kw_only=True):
 
     @nn.compact
     def __call__(self, tokens, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+        positions.check_position(self.position)
         batch, length = tokens.shape
         if length > self.max_length:
             raise ValueError(
@@ -341,16 +377,21 @@ class Trunk(Backbone, kw_only=True):
         x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=logical(embed_init, ("vocab", "embed")),
                      name="token_embed")(tokens)
         total = length + self.prefix_tokens
-        pos = self.param("pos_embed", logical(embed_init, ("length", "embed")),
-                         (self.max_length + self.prefix_tokens, self.embed_dim), jnp.float32)
+        if self.position == "learned":
+            pos = self.param("pos_embed", logical(embed_init, ("length", "embed")),
+                             (self.max_length + self.prefix_tokens, self.embed_dim), jnp.float32)
+        elif self.position == "sinusoid":
+            pos = jnp.asarray(positions.sinusoid_table(total, self.embed_dim))
         if self.prefix_tokens:
             prefix = self.param("prefix_embed", logical(embed_init, ("prefix", "embed")),
                                 (self.prefix_tokens, self.embed_dim), jnp.float32)
             x = jnp.concatenate([jnp.broadcast_to(prefix, (batch, *prefix.shape)), x], axis=1)
             if mask is not None:
                 mask = jnp.concatenate([jnp.ones((batch, self.prefix_tokens), bool), mask], axis=1)
-        x = (x + pos[None, :total]).astype(self.dtype)
+        if self.position in positions.ADDITIVE:
+            x = x + pos[None, :total]
+        x = x.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return self.blocks(x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic,
-                           prefix_tokens=self.prefix_tokens)
+                           prefix_tokens=self.prefix_tokens, embeds_positions=True)

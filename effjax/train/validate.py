@@ -7,7 +7,7 @@ from absl import logging
 
 import effjax.models
 from effjax import attention
-from effjax.models import layer_attention
+from effjax.models import layer_attention, positions
 from effjax.tokens import plan as token_plan
 from effjax.tokens import spec as token_spec
 from effjax.train.optim import SCHEDULES
@@ -128,6 +128,13 @@ def check_layer_attention(model_config) -> None:
     warn_about_unused_attention_params(model_config, {method for method, _ in layers})
 
 
+def check_position(model_config) -> None:
+    """``model.position``: one of ``effjax.models.positions.POSITIONS`` (absent: the model's default)."""
+    position = model_config.get("position")
+    if position is not None:
+        positions.check_position(position)
+
+
 def check_tokens(model_config) -> None:
     """``model.tokens``: the method, its params and the schedule's form (the counts are checked when the model
     knows its token count, at initialisation)."""
@@ -167,6 +174,7 @@ def validate(config, *, process_count: int, batch_shards: int) -> None:
              f"config.schedule {config.schedule!r} is unknown; known: {', '.join(SCHEDULES)}.")
     effjax.models.task_of(config.model.name)
     check_layer_attention(config.model)
+    check_position(config.model)
     check_tokens(config.model)
     check_batch_division(config, process_count, batch_shards)
     check_lengths(config)
