@@ -47,6 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 32        # global eval batch; the split is padded to a multiple of it
     c.eval_every = 500            # steps between evaluations on the validation split (0: only at the end)
     c.eval_max_batches = 0        # cap on eval batches per evaluation (0: the whole split)
+    c.test_at_end = False         # after the final validation, evaluate the whole test split too (metrics 'test/...';
+    #                               LRA reports the last checkpoint's test accuracy)
     c.checkpoint_every = 500      # steps between checkpoints (0: only at the end and on SIGTERM)
     c.keep_checkpoints = 2        # how many recent checkpoints to keep
     c.log_every = 50              # steps between metrics.jsonl / TensorBoard rows

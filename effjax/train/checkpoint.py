@@ -15,12 +15,13 @@ from effjax.train.state import param_shapes
 from effjax.train.workdir import WorkdirError, free_space, move_aside, say
 
 # Config fields (dotted prefixes) that may change when a run resumes: they change how long the run goes,
-# how often it evaluates, logs and saves, where data is cached and how the work is laid out on devices,
-# never what a training step computes. Any other difference from the checkpoint's config is refused.
+# how often and on which splits it evaluates (test_at_end: also the test split at the end), logs and saves, where
+# data is cached and how the work is laid out on devices, never what a training step computes. Any other difference
+# from the checkpoint's config is refused.
 # (total_steps also sets the length of the cosine schedule: extending such a run changes its later rates.)
 RESUMABLE_FIELDS = (
     "total_steps", "eval_every", "eval_max_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-    "log_every", "mesh", "logical_axis_rules", "data.cache_dir", "init_from",
+    "log_every", "mesh", "logical_axis_rules", "data.cache_dir", "init_from", "test_at_end",
 )
 
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is renamed <step>.corrupt, which orbax does not list

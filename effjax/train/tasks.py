@@ -40,6 +40,21 @@ def lm(logits, batch, **_):
     return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
 
+def pretrain(out, batch, **_):
+    """Self-pretraining's denoising cross-entropy (Amos et al. 2024, Sec. 3) over the predicted positions only.
+
+    ``out`` is ``encoder_pretrain``'s dict: ``logits`` [batch, length, vocab], ``targets`` [batch, length] (the
+    original tokens, or the next ones) and ``weights`` [batch, length] (1 where a token is predicted); the batch's
+    labels are not used. Padding rows of an eval batch carry weight 0.
+    """
+    logits, targets = out["logits"], out["targets"]
+    weights = out["weights"].astype(jnp.float32) * _weights(batch, targets.shape[:1])[:, None]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    sums = {"loss": (loss * weights).sum(), "accuracy": (correct * weights).sum(), "count": weights.sum()}
+    return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+
 def summarize(sums) -> dict:
     """Turns accumulated sums into means (and the majority-class rate when label counts exist)."""
     count = max(float(sums["count"]), 1.0)

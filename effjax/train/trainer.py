@@ -71,10 +71,14 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def data_sources(config):
+def data_source(config, split: str):
+    """The source of ``split`` ('train', 'validation' or 'test') for ``config.data``."""
     params = {k: v for k, v in config.data.to_dict().items() if k != "name"}
-    make = functools.partial(data_lib.make_source, config.data.name, **params)
-    return make("train"), make("validation")
+    return data_lib.make_source(config.data.name, split, **params)
+
+
+def data_sources(config):
+    return data_source(config, "train"), data_source(config, "validation")
 
 
 def _build_model(config, source):
@@ -85,6 +89,8 @@ def _build_model(config, source):
 
 def _loss_fn(config, source):
     task = effjax.models.task_of(config.model.name)
+    if task == "pretrain":  # denoises the inputs of any source (classification or lm); its labels go unused
+        return tasks.pretrain
     if task != source.task:
         raise ValueError(f"config.model.name={config.model.name!r} trains on {task!r} data but "
                          f"config.data.name={config.data.name!r} provides {source.task!r} data.")
@@ -106,6 +112,7 @@ class Run:
         validate(config, process_count=jax.process_count(),
                  batch_shards=sharding.batch_shards(self.mesh, self.rules))
         self.train_source, self.eval_source = sources or data_sources(config)
+        self._eval_sources = {"validation": self.eval_source}  # other splits are built on first use
         self.model = _build_model(config, self.train_source)
         self.loss_fn = _loss_fn(config, self.train_source)
         self.tx, self.schedule = optim.make_optimizer(config)
@@ -156,15 +163,19 @@ class Run:
             loss, finite = self.next_loss_step(state, sharding.global_batch(local_batch, self.batch_sharding))
         return float(loss), bool(finite)
 
-    def evaluate(self, state) -> dict:
-        """Metrics over the validation split (or its first ``eval_max_batches`` batches)."""
+    def evaluate(self, state, split: str = "validation") -> dict:
+        """Metrics over ``split``: the validation split (or its first ``eval_max_batches`` batches), or the whole
+        of another split (the test split reported at the end is never cut short)."""
+        if split not in self._eval_sources:
+            self._eval_sources[split] = data_source(self.config, split)
         batches = pipeline.eval_batches(
-            self.eval_source, global_batch_size=self.config.eval_batch_size,
+            self._eval_sources[split], global_batch_size=self.config.eval_batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
+        max_batches = self.config.eval_max_batches if split == "validation" else 0
         total = None
         with self._context():
             for i, local_batch in enumerate(batches):
-                if self.config.eval_max_batches and i >= self.config.eval_max_batches:
+                if max_batches and i >= max_batches:
                     break
                 sums = self.eval_step(state.params, state.model_state,
                                       sharding.global_batch(local_batch, self.batch_sharding))
@@ -240,9 +251,31 @@ def _start(run, workdir, data_iterator):
     return int(resume_step or 0), state, rows, checkpoint.Saver(manager, resume_step)
 
 
+def _final_splits(config) -> tuple[tuple[str, str], ...]:
+    """``(split, metrics prefix)`` of each evaluation at the end of a run, in order."""
+    return (("validation", "eval/"),) + ((("test", "test/"),) if config.get("test_at_end") else ())
+
+
 def _already_done(config, step, rows) -> bool:
-    """True when the checkpoint is past total_steps, or at it with its final evaluation already written."""
-    return step > config.total_steps or (step == config.total_steps and metrics.has_row(rows, step, "eval/"))
+    """True when the checkpoint is past total_steps, or at it with every final evaluation already written."""
+    return step > config.total_steps or (step == config.total_steps and all(
+        metrics.has_row(rows, step, prefix) for _, prefix in _final_splits(config)))
+
+
+def _final_evaluations(run, writer, state, step, rows) -> dict:
+    """The end-of-run metrics (``eval/...``, and ``test/...`` with config.test_at_end), each written as a row.
+
+    A split whose row at ``step`` is already in metrics.jsonl (a run stopped between its validation and test
+    evaluations, then run again) is read back from that row instead of being evaluated and written twice.
+    """
+    result = {}
+    for split, prefix in _final_splits(run.config):
+        written = {k: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith(prefix)}
+        if not written:
+            written = {f"{prefix}{k}": v for k, v in run.evaluate(state, split).items()}
+            writer.write(step, written)
+        result.update(written)
+    return result
 
 
 def _train_in_locked_workdir(run, workdir, preemption) -> dict:
@@ -259,7 +292,7 @@ def _train_in_locked_workdir(run, workdir, preemption) -> dict:
             workdir_lib.say(f"Resuming from the checkpoint at step {step} in {workdir}.")
         metrics.keep_rows_through(workdir, step, rows)
         metrics.write_config(workdir, config)
-        return _loop(run, workdir, preemption, data_iterator, saver, state, step)
+        return _loop(run, workdir, preemption, data_iterator, saver, state, step, rows)
     finally:
         if saver is not None:
             saver.close()
@@ -267,15 +300,15 @@ def _train_in_locked_workdir(run, workdir, preemption) -> dict:
             data_iterator.close()
 
 
-def _loop(run, workdir, preemption, data_iterator, saver, state, step) -> dict:
-    """Train, evaluate and checkpoint from ``step`` to config.total_steps (or a stop signal)."""
+def _loop(run, workdir, preemption, data_iterator, saver, state, step, rows) -> dict:
+    """Train, evaluate and checkpoint from ``step`` to config.total_steps (or a stop signal); ``rows``: the
+    metrics already written up to ``step``."""
     config = run.config
     writer = metrics.MetricWriter(workdir)
     is_chief = jax.process_index() == 0
     bar = tqdm.tqdm(total=config.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not is_chief)
     window, window_start, window_time = [], step, time.perf_counter()
-    eval_metrics = {}
 
     def flush():
         nonlocal window, window_start, window_time
@@ -314,15 +347,14 @@ def _loop(run, workdir, preemption, data_iterator, saver, state, step) -> dict:
         if saver.last_started != step:
             save()
         flush()
-        eval_metrics = run.evaluate(state)
-        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        final = _final_evaluations(run, writer, state, step, rows)
         saver.finish()
     except metrics.MetricsWriteError as error:
         raise _stopped_by_write_error(error, saver) from error
     finally:
         bar.close()
         writer.close()
-    return {"step": step, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+    return {"step": step, **final}
 
 
 def _stopped_by_write_error(error, saver) -> metrics.MetricsWriteError:
@@ -352,4 +384,10 @@ def summary_line(result: dict) -> str:
                  f"(majority-class rate of this split: {100 * result['eval/majority_class_rate']:.2f}%)")
     else:
         line += f" ({result['eval/loss'] / np.log(2):.3f} bits per token)"
+    if "test/accuracy" in result:
+        line += f"; test accuracy {100 * result['test/accuracy']:.2f}%"
+        if "test/majority_class_rate" in result:
+            line += f" (majority-class rate {100 * result['test/majority_class_rate']:.2f}%)"
+        else:
+            line += f", test loss {result['test/loss']:.4f}"
     return line + "."
