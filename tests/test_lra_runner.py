@@ -350,3 +350,15 @@ def test_kill_9_of_the_runner_then_a_rerun_resumes_the_cell(tmp_path):
     assert resumed >= first
     result = results.read(str(cell))
     assert result["status"] == "ok" and result["step"] == 200
+
+
+@pytest.mark.slow  # starts a local Ray instance (about 10 s); the default tier runs the same cells in local workers
+def test_cells_as_ray_tasks_give_the_same_table(tmp_path, stub):
+    pytest.importorskip("ray")
+    trainer, calls = stub
+    kwargs = dict(tasks=["listops", "pathfinder"], methods=["softmax", "performer"], parallel=2)
+    assert runner.run(settings(tmp_path / "ray", trainer, ray_address="local", **kwargs)) == 0
+    assert runner.run(settings(tmp_path / "local", trainer, **kwargs)) == 0
+    tables = [parse_table((tmp_path / d / "lra" / "lra_results.md").read_text()) for d in ("ray", "local")]
+    assert tables[0] == tables[1] and number(tables[0]["softmax"][0]) == 36.0
+    assert len(calls()) == 8

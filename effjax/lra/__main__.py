@@ -36,7 +36,8 @@ _SIZE = flags.DEFINE_enum("size", "full", list(cells.SIZES), "Task config size (
 _PRETRAIN = flags.DEFINE_bool("pretrain", False, "Self-pretrain each cell on its task's inputs, then fine-tune.")
 _PARALLEL = flags.DEFINE_integer("parallel", 0, "Cells at a time on this machine (0: 1, or one per device group).")
 _DEVICES = flags.DEFINE_list("devices", [], "Accelerator ids to share between cells, e.g. 0,1,2,3.")
-_GPUS_PER_CELL = flags.DEFINE_integer("gpus_per_cell", 1, "Devices per cell (with --devices or --ray_address).")
+_GPUS_PER_CELL = flags.DEFINE_integer("gpus_per_cell", 0, "Devices per cell: with --devices (0 means 1), or GPUs "
+                                      "per Ray task with --ray_address (0: none).")
 _PLATFORM = flags.DEFINE_enum("device_platform", "gpu", ["gpu", "tpu"], "How --devices are assigned: "
                               "CUDA_VISIBLE_DEVICES (gpu) or the TPU chip variables (tpu).")
 _RAY = flags.DEFINE_string("ray_address", "", "Run cells as Ray tasks: 'local' or a cluster's host:port.")

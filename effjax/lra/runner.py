@@ -27,7 +27,7 @@ class Settings:
     overrides: tuple = ()
     parallel: int = 0  # 0: one, or one per device group with devices
     devices: tuple = ()
-    gpus_per_cell: int = 1
+    gpus_per_cell: int = 0  # devices per cell: 0 is 1 with devices, none for a Ray task
     device_platform: str = "gpu"
     ray_address: str = ""
     report_only: bool = False
@@ -77,7 +77,7 @@ def _executor(s: Settings, slots: int):
     if s.ray_address:
         from effjax.search.ray_executor import RayExecutor
 
-        return RayExecutor(s.ray_address, slots, num_gpus=s.gpus_per_cell if s.devices else 0)
+        return RayExecutor(s.ray_address, slots, num_gpus=s.gpus_per_cell)
     from effjax.search.executors import InlineExecutor, ProcessExecutor
 
     return InlineExecutor(1) if slots == 1 else ProcessExecutor(slots)
@@ -112,7 +112,7 @@ def run(s: Settings, say=print) -> int:
         return 0
 
     root = find_root()
-    groups = devices.groups(s.devices, s.gpus_per_cell) if s.devices else []
+    groups = devices.groups(s.devices, s.gpus_per_cell or 1) if s.devices and not s.ray_address else []
     slots = max(1, s.parallel or len(groups) or 1)
     if groups:
         slots = min(slots, len(groups))
@@ -134,7 +134,7 @@ def run(s: Settings, say=print) -> int:
         while jobs or in_flight:
             while jobs and free:
                 slot, job = free.pop(0), jobs.pop(0)
-                env = devices.env(groups[slot], slot, s.device_platform) if groups and not s.ray_address else {}
+                env = devices.env(groups[slot], slot, s.device_platform) if groups else {}
                 job = dataclasses.replace(job, env=tuple(env.items()))
                 where = f" on devices {','.join(groups[slot])}" if env else ""
                 say(f"lra: start {job.cell.name}{where} ({len(in_flight) + done + skipped + 1} of {len(plan)})")
