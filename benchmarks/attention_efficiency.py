@@ -14,19 +14,15 @@ Writes ``benchmarks/results/attention_efficiency.{jsonl,md,png}`` (``--out``): t
 relative to softmax at each length, and log-log plots of time and memory against length.
 """
 
-import datetime
-import json
 import math
 import os
-import platform
 import sys
-import time
 
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+from benchmarks import efficiency_common as shared  # noqa: E402
 
 _METHODS = flags.DEFINE_list("methods", [], "Methods to run (default: all registered).")
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -35,7 +31,7 @@ _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 32, "Head width.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (the best is kept).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 6.0, "Skip configurations whose planned memory exceeds this.")
-_OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "attention_efficiency"),
+_OUT = flags.DEFINE_string("out", os.path.join(shared.RESULTS, "attention_efficiency"),
                            "Path and basename of the .jsonl, .md and .png written.")
 
 
@@ -79,27 +75,20 @@ def measure(name: str, length: int, *, batch=1, heads=4, head_dim=32, repeats=3,
         compiled = step.lower(*args).compile()
     except (NotImplementedError, ValueError) as error:
         return {**row, "status": f"refused: {str(error).splitlines()[0][:120]}"}
-    analysis = compiled.memory_analysis()
-    memory = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-    row["memory_bytes"] = int(memory)
+    memory = shared.planned_bytes(compiled)
+    row["memory_bytes"] = memory
     if memory > max_bytes:
         return {**row, "status": "skipped: planned memory over --max_memory_gb"}
     jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return {**row, "status": "ok", "seconds": min(times)}
+    seconds = shared.best_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    return {**row, "status": "ok", "seconds": seconds}
 
 
 def ratio_table(rows: list[dict], lengths: list[int]) -> str:
     """Markdown: per method and length, 'time x / memory x' relative to softmax at that length."""
     by = {(r["method"], r["length"]): r for r in rows}
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "softmax", m))
-    label = lambda n: f"{n // 1024}K" if n % 1024 == 0 else str(n)  # noqa: E731
-    head = "| method | " + " | ".join(f"{label(n)} time / mem" for n in lengths) + " | time 8K / 1K |"
+    head = "| method | " + " | ".join(f"{shared.length_label(n)} time / mem" for n in lengths) + " | time 8K / 1K |"
     lines = [head, "|---" * (len(lengths) + 2) + "|"]
     for method in methods:
         cells = []
@@ -118,41 +107,14 @@ def ratio_table(rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    methods = sorted({r["method"] for r in rows})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, method in enumerate(methods):
-        ok = sorted((r for r in rows if r["method"] == method and r.get("status") == "ok"), key=lambda r: r["length"])
-        if not ok:
-            continue
-        style = (dict(lw=2.5, color="black") if method == "softmax" else  # distinct colour x line-style pairs
-                 dict(lw=1.2, color=colors[index % len(colors)], ls=("-", "--", ":")[index // len(colors) % 3]))
-        lengths = [r["length"] for r in ok]
-        axes[0].loglog(lengths, [r["seconds"] for r in ok], marker="o", ms=3, label=method, **style)
-        axes[1].loglog(lengths, [r["memory_bytes"] / 2**20 for r in ok], marker="o", ms=3, **style)
-    axes[0].set(xlabel="sequence length", ylabel="forward+backward seconds", title="time")
-    axes[1].set(xlabel="sequence length", ylabel="planned peak MiB", title="memory")
-    fig.legend(loc="center right", fontsize=7, ncol=1, handlelength=3)
-    fig.subplots_adjust(right=0.82)
-    fig.savefig(path, dpi=110)
-
-
 def main(argv):
     del argv
-    import jax
-
     from effjax import attention
 
     methods = _METHODS.value or attention.names()
     lengths = [int(n) for n in _LENGTHS.value]
     max_bytes = _MAX_MEMORY_GB.value * 2**30
-    device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()})"
+    device = shared.device_description()
     print(f"device: {device}; batch {_BATCH.value}, heads {_HEADS.value}, head_dim {_HEAD_DIM.value}, float32")
     rows = []
     for name in methods:
@@ -164,18 +126,15 @@ def main(argv):
             print(f"{name:24s} {n:6d}  {shown}  {row.get('memory_bytes', 0) / 2**20:8.0f} MiB", flush=True)
             if row["status"] != "ok":
                 break  # longer lengths would only be refused or skipped again
-    stamp = {"date": datetime.date.today().isoformat(), "device": device, "batch": _BATCH.value,
+    stamp = {"date": shared.today(), "device": device, "batch": _BATCH.value,
              "heads": _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": "float32"}
     base = _OUT.value
-    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-    with open(base + ".jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps({**stamp, **row}) + "\n")
+    shared.write_jsonl(base + ".jsonl", rows, stamp)
     table = ratio_table(rows, lengths)
     with open(base + ".md", "w") as f:
         f.write(f"{stamp['date']}, {device}; batch {_BATCH.value}, {_HEADS.value} heads x {_HEAD_DIM.value}, "
                 "float32, forward+backward, relative to softmax at the same length.\n\n" + table + "\n")
-    plot(rows, base + ".png")
+    shared.plot(rows, base + ".png")
     print("\n" + table)
     print(f"\nwrote {base}.jsonl, .md and .png")
 
