@@ -42,7 +42,8 @@ _PLATFORM = flags.DEFINE_enum("device_platform", "gpu", ["gpu", "tpu"], "How --d
                               "CUDA_VISIBLE_DEVICES (gpu) or the TPU chip variables (tpu).")
 _RAY = flags.DEFINE_string("ray_address", "", "Run cells as Ray tasks: 'local' or a cluster's host:port.")
 _OVERRIDES = flags.DEFINE_multi_string("overrides", [], "--config.key=value overrides passed to every cell.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild the table from finished cells; run nothing.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild the table from the cells under --workdir "
+                                  "(with the settings they ran with); run nothing.")
 flags.mark_flag_as_required("workdir")
 
 

@@ -46,22 +46,29 @@ def find_root() -> str:
                      "effjax repository root.")
 
 
-def _check_settings(workdir: str, mine: dict, write: bool) -> None:
-    """Refuses a workdir whose cells were run with another protocol, size or pretraining (a mixed table)."""
+def _load_settings(workdir: str) -> dict | None:
     path = os.path.join(workdir, SETTINGS_NAME)
-    if os.path.exists(path):
-        with open(path) as f:
-            theirs = json.load(f)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_settings(workdir: str, mine: dict, overrides: list) -> None:
+    """Refuses a workdir whose cells were run with another protocol, size or pretraining (a mixed table); records
+    this run's settings and overrides (the header of a later ``--report_only``)."""
+    theirs = _load_settings(workdir)
+    if theirs is not None:
         differ = {k: theirs.get(k) for k in mine if theirs.get(k) != mine[k]}
         if differ:
             held = ", ".join(f"{k}={v}" for k, v in differ.items())
             raise ValueError(f"--workdir={workdir} holds a run with {held}; pass the same settings to continue it, "
                              "or use a new --workdir.")
-    elif write:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(mine, f, indent=2)
-        os.replace(path + ".tmp", path)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, SETTINGS_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump({**mine, "overrides": overrides}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _describe(result: dict) -> str:
@@ -98,8 +105,11 @@ def run(s: Settings, say=print) -> int:
     else:
         tasks, methods = cells.check_tasks(s.tasks or ""), cells.check_methods(s.methods or "")
     identity = {"protocol": s.protocol, "size": s.size, "pretrain": s.pretrain}
-    _check_settings(workdir, identity, write=not s.report_only)
-    settings = {**identity, "overrides": list(overrides)}
+    if s.report_only:  # the settings the cells ran with, not this command's defaults
+        settings = _load_settings(workdir) or {**identity, "overrides": list(overrides)}
+    else:
+        _check_settings(workdir, identity, list(overrides))
+        settings = {**identity, "overrides": list(overrides)}
     plan = cells.plan(workdir, tasks, methods)
     known = {(c.task, c.method): results.read(c.dir) for c in plan}
 
