@@ -12,7 +12,7 @@ from effjax.data import bytes_lm, tfds_sources
 
 
 def test_names():
-    assert data.names() == ["bytes_lm", "listops", "shapes", "tfds_cifar10", "tfds_imdb"]
+    assert data.names() == ["aan", "bytes_lm", "listops", "pathfinder", "shapes", "tfds_cifar10", "tfds_imdb"]
 
 
 def test_unknown_name_lists_known_ones_and_a_close_match():

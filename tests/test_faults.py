@@ -38,9 +38,9 @@ from effjax.train.state import TrainState
 
 
 def tiny_config(**overrides):
-    """The smoke config cut to 2 steps, a checkpoint every step and no evaluation until the end."""
+    """The smoke config cut to 2 steps, a checkpoint every step and no evaluation until the end (validation only)."""
     return smoke_config(**{"total_steps": 2, "checkpoint_every": 1, "eval_every": 0, "eval_max_batches": 1,
-                            **overrides})
+                            "test_at_end": False, **overrides})
 
 
 # --- 4: the workdir is a file or not writable --------------------------------------------------------------

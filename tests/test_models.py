@@ -60,9 +60,10 @@ def test_sequence_longer_than_model_maximum_is_rejected():
 
 
 def test_families_are_the_modules_defining_model_and_task():
-    assert models.names() == ["decoder_lm", "encoder_classifier", "vit", "vit_classifier"]
+    assert models.names() == ["decoder_lm", "dual_encoder", "encoder_classifier", "encoder_pretrain", "vit",
+                              "vit_classifier"]
     assert [models.task_of(name) for name in models.names()] == ["lm", "classification", "classification",
-                                                                 "classification"]
+                                                                 "pretrain", "classification", "classification"]
 
 
 def test_unknown_model_name_and_field():

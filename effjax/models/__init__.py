@@ -1,5 +1,6 @@
 """Model families, looked up by name: a module ``effjax.models.<name>`` that defines ``Model`` (a linen Module)
-and ``TASK`` (the task it trains on, 'classification' or 'lm') is a family. Adding a family is adding a file.
+and ``TASK`` (the task it trains on: 'classification', 'lm', or 'pretrain', which reads only the inputs of any
+source) is a family. Adding a family is adding a file.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ def names() -> list[str]:
 
 
 def task_of(name: str) -> str:
-    """The task ('classification' or 'lm') a model family trains on."""
+    """The task ('classification', 'lm' or 'pretrain') a model family trains on."""
     _check(name)
     return _families()[name].TASK
 

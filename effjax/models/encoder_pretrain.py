@@ -34,6 +34,16 @@ def mask_positions(key, real, mask_rate: float):
     return jax.random.bernoulli(key, mask_rate, real.shape) & real
 
 
+def to_rows(tokens, documents: int):
+    """[batch, documents * length] -> [documents * batch, length]: document d of example b is row d * batch + b."""
+    return jnp.concatenate(jnp.split(tokens, documents, axis=1), axis=0) if documents > 1 else tokens
+
+
+def from_rows(x, documents: int):
+    """The inverse of ``to_rows`` (trailing axes carried along)."""
+    return jnp.concatenate(jnp.split(x, documents, axis=0), axis=1) if documents > 1 else x
+
+
 def check_settings(objective: str, mask_rate: float) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
@@ -56,6 +66,7 @@ class Model(Backbone, kw_only=True):
     pooling: str = "cls"
     objective: str = "masked"
     mask_rate: float = 0.15
+    documents: int = 1  # inputs hold this many equal-length documents (dual_encoder's pairs: 2), each its own row
 
     @nn.compact
     def __call__(self, tokens, *, deterministic=True):
@@ -65,6 +76,13 @@ class Model(Backbone, kw_only=True):
         Training masks come from the 'dropout' stream; evaluation masks from a fixed key."""
         check_pooling(self.pooling)
         check_settings(self.objective, self.mask_rate)
+        if tokens.shape[1] % self.documents:
+            raise ValueError(f"model.documents={self.documents} does not divide the input length {tokens.shape[1]}; "
+                             "set it to the number of documents per example (2 for data 'aan').")
+        out = self.denoise(to_rows(tokens, self.documents), deterministic)
+        return {key: from_rows(value, self.documents) for key, value in out.items()}
+
+    def denoise(self, tokens, deterministic):
         real = tokens != 0
         causal = self.objective == "causal"
         if causal:
