@@ -39,10 +39,11 @@ def parse_arg(arg: str | None):
 
 
 def base_config():
-    """The trainer defaults with LRA's optimizer (Adam b2 0.98, decoupled decay) and a final test evaluation."""
+    """The trainer defaults (LRA's Adam b2 0.98 and decoupled decay) with LRA's head and a final test evaluation."""
     c = common.get_base_config()
     c.model.name = "encoder_classifier"
     c.model.pooling = "cls"
+    c.model.head = "mlp"          # LRA's classifier head: Dense(mlp_dim), ReLU, Dense(classes)
     c.test_at_end = True
     return c
 
@@ -79,6 +80,8 @@ def smoke(c, *, length: int | None = 64):
 def finish(c, args, *, mask_rate: float):
     """Applies the stage: ``pretrain`` swaps the classifier for the masked-token pretraining model."""
     if args.stage == "pretrain":
+        if "head" in c.model:     # the pretraining model has its own per-token head
+            del c.model["head"]
         c.model.name = "encoder_pretrain"
         c.model.objective = "masked"
         c.model.mask_rate = mask_rate

@@ -31,6 +31,7 @@ def get_config(arg=None):
     c.warmup_steps = 8000
     c.weight_decay = 0.1
     c.model.name = "dual_encoder"
+    del c.model["head"]            # the two-tower model has its own head
     c.model.interaction = "nli"    # [X1, X2, X1*X2, X1-X2]; 'concat' is [X1, X2]
     c.model.max_length = 4000      # per document
     c.model.num_layers = 4

@@ -5,12 +5,16 @@ import importlib
 import itertools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from helpers import slow_after
 from test_retrieval import PAIRS, write_tsv
 
 from configs import lra_common
+from effjax import models
 from effjax.train import trainer, warm_start
 from effjax.train.validate import validate
 
@@ -94,3 +98,22 @@ def test_retrieval_pretraining_reads_each_document_as_a_row_and_hands_over_its_t
     trunk = [key for key in params if key.startswith("trunk/")]
     assert trunk and all(np.array_equal(np.asarray(params[key]), saved[key]) for key in trunk)
     assert not any(key.startswith("head/") for key in saved)
+
+
+def test_lra_classifier_head_is_dense_relu_dense_on_the_pooled_vector():
+    model = models.build("encoder_classifier", vocab_size=17, num_classes=10, max_length=16, num_layers=1,
+                         embed_dim=8, num_heads=2, mlp_dim=12, pooling="mean", head="mlp", dropout_rate=0.0,
+                         attention_dropout_rate=0.0)
+    tokens = jax.random.randint(jax.random.key(0), (3, 16), 1, 17)
+    variables = model.init(jax.random.key(1), tokens)
+    params = jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
+    assert params["head_hidden"]["kernel"].shape == (8, 12) and params["head"]["kernel"].shape == (12, 10)
+    _, state = model.apply(variables, tokens, capture_intermediates=True, mutable=["intermediates"])
+    trunk_out = np.asarray(state["intermediates"]["trunk"]["__call__"][0][0])  # (x, mask)
+    pooled = trunk_out.mean(axis=1)
+    hidden = np.maximum(pooled @ params["head_hidden"]["kernel"] + params["head_hidden"]["bias"], 0)
+    expected = hidden @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(model.apply(variables, tokens), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="model.head must be 'linear' or 'mlp'"):
+        models.build("encoder_classifier", vocab_size=17, num_classes=10, head="deep").init(
+            jax.random.key(1), jnp.ones((1, 4), jnp.int32))
