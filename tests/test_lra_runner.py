@@ -148,6 +148,20 @@ def test_cell_plan_layout_and_commands(tmp_path):
                        f"--workdir={tmp_path}/listops/performer/pretrain", "--config.model.attention=performer"]
 
 
+
+def test_data_dirs_reach_only_their_task_and_are_not_part_of_the_identity(tmp_path):
+    assert cells.parse_data_dirs(["text=/d/tfds", "retrieval=/d/tsv"]) == {"text": "/d/tfds", "retrieval": "/d/tsv"}
+    with pytest.raises(ValueError, match="not task=DIR"):
+        cells.parse_data_dirs(["/d/tfds"])
+    with pytest.raises(ValueError, match="Unknown task with prepared data 'listops'.*image, retrieval, text"):
+        cells.parse_data_dirs(["listops=/d"])
+    text, listops = cells.plan(str(tmp_path), ["text", "listops"], ["softmax"])
+    job = run_cell.Job(text, "lra_original", "cpu", False, ("--config.seed=1",), data_dir="/d/tfds")
+    assert job.location_overrides == ("--config.seed=1", "--config.data.data_dir=/d/tfds")
+    assert run_cell.Job(listops, "lra_original", "cpu", False).location_overrides == ()
+    assert job.identity == run_cell.Job(text, "lra_original", "cpu", False, ("--config.seed=1",)).identity
+
+
 def test_device_groups_and_their_environment():
     assert devices.groups(["0", "1", "2", "3", "4"], 2) == [("0", "1"), ("2", "3")]
     assert devices.env(("2", "3"), 1) == {"CUDA_VISIBLE_DEVICES": "2,3"}

@@ -16,6 +16,7 @@ Each cell is ``python -m effjax.main --config=configs/lra_<task>.py:protocol=..,
   ``failed`` with its last stderr line and log. The run goes on; the exit code is 1 if a cell failed.
 - ``--pretrain``: self-pretraining (Amos et al., "Never Train from Scratch") in ``<cell>/pretrain`` first.
 - ``--overrides=--config.total_steps=100`` (repeatable, or several in one quoted string) reaches every cell.
+- ``--data_dir=text=DIR,image=DIR,retrieval=DIR``: where the prepared data lies (TFDS data_dir; the AAN TSV files).
 - ``--devices=0,1,2,3 --gpus_per_cell=2``: two cells at a time, each on two GPUs (``CUDA_VISIBLE_DEVICES``), or TPU
   chips with ``--device_platform=tpu``. ``--ray_address=host:port`` (or ``local``) runs cells as Ray tasks; the
   repository and ``--workdir`` must then be at the same paths on every node (a shared file system).
@@ -41,6 +42,8 @@ _GPUS_PER_CELL = flags.DEFINE_integer("gpus_per_cell", 0, "Devices per cell: wit
 _PLATFORM = flags.DEFINE_enum("device_platform", "gpu", ["gpu", "tpu"], "How --devices are assigned: "
                               "CUDA_VISIBLE_DEVICES (gpu) or the TPU chip variables (tpu).")
 _RAY = flags.DEFINE_string("ray_address", "", "Run cells as Ray tasks: 'local' or a cluster's host:port.")
+_DATA_DIR = flags.DEFINE_list("data_dir", [], "Where prepared data lies, per task: text=DIR,image=DIR (TFDS "
+                              "data_dir) and retrieval=DIR (the AAN TSV files).")
 _OVERRIDES = flags.DEFINE_multi_string("overrides", [], "--config.key=value overrides passed to every cell.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild the table from the cells under --workdir "
                                   "(with the settings they ran with); run nothing.")
@@ -54,7 +57,8 @@ def main(argv):
         sys.exit("effjax.lra: pass --methods and --tasks (or --report_only to rebuild the table from --workdir).")
     settings = runner.Settings(
         workdir=_WORKDIR.value, tasks=_TASKS.value, methods=_METHODS.value, protocol=_PROTOCOL.value,
-        size=_SIZE.value, pretrain=_PRETRAIN.value, overrides=tuple(_OVERRIDES.value), parallel=_PARALLEL.value,
+        size=_SIZE.value, pretrain=_PRETRAIN.value, overrides=tuple(_OVERRIDES.value),
+        data_dirs=tuple(_DATA_DIR.value), parallel=_PARALLEL.value,
         devices=tuple(_DEVICES.value), gpus_per_cell=_GPUS_PER_CELL.value, device_platform=_PLATFORM.value,
         ray_address=_RAY.value, report_only=_REPORT_ONLY.value)
     try:

@@ -106,6 +106,23 @@ def parse_overrides(items) -> list[str]:
     return out
 
 
+# The tasks whose data is read from files prepared elsewhere (config.data.data_dir).
+PREPARED = ("text", "retrieval", "image")
+
+
+def parse_data_dirs(items) -> dict:
+    """``{task: directory}`` from ``task=DIR`` items (``--data_dir=text=~/tfds,retrieval=.../tsv_data``)."""
+    out = {}
+    for item in _split(items):
+        task, sep, directory = item.partition("=")
+        if not sep or not directory:
+            raise ValueError(f"--data_dir item {item!r} is not task=DIR, e.g. --data_dir=retrieval=/data/tsv_data.")
+        if task not in PREPARED:
+            raise unknown_name_error("task with prepared data", task, PREPARED, " in --data_dir")
+        out[task] = os.path.expanduser(directory)
+    return out
+
+
 def plan(workdir: str, tasks, methods) -> list[Cell]:
     """The cells, task by task (the table's columns) and method by method within a task."""
     return [Cell(t, m, os.path.join(workdir, t, m)) for t in tasks for m in methods]

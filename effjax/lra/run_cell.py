@@ -27,6 +27,12 @@ class Job:
     root: str = "."  # the repository root: the trainer runs there (configs/ is a top-level folder)
     env: tuple = ()  # (name, value) pairs added to the environment, e.g. CUDA_VISIBLE_DEVICES
     trainer: tuple | None = None  # replaces python -m effjax.main (tests)
+    data_dir: str = ""  # where this task's prepared data lies (a location: not part of the identity)
+
+    @property
+    def location_overrides(self) -> tuple:
+        """The overrides with this task's ``data_dir`` added."""
+        return self.overrides + ((f"--config.data.data_dir={self.data_dir}",) if self.data_dir else ())
 
     @property
     def identity(self) -> dict:
@@ -115,7 +121,7 @@ def run(job: Job) -> dict:
         # Once the fine-tune has a checkpoint it resumes from it and never reads init_from again.
         if results.final_row(cell.pretrain_dir, "eval/") is None and not _has_checkpoint(cell.dir):
             arg = cells.config_arg(job.protocol, job.size, "pretrain")
-            argv = cells.command(cell, arg, job.overrides, stage="pretrain", trainer=job.trainer)
+            argv = cells.command(cell, arg, job.location_overrides, stage="pretrain", trainer=job.trainer)
             code, line = _run_stage(job, argv, "pretrain")
             if code != 0:
                 status, message = _failure(code, line, cell.log)
@@ -124,7 +130,7 @@ def run(job: Job) -> dict:
                 return record(results.FAILED, f"pretraining ended without its final evaluation: {line} "
                                               f"(log: {cell.log})")
     arg = cells.config_arg(job.protocol, job.size)
-    argv = cells.command(cell, arg, job.overrides, init_from=init_from, trainer=job.trainer)
+    argv = cells.command(cell, arg, job.location_overrides, init_from=init_from, trainer=job.trainer)
     code, line = _run_stage(job, argv, "finetune")
     final = results.final_metrics(cell.dir)
     if code == 0 and final is not None:

@@ -25,6 +25,7 @@ class Settings:
     size: str = "full"
     pretrain: bool = False
     overrides: tuple = ()
+    data_dirs: tuple = ()  # 'task=DIR' items: where a task's prepared data lies
     parallel: int = 0  # 0: one, or one per device group with devices
     devices: tuple = ()
     gpus_per_cell: int = 0  # devices per cell: 0 is 1 with devices, none for a Ray task
@@ -96,6 +97,7 @@ def run(s: Settings, say=print) -> int:
     cells.check_choice("--protocol", s.protocol, cells.PROTOCOLS)
     cells.check_choice("--size", s.size, cells.SIZES)
     overrides = tuple(cells.parse_overrides(s.overrides))
+    data_dirs = cells.parse_data_dirs(s.data_dirs)
     if s.report_only and not (s.tasks and s.methods):
         found_tasks, found_methods = cells.discover(workdir)
         tasks = cells.check_tasks(s.tasks) if s.tasks else found_tasks
@@ -128,7 +130,8 @@ def run(s: Settings, say=print) -> int:
         slots = min(slots, len(groups))
     jobs, skipped = [], 0
     for cell in plan:
-        job = run_cell.Job(cell, s.protocol, s.size, s.pretrain, overrides, root, (), s.trainer)
+        job = run_cell.Job(cell, s.protocol, s.size, s.pretrain, overrides, root, (), s.trainer,
+                           data_dirs.get(cell.task, ""))
         if run_cell.finished(job) is not None:
             skipped += 1
             run_cell.note(cell, "skipped: finished earlier (result.json)")
