@@ -1,0 +1,498 @@
+"""Pathfinder / Path-X generator (lra.md §3.5): the "snakes" of Linsley et al. 2018 with LRA's parameter tables.
+
+Re-written over numpy from the algorithm of drewlinsley/pathfinder ``snakes2.py`` (which needs the removed
+``scipy.misc.imresize``). One image holds two target snakes whose first paddles start ``seed_distance`` apart
+near the centre, plus distractor snakes of ``contour_length // 3`` paddles. A snake is a chain of short
+segments ("paddles", ``paddle_length`` long, ``paddle_thickness`` wide); the next paddle is drawn on a circle of
+radius ``length + margin`` around a pivot ``margin`` past the previous paddle's end, with the turn weighted by
+``cos(min(continuity * turn, 90°))**2``, so consecutive paddles leave a gap of at most ``2 * margin``. Two
+circles mark a tip of each target (label 0) or both tips of one (label 1). Everything is drawn at
+``antialias_scale``, downsampled with a Lanczos-3 filter and scaled so that the brightest pixel is 255 (as
+``scipy.misc.imsave`` did).
+
+Differences from the original, in the geometry's exactness and in bounding every retry:
+- Snakes are anchored at the centres of a raster of 1/8 (1/4 above 64 px) pixel cells instead of whole pixels
+  rounded up, and the collision test uses that raster's exact zones instead of Lanczos-resized masks: a paddle
+  keeps its centre line at least ``2 * margin + thickness / 2`` from every paddle but its predecessor (the
+  original's "dilated masks may not overlap", which allowed about ``2 * margin``).
+- A paddle is drawn among the free candidates instead of up to three draws that may all collide.
+- A target snake that is stuck backs up 1, 2, 3, ... paddles instead of restarting the pair (which at 32x32
+  succeeded in under 1% of tries); an example restarts after TARGET_BACKTRACKS failures, at most
+  EXAMPLE_RESTARTS times (the original retried forever).
+So consecutive paddles of a snake are at most ``2 * margin - thickness`` apart edge to edge (plus a cell of
+anchor rounding) and different snakes at least ``2 * margin - thickness / 2``: a flood fill that bridges gaps
+between those two bounds connects a target's tips and never joins two snakes (the tests check it).
+"""
+
+import dataclasses
+import functools
+import math
+import multiprocessing
+
+import numpy as np
+
+RESOLUTIONS = (32, 64, 128, 256)
+# LRA's TFDS splits (folders curv_baseline, curv_contour_length_9, curv_contour_length_14)
+CONTOUR_LENGTHS = {6: "easy", 9: "intermediate", 14: "hard"}
+ANTIALIAS_SCALE = 2  # every LRA builder ends with args.antialias_scale = 2
+PADDLE_TRIES = 3  # max_paddle_retrial = 2: draws of a target's first paddle
+DISTRACTOR_TRIES = 5  # max_distractor_contour_retrial = 4: attempts per distractor before it is skipped
+SEED_TRIES = 32  # uniform draws of a distractor's first paddle (the original sampled among free pixels)
+TARGET_BACKTRACKS = 20  # failed paddles per target snake before the example restarts
+BACKTRACK_EVERY = 2  # back up one more paddle after every BACKTRACK_EVERY failures
+EXAMPLE_RESTARTS = 200  # restarts before the parameters are declared infeasible
+
+# Builder docstrings of LRA data/pathfinder.py; fields they leave unset are snakes2_wrapper.py's defaults
+# (paddle_length 5, padding 22, seed_distance 27, paddle contrast 1). num_distractors = budget // (cl // 3).
+_TABLE = {
+    32: dict(padding=1, margins=(1,), paddle_length=2, paddle_thickness=0.5, marker_radius=1.5, seed_distance=7,
+             continuity=1.0, distractor_budget=20, snake_contrasts=(2.0,), paddle_contrasts=(0.75,)),
+    64: dict(padding=1, margins=(1,), paddle_length=5, paddle_thickness=1.0, marker_radius=2.5, seed_distance=12,
+             continuity=1.8, distractor_budget=22, snake_contrasts=(0.8,), paddle_contrasts=(1.0,)),
+    128: dict(padding=1, margins=(2, 3), paddle_length=5, paddle_thickness=1.5, marker_radius=3.0, seed_distance=20,
+              continuity=1.8, distractor_budget=35, snake_contrasts=(0.9,), paddle_contrasts=(1.0,)),
+    256: dict(padding=22, margins=(3,), paddle_length=5, paddle_thickness=2.0, marker_radius=5.0, seed_distance=27,
+              continuity=1.8, distractor_budget=30, snake_contrasts=(1.0,), paddle_contrasts=(1.0,)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """One builder's parameters (lengths in output pixels)."""
+
+    resolution: int
+    contour_length: int
+    padding: int
+    margins: tuple
+    paddle_length: float
+    paddle_thickness: float
+    marker_radius: float
+    seed_distance: int
+    continuity: float
+    distractor_length: int
+    num_distractors: int
+    snake_contrasts: tuple
+    paddle_contrasts: tuple
+    antialias_scale: int = ANTIALIAS_SCALE
+
+
+def check(resolution: int, contour_length: int) -> None:
+    """Raises a one-line ValueError unless both are values LRA generated."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"Pathfinder resolution {resolution!r} is not one of {', '.join(map(str, RESOLUTIONS))} "
+                         "(32 is Pathfinder, 128 is Path-X).")
+    if contour_length not in CONTOUR_LENGTHS:
+        levels = ", ".join(f"{cl} ({name})" for cl, name in CONTOUR_LENGTHS.items())
+        raise ValueError(f"Pathfinder contour_length {contour_length!r} is not one of {levels}; LRA uses 14.")
+
+
+@functools.cache
+def params_for(resolution: int = 32, contour_length: int = 14) -> Params:
+    """The LRA parameter set for a resolution and a difficulty (contour length 6, 9 or 14)."""
+    check(resolution, contour_length)
+    row = dict(_TABLE[resolution])
+    distractor_length = contour_length // 3
+    return Params(resolution=resolution, contour_length=contour_length,
+                  distractor_length=distractor_length,
+                  num_distractors=row.pop("distractor_budget") // distractor_length, **row)
+
+
+class _Restart(Exception):
+    """A target snake could not be completed; the example starts again."""
+
+
+class _Geometry:
+    """Paddle shapes of one (resolution, margin), precomputed on a raster of ``cells`` cells per pixel.
+
+    Snakes are anchored at cell centres, so each candidate paddle's blocking zone (the cells within ``zone`` of
+    its centre line) and the cells it passes through are fixed offsets from its anchor cell. The zone is
+    ``clearance`` plus a cell's half-diagonal and half a sampling step: a paddle whose sample points fall in no
+    blocked cell is at least ``clearance`` from every stamped paddle.
+    """
+
+    def __init__(self, p: Params, margin: int):
+        self.p, self.margin = p, margin
+        self.cells = 8 if p.resolution <= 64 else 4
+        # Consecutive paddles are at most 2 * margin (+ one cell of anchor rounding) apart; the clearance between
+        # any others exceeds that by thickness / 2, so a flood fill that bridges 2 * margin separates snakes.
+        self.clearance = 2 * margin + p.paddle_thickness / 2
+        self.zone = self.clearance + 1.25 / self.cells
+        inset = p.padding - 0.5 + margin + p.paddle_thickness / 2  # the original masks `padding` border rows
+        self.low, self.high = inset, p.resolution - 1 - inset
+        self.pad = int(math.ceil((p.paddle_length + margin + self.zone) * self.cells)) + 4  # no clipping needed
+        self.size = p.resolution * self.cells + 2 * self.pad  # raster side; cell (pad, pad) is pixel (0, 0)'s first
+        self.samples = int(math.ceil(p.paddle_length * self.cells)) + 1
+        length, step = p.paddle_length, p.paddle_length + margin
+        self.angles = np.arange(0.0, 360.0, 360.0 / (2 * np.pi * step)) * np.pi / 180  # one per pixel of arc
+        unit = _direction(self.angles)
+        self.ext_start, self.ext_end = margin * unit, step * unit  # from the pivot (snakes.extend_snake)
+        self.ext_step = self._offset((length + 2 * margin) * unit)  # pivot to the next pivot, in cells
+        self.ext_cells = self._flat(self._path(self.ext_start, self.ext_end))
+        self.ext_zones = [self._zone(a, b) for a, b in zip(self.ext_start, self.ext_end, strict=True)]
+        degrees = np.arange(-180, 180) * np.pi / 180  # seeds: integer degrees, drawn from the tail
+        self.seed_end = length * _direction(degrees)
+        self.seed_step = self._offset((length + margin) * _direction(degrees))
+        self.seed_cells = self._flat(self._path(np.zeros_like(self.seed_end), self.seed_end))
+        self._seed_zones = {}
+        self._weights = {}
+
+    def _offset(self, v):
+        return np.floor(0.5 + v * self.cells).astype(np.int64)
+
+    def _flat(self, offsets):
+        return offsets[..., 0] * self.size + offsets[..., 1]
+
+    def _path(self, a, b):
+        """Cell offsets [N, S, 2] of points every <= 1 / cells pixel along segments a->b (anchor-relative)."""
+        t = np.linspace(0.0, 1.0, self.samples)[None, :, None]
+        return self._offset(a[:, None] + t * (b - a)[:, None])
+
+    def _zone(self, a, b):
+        """(bool mask, offset of its corner from the anchor cell) of the cells within zone of segment a->b."""
+        lo = self._offset(np.minimum(a, b) - self.zone) - 1
+        hi = self._offset(np.maximum(a, b) + self.zone) + 2
+        yc = np.arange(lo[0], hi[0]) / self.cells  # cell centres relative to the anchor's centre
+        xc = np.arange(lo[1], hi[1]) / self.cells
+        return (_grid_segment_distance(yc, xc, a, b) < self.zone).astype(np.int16), lo
+
+    def seed_zone(self, degree: int):
+        if degree not in self._seed_zones:
+            self._seed_zones[degree] = self._zone(np.zeros(2), self.seed_end[degree + 180])
+        return self._seed_zones[degree]
+
+    def weights(self, orientation: float) -> np.ndarray:
+        """Continuity weights of the candidates: cos(min(continuity * turn, 90 deg))**2."""
+        if orientation not in self._weights:
+            turn = np.abs(self.angles - orientation) % (2 * np.pi)
+            turn = np.minimum(np.minimum(turn, 2 * np.pi - turn) * self.p.continuity, np.pi / 2)
+            self._weights[orientation] = np.cos(turn) ** 2
+        return self._weights[orientation]
+
+    def centre(self, cell) -> np.ndarray:
+        return (np.asarray(cell) - self.pad + 0.5) / self.cells - 0.5
+
+    def cell(self, point) -> np.ndarray:
+        return np.floor((np.asarray(point) + 0.5) * self.cells).astype(np.int64) + self.pad
+
+    def border(self) -> np.ndarray:
+        """The raster with the cells outside [low, high] (the original's masked border, and beyond) blocked."""
+        centres = self.centre(np.arange(self.size))
+        outside = (centres < self.low) | (centres > self.high)
+        return (outside[:, None] | outside[None, :]).astype(np.int16)
+
+
+@functools.cache
+def _geometry(p: Params, margin: int) -> _Geometry:
+    return _Geometry(p, margin)
+
+
+def _grid_segment_distance(yc, xc, a, b):
+    """Distances [len(yc), len(xc)] from grid points to the segment a->b."""
+    ab = b - a
+    ay, ax = yc[:, None] - a[0], xc[None, :] - a[1]
+    t = np.minimum(np.maximum((ay * ab[0] + ax * ab[1]) / max(float(ab @ ab), 1e-12), 0.0), 1.0)
+    return np.hypot(ay - t * ab[0], ax - t * ab[1])
+
+
+class _Scene:
+    """The snakes placed so far and a raster counting, per cell, the paddles whose zone covers it."""
+
+    def __init__(self, g: _Geometry):
+        self.g = g
+        self.blocked = g.border()
+        self.flat = self.blocked.reshape(-1)
+        self.snakes = []
+
+    def free(self, cells: np.ndarray) -> np.ndarray:
+        """Which candidates, given the flat raster cells [K, S] along them, cross no blocked cell."""
+        return ~np.any(self.flat[cells], axis=1)
+
+    def stamp(self, paddle, sign: int = 1) -> None:
+        """Adds (sign 1) or removes (sign -1) a paddle's zone."""
+        mask, (r, c) = paddle[3:]
+        if sign > 0:
+            self.blocked[r:r + mask.shape[0], c:c + mask.shape[1]] += mask
+        else:
+            self.blocked[r:r + mask.shape[0], c:c + mask.shape[1]] -= mask
+
+    def arrays(self):
+        """(starts [n, 2], ends [n, 2], snake ids [n], contrasts [n]) of every paddle, snake by snake."""
+        rows = [(q[0], q[1], s.ident, q[2]) for s in self.snakes for q in s.paddles]
+        starts, ends, snake, contrast = zip(*rows, strict=True)
+        return np.array(starts), np.array(ends), np.array(snake, np.int32), np.array(contrast)
+
+
+class _Snake:
+    """A snake being grown (snakes.extend_snake): its paddles and, per paddle, the next pivot cell and orientation.
+
+    Every paddle stays stamped on the scene's raster; the newest is lifted while the next one is chosen, since
+    a paddle is exempt from its predecessor only.
+    """
+
+    def __init__(self, scene: _Scene, ident: int, tail_cell, degree: int, contrast: float):
+        g = scene.g
+        self.scene, self.ident = scene, ident
+        self.tail = g.centre(tail_cell)
+        mask, corner = g.seed_zone(degree)
+        self.paddles, self.states = [], []
+        self._push((self.tail, self.tail + g.seed_end[degree + 180], contrast, mask, corner + tail_cell),
+                   tail_cell + g.seed_step[degree + 180], degree * np.pi / 180)
+        scene.snakes.append(self)
+
+    def _push(self, paddle, pivot, orientation) -> None:
+        self.scene.stamp(paddle)
+        self.paddles.append(paddle)
+        self.states.append((pivot, orientation))
+
+    @property
+    def head(self) -> np.ndarray:
+        return self.paddles[-1][1]
+
+    def __len__(self) -> int:
+        return len(self.paddles)
+
+    def backtrack(self, count: int) -> None:
+        """Removes the newest ``count`` paddles (at most all but the first)."""
+        for _ in range(min(count, len(self.paddles) - 1)):
+            self.scene.stamp(self.paddles.pop(), -1)
+            self.states.pop()
+
+    def discard(self) -> None:
+        for paddle in self.paddles:
+            self.scene.stamp(paddle, -1)
+        self.scene.snakes.remove(self)
+
+    def extend(self, rng: np.random.Generator, contrast: float) -> bool:
+        """Adds one paddle drawn among the free candidates, weighted for continuity; False when none is free."""
+        scene, g = self.scene, self.scene.g
+        pivot, orientation = self.states[-1]
+        scene.stamp(self.paddles[-1], -1)
+        free = scene.free(g.ext_cells + (pivot[0] * g.size + pivot[1]))
+        scene.stamp(self.paddles[-1])
+        cumulative = np.cumsum(g.weights(orientation) * free)
+        if cumulative[-1] < 1e-4:
+            return False
+        k = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(g.angles) - 1)
+        mask, corner = g.ext_zones[k]
+        centre = g.centre(pivot)
+        self._push((centre + g.ext_start[k], centre + g.ext_end[k], contrast, mask, corner + pivot),
+                   pivot + g.ext_step[k], float(g.angles[k]))
+        return True
+
+
+def _seeds(scene: _Scene, tails: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+    """Indices of the free seed paddles among tail points [N, 2] and integer-degree orientations [N]."""
+    g = scene.g
+    cells = g.cell(tails)
+    return np.flatnonzero(scene.free(g.seed_cells[degrees + 180] + (cells[:, 0] * g.size + cells[:, 1])[:, None]))
+
+
+def _choice(rng: np.random.Generator, values: tuple):
+    return values[int(rng.integers(len(values)))] if len(values) > 1 else values[0]
+
+
+def _direction(theta):
+    return np.stack([np.sin(theta), np.cos(theta)], -1)
+
+
+def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params) -> list:
+    """snakes2.two_snakes: two seeds seed_distance apart in the central region, then grown one after the other."""
+    sd = p.seed_distance
+    mus = list(p.snake_contrasts) * 2
+    rng.shuffle(mus)
+    lo, hi = 2 * sd, p.resolution - 1 - 2 * sd  # the first tail avoids a band of 2 * seed_distance
+    tails = rng.integers(lo, hi + 1, size=(PADDLE_TRIES, 2)).astype(float)
+    degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
+    heads = tails + scene.g.seed_end[degrees + 180]
+    ok = _seeds(scene, tails, degrees)
+    ok = ok[np.all((heads[ok] >= lo) & (heads[ok] <= hi), axis=1)]
+    if not len(ok):
+        raise _Restart
+    snakes = [_Snake(scene, 0, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
+                     _choice(rng, p.paddle_contrasts) * mus[0])]
+    phis = rng.integers(0, 360, size=PADDLE_TRIES) * np.pi / 180
+    tails = np.round(snakes[0].tail + sd * _direction(phis))
+    degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
+    ok = _seeds(scene, tails, degrees)
+    if not len(ok):
+        raise _Restart
+    snakes.append(_Snake(scene, 1, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
+                         _choice(rng, p.paddle_contrasts) * mus[1]))
+    # Grown in turn as in the original, which restarts the pair on any failure: at 32x32 that succeeds in well
+    # under 1% of tries (two snakes of 14 paddles, 4 px apart, in 30 px); backing a snake up by 1, 2, 3, ...
+    # paddles after failures finds the same kind of snakes fast.
+    failures = [0, 0]
+    while len(snakes[0]) < p.contour_length or len(snakes[1]) < p.contour_length:
+        contrast = _choice(rng, p.paddle_contrasts)
+        for i, snake in enumerate(snakes):
+            if len(snake) < p.contour_length and not snake.extend(rng, contrast * mus[i]):
+                failures[i] += 1
+                if failures[i] > TARGET_BACKTRACKS:
+                    raise _Restart
+                snake.backtrack(1 + failures[i] // BACKTRACK_EVERY)
+    return snakes
+
+
+def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int) -> bool:
+    """snakes.make_snake with distractor_length paddles and no backing up; on failure nothing is kept."""
+    g = scene.g
+    tails = rng.uniform(g.low, g.high, size=(SEED_TRIES, 2))
+    degrees = rng.integers(-180, 180, size=SEED_TRIES)
+    ok = _seeds(scene, tails, degrees)
+    if not len(ok):
+        return False
+    # Distractors take the snake contrast alone, not times the paddle contrast (as in snakes.make_many_snakes).
+    snake = _Snake(scene, ident, g.cell(tails[ok[0]]), int(degrees[ok[0]]), _choice(rng, p.snake_contrasts))
+    for _ in range(p.distractor_length - 1):
+        if not snake.extend(rng, _choice(rng, p.snake_contrasts)):
+            snake.discard()
+            return False
+    return True
+
+
+def make_scene(p: Params, rng: np.random.Generator) -> tuple:
+    """Places the two targets and the distractors: (scene, [target0, target1]); restarts are bounded."""
+    for _ in range(EXAMPLE_RESTARTS):
+        scene = _Scene(_geometry(p, _choice(rng, p.margins)))
+        try:
+            targets = _two_targets(rng, scene, p)
+        except _Restart:
+            continue
+        for ident in range(2, 2 + p.num_distractors):
+            for _ in range(DISTRACTOR_TRIES):
+                if _distractor(rng, scene, p, ident):
+                    break
+        return scene, targets
+    raise ValueError(f"Could not place two target snakes in {EXAMPLE_RESTARTS} tries at resolution "
+                     f"{p.resolution} with contour_length {p.contour_length}; the parameters are infeasible.")
+
+
+def make_example(p: Params, rng: np.random.Generator, label: int | None = None, *, debug: bool = False):
+    """One example: (uint8 image [H, W], label), plus a dict of its geometry when ``debug``.
+
+    Label 1: the markers sit on both tips of the same target snake; label 0: on a tip of each target.
+    ``label`` None draws it from ``rng``.
+    """
+    if label is None:
+        label = int(rng.integers(2))
+    scene, targets = make_scene(p, rng)
+    origin = int(rng.integers(2))
+    terminal = origin if label else 1 - origin
+    markers = np.stack([targets[origin].tail, targets[terminal].head])
+    starts, ends, snake, contrast = scene.arrays()
+    canvas = render(starts, ends, contrast, markers, p, p.antialias_scale)
+    image = downsample(canvas, p.antialias_scale)
+    image = np.round(image * (255.0 / max(image.max(), 1e-6))).astype(np.uint8)
+    if not debug:
+        return image, label
+    info = dict(starts=starts, ends=ends, snake=snake, contrast=contrast, markers=markers,
+                origin_tips=np.stack([t.tail for t in targets]), terminal_tips=np.stack([t.head for t in targets]),
+                margin=scene.g.margin, clearance=scene.g.clearance, antialias=canvas)
+    return image, label, info
+
+
+def render(starts, ends, contrast, markers, p: Params, scale: int) -> np.ndarray:
+    """Float image at ``scale`` pixels per output pixel: max over soft-edged paddle capsules and marker discs.
+
+    A pixel's value is clip(0.5 + scale * (radius - distance), 0, 1): 0.5 exactly on the shape's edge. Each
+    shape is evaluated only in a window around it, all shapes at once.
+    """
+    size = p.resolution * scale
+    canvas = np.zeros(size * size)
+    half = p.paddle_thickness / 2
+    if len(starts):
+        values, index = _shapes(starts, ends, half, scale, size)
+        np.maximum.at(canvas, index, values * np.asarray(contrast)[:, None, None])
+    if markers is not None and len(markers):
+        values, index = _shapes(markers, markers, p.marker_radius, scale, size)
+        np.maximum.at(canvas, index, values)
+    return canvas.reshape(size, size)
+
+
+def _shapes(a, b, radius, scale, size):
+    """Values [S, w, w] of capsules a->b of ``radius`` on their windows, and flat canvas indices."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    extent = np.abs(b - a).max(initial=0.0) + 2 * radius
+    w = int(math.ceil(extent * scale)) + 3
+    low = np.floor((np.minimum(a, b) - radius + 0.5) * scale).astype(np.int64) - 1  # fine-pixel corner
+    rows = low[:, 0, None] + np.arange(w)  # [S, w]
+    cols = low[:, 1, None] + np.arange(w)
+    yc = (rows + 0.5) / scale - 0.5  # fine-pixel centres in output-pixel units
+    xc = (cols + 0.5) / scale - 0.5
+    ab = b - a
+    ay, ax = yc - a[:, 0, None], xc - a[:, 1, None]  # [S, w]
+    denom = np.maximum(np.sum(ab * ab, 1), 1e-12)[:, None, None]
+    t = np.clip((ay[:, :, None] * ab[:, 0, None, None] + ax[:, None, :] * ab[:, 1, None, None]) / denom, 0.0, 1.0)
+    dy = ay[:, :, None] - t * ab[:, 0, None, None]
+    dx = ax[:, None, :] - t * ab[:, 1, None, None]
+    values = np.clip(0.5 + scale * (radius - np.sqrt(dy * dy + dx * dx)), 0.0, 1.0)
+    valid = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    index = np.clip(rows, 0, size - 1)[:, :, None] * size + np.clip(cols, 0, size - 1)[:, None, :]
+    return np.where(valid, values, 0.0), index
+
+
+@functools.cache
+def _lanczos_matrix(size: int, scale: int) -> np.ndarray:
+    """[size, size * scale] Lanczos-3 reduction by ``scale`` (PIL's LANCZOS: kernel widened by the factor)."""
+    fine = np.arange(size * scale)
+    centre = (np.arange(size) + 0.5) * scale - 0.5
+    x = (fine[None, :] - centre[:, None]) / scale
+    weights = np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def downsample(canvas: np.ndarray, scale: int) -> np.ndarray:
+    """Lanczos-3 reduction of a square canvas by an integer ``scale``, clipped to [0, inf)."""
+    if scale == 1:
+        return canvas
+    matrix = _lanczos_matrix(canvas.shape[0] // scale, scale)
+    return np.maximum(matrix @ canvas @ matrix.T, 0.0)
+
+
+def example_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+def label_of(seed: int, index: int) -> int:
+    """Exactly balanced labels: each aligned pair (2k, 2k + 1) holds one 0 and one 1, in a seeded order."""
+    first = int(example_rng(seed, index - index % 2).integers(2))
+    return first ^ (index % 2)
+
+
+def generate_range(start: int, stop: int, resolution: int = 32, contour_length: int = 14,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Examples start..stop-1 of the stream: (uint8 [n, H, W], int32 [n]); each depends on (seed, index) only."""
+    p = params_for(resolution, contour_length)
+    images = np.zeros((stop - start, resolution, resolution), np.uint8)
+    labels = np.zeros(stop - start, np.int32)
+    for row, index in enumerate(range(start, stop)):
+        rng = example_rng(seed, index)
+        rng.integers(2)  # the pair's label draw (label_of) comes first in an even example's stream
+        labels[row] = label_of(seed, index)
+        images[row], _ = make_example(p, rng, int(labels[row]))
+    return images, labels
+
+
+def _generate_range_args(args):
+    return generate_range(*args)
+
+
+def generate(num_examples: int, *, resolution: int = 32, contour_length: int = 14, seed: int = 0,
+             workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N, H, W], int32 labels [N]); identical for any number of ``workers``.
+
+    Workers are spawned processes (never forked: JAX is multithreaded) over contiguous chunks.
+    """
+    check(resolution, contour_length)
+    workers = max(1, min(int(workers), num_examples))
+    if workers == 1:
+        return generate_range(0, num_examples, resolution, contour_length, seed)
+    bounds = np.linspace(0, num_examples, min(workers * 8, num_examples) + 1).astype(int)
+    chunks = [(int(a), int(b), resolution, contour_length, seed) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    images = np.zeros((num_examples, resolution, resolution), np.uint8)
+    labels = np.zeros(num_examples, np.int32)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for (a, b, *_), (chunk_images, chunk_labels) in zip(chunks, pool.imap(_generate_range_args, chunks),
+                                                             strict=True):
+            images[a:b], labels[a:b] = chunk_images, chunk_labels
+    return images, labels

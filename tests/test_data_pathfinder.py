@@ -1,0 +1,180 @@
+"""Pathfinder / Path-X: generator geometry and labels against an independent pixel flood fill, determinism, source."""
+
+import pickle
+
+import numpy as np
+import pytest
+from scipy import ndimage  # a dependency of jax
+
+import effjax.data as data
+from effjax.data import pathfinder, pathfinder_gen
+
+P32 = pathfinder_gen.params_for(32, 14)
+
+
+def _examples(p, count, seed=0):
+    out = []
+    for index in range(count):
+        rng = pathfinder_gen.example_rng(seed, index)
+        out.append(pathfinder_gen.make_example(p, rng, pathfinder_gen.label_of(seed, index), debug=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def examples32():
+    return _examples(P32, 200)
+
+
+def test_lra_parameter_table_and_difficulty_levels():
+    assert (P32.padding, P32.margins, P32.paddle_length, P32.paddle_thickness, P32.marker_radius,
+            P32.seed_distance, P32.continuity, P32.antialias_scale) == (1, (1,), 2, 0.5, 1.5, 7, 1.0, 2)
+    assert (P32.distractor_length, P32.num_distractors, P32.snake_contrasts, P32.paddle_contrasts) == (
+        4, 5, (2.0,), (0.75,))
+    p128 = pathfinder_gen.params_for(128, 14)
+    assert (p128.margins, p128.seed_distance, p128.marker_radius, p128.paddle_thickness, p128.continuity,
+            p128.num_distractors, p128.snake_contrasts) == ((2, 3), 20, 3.0, 1.5, 1.8, 8, (0.9,))
+    assert [pathfinder_gen.params_for(32, cl).num_distractors for cl in (6, 9)] == [10, 6]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [(dict(resolution=33), "32, 64, 128, 256"),
+                                              (dict(contour_length=7), "6 (easy), 9 (intermediate), 14 (hard)")])
+def test_bad_params_fail_in_one_line_naming_the_valid_values(tmp_path, kwargs, fragment):
+    with pytest.raises(ValueError, match="Pathfinder") as error:
+        data.make_source("pathfinder", "train", cache_dir=str(tmp_path), **kwargs)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert not list(tmp_path.iterdir())  # rejected before generating anything
+
+
+def test_labels_are_balanced():
+    labels = np.array([pathfinder_gen.label_of(3, i) for i in range(1001)])
+    assert set(labels) == {0, 1}
+    assert np.all(labels[0:1000:2] + labels[1:1000:2] == 1)  # each aligned pair holds one of each
+    assert abs(2 * np.cumsum(labels)[np.arange(1001)] - np.arange(1, 1002)).max() <= 1  # every prefix within one
+    assert 0.4 < labels[0:1000:2].mean() < 0.6  # the order within pairs is random
+    _, generated = pathfinder_gen.generate(10, seed=3)
+    np.testing.assert_array_equal(generated, labels[:10])
+
+
+def test_markers_sit_on_the_tips_of_the_target_snakes(examples32):
+    for image, label, info in examples32[:60]:
+        snake, starts, ends = info["snake"], info["starts"], info["ends"]
+        for target in (0, 1):  # the tips are the first paddle's start and the last paddle's end of each target
+            rows = np.flatnonzero(snake == target)
+            assert len(rows) == P32.contour_length
+            np.testing.assert_allclose(info["origin_tips"][target], starts[rows[0]])
+            np.testing.assert_allclose(info["terminal_tips"][target], ends[rows[-1]])
+        origin = [t for t in (0, 1) if np.allclose(info["markers"][0], info["origin_tips"][t])]
+        terminal = [t for t in (0, 1) if np.allclose(info["markers"][1], info["terminal_tips"][t])]
+        assert len(origin) == len(terminal) == 1
+        assert (origin == terminal) == bool(label)
+        for marker in info["markers"]:  # the circles are drawn there, bright
+            assert image[tuple(np.round(marker).astype(int))] >= 128
+
+
+def _tips_connected(info, p, scale, bridge):
+    """Flood fill over the paddles' bright pixels (drawn at ``scale``), bridging gaps up to ``bridge`` pixels."""
+    canvas = pathfinder_gen.render(info["starts"], info["ends"], np.ones(len(info["starts"])), None, p, scale)
+    zone = ndimage.distance_transform_edt(canvas < 0.5) <= bridge * scale / 2
+    labels, _ = ndimage.label(zone, structure=np.ones((3, 3)))
+    a, b = (tuple(np.round((m + 0.5) * scale - 0.5).astype(int)) for m in info["markers"])
+    return labels[a] != 0 and labels[a] == labels[b]
+
+
+def _bridge(p, info):
+    """Halfway between the widest gap inside a snake (2 margin - thickness, plus a raster cell of anchor rounding)
+    and the narrowest between snakes (clearance - thickness)."""
+    cell = 1 / (8 if p.resolution <= 64 else 4)
+    inside = 2 * info["margin"] - p.paddle_thickness + np.sqrt(2) * cell
+    between = info["clearance"] - p.paddle_thickness
+    assert inside < between
+    return (inside + between) / 2
+
+
+def test_flood_fill_connects_the_markers_iff_label_is_1(examples32):
+    # At 32x32 (and in LRA's images) the gaps inside a snake are as wide as the spaces between snakes, so a flood
+    # fill over the final pixels cannot tell the labels apart (that is the task). Drawn 16x finer, the bright
+    # pixels of consecutive paddles are closer than those of different snakes, and the fill must agree 100%.
+    results = np.array([(_tips_connected(info, P32, 16, _bridge(P32, info)), label)
+                        for _, label, info in examples32])
+    assert np.all(results[:, 0] == results[:, 1]), np.flatnonzero(results[:, 0] != results[:, 1])
+    assert 80 < results[:, 1].sum() < 120
+
+
+def test_flood_fill_agrees_at_path_x_resolution():
+    p = pathfinder_gen.params_for(128, 14)
+    for _, label, info in _examples(p, 12):
+        assert _tips_connected(info, p, 8, _bridge(p, info)) == bool(label)
+
+
+@pytest.mark.parametrize("resolution, contour_length", [(32, 6), (64, 9), (256, 6)])
+def test_other_resolutions_and_levels_render(resolution, contour_length):
+    p = pathfinder_gen.params_for(resolution, contour_length)
+    image, label, info = _examples(p, 1, seed=5)[0]
+    assert image.shape == (resolution, resolution) and image.dtype == np.uint8 and image.max() == 255
+    assert (info["snake"] == 0).sum() == (info["snake"] == 1).sum() == contour_length
+    assert _tips_connected(info, p, 8, _bridge(p, info)) == bool(label)
+
+
+def test_deterministic_by_seed_and_independent_of_chunking():
+    images, labels = pathfinder_gen.generate(12, seed=7)
+    again, again_labels = pathfinder_gen.generate(12, seed=7)
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, again_labels)
+    head, tail = pathfinder_gen.generate_range(0, 5, seed=7), pathfinder_gen.generate_range(5, 12, seed=7)
+    np.testing.assert_array_equal(np.concatenate([head[0], tail[0]]), images)
+    np.testing.assert_array_equal(np.concatenate([head[1], tail[1]]), labels)
+    other, _ = pathfinder_gen.generate(12, seed=8)
+    assert all(not np.array_equal(a, b) for a, b in zip(images, other, strict=True))
+    assert len({row.tobytes() for row in images}) == 12
+
+
+def test_spawned_workers_give_the_same_arrays():
+    one = pathfinder_gen.generate(24, seed=2, workers=1)
+    two = pathfinder_gen.generate(24, seed=2, workers=2)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+SIZES = dict(num_train=64, num_validation=16, num_test=16)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    cache_dir = str(tmp_path_factory.mktemp("pathfinder"))
+    return cache_dir, {split: data.make_source("pathfinder", split, cache_dir=cache_dir, **SIZES)
+                       for split in data.common.SPLITS}
+
+
+def test_source_shapes_dtypes_and_tokens(sources):
+    _, splits = sources
+    train = splits["train"]
+    assert (train.task, train.vocab_size, train.num_classes, train.max_length) == ("classification", 257, 2, 1024)
+    assert [len(splits[s]) for s in data.common.SPLITS] == [64, 16, 16]
+    example = train[5]
+    assert example["inputs"].shape == (1024,) and example["inputs"].dtype == np.int32
+    assert example["targets"].shape == () and example["targets"].dtype == np.int32
+    np.testing.assert_array_equal(example["inputs"], train.images[5].reshape(-1).astype(np.int32) + 1)
+    assert example["inputs"].min() >= 1 and example["inputs"].max() == 256  # no pixel is padding
+    assert sum(int(splits[s].labels.sum()) for s in data.common.SPLITS) == 48
+    # The splits are consecutive slices of one stream: train first.
+    images, labels = pathfinder_gen.generate(96)
+    np.testing.assert_array_equal(splits["validation"].images, images[64:80])
+    np.testing.assert_array_equal(splits["test"].labels, labels[80:])
+
+
+def test_source_repr_pickle_and_cache_reuse(sources, monkeypatch):
+    cache_dir, splits = sources
+    assert repr(splits["train"]) == ("Pathfinder(split='train', resolution=32, contour_length=14, num_train=64, "
+                                     "num_validation=16, num_test=16, seed=0)")
+    monkeypatch.setattr(pathfinder_gen, "generate", lambda *a, **k: pytest.fail("regenerated a cached dataset"))
+    again = data.make_source("pathfinder", "train", cache_dir=cache_dir, workers=3, **SIZES)  # workers: not a key
+    np.testing.assert_array_equal(again.images, splits["train"].images)
+    restored = pickle.loads(pickle.dumps(again))
+    np.testing.assert_array_equal(restored[3]["inputs"], again[3]["inputs"])
+
+
+def test_default_params_are_lra_sizes():
+    params = data.params_of("pathfinder")
+    assert params == dict(resolution=32, contour_length=14, num_train=160_000, num_validation=20_000,
+                          num_test=20_000, seed=0, workers=0, cache_dir="")
+    assert pathfinder.Pathfinder.name == "pathfinder"
