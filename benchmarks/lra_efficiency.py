@@ -239,7 +239,9 @@ def main(argv):
                    "peak_bytes_in_use": "device.memory_stats()['peak_bytes_in_use'] after the steps, one process "
                                         "per configuration"}
     with open(base + ".md", "w") as f:
-        f.write(f"# LRA efficiency (Table 2 layout)\n\n{stamp['date']}, {device}. `{_CONFIG.value}` model "
+        command = " ".join(["python benchmarks/lra_efficiency.py", *sys.argv[1:]])
+        f.write(f"# LRA efficiency (Table 2 layout)\n\n`{command}`\n\n{stamp['date']}, {device}. "
+                f"`{_CONFIG.value}` model "
                 f"(forward + backward + optimizer update, the trainer's jitted step), batch {_BATCH.value}, "
                 f"random byte tokens, lengths include CLS; best of {_REPEATS.value} runs of {_STEPS.value} steps. "
                 f"Ratios are to softmax with the same impl at the same length in this run. Memory: "
