@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 import multiprocessing
+from concurrent import futures
 
 import numpy as np
 
@@ -491,8 +492,10 @@ def generate(num_examples: int, *, resolution: int = 32, contour_length: int = 1
     chunks = [(int(a), int(b), resolution, contour_length, seed) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     images = np.zeros((num_examples, resolution, resolution), np.uint8)
     labels = np.zeros(num_examples, np.int32)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for (a, b, *_), (chunk_images, chunk_labels) in zip(chunks, pool.imap(_generate_range_args, chunks),
+    # An executor, not a Pool: a worker that cannot start (say, a __main__ read from stdin) raises instead of
+    # being respawned forever.
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for (a, b, *_), (chunk_images, chunk_labels) in zip(chunks, pool.map(_generate_range_args, chunks),
                                                              strict=True):
             images[a:b], labels[a:b] = chunk_images, chunk_labels
     return images, labels
