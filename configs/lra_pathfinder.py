@@ -47,6 +47,7 @@ def get_config(arg=None):
     if args.size == "smoke":
         lra_common.smoke(c, length=None)
         c.data.num_train, c.data.num_validation, c.data.num_test = 64, 16, 16
+        c.data.workers = 1             # no worker processes to start for 96 images
     return lra_common.finish(c, args, mask_rate=0.5)
 
 

@@ -50,4 +50,5 @@ def get_config(arg=None):
         c.data.resolution = 32         # the generator at Path-X's parameters is exercised by its own tests
         c.model.max_length = 32 * 32
         c.data.num_train, c.data.num_validation, c.data.num_test = 64, 16, 16
+        c.data.workers = 1             # no worker processes to start for 96 images
     return lra_common.finish(c, args, mask_rate=0.5)
