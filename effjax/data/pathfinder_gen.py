@@ -24,6 +24,7 @@ anchor rounding) and different snakes at least ``2 * margin - thickness / 2``: a
 between those two bounds connects a target's tips and never joins two snakes (the tests check it).
 """
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -42,6 +43,7 @@ SEED_TRIES = 32  # uniform draws of a distractor's first paddle (the original sa
 TARGET_BACKTRACKS = 20  # failed paddles per target snake before the example restarts
 BACKTRACK_EVERY = 2  # back up one more paddle after every BACKTRACK_EVERY failures
 EXAMPLE_RESTARTS = 200  # restarts before the parameters are declared infeasible
+SLOTS = 16  # examples generated side by side (their extension steps share numpy ops)
 
 # Builder docstrings of LRA data/pathfinder.py; fields they leave unset are snakes2_wrapper.py's defaults
 # (paddle_length 5, padding 22, seed_distance 27, paddle contrast 1). num_distractors = budget // (cl // 3).
@@ -108,7 +110,9 @@ class _Geometry:
     Snakes are anchored at cell centres, so each candidate paddle's blocking zone (the cells within ``zone`` of
     its centre line) and the cells it passes through are fixed offsets from its anchor cell. The zone is
     ``clearance`` plus a cell's half-diagonal and half a sampling step: a paddle whose sample points fall in no
-    blocked cell is at least ``clearance`` from every stamped paddle.
+    blocked cell is at least ``clearance`` from every stamped paddle. The next pivot is a fixed offset from the
+    previous paddle's anchor too, so how often each candidate's samples fall in its predecessor's zone is a
+    table (``pred_hits``, one row per predecessor: extension angles, then seed degrees -180..179).
     """
 
     def __init__(self, p: Params, margin: int):
@@ -116,11 +120,13 @@ class _Geometry:
         self.cells = 8 if p.resolution <= 64 else 4
         # Consecutive paddles are at most 2 * margin (+ one cell of anchor rounding) apart; the clearance between
         # any others exceeds that by thickness / 2, so a flood fill that bridges 2 * margin separates snakes.
-        self.clearance = 2 * margin + p.paddle_thickness / 2
+        self.clearance = self._clearance(margin)
         self.zone = self.clearance + 1.25 / self.cells
         inset = p.padding - 0.5 + margin + p.paddle_thickness / 2  # the original masks `padding` border rows
         self.low, self.high = inset, p.resolution - 1 - inset
-        self.pad = int(math.ceil((p.paddle_length + margin + self.zone) * self.cells)) + 4  # no clipping needed
+        # No clipping needed; one pad for all margins, so that the examples of a batch share one raster shape.
+        self.pad = max(int(math.ceil((p.paddle_length + m + self._clearance(m) + 1.25 / self.cells) * self.cells))
+                       for m in p.margins) + 4
         self.size = p.resolution * self.cells + 2 * self.pad  # raster side; cell (pad, pad) is pixel (0, 0)'s first
         self.samples = int(math.ceil(p.paddle_length * self.cells)) + 1
         length, step = p.paddle_length, p.paddle_length + margin
@@ -128,14 +134,35 @@ class _Geometry:
         unit = _direction(self.angles)
         self.ext_start, self.ext_end = margin * unit, step * unit  # from the pivot (snakes.extend_snake)
         self.ext_step = self._offset((length + 2 * margin) * unit)  # pivot to the next pivot, in cells
-        self.ext_cells = self._flat(self._path(self.ext_start, self.ext_end))
+        ext_path = self._path(self.ext_start, self.ext_end)
+        self.ext_cells = self._flat(ext_path)
         self.ext_zones = [self._zone(a, b) for a, b in zip(self.ext_start, self.ext_end, strict=True)]
         degrees = np.arange(-180, 180) * np.pi / 180  # seeds: integer degrees, drawn from the tail
         self.seed_end = length * _direction(degrees)
         self.seed_step = self._offset((length + margin) * _direction(degrees))
         self.seed_cells = self._flat(self._path(np.zeros_like(self.seed_end), self.seed_end))
-        self._seed_zones = {}
-        self._weights = {}
+        self.seed_zones = [self._zone(np.zeros(2), end) for end in self.seed_end]
+        steps = np.concatenate([self.ext_step, self.seed_step])
+        self.pred_hits = np.stack([_mask_values(mask, step - corner + ext_path)
+                                   for (mask, corner), step in zip(self.ext_zones + self.seed_zones, steps,
+                                                                   strict=True)])
+        self.weights = self._continuity(np.concatenate([self.angles, degrees]))
+        # Samples first, so that the "any sample blocked" reductions run over the outer axis (much faster).
+        self.ext_cells_t, self.seed_cells_t = self.ext_cells.T[:, None, :], self.seed_cells.T
+        self.pred_hits_t = np.ascontiguousarray(self.pred_hits.transpose(2, 0, 1))
+        centres = self.centre(np.arange(self.size))
+        outside = (centres < self.low) | (centres > self.high)  # the original's masked border, and beyond
+        self.border = (outside[:, None] | outside[None, :]).astype(np.uint8)
+        # Python scalars for the per-paddle bookkeeping (numpy is slow on 2-vectors): per extension angle
+        # (start, end, step to the next pivot, zone mask, zone corner); per seed degree (end, step, mask, corner).
+        self.ext = [(tuple(a), tuple(b), tuple(s), mask, tuple(corner)) for a, b, s, (mask, corner)
+                    in zip(self.ext_start.tolist(), self.ext_end.tolist(), self.ext_step.tolist(), self.ext_zones,
+                           strict=True)]
+        self.seed = [(tuple(b), tuple(s), mask, tuple(corner)) for b, s, (mask, corner)
+                     in zip(self.seed_end.tolist(), self.seed_step.tolist(), self.seed_zones, strict=True)]
+
+    def _clearance(self, margin):
+        return 2 * margin + self.p.paddle_thickness / 2
 
     def _offset(self, v):
         return np.floor(0.5 + v * self.cells).astype(np.int64)
@@ -149,42 +176,39 @@ class _Geometry:
         return self._offset(a[:, None] + t * (b - a)[:, None])
 
     def _zone(self, a, b):
-        """(bool mask, offset of its corner from the anchor cell) of the cells within zone of segment a->b."""
+        """(int16 mask, offset of its corner from the anchor cell) of the cells within zone of segment a->b."""
         lo = self._offset(np.minimum(a, b) - self.zone) - 1
         hi = self._offset(np.maximum(a, b) + self.zone) + 2
         yc = np.arange(lo[0], hi[0]) / self.cells  # cell centres relative to the anchor's centre
         xc = np.arange(lo[1], hi[1]) / self.cells
-        return (_grid_segment_distance(yc, xc, a, b) < self.zone).astype(np.int16), lo
+        return (_grid_segment_distance(yc, xc, a, b) < self.zone).astype(np.uint8), lo
 
-    def seed_zone(self, degree: int):
-        if degree not in self._seed_zones:
-            self._seed_zones[degree] = self._zone(np.zeros(2), self.seed_end[degree + 180])
-        return self._seed_zones[degree]
+    def _continuity(self, orientations):
+        """Weights [len(orientations), K] of the candidates after each: cos(min(continuity * turn, 90 deg))**2."""
+        turn = np.abs(self.angles[None, :] - orientations[:, None]) % (2 * np.pi)
+        turn = np.minimum(np.minimum(turn, 2 * np.pi - turn) * self.p.continuity, np.pi / 2)
+        return np.cos(turn) ** 2
 
-    def weights(self, orientation: float) -> np.ndarray:
-        """Continuity weights of the candidates: cos(min(continuity * turn, 90 deg))**2."""
-        if orientation not in self._weights:
-            turn = np.abs(self.angles - orientation) % (2 * np.pi)
-            turn = np.minimum(np.minimum(turn, 2 * np.pi - turn) * self.p.continuity, np.pi / 2)
-            self._weights[orientation] = np.cos(turn) ** 2
-        return self._weights[orientation]
-
-    def centre(self, cell) -> np.ndarray:
+    def centre(self, cell):
+        """Centre (pixels) of a cell; a tuple (of floats) for a tuple."""
+        if isinstance(cell, tuple):
+            return tuple((c - self.pad + 0.5) / self.cells - 0.5 for c in cell)
         return (np.asarray(cell) - self.pad + 0.5) / self.cells - 0.5
 
     def cell(self, point) -> np.ndarray:
         return np.floor((np.asarray(point) + 0.5) * self.cells).astype(np.int64) + self.pad
 
-    def border(self) -> np.ndarray:
-        """The raster with the cells outside [low, high] (the original's masked border, and beyond) blocked."""
-        centres = self.centre(np.arange(self.size))
-        outside = (centres < self.low) | (centres > self.high)
-        return (outside[:, None] | outside[None, :]).astype(np.int16)
-
 
 @functools.cache
 def _geometry(p: Params, margin: int) -> _Geometry:
     return _Geometry(p, margin)
+
+
+def _mask_values(mask, index):
+    """mask[index] for integer indices [..., 2], 0 outside the mask."""
+    inside = np.all((index >= 0) & (index < mask.shape), axis=-1)
+    clipped = np.minimum(np.maximum(index, 0), np.array(mask.shape) - 1)
+    return np.where(inside, mask[clipped[..., 0], clipped[..., 1]], 0).astype(mask.dtype)
 
 
 def _grid_segment_distance(yc, xc, a, b):
@@ -196,25 +220,23 @@ def _grid_segment_distance(yc, xc, a, b):
 
 
 class _Scene:
-    """The snakes placed so far and a raster counting, per cell, the paddles whose zone covers it."""
+    """The snakes placed so far and a raster (one slot of the batch's) counting, per cell, the paddles whose
+    zone covers it."""
 
-    def __init__(self, g: _Geometry):
+    def __init__(self, g: _Geometry, raster: np.ndarray):
         self.g = g
-        self.blocked = g.border()
-        self.flat = self.blocked.reshape(-1)
+        raster[...] = g.border
+        self.blocked, self.flat = raster, raster.reshape(-1)
         self.snakes = []
-
-    def free(self, cells: np.ndarray) -> np.ndarray:
-        """Which candidates, given the flat raster cells [K, S] along them, cross no blocked cell."""
-        return ~np.any(self.flat[cells], axis=1)
 
     def stamp(self, paddle, sign: int = 1) -> None:
         """Adds (sign 1) or removes (sign -1) a paddle's zone."""
         mask, (r, c) = paddle[3:]
+        h, w = mask.shape
         if sign > 0:
-            self.blocked[r:r + mask.shape[0], c:c + mask.shape[1]] += mask
+            self.blocked[r:r + h, c:c + w] += mask
         else:
-            self.blocked[r:r + mask.shape[0], c:c + mask.shape[1]] -= mask
+            self.blocked[r:r + h, c:c + w] -= mask
 
     def arrays(self):
         """(starts [n, 2], ends [n, 2], snake ids [n], contrasts [n]) of every paddle, snake by snake."""
@@ -224,29 +246,31 @@ class _Scene:
 
 
 class _Snake:
-    """A snake being grown (snakes.extend_snake): its paddles and, per paddle, the next pivot cell and orientation.
+    """A snake being grown (snakes.extend_snake): its paddles and, per paddle, the next pivot cell and the
+    paddle's row of the geometry's predecessor tables.
 
-    Every paddle stays stamped on the scene's raster; the newest is lifted while the next one is chosen, since
-    a paddle is exempt from its predecessor only.
+    Every paddle stays stamped on the scene's raster; a candidate is exempt from its predecessor only, by
+    subtracting the predecessor's row of ``pred_hits`` from what its samples read.
     """
 
     def __init__(self, scene: _Scene, ident: int, tail_cell, degree: int, contrast: float):
         g = scene.g
         self.scene, self.ident = scene, ident
-        self.tail = g.centre(tail_cell)
-        mask, corner = g.seed_zone(degree)
+        (r, c) = tail_cell = tuple(int(v) for v in tail_cell)
+        self.tail = (ty, tx) = g.centre(tail_cell)
+        (ey, ex), (dr, dc), mask, (mr, mc) = g.seed[degree + 180]
         self.paddles, self.states = [], []
-        self._push((self.tail, self.tail + g.seed_end[degree + 180], contrast, mask, corner + tail_cell),
-                   tail_cell + g.seed_step[degree + 180], degree * np.pi / 180)
+        self._push(((ty, tx), (ty + ey, tx + ex), contrast, mask, (r + mr, c + mc)), (r + dr, c + dc),
+                   len(g.angles) + degree + 180)
         scene.snakes.append(self)
 
-    def _push(self, paddle, pivot, orientation) -> None:
+    def _push(self, paddle, pivot, row) -> None:
         self.scene.stamp(paddle)
         self.paddles.append(paddle)
-        self.states.append((pivot, orientation))
+        self.states.append((pivot, row))
 
     @property
-    def head(self) -> np.ndarray:
+    def head(self) -> tuple:
         return self.paddles[-1][1]
 
     def __len__(self) -> int:
@@ -263,29 +287,95 @@ class _Snake:
             self.scene.stamp(paddle, -1)
         self.scene.snakes.remove(self)
 
-    def extend(self, rng: np.random.Generator, contrast: float) -> bool:
-        """Adds one paddle drawn among the free candidates, weighted for continuity; False when none is free."""
-        scene, g = self.scene, self.scene.g
-        pivot, orientation = self.states[-1]
-        scene.stamp(self.paddles[-1], -1)
-        free = scene.free(g.ext_cells + (pivot[0] * g.size + pivot[1]))
-        scene.stamp(self.paddles[-1])
-        cumulative = np.cumsum(g.weights(orientation) * free)
+    def extend(self, rng: np.random.Generator, contrast: float):
+        """Adds one paddle drawn among the free candidates, weighted for continuity; False when none is free.
+
+        A generator (``ok = yield from snake.extend(...)``): it yields ("extend", geometry, flat pivot cell, predecessor
+        row) and is sent the cumulative weights (a list) of the candidates, zero where not free (``_lockstep``).
+        """
+        g = self.scene.g
+        (r, c), row = self.states[-1]
+        cumulative = yield "extend", g, r * g.size + c, row
         if cumulative[-1] < 1e-4:
             return False
-        k = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(g.angles) - 1)
-        mask, corner = g.ext_zones[k]
-        centre = g.centre(pivot)
-        self._push((centre + g.ext_start[k], centre + g.ext_end[k], contrast, mask, corner + pivot),
-                   pivot + g.ext_step[k], float(g.angles[k]))
+        k = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(g.angles) - 1)
+        (ay, ax), (by, bx), (dr, dc), mask, (mr, mc) = g.ext[k]
+        y, x = g.centre((r, c))
+        self._push(((y + ay, x + ax), (y + by, x + bx), contrast, mask, (r + mr, c + mc)), (r + dr, c + dc), k)
         return True
 
 
-def _seeds(scene: _Scene, tails: np.ndarray, degrees: np.ndarray) -> np.ndarray:
-    """Indices of the free seed paddles among tail points [N, 2] and integer-degree orientations [N]."""
-    g = scene.g
-    cells = g.cell(tails)
-    return np.flatnonzero(scene.free(g.seed_cells[degrees + 180] + (cells[:, 0] * g.size + cells[:, 1])[:, None]))
+def _lockstep(tasks: list, rasters: np.ndarray) -> list:
+    """Runs example generators side by side, one per raster slot, and returns their results in order.
+
+    ``tasks`` are callables raster -> generator. A generator yields requests ("extend", geometry, pivot cell,
+    predecessor row) or ("seeds", geometry, tails, degrees); each round, the requests of one kind and geometry
+    of all running examples are answered by one gather from their rasters. An example depends only on its own
+    generator (its rng, its raster), never on which others share the batch.
+    """
+    size2 = rasters.shape[1] * rasters.shape[2]
+    flat = rasters.reshape(-1)
+    results = [None] * len(tasks)
+    queue = iter(enumerate(tasks))
+    running = {}  # slot -> (task index, generator, its request)
+
+    def advance(slot, index, gen, value):
+        """Sends ``value`` to the slot's generator; when it is done, the slot takes the next task."""
+        while True:
+            if gen is not None:
+                try:
+                    running[slot] = (index, gen, gen.send(value))
+                    return
+                except StopIteration as stop:
+                    results[index] = stop.value
+            index, task = next(queue, (None, None))
+            if task is None:
+                running.pop(slot, None)
+                return
+            gen, value = task(rasters[slot]), None
+
+    for slot in range(min(len(tasks), len(rasters))):
+        advance(slot, None, None, None)
+    while running:
+        groups = {}  # (kind, geometry) -> [(slot, *arguments)]
+        for slot, (_, _, request) in running.items():
+            groups.setdefault(request[:2], []).append((slot, *request[2:]))
+        for (kind, g), requests in groups.items():
+            slots, *arguments = zip(*requests, strict=True)
+            answer = _extend_answers if kind == "extend" else _seed_answers
+            for slot, value in zip(slots, answer(g, flat, np.array(slots) * size2, *arguments), strict=True):
+                advance(slot, *running[slot][:2], value)
+    return results
+
+
+def _extend_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, pivots: tuple, rows: tuple) -> list:
+    """Per request, the cumulative continuity weights [K] (a list) of the candidates, zero where not free."""
+    rows = np.array(rows)
+    hits = flat[g.ext_cells_t + (bases + np.array(pivots))[:, None]]  # [S, requests, K]
+    blocked = (hits != g.pred_hits_t[:, rows]).any(axis=0)  # exempt from the predecessor's zone
+    return np.cumsum(g.weights[rows] * ~blocked, axis=1).tolist()
+
+
+def _seed_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, tails: tuple, degrees: tuple) -> list:
+    """Per request, which seed paddles (tail points [N, 2], integer degrees [N]) cross no blocked cell."""
+    ends = np.cumsum([len(d) for d in degrees]).tolist()
+    cells = g.cell(np.concatenate(tails))
+    starts = np.repeat(bases, np.diff(ends, prepend=0)) + cells[:, 0] * g.size + cells[:, 1]
+    free = ~(flat[g.seed_cells_t[:, np.concatenate(degrees) + 180] + starts] != 0).any(axis=0)
+    return [free[a:b] for a, b in zip([0] + ends[:-1], ends, strict=True)]
+
+
+def _rasters(p: Params, slots: int) -> np.ndarray:
+    size = _geometry(p, p.margins[0]).size
+    return np.zeros((slots, size, size), np.uint8)  # counts stay far below 255
+
+
+def _seeds(scene: _Scene, tails: np.ndarray, degrees: np.ndarray):
+    """Indices of the free seed paddles among tail points [N, 2] and integer-degree orientations [N].
+
+    A generator (``ok = yield from _seeds(...)``): the test is answered by ``_lockstep``."""
+    free = yield "seeds", scene.g, tails, degrees
+    return np.flatnonzero(free)
 
 
 def _choice(rng: np.random.Generator, values: tuple):
@@ -296,8 +386,10 @@ def _direction(theta):
     return np.stack([np.sin(theta), np.cos(theta)], -1)
 
 
-def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params) -> list:
-    """snakes2.two_snakes: two seeds seed_distance apart in the central region, then grown one after the other."""
+def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params):
+    """snakes2.two_snakes: two seeds seed_distance apart in the central region, then grown one after the other.
+
+    A generator, as are the functions that call ``extend``."""
     sd = p.seed_distance
     mus = list(p.snake_contrasts) * 2
     rng.shuffle(mus)
@@ -305,16 +397,16 @@ def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params) -> list:
     tails = rng.integers(lo, hi + 1, size=(PADDLE_TRIES, 2)).astype(float)
     degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
     heads = tails + scene.g.seed_end[degrees + 180]
-    ok = _seeds(scene, tails, degrees)
+    ok = yield from _seeds(scene, tails, degrees)
     ok = ok[np.all((heads[ok] >= lo) & (heads[ok] <= hi), axis=1)]
     if not len(ok):
         raise _Restart
     snakes = [_Snake(scene, 0, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
                      _choice(rng, p.paddle_contrasts) * mus[0])]
     phis = rng.integers(0, 360, size=PADDLE_TRIES) * np.pi / 180
-    tails = np.round(snakes[0].tail + sd * _direction(phis))
+    tails = np.round(np.asarray(snakes[0].tail) + sd * _direction(phis))
     degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
-    ok = _seeds(scene, tails, degrees)
+    ok = yield from _seeds(scene, tails, degrees)
     if not len(ok):
         raise _Restart
     snakes.append(_Snake(scene, 1, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
@@ -326,7 +418,7 @@ def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params) -> list:
     while len(snakes[0]) < p.contour_length or len(snakes[1]) < p.contour_length:
         contrast = _choice(rng, p.paddle_contrasts)
         for i, snake in enumerate(snakes):
-            if len(snake) < p.contour_length and not snake.extend(rng, contrast * mus[i]):
+            if len(snake) < p.contour_length and not (yield from snake.extend(rng, contrast * mus[i])):
                 failures[i] += 1
                 if failures[i] > TARGET_BACKTRACKS:
                     raise _Restart
@@ -334,34 +426,35 @@ def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params) -> list:
     return snakes
 
 
-def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int) -> bool:
+def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int):
     """snakes.make_snake with distractor_length paddles and no backing up; on failure nothing is kept."""
     g = scene.g
     tails = rng.uniform(g.low, g.high, size=(SEED_TRIES, 2))
     degrees = rng.integers(-180, 180, size=SEED_TRIES)
-    ok = _seeds(scene, tails, degrees)
+    ok = yield from _seeds(scene, tails, degrees)
     if not len(ok):
         return False
     # Distractors take the snake contrast alone, not times the paddle contrast (as in snakes.make_many_snakes).
     snake = _Snake(scene, ident, g.cell(tails[ok[0]]), int(degrees[ok[0]]), _choice(rng, p.snake_contrasts))
     for _ in range(p.distractor_length - 1):
-        if not snake.extend(rng, _choice(rng, p.snake_contrasts)):
+        if not (yield from snake.extend(rng, _choice(rng, p.snake_contrasts))):
             snake.discard()
             return False
     return True
 
 
-def make_scene(p: Params, rng: np.random.Generator) -> tuple:
-    """Places the two targets and the distractors: (scene, [target0, target1]); restarts are bounded."""
+def make_scene(p: Params, rng: np.random.Generator, raster: np.ndarray):
+    """Places the two targets and the distractors on ``raster``: (scene, [target0, target1]); restarts are
+    bounded. A generator (see ``_lockstep``)."""
     for _ in range(EXAMPLE_RESTARTS):
-        scene = _Scene(_geometry(p, _choice(rng, p.margins)))
+        scene = _Scene(_geometry(p, _choice(rng, p.margins)), raster)
         try:
-            targets = _two_targets(rng, scene, p)
+            targets = yield from _two_targets(rng, scene, p)
         except _Restart:
             continue
         for ident in range(2, 2 + p.num_distractors):
             for _ in range(DISTRACTOR_TRIES):
-                if _distractor(rng, scene, p, ident):
+                if (yield from _distractor(rng, scene, p, ident)):
                     break
         return scene, targets
     raise ValueError(f"Could not place two target snakes in {EXAMPLE_RESTARTS} tries at resolution "
@@ -374,9 +467,13 @@ def make_example(p: Params, rng: np.random.Generator, label: int | None = None, 
     Label 1: the markers sit on both tips of the same target snake; label 0: on a tip of each target.
     ``label`` None draws it from ``rng``.
     """
+    return _lockstep([functools.partial(_example, p, rng, label, debug=debug)], _rasters(p, 1))[0]
+
+
+def _example(p: Params, rng: np.random.Generator, label: int | None, raster: np.ndarray, *, debug: bool = False):
     if label is None:
         label = int(rng.integers(2))
-    scene, targets = make_scene(p, rng)
+    scene, targets = yield from make_scene(p, rng, raster)
     origin = int(rng.integers(2))
     terminal = origin if label else 1 - origin
     markers = np.stack([targets[origin].tail, targets[terminal].head])
@@ -443,11 +540,39 @@ def _lanczos_matrix(size: int, scale: int) -> np.ndarray:
 
 
 def downsample(canvas: np.ndarray, scale: int) -> np.ndarray:
-    """Lanczos-3 reduction of a square canvas by an integer ``scale``, clipped to [0, inf)."""
+    """Lanczos-3 reduction of a square canvas by an integer ``scale``, clipped to [0, inf).
+
+    Above 64 px the filter is applied as its band (6 * scale taps per output pixel), a sum of strided slices:
+    there a matrix product goes multithreaded in BLAS, which stalls (~30x slower) on a busy machine.
+    """
     if scale == 1:
         return canvas
-    matrix = _lanczos_matrix(canvas.shape[0] // scale, scale)
-    return np.maximum(matrix @ canvas @ matrix.T, 0.0)
+    if canvas.shape[0] <= 64:  # small enough for BLAS to run single-threaded, and faster than the taps
+        matrix = _lanczos_matrix(canvas.shape[0] // scale, scale)
+        return np.maximum(matrix @ canvas @ matrix.T, 0.0)
+    weights, first = _lanczos_taps(canvas.shape[0] // scale, scale)
+    return np.maximum(_reduce(_reduce(canvas, weights, first, scale).T, weights, first, scale).T, 0.0)
+
+
+@functools.cache
+def _lanczos_taps(size: int, scale: int) -> tuple[np.ndarray, int]:
+    """The band of ``_lanczos_matrix``: (weights [size, taps], offset of tap 0 from output pixel i's i * scale)."""
+    matrix = _lanczos_matrix(size, scale)
+    rows, cols = np.nonzero(matrix)
+    first, last = int((cols - rows * scale).min()), int((cols - rows * scale).max())
+    index = np.arange(size)[:, None] * scale + first + np.arange(last - first + 1)
+    inside = (index >= 0) & (index < size * scale)
+    return np.where(inside, matrix[np.arange(size)[:, None], np.clip(index, 0, size * scale - 1)], 0.0), first
+
+
+def _reduce(x: np.ndarray, weights: np.ndarray, first: int, scale: int) -> np.ndarray:
+    """Filters and decimates the rows of x [size * scale, W] to [size, W]."""
+    size, taps = weights.shape
+    padded = np.pad(x, ((-first, taps + first - scale), (0, 0)))
+    out = weights[:, 0, None] * padded[0:(size - 1) * scale + 1:scale]
+    for t in range(1, taps):
+        out += weights[:, t, None] * padded[t:t + (size - 1) * scale + 1:scale]
+    return out
 
 
 def example_rng(seed: int, index: int) -> np.random.Generator:
@@ -464,14 +589,20 @@ def generate_range(start: int, stop: int, resolution: int = 32, contour_length: 
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Examples start..stop-1 of the stream: (uint8 [n, H, W], int32 [n]); each depends on (seed, index) only."""
     p = params_for(resolution, contour_length)
+    labels = np.array([label_of(seed, index) for index in range(start, stop)], np.int32)
+    tasks = [functools.partial(_example, p, _example_stream(seed, index), int(label))
+             for index, label in zip(range(start, stop), labels, strict=True)]
+    results = _lockstep(tasks, _rasters(p, min(SLOTS, max(stop - start, 1))))
     images = np.zeros((stop - start, resolution, resolution), np.uint8)
-    labels = np.zeros(stop - start, np.int32)
-    for row, index in enumerate(range(start, stop)):
-        rng = example_rng(seed, index)
-        rng.integers(2)  # the pair's label draw (label_of) comes first in an even example's stream
-        labels[row] = label_of(seed, index)
-        images[row], _ = make_example(p, rng, int(labels[row]))
+    for row, (image, _) in enumerate(results):
+        images[row] = image
     return images, labels
+
+
+def _example_stream(seed: int, index: int) -> np.random.Generator:
+    rng = example_rng(seed, index)
+    rng.integers(2)  # the pair's label draw (label_of) comes first in an even example's stream
+    return rng
 
 
 def _generate_range_args(args):
