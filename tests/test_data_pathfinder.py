@@ -178,3 +178,52 @@ def test_default_params_are_lra_sizes():
     assert params == dict(resolution=32, contour_length=14, num_train=160_000, num_validation=20_000,
                           num_test=20_000, seed=0, workers=0, cache_dir="")
     assert pathfinder.Pathfinder.name == "pathfinder"
+
+
+def _scene(p, seed):
+    """A finished scene on its own raster (every paddle stamped)."""
+    rng = pathfinder_gen.example_rng(seed, 0)
+    tasks = [lambda raster: pathfinder_gen.make_scene(p, rng, raster)]
+    return pathfinder_gen._lockstep(tasks, pathfinder_gen._rasters(p, 1))[0][0]
+
+
+@pytest.mark.parametrize("resolution", [32, 128])
+def test_predecessor_table_equals_lifting_the_predecessor(resolution):
+    # Reference: the raster read with the newest paddle's zone actually removed, as the first version did.
+    p = pathfinder_gen.params_for(resolution, 14)
+    for seed in range(3):
+        scene = _scene(p, seed)
+        g = scene.g
+        for snake in list(scene.snakes):
+            for _ in range(2):  # after an extension paddle, then (backed up) after the seed paddle
+                (r, c), row = snake.states[-1]
+                scene.stamp(snake.paddles[-1], -1)
+                free = ~np.any(scene.flat[g.ext_cells + (r * g.size + c)], axis=1)
+                scene.stamp(snake.paddles[-1])
+                answer = pathfinder_gen._extend_answers(g, scene.flat, np.zeros(1, np.int64), (r * g.size + c,),
+                                                        (row,))[0]
+                np.testing.assert_array_equal(answer, np.cumsum(g.weights[row] * free))
+                snake.backtrack(len(snake))
+            assert len(snake) == 1 and snake.states[-1][1] >= len(g.angles)  # the seed's rows follow the angles'
+
+
+def test_an_example_does_not_depend_on_the_batch_it_runs_in(monkeypatch):
+    # Path-X batches mix both margins (two geometries per round); alone, each example must come out the same.
+    images, labels = pathfinder_gen.generate_range(3, 9, resolution=128, seed=4)
+    monkeypatch.setattr(pathfinder_gen, "SLOTS", 2)
+    np.testing.assert_array_equal(pathfinder_gen.generate_range(3, 9, resolution=128, seed=4)[0], images)
+    for row, index in enumerate(range(3, 9)):
+        rng = pathfinder_gen.example_rng(4, index)
+        rng.integers(2)
+        image, label = pathfinder_gen.make_example(pathfinder_gen.params_for(128, 14), rng, int(labels[row]))
+        np.testing.assert_array_equal(image, images[row])
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_banded_lanczos_equals_the_matrix_product(size):
+    canvas = np.random.default_rng(size).random((2 * size, 2 * size))
+    matrix = pathfinder_gen._lanczos_matrix(size, 2)
+    np.testing.assert_allclose(pathfinder_gen.downsample(canvas, 2), np.maximum(matrix @ canvas @ matrix.T, 0.0),
+                               atol=1e-12)
+    weights, first = pathfinder_gen._lanczos_taps(size, 2)
+    np.testing.assert_allclose(pathfinder_gen._reduce(canvas, weights, first, 2), matrix @ canvas, atol=1e-12)

@@ -22,6 +22,12 @@ Differences from the original, in the geometry's exactness and in bounding every
 So consecutive paddles of a snake are at most ``2 * margin - thickness`` apart edge to edge (plus a cell of
 anchor rounding) and different snakes at least ``2 * margin - thickness / 2``: a flood fill that bridges gaps
 between those two bounds connects a target's tips and never joins two snakes (the tests check it).
+
+Speed (same images as the one-example-at-a-time version): each example is a Python generator that yields its
+collision tests (a seed's candidates, or the candidates of a snake's next paddle), and ``SLOTS`` examples run
+side by side, each on its own raster slot, so that one numpy gather per round answers the tests of all of them.
+A paddle is exempt from its predecessor by subtracting a precomputed table (the predecessor's zone at each
+candidate's samples, fixed by the two angles) instead of lifting and re-stamping the predecessor.
 """
 
 import bisect
