@@ -37,6 +37,15 @@ def byte_ids(data: bytes | np.ndarray) -> np.ndarray:
     return np.frombuffer(data, np.uint8).astype(np.int32) + 1
 
 
+def split_arrays(arrays: dict, sizes: dict) -> dict:
+    """Cuts each array of one stream into consecutive splits: ``{'<split>_<name>': array[start:start + size]}``."""
+    out, start = {}, 0
+    for split, size in sizes.items():
+        out.update({f"{split}_{name}": array[start:start + size] for name, array in arrays.items()})
+        start += size
+    return out
+
+
 def classification_example(inputs: np.ndarray, target: int) -> dict:
     """The element layout of every classification source."""
     return {"inputs": inputs, "targets": np.asarray(target, np.int32)}

@@ -39,9 +39,4 @@ def generate_splits(*, num_train: int, num_validation: int, num_test: int, **gen
     """Generates all splits at once (unique across splits): {'<split>_tokens', '<split>_labels'} arrays."""
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     tokens, labels = listops_gen.generate(num_examples=sum(sizes.values()), **generator_params)
-    arrays, start = {}, 0
-    for split, size in sizes.items():
-        arrays[f"{split}_tokens"] = tokens[start:start + size]
-        arrays[f"{split}_labels"] = labels[start:start + size]
-        start += size
-    return arrays
+    return common.split_arrays({"tokens": tokens, "labels": labels}, sizes)

@@ -54,9 +54,4 @@ def generate_splits(*, num_train: int, num_validation: int, num_test: int, **gen
     """All splits from one stream (train first): {'<split>_images' uint8 [n, H, W], '<split>_labels' int32 [n]}."""
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     images, labels = pathfinder_gen.generate(sum(sizes.values()), **generator_params)
-    arrays, start = {}, 0
-    for split, size in sizes.items():
-        arrays[f"{split}_images"] = images[start:start + size]
-        arrays[f"{split}_labels"] = labels[start:start + size]
-        start += size
-    return arrays
+    return common.split_arrays({"images": images, "labels": labels}, sizes)

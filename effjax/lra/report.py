@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+from effjax import files
 from effjax.lra import paper, results
 
 TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
@@ -125,19 +126,12 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write(workdir: str, settings: dict, methods, tasks, cells: dict, *, plot: bool = True) -> dict:
     """Writes lra_results.md, .json and (with matplotlib) .png in ``workdir``; returns the JSON document."""
     doc = build(settings, methods, tasks, cells)
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, "lra_results.json"), json.dumps(doc, indent=2) + "\n")
-    _write_atomic(os.path.join(workdir, "lra_results.md"), markdown(doc))
+    files.write_atomic(os.path.join(workdir, "lra_results.json"), json.dumps(doc, indent=2) + "\n")
+    files.write_atomic(os.path.join(workdir, "lra_results.md"), markdown(doc))
     if plot:
         from effjax.lra import plot as plot_lib
 

@@ -8,6 +8,7 @@ back to the ``eval/`` row at the final step, and the cell is marked ``validation
 import json
 import os
 
+from effjax import files
 from effjax.train import metrics
 from effjax.train.workdir import WorkdirError
 
@@ -53,13 +54,7 @@ def final_metrics(run_dir: str) -> dict | None:
 
 def write(cell_dir: str, result: dict) -> None:
     """Writes ``<cell_dir>/result.json`` atomically (a kill leaves the old file or the new one, never half)."""
-    path = os.path.join(cell_dir, RESULT_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_atomic(os.path.join(cell_dir, RESULT_NAME), json.dumps(result, indent=2, sort_keys=True))
 
 
 def read(cell_dir: str) -> dict | None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 
+from effjax import files
 from effjax.lra import cells, devices, report, results, run_cell
 
 SETTINGS_NAME = "lra_run.json"
@@ -66,10 +67,7 @@ def _check_settings(workdir: str, mine: dict, overrides: list) -> None:
             raise ValueError(f"--workdir={workdir} holds a run with {held}; pass the same settings to continue it, "
                              "or use a new --workdir.")
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, SETTINGS_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**mine, "overrides": overrides}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(os.path.join(workdir, SETTINGS_NAME), json.dumps({**mine, "overrides": overrides}, indent=2))
 
 
 def _describe(result: dict) -> str:

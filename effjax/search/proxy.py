@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from effjax import files
 from effjax.search import hurdles
 
 BUDGETS = ("steps", "flops", "seconds")
@@ -78,15 +79,6 @@ def check_causal(model, params, length: int, vocab: int, position: int | None = 
     if not np.allclose(apply(tokens), apply(changed), atol=1e-4, rtol=1e-4):
         raise LeakError(f"the model's outputs at positions <= {position} change with later tokens (it leaks the "
                         "future)")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _flops_per_step(run, state, batch) -> float:
@@ -180,7 +172,7 @@ class ProxyEvaluator:
             raise FloatingPointError(f"validation loss is {metrics['loss']} after band {band}")
         blob = {"state": serialization.to_state_dict(jax.device_get(state)),
                 "data": json.dumps(iterator.get_state())}
-        _write_atomic(saved, serialization.msgpack_serialize(blob))
+        files.write_atomic(saved, serialization.msgpack_serialize(blob))
         params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
         steps = info.pop("steps")
         cost = {"seconds": seconds, "steps": steps}

@@ -10,6 +10,7 @@ import time
 
 import jax
 
+from effjax import files
 from effjax.train.workdir import WorkdirError, free_space, move_aside, say
 
 
@@ -140,10 +141,7 @@ def write_config(workdir: str, config) -> None:
         if _same_json(path, text):
             return
         say(f"{path} differs from this run's config; the old file is kept as {move_aside(path, '.old')}.")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    files.write_atomic(path, text)
 
 
 def _same_json(path: str, text: str) -> bool:
