@@ -1,5 +1,6 @@
 """Pathfinder / Path-X: generator geometry and labels against an independent pixel flood fill, determinism, source."""
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -184,7 +185,8 @@ def _scene(p, seed):
     """A finished scene on its own raster (every paddle stamped)."""
     rng = pathfinder_gen.example_rng(seed, 0)
     tasks = [lambda raster: pathfinder_gen.make_scene(p, rng, raster)]
-    return pathfinder_gen._lockstep(tasks, pathfinder_gen._rasters(p, 1))[0][0]
+    [(_, (scene, _))] = pathfinder_gen._lockstep(tasks, pathfinder_gen._rasters(p, 1))
+    return scene
 
 
 @pytest.mark.parametrize("resolution", [32, 128])
@@ -200,22 +202,24 @@ def test_predecessor_table_equals_lifting_the_predecessor(resolution):
                 scene.stamp(snake.paddles[-1], -1)
                 free = ~np.any(scene.flat[g.ext_cells + (r * g.size + c)], axis=1)
                 scene.stamp(snake.paddles[-1])
-                answer = pathfinder_gen._extend_answers(g, scene.flat, np.zeros(1, np.int64), (r * g.size + c,),
-                                                        (row,))[0]
-                np.testing.assert_array_equal(answer, np.cumsum(g.weights[row] * free))
+                answer = pathfinder_gen._free_candidates(g, scene.flat, np.array([r * g.size + c]), np.array([row]))
+                np.testing.assert_array_equal(answer[0], free)
                 snake.backtrack(len(snake))
             assert len(snake) == 1 and snake.states[-1][1] >= len(g.angles)  # the seed's rows follow the angles'
 
 
-def test_an_example_does_not_depend_on_the_batch_it_runs_in(monkeypatch):
-    # Path-X batches mix both margins (two geometries per round); alone, each example must come out the same.
-    images, labels = pathfinder_gen.generate_range(3, 9, resolution=128, seed=4)
+@pytest.mark.parametrize("resolution", [32, 128])
+def test_an_example_does_not_depend_on_the_batch_it_runs_in(monkeypatch, resolution):
+    # Path-X batches mix both margins (two geometries per round), and finished examples are drawn together (the
+    # matrix Lanczos at 32, the banded one at 128); alone, each example must come out the same.
+    images, labels = pathfinder_gen.generate_range(3, 9, resolution=resolution, seed=4)
     monkeypatch.setattr(pathfinder_gen, "SLOTS", 2)
-    np.testing.assert_array_equal(pathfinder_gen.generate_range(3, 9, resolution=128, seed=4)[0], images)
+    monkeypatch.setattr(pathfinder_gen, "RENDER_BATCH", 4)
+    np.testing.assert_array_equal(pathfinder_gen.generate_range(3, 9, resolution=resolution, seed=4)[0], images)
     for row, index in enumerate(range(3, 9)):
         rng = pathfinder_gen.example_rng(4, index)
         rng.integers(2)
-        image, label = pathfinder_gen.make_example(pathfinder_gen.params_for(128, 14), rng, int(labels[row]))
+        image, label = pathfinder_gen.make_example(pathfinder_gen.params_for(resolution, 14), rng, int(labels[row]))
         np.testing.assert_array_equal(image, images[row])
 
 
@@ -227,3 +231,82 @@ def test_banded_lanczos_equals_the_matrix_product(size):
                                atol=1e-12)
     weights, first = pathfinder_gen._lanczos_taps(size, 2)
     np.testing.assert_allclose(pathfinder_gen._reduce(canvas, weights, first, 2), matrix @ canvas, atol=1e-12)
+
+
+def _dense_distance(a0, a1, b0, b1, points=401):
+    """Segment distance by brute force: the closest pair among points every 1/400 along both."""
+    t = np.linspace(0.0, 1.0, points)[:, None]
+    pa, pb = a0 + t * (a1 - a0), b0 + t * (b1 - b0)
+    return np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1)).min()
+
+
+def test_segment_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    p0, p1, q0, q1 = rng.uniform(-3, 3, size=(4, 200, 2))
+    q1[:20] = q0[:20] + rng.uniform(-0.1, 0.1, size=(20, 2))  # short and crossing ones too
+    p1[20:40], q0[20:40], q1[20:40] = -p0[20:40], p0[20:40][:, ::-1], -p0[20:40][:, ::-1]
+    got = pathfinder_gen._segment_distances(p0, p1, q0, q1)
+    want = np.array([_dense_distance(*x) for x in zip(p0, p1, q0, q1, strict=True)])
+    np.testing.assert_allclose(got, want, atol=0.02)
+    assert np.all(got <= want + 1e-9)  # the exact distance never exceeds a sampled one
+
+
+@pytest.mark.parametrize("resolution", [32, 128])
+def test_every_paddle_keeps_clearance_from_all_but_its_neighbours(resolution):
+    # Targets are tested through the raster, distractors by segment distance while their attempts grow unstamped:
+    # in finished scenes, no two paddles but consecutive ones of a snake come closer than the clearance.
+    p = pathfinder_gen.params_for(resolution, 14)
+    for _, _, info in _examples(p, 6 if resolution == 32 else 2, seed=11):
+        starts, ends, snake = info["starts"], info["ends"], info["snake"]
+        assert len(set(snake.tolist()) - {0, 1}) >= 2  # distractors were placed
+        for i in range(len(starts)):
+            for j in range(i + 1, len(starts)):
+                if snake[i] == snake[j] and j == i + 1:
+                    continue
+                a = pathfinder_gen._segment_distances(starts[i], ends[i], starts[j], ends[j])
+                assert a >= info["clearance"] - 1e-9, (i, j, a)
+
+
+def test_two_back_is_unreachable_with_turns_under_90_degrees():
+    # Brute force over a snake's angle triples (first paddle at every extension angle) against the geometry's test.
+    for resolution in (32, 128):
+        p = pathfinder_gen.params_for(resolution, 14)
+        g = pathfinder_gen._geometry(p, p.margins[-1])
+        assert not g.reaches_two_back
+        closest = np.inf
+        for k0 in range(len(g.angles)):
+            for k1 in np.flatnonzero(g.weights[k0] > 0):
+                pivot = (g.ext_step[k0] + g.ext_step[k1]) / g.cells
+                for k2 in np.flatnonzero(g.weights[k1] > 0):
+                    closest = min(closest, _dense_distance(pivot + g.ext_start[k2], pivot + g.ext_end[k2],
+                                                           g.ext_start[k0], g.ext_end[k0], 41))
+        assert closest > g.clearance
+    tight = pathfinder_gen._Geometry(dataclasses.replace(pathfinder_gen.params_for(32, 14), continuity=0.4), 1)
+    assert tight.reaches_two_back  # turns up to 225 degrees can fold a snake back onto itself
+
+
+def test_distractor_attempts_in_parallel_equal_trying_them_in_turn():
+    # Reference: each attempt alone (the others' seeds made unusable), in order; the first success must be the
+    # answer of all attempts side by side.
+    p = P32
+    scene = _scene(p, 1)
+    g = scene.g
+    rng = np.random.default_rng(5)
+    later = 0
+    for _ in range(20):
+        draws = rng.random((pathfinder_gen.DISTRACTOR_TRIES, 3 * pathfinder_gen.SEED_TRIES + p.distractor_length - 1))
+        [together] = pathfinder_gen._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (draws,))
+        alone = None
+        for attempt in range(pathfinder_gen.DISTRACTOR_TRIES):
+            single = draws.copy()
+            single[np.arange(len(draws)) != attempt, :2 * pathfinder_gen.SEED_TRIES] = -0.05  # tails in the border
+            [answer] = pathfinder_gen._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (single,))
+            if answer is not None:
+                alone = answer
+                break
+        assert (together is None) == (alone is None)
+        if together is not None:
+            np.testing.assert_array_equal(together[0], alone[0])
+            assert together[1:] == alone[1:]
+            later += attempt > 0
+    assert later >= 3  # cases where the first attempts failed

@@ -11,7 +11,7 @@ import numpy as np
 
 from effjax.data import cache, common, pathfinder_gen
 
-GENERATOR_VERSION = 1  # bump when generation changes, so that old caches are not reused
+GENERATOR_VERSION = 2  # bump when generation changes, so that old caches are not reused
 
 
 class Pathfinder(common.Source):

@@ -15,22 +15,25 @@ Differences from the original, in the geometry's exactness and in bounding every
   rounded up, and the collision test uses that raster's exact zones instead of Lanczos-resized masks: a paddle
   keeps its centre line at least ``2 * margin + thickness / 2`` from every paddle but its predecessor (the
   original's "dilated masks may not overlap", which allowed about ``2 * margin``).
-- A paddle is drawn among the free candidates instead of up to three draws that may all collide.
+- A paddle is drawn among the free candidates instead of up to three draws that may all collide; turns of 90
+  degrees or more (times continuity) weigh exactly 0.
 - A target snake that is stuck backs up 1, 2, 3, ... paddles instead of restarting the pair (which at 32x32
   succeeded in under 1% of tries); an example restarts after TARGET_BACKTRACKS failures, at most
   EXAMPLE_RESTARTS times (the original retried forever).
+- A distractor's DISTRACTOR_TRIES attempts grow side by side, unstamped, and the first that succeeds is kept
+  (given the scene, the distribution of trying them in turn); an attempt keeps its own earlier paddles at an
+  exact segment distance of ``clearance`` instead of through the raster.
 So consecutive paddles of a snake are at most ``2 * margin - thickness`` apart edge to edge (plus a cell of
 anchor rounding) and different snakes at least ``2 * margin - thickness / 2``: a flood fill that bridges gaps
 between those two bounds connects a target's tips and never joins two snakes (the tests check it).
 
-Speed (same images as the one-example-at-a-time version): each example is a Python generator that yields its
-collision tests (a seed's candidates, or the candidates of a snake's next paddle), and ``SLOTS`` examples run
-side by side, each on its own raster slot, so that one numpy gather per round answers the tests of all of them.
-A paddle is exempt from its predecessor by subtracting a precomputed table (the predecessor's zone at each
-candidate's samples, fixed by the two angles) instead of lifting and re-stamping the predecessor.
+Speed: each example is a Python generator that yields its requests (a seed's candidates, a target's next
+paddle, or a whole distractor), and ``SLOTS`` examples run side by side, each on its own raster slot, so that
+one batch of numpy operations per round answers the requests of all of them; finished examples are drawn
+``RENDER_BATCH`` at a time. A paddle is exempt from its predecessor by subtracting a precomputed table (the
+predecessor's zone at each candidate's samples, fixed by the two angles) instead of lifting and re-stamping it.
 """
 
-import bisect
 import dataclasses
 import functools
 import math
@@ -49,7 +52,8 @@ SEED_TRIES = 32  # uniform draws of a distractor's first paddle (the original sa
 TARGET_BACKTRACKS = 20  # failed paddles per target snake before the example restarts
 BACKTRACK_EVERY = 2  # back up one more paddle after every BACKTRACK_EVERY failures
 EXAMPLE_RESTARTS = 200  # restarts before the parameters are declared infeasible
-SLOTS = 16  # examples generated side by side (their extension steps share numpy ops)
+SLOTS = 128  # examples generated side by side (their requests share numpy ops)
+RENDER_BATCH = 64  # finished examples drawn together
 
 # Builder docstrings of LRA data/pathfinder.py; fields they leave unset are snakes2_wrapper.py's defaults
 # (paddle_length 5, padding 22, seed_distance 27, paddle contrast 1). num_distractors = budget // (cl // 3).
@@ -192,8 +196,21 @@ class _Geometry:
     def _continuity(self, orientations):
         """Weights [len(orientations), K] of the candidates after each: cos(min(continuity * turn, 90 deg))**2."""
         turn = np.abs(self.angles[None, :] - orientations[:, None]) % (2 * np.pi)
-        turn = np.minimum(np.minimum(turn, 2 * np.pi - turn) * self.p.continuity, np.pi / 2)
-        return np.cos(turn) ** 2
+        turn = np.minimum(turn, 2 * np.pi - turn) * self.p.continuity
+        return np.where(turn < np.pi / 2, np.cos(turn) ** 2, 0.0)  # exactly 0 from 90 degrees on
+
+    @functools.cached_property
+    def reaches_two_back(self) -> bool:
+        """Whether a candidate can come within ``clearance`` of the paddle two before it (with turns under 90
+        degrees, as in every LRA table, it cannot: the paddle between them holds them apart)."""
+        k = len(self.angles)
+        starts = np.concatenate([self.ext_start, np.zeros_like(self.seed_end)])  # from the paddle's pivot or anchor
+        ends = np.concatenate([self.ext_end, self.seed_end])
+        steps = np.concatenate([self.ext_step, self.seed_step]) / self.cells  # to the next pivot
+        row, k1, k2 = np.nonzero((self.weights[:, :, None] > 0) & (self.weights[None, :k, :] > 0))
+        pivot = steps[row] + self.ext_step[k1] / self.cells
+        near = _segment_distances(pivot + self.ext_start[k2], pivot + self.ext_end[k2], starts[row], ends[row])
+        return bool((near < self.clearance).any())
 
     def centre(self, cell):
         """Centre (pixels) of a cell; a tuple (of floats) for a tuple."""
@@ -296,32 +313,38 @@ class _Snake:
     def extend(self, rng: np.random.Generator, contrast: float):
         """Adds one paddle drawn among the free candidates, weighted for continuity; False when none is free.
 
-        A generator (``ok = yield from snake.extend(...)``): it yields ("extend", geometry, flat pivot cell, predecessor
-        row) and is sent the cumulative weights (a list) of the candidates, zero where not free (``_lockstep``).
+        A generator (``ok = yield from snake.extend(...)``): it yields ("extend", geometry, flat pivot cell,
+        predecessor row, uniform) and is sent the angle drawn, -1 when none is free (``_lockstep``).
         """
         g = self.scene.g
         (r, c), row = self.states[-1]
-        cumulative = yield "extend", g, r * g.size + c, row
-        if cumulative[-1] < 1e-4:
+        k = yield "extend", g, r * g.size + c, row, rng.random()
+        if k < 0:
             return False
-        k = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(g.angles) - 1)
+        self.place(k, contrast)
+        return True
+
+    def place(self, k: int, contrast: float) -> None:
+        """Adds the paddle at extension angle ``k`` from the newest pivot."""
+        g = self.scene.g
+        (r, c), _ = self.states[-1]
         (ay, ax), (by, bx), (dr, dc), mask, (mr, mc) = g.ext[k]
         y, x = g.centre((r, c))
         self._push(((y + ay, x + ax), (y + by, x + bx), contrast, mask, (r + mr, c + mc)), (r + dr, c + dc), k)
-        return True
 
 
-def _lockstep(tasks: list, rasters: np.ndarray) -> list:
-    """Runs example generators side by side, one per raster slot, and returns their results in order.
+def _lockstep(tasks: list, rasters: np.ndarray):
+    """Runs example generators side by side, one per raster slot; yields (task index, result) as they finish.
 
     ``tasks`` are callables raster -> generator. A generator yields requests ("extend", geometry, pivot cell,
-    predecessor row) or ("seeds", geometry, tails, degrees); each round, the requests of one kind and geometry
-    of all running examples are answered by one gather from their rasters. An example depends only on its own
-    generator (its rng, its raster), never on which others share the batch.
+    predecessor row, uniform), ("seeds", geometry, tails, degrees) or ("distractor", geometry, uniforms); each
+    round, the requests of one kind and geometry of all running examples are answered by one batch of numpy
+    operations on their rasters. An example depends only on its own generator (its rng, its raster), never on
+    which others share the batch.
     """
     size2 = rasters.shape[1] * rasters.shape[2]
     flat = rasters.reshape(-1)
-    results = [None] * len(tasks)
+    finished = []
     queue = iter(enumerate(tasks))
     running = {}  # slot -> (task index, generator, its request)
 
@@ -333,7 +356,7 @@ def _lockstep(tasks: list, rasters: np.ndarray) -> list:
                     running[slot] = (index, gen, gen.send(value))
                     return
                 except StopIteration as stop:
-                    results[index] = stop.value
+                    finished.append((index, stop.value))
             index, task = next(queue, (None, None))
             if task is None:
                 running.pop(slot, None)
@@ -348,18 +371,36 @@ def _lockstep(tasks: list, rasters: np.ndarray) -> list:
             groups.setdefault(request[:2], []).append((slot, *request[2:]))
         for (kind, g), requests in groups.items():
             slots, *arguments = zip(*requests, strict=True)
-            answer = _extend_answers if kind == "extend" else _seed_answers
+            answer = _ANSWERS[kind]
             for slot, value in zip(slots, answer(g, flat, np.array(slots) * size2, *arguments), strict=True):
                 advance(slot, *running[slot][:2], value)
-    return results
+        yield from finished
+        finished.clear()
 
 
-def _extend_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, pivots: tuple, rows: tuple) -> list:
-    """Per request, the cumulative continuity weights [K] (a list) of the candidates, zero where not free."""
+def _extend_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, pivots: tuple, rows: tuple,
+                    uniforms: tuple) -> list:
+    """Per request (a target's flat pivot cell, predecessor row, uniform), the extension angle drawn among the free
+    candidates, weighted for continuity; -1 where none is free."""
     rows = np.array(rows)
-    hits = flat[g.ext_cells_t + (bases + np.array(pivots))[:, None]]  # [S, requests, K]
-    blocked = (hits != g.pred_hits_t[:, rows]).any(axis=0)  # exempt from the predecessor's zone
-    return np.cumsum(g.weights[rows] * ~blocked, axis=1).tolist()
+    free = _free_candidates(g, flat, bases + np.array(pivots), rows)
+    return _draw(g.weights[rows] * free, np.array(uniforms)).tolist()
+
+
+def _free_candidates(g: _Geometry, flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[N, K]: which candidates after pivots at flat ``starts`` cross no blocked cell but their predecessor's
+    (whose rows of the predecessor table are ``rows``)."""
+    hits = flat[g.ext_cells_t + starts[:, None]]  # [S, N, K]
+    return ~(hits != g.pred_hits_t[:, rows]).any(axis=0)
+
+
+def _draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Per row of weights [N, K], the index drawn by inverting the cumulative weights at ``uniforms`` [N]; -1
+    where they sum to (almost) zero."""
+    cumulative = np.cumsum(weights, axis=1)
+    total = cumulative[:, -1]
+    k = np.minimum((cumulative <= (uniforms * total)[:, None]).sum(axis=1), weights.shape[1] - 1)
+    return np.where(total >= 1e-4, k, -1)
 
 
 def _seed_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, tails: tuple, degrees: tuple) -> list:
@@ -369,6 +410,78 @@ def _seed_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, tails: tupl
     starts = np.repeat(bases, np.diff(ends, prepend=0)) + cells[:, 0] * g.size + cells[:, 1]
     free = ~(flat[g.seed_cells_t[:, np.concatenate(degrees) + 180] + starts] != 0).any(axis=0)
     return [free[a:b] for a, b in zip([0] + ends[:-1], ends, strict=True)]
+
+
+def _distractor_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, draws: tuple) -> list:
+    """Per request (a distractor's uniforms [DISTRACTOR_TRIES, 3 * SEED_TRIES + distractor_length - 1]), the
+    first of its attempts that grows to full length: (tail cell, degree, extension angles), or None.
+
+    Attempt a draws SEED_TRIES seed paddles (tails, degrees) and keeps the first that crosses no blocked cell,
+    then extends it one paddle at a time among the free candidates, weighted for continuity. The attempts are
+    not stamped: a candidate also keeps ``clearance`` from its own snake's paddles but the newest (exactly, as a
+    segment distance; the newest two where the geometry shows the one before cannot be reached).
+    """
+    tries, n = SEED_TRIES, g.p.distractor_length
+    draws = np.stack(draws)  # [R, A, W]
+    tails = g.low + (g.high - g.low) * draws[:, :, :2 * tries].reshape(len(draws), -1, 2)
+    degrees = (draws[:, :, 2 * tries:3 * tries] * 360).astype(np.int64).reshape(len(draws), -1) - 180
+    cells = g.cell(tails)  # [R, A * T, 2]
+    starts = bases[:, None] + cells[..., 0] * g.size + cells[..., 1]
+    blocked = (flat[g.seed_cells_t[:, degrees + 180] + starts] != 0).any(axis=0)
+    free = ~blocked.reshape(len(draws), DISTRACTOR_TRIES, tries)
+    request, attempt = np.nonzero(free.any(axis=2))  # the attempts with a free seed, request by request
+    seed = attempt * tries + free[request, attempt].argmax(axis=1)
+    cells, orientation = cells[request, seed], degrees[request, seed] + 180
+    pivots, rows = cells + g.seed_step[orientation], len(g.angles) + orientation
+    angles = np.zeros((len(request), n), np.int64)
+    segments = np.zeros((len(request), n, 2, 2))
+    segments[:, 0, 0] = g.centre(cells)
+    segments[:, 0, 1] = segments[:, 0, 0] + g.seed_end[orientation]
+    behind = 1 if g.reaches_two_back else 2
+    reach = 1.5 * g.p.paddle_length + g.margin + g.clearance  # candidates lie within length + margin of the pivot
+    for step in range(1, n):
+        hits = flat[g.ext_cells_t + (bases[request] + pivots[:, 0] * g.size + pivots[:, 1])[:, None]]
+        free = ~(hits != 0).any(axis=0)  # [N, K]
+        centre = g.centre(pivots)
+        others = segments[:, :max(step - behind, 0)]  # all paddles but the newest (two)
+        if others.shape[1]:
+            offset = centre[:, None] - others.mean(axis=2)
+            close = np.flatnonzero((np.hypot(offset[..., 0], offset[..., 1]) < reach).any(axis=1))
+            at = centre[close, None, None]  # [C, 1, 1, 2]: candidates on axis 2, others on axis 1
+            near = _segment_distances(at + g.ext_start, at + g.ext_end, others[close, :, None, 0],
+                                      others[close, :, None, 1]) < g.clearance
+            free[close] &= ~near.any(axis=1)
+        k = _draw(g.weights[rows] * free, draws[request, attempt, 3 * tries + step - 1])
+        ok = k >= 0
+        request, attempt, cells, orientation, angles, segments = (
+            x[ok] for x in (request, attempt, cells, orientation, angles, segments))
+        k, centre = k[ok], centre[ok]
+        segments[:, step, 0], segments[:, step, 1] = centre + g.ext_start[k], centre + g.ext_end[k]
+        pivots, rows, angles[:, step] = pivots[ok] + g.ext_step[k], k, k
+    found = [None] * len(draws)
+    _, first = np.unique(request, return_index=True)  # attempts are in order within each request
+    for i in first.tolist():
+        found[request[i]] = (cells[i], int(orientation[i]) - 180, angles[i, 1:].tolist())
+    return found
+
+
+def _segment_distances(p0, p1, q0, q1):
+    """Distances between segments p0->p1 and q0->q1 (broadcast over the leading axes of [..., 2] points)."""
+    def to_segment(x, a, b):
+        ab = b - a
+        t = np.clip(np.sum((x - a) * ab, -1) / np.maximum(np.sum(ab * ab, -1), 1e-12), 0.0, 1.0)
+        return np.hypot(*np.moveaxis(x - a - t[..., None] * ab, -1, 0))
+
+    def side(o, a, b):
+        return (a[..., 0] - o[..., 0]) * (b[..., 1] - o[..., 1]) - (a[..., 1] - o[..., 1]) * (b[..., 0] - o[..., 0])
+
+    crossing = (side(p0, p1, q0) * side(p0, p1, q1) < 0) & (side(q0, q1, p0) * side(q0, q1, p1) < 0)
+    ends = np.minimum(np.minimum(to_segment(p0, q0, q1), to_segment(p1, q0, q1)),
+                      np.minimum(to_segment(q0, p0, p1), to_segment(q1, p0, p1)))
+    return np.where(crossing, 0.0, ends)
+
+
+_ANSWERS = {"extend": _extend_answers, "seeds": _seed_answers, "distractor": _distractor_answers}
 
 
 def _rasters(p: Params, slots: int) -> np.ndarray:
@@ -433,19 +546,21 @@ def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params):
 
 
 def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int):
-    """snakes.make_snake with distractor_length paddles and no backing up; on failure nothing is kept."""
-    g = scene.g
-    tails = rng.uniform(g.low, g.high, size=(SEED_TRIES, 2))
-    degrees = rng.integers(-180, 180, size=SEED_TRIES)
-    ok = yield from _seeds(scene, tails, degrees)
-    if not len(ok):
+    """snakes.make_snake with distractor_length paddles and no backing up; DISTRACTOR_TRIES attempts at most,
+    of which the first that succeeds is kept (``_distractor_answers``, one request).
+
+    The attempts run side by side: a failed attempt leaves nothing behind, so given the scene this is the
+    distribution of trying them one after another. All of their random numbers come from one draw.
+    """
+    draws = rng.random((DISTRACTOR_TRIES, 3 * SEED_TRIES + p.distractor_length - 1))
+    found = yield "distractor", scene.g, draws
+    if found is None:
         return False
+    cell, degree, angles = found
     # Distractors take the snake contrast alone, not times the paddle contrast (as in snakes.make_many_snakes).
-    snake = _Snake(scene, ident, g.cell(tails[ok[0]]), int(degrees[ok[0]]), _choice(rng, p.snake_contrasts))
-    for _ in range(p.distractor_length - 1):
-        if not (yield from snake.extend(rng, _choice(rng, p.snake_contrasts))):
-            snake.discard()
-            return False
+    snake = _Snake(scene, ident, cell, degree, _choice(rng, p.snake_contrasts))
+    for k in angles:
+        snake.place(k, _choice(rng, p.snake_contrasts))
     return True
 
 
@@ -459,9 +574,7 @@ def make_scene(p: Params, rng: np.random.Generator, raster: np.ndarray):
         except _Restart:
             continue
         for ident in range(2, 2 + p.num_distractors):
-            for _ in range(DISTRACTOR_TRIES):
-                if (yield from _distractor(rng, scene, p, ident)):
-                    break
+            yield from _distractor(rng, scene, p, ident)
         return scene, targets
     raise ValueError(f"Could not place two target snakes in {EXAMPLE_RESTARTS} tries at resolution "
                      f"{p.resolution} with contour_length {p.contour_length}; the parameters are infeasible.")
@@ -473,26 +586,35 @@ def make_example(p: Params, rng: np.random.Generator, label: int | None = None, 
     Label 1: the markers sit on both tips of the same target snake; label 0: on a tip of each target.
     ``label`` None draws it from ``rng``.
     """
-    return _lockstep([functools.partial(_example, p, rng, label, debug=debug)], _rasters(p, 1))[0]
+    [(_, info)] = _lockstep([functools.partial(_example, p, rng, label)], _rasters(p, 1))
+    images, canvases = _images(p, [info])
+    if not debug:
+        return images[0], info["label"]
+    return images[0], info["label"], dict(info, antialias=canvases[0])
 
 
-def _example(p: Params, rng: np.random.Generator, label: int | None, raster: np.ndarray, *, debug: bool = False):
+def _example(p: Params, rng: np.random.Generator, label: int | None, raster: np.ndarray):
+    """The geometry of one example (a dict; ``_images`` draws it). A generator (see ``_lockstep``)."""
     if label is None:
         label = int(rng.integers(2))
     scene, targets = yield from make_scene(p, rng, raster)
     origin = int(rng.integers(2))
     terminal = origin if label else 1 - origin
-    markers = np.stack([targets[origin].tail, targets[terminal].head])
     starts, ends, snake, contrast = scene.arrays()
-    canvas = render(starts, ends, contrast, markers, p, p.antialias_scale)
-    image = downsample(canvas, p.antialias_scale)
-    image = np.round(image * (255.0 / max(image.max(), 1e-6))).astype(np.uint8)
-    if not debug:
-        return image, label
-    info = dict(starts=starts, ends=ends, snake=snake, contrast=contrast, markers=markers,
+    return dict(label=label, starts=starts, ends=ends, snake=snake, contrast=contrast,
+                markers=np.stack([targets[origin].tail, targets[terminal].head]),
                 origin_tips=np.stack([t.tail for t in targets]), terminal_tips=np.stack([t.head for t in targets]),
-                margin=scene.g.margin, clearance=scene.g.clearance, antialias=canvas)
-    return image, label, info
+                margin=scene.g.margin, clearance=scene.g.clearance)
+
+
+def _images(p: Params, infos: list) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [B, H, W], antialiased canvases [B, h, w]) of examples' geometry, all drawn at once: each
+    is scaled so that its brightest pixel is 255 (as ``scipy.misc.imsave`` did)."""
+    canvases = _render_batch([(i["starts"], i["ends"], i["contrast"], i["markers"]) for i in infos], p,
+                             p.antialias_scale)
+    images = downsample(canvases, p.antialias_scale)
+    peak = np.maximum(images.max(axis=(1, 2), keepdims=True), 1e-6)
+    return np.round(images * (255.0 / peak)).astype(np.uint8), canvases
 
 
 def render(starts, ends, contrast, markers, p: Params, scale: int) -> np.ndarray:
@@ -501,16 +623,27 @@ def render(starts, ends, contrast, markers, p: Params, scale: int) -> np.ndarray
     A pixel's value is clip(0.5 + scale * (radius - distance), 0, 1): 0.5 exactly on the shape's edge. Each
     shape is evaluated only in a window around it, all shapes at once.
     """
+    return _render_batch([(starts, ends, contrast, markers)], p, scale)[0]
+
+
+def _render_batch(items: list, p: Params, scale: int) -> np.ndarray:
+    """``render`` of several (starts, ends, contrast, markers) into canvases [B, size, size] at once."""
     size = p.resolution * scale
-    canvas = np.zeros(size * size)
-    half = p.paddle_thickness / 2
-    if len(starts):
-        values, index = _shapes(starts, ends, half, scale, size)
-        np.maximum.at(canvas, index, values * np.asarray(contrast)[:, None, None])
-    if markers is not None and len(markers):
+    canvas = np.zeros(len(items) * size * size)
+    paddles = [(np.asarray(a, float).reshape(-1, 2), np.asarray(b, float).reshape(-1, 2), np.asarray(c, float), i)
+               for i, (a, b, c, _) in enumerate(items) if len(a)]
+    if paddles:
+        starts, ends, contrast, image = (np.concatenate(x) for x in zip(
+            *[(a, b, c, np.full(len(a), i)) for a, b, c, i in paddles], strict=True))
+        values, index = _shapes(starts, ends, p.paddle_thickness / 2, scale, size)
+        np.maximum.at(canvas, index + (image * size * size)[:, None, None], values * contrast[:, None, None])
+    discs = [(np.asarray(m, float).reshape(-1, 2), i) for i, (*_, m) in enumerate(items) if m is not None and len(m)]
+    if discs:
+        markers = np.concatenate([m for m, _ in discs])
+        image = np.concatenate([np.full(len(m), i) for m, i in discs])
         values, index = _shapes(markers, markers, p.marker_radius, scale, size)
-        np.maximum.at(canvas, index, values)
-    return canvas.reshape(size, size)
+        np.maximum.at(canvas, index + (image * size * size)[:, None, None], values)
+    return canvas.reshape(len(items), size, size)
 
 
 def _shapes(a, b, radius, scale, size):
@@ -546,18 +679,19 @@ def _lanczos_matrix(size: int, scale: int) -> np.ndarray:
 
 
 def downsample(canvas: np.ndarray, scale: int) -> np.ndarray:
-    """Lanczos-3 reduction of a square canvas by an integer ``scale``, clipped to [0, inf).
+    """Lanczos-3 reduction of square canvases [..., H, W] by an integer ``scale``, clipped to [0, inf).
 
     Above 64 px the filter is applied as its band (6 * scale taps per output pixel), a sum of strided slices:
     there a matrix product goes multithreaded in BLAS, which stalls (~30x slower) on a busy machine.
     """
     if scale == 1:
         return canvas
-    if canvas.shape[0] <= 64:  # small enough for BLAS to run single-threaded, and faster than the taps
-        matrix = _lanczos_matrix(canvas.shape[0] // scale, scale)
+    if canvas.shape[-1] <= 64:  # small enough for BLAS to run single-threaded, and faster than the taps
+        matrix = _lanczos_matrix(canvas.shape[-1] // scale, scale)
         return np.maximum(matrix @ canvas @ matrix.T, 0.0)
-    weights, first = _lanczos_taps(canvas.shape[0] // scale, scale)
-    return np.maximum(_reduce(_reduce(canvas, weights, first, scale).T, weights, first, scale).T, 0.0)
+    weights, first = _lanczos_taps(canvas.shape[-1] // scale, scale)
+    rows = _reduce(canvas, weights, first, scale)
+    return np.maximum(_reduce(rows.swapaxes(-1, -2), weights, first, scale).swapaxes(-1, -2), 0.0)
 
 
 @functools.cache
@@ -572,12 +706,12 @@ def _lanczos_taps(size: int, scale: int) -> tuple[np.ndarray, int]:
 
 
 def _reduce(x: np.ndarray, weights: np.ndarray, first: int, scale: int) -> np.ndarray:
-    """Filters and decimates the rows of x [size * scale, W] to [size, W]."""
+    """Filters and decimates the rows of x [..., size * scale, W] to [..., size, W]."""
     size, taps = weights.shape
-    padded = np.pad(x, ((-first, taps + first - scale), (0, 0)))
-    out = weights[:, 0, None] * padded[0:(size - 1) * scale + 1:scale]
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(-first, taps + first - scale), (0, 0)])
+    out = weights[:, 0, None] * padded[..., 0:(size - 1) * scale + 1:scale, :]
     for t in range(1, taps):
-        out += weights[:, t, None] * padded[t:t + (size - 1) * scale + 1:scale]
+        out += weights[:, t, None] * padded[..., t:t + (size - 1) * scale + 1:scale, :]
     return out
 
 
@@ -598,10 +732,14 @@ def generate_range(start: int, stop: int, resolution: int = 32, contour_length: 
     labels = np.array([label_of(seed, index) for index in range(start, stop)], np.int32)
     tasks = [functools.partial(_example, p, _example_stream(seed, index), int(label))
              for index, label in zip(range(start, stop), labels, strict=True)]
-    results = _lockstep(tasks, _rasters(p, min(SLOTS, max(stop - start, 1))))
     images = np.zeros((stop - start, resolution, resolution), np.uint8)
-    for row, (image, _) in enumerate(results):
-        images[row] = image
+    done, remaining = {}, len(tasks)
+    for row, info in _lockstep(tasks, _rasters(p, min(SLOTS, max(stop - start, 1)))):
+        done[row] = info
+        if len(done) == min(RENDER_BATCH, remaining):
+            rows = list(done)
+            images[rows] = _images(p, [done.pop(r) for r in rows])[0]
+            remaining -= len(rows)
     return images, labels
 
 
