@@ -20,18 +20,21 @@ Differences from the original, in the geometry's exactness and in bounding every
 - A target snake that is stuck backs up 1, 2, 3, ... paddles instead of restarting the pair (which at 32x32
   succeeded in under 1% of tries); an example restarts after TARGET_BACKTRACKS failures, at most
   EXAMPLE_RESTARTS times (the original retried forever).
-- A distractor's DISTRACTOR_TRIES attempts grow side by side, unstamped, and the first that succeeds is kept
-  (given the scene, the distribution of trying them in turn); an attempt keeps its own earlier paddles at an
-  exact segment distance of ``clearance`` instead of through the raster.
+- The targets, which on a fresh scene meet only the border and each other, are grown without the raster: a
+  candidate keeps its centre line an exact segment distance of ``zone`` (what the raster test leaves at least)
+  from every paddle of both targets but its predecessor. Distractors are tested on the raster with the
+  targets and earlier distractors stamped; a distractor's DISTRACTOR_TRIES attempts grow side by side,
+  unstamped (keeping ``zone`` from their own earlier paddles the same way), and the first that succeeds is kept:
+  given the scene, the distribution of trying them in turn.
 So consecutive paddles of a snake are at most ``2 * margin - thickness`` apart edge to edge (plus a cell of
 anchor rounding) and different snakes at least ``2 * margin - thickness / 2``: a flood fill that bridges gaps
 between those two bounds connects a target's tips and never joins two snakes (the tests check it).
 
-Speed: each example is a Python generator that yields its requests (a seed's candidates, a target's next
-paddle, or a whole distractor), and ``SLOTS`` examples run side by side, each on its own raster slot, so that
-one batch of numpy operations per round answers the requests of all of them; finished examples are drawn
-``RENDER_BATCH`` at a time. A paddle is exempt from its predecessor by subtracting a precomputed table (the
-predecessor's zone at each candidate's samples, fixed by the two angles) instead of lifting and re-stamping it.
+Speed: numpy operations run over many examples at once. The targets of up to TARGET_LANES tries grow side by
+side (``_Targets``, one round per numpy batch, each example drawing from its own rng); then each example is a
+Python generator that stamps its targets and yields one request per distractor, and ``SLOTS`` of them run side
+by side on their own raster slots (``_lockstep``); finished examples are drawn ``RENDER_BATCH`` at a time.
+An example depends on its seed and index only, never on the examples it shares a batch with.
 """
 
 import dataclasses
@@ -52,7 +55,12 @@ SEED_TRIES = 32  # uniform draws of a distractor's first paddle (the original sa
 TARGET_BACKTRACKS = 20  # failed paddles per target snake before the example restarts
 BACKTRACK_EVERY = 2  # back up one more paddle after every BACKTRACK_EVERY failures
 EXAMPLE_RESTARTS = 200  # restarts before the parameters are declared infeasible
-SLOTS = 128  # examples generated side by side (their requests share numpy ops)
+SLOTS = 128  # examples whose distractors are placed side by side (their requests share numpy ops)
+TARGET_BATCH = 2048  # examples whose targets are placed in one go
+TARGET_LANES = 512  # target tries grown side by side (numpy ops over all of them)
+_BLOCK = 16  # uniforms drawn ahead from an example's rng while its targets grow
+_FAR = 1e6  # coordinate of a segment that is not there
+_FIRST_SEEDS = 4  # a distractor attempt's seeds tested before the rest
 RENDER_BATCH = 64  # finished examples drawn together
 
 # Builder docstrings of LRA data/pathfinder.py; fields they leave unset are snakes2_wrapper.py's defaults
@@ -110,10 +118,6 @@ def params_for(resolution: int = 32, contour_length: int = 14) -> Params:
                   num_distractors=row.pop("distractor_budget") // distractor_length, **row)
 
 
-class _Restart(Exception):
-    """A target snake could not be completed; the example starts again."""
-
-
 class _Geometry:
     """Paddle shapes of one (resolution, margin), precomputed on a raster of ``cells`` cells per pixel.
 
@@ -121,8 +125,8 @@ class _Geometry:
     its centre line) and the cells it passes through are fixed offsets from its anchor cell. The zone is
     ``clearance`` plus a cell's half-diagonal and half a sampling step: a paddle whose sample points fall in no
     blocked cell is at least ``clearance`` from every stamped paddle. The next pivot is a fixed offset from the
-    previous paddle's anchor too, so how often each candidate's samples fall in its predecessor's zone is a
-    table (``pred_hits``, one row per predecessor: extension angles, then seed degrees -180..179).
+    previous paddle's anchor too. Continuity weights have one row per predecessor: extension angles, then seed
+    degrees -180..179.
     """
 
     def __init__(self, p: Params, margin: int):
@@ -145,24 +149,21 @@ class _Geometry:
         self.ext_start, self.ext_end = margin * unit, step * unit  # from the pivot (snakes.extend_snake)
         self.ext_step = self._offset((length + 2 * margin) * unit)  # pivot to the next pivot, in cells
         ext_path = self._path(self.ext_start, self.ext_end)
-        self.ext_cells = self._flat(ext_path)
         self.ext_zones = [self._zone(a, b) for a, b in zip(self.ext_start, self.ext_end, strict=True)]
         degrees = np.arange(-180, 180) * np.pi / 180  # seeds: integer degrees, drawn from the tail
         self.seed_end = length * _direction(degrees)
         self.seed_step = self._offset((length + margin) * _direction(degrees))
         self.seed_cells = self._flat(self._path(np.zeros_like(self.seed_end), self.seed_end))
         self.seed_zones = [self._zone(np.zeros(2), end) for end in self.seed_end]
-        steps = np.concatenate([self.ext_step, self.seed_step])
-        self.pred_hits = np.stack([_mask_values(mask, step - corner + ext_path)
-                                   for (mask, corner), step in zip(self.ext_zones + self.seed_zones, steps,
-                                                                   strict=True)])
         self.weights = self._continuity(np.concatenate([self.angles, degrees]))
         # Samples first, so that the "any sample blocked" reductions run over the outer axis (much faster).
-        self.ext_cells_t, self.seed_cells_t = self.ext_cells.T[:, None, :], self.seed_cells.T
-        self.pred_hits_t = np.ascontiguousarray(self.pred_hits.transpose(2, 0, 1))
+        self.ext_cells_t, self.seed_cells_t = self._flat(ext_path).T[:, None, :], self.seed_cells.T
         centres = self.centre(np.arange(self.size))
         outside = (centres < self.low) | (centres > self.high)  # the original's masked border, and beyond
         self.border = (outside[:, None] | outside[None, :]).astype(np.uint8)
+        self.inside = tuple(np.flatnonzero(~outside)[[0, -1]].tolist())  # first and last cell inside, per axis
+        self.ext_low, self.ext_high = ext_path.min(axis=1), ext_path.max(axis=1)  # [K, 2] sample cell offsets
+        self.ext_mid = (self.ext_start + self.ext_end) / 2
         # Python scalars for the per-paddle bookkeeping (numpy is slow on 2-vectors): per extension angle
         # (start, end, step to the next pivot, zone mask, zone corner); per seed degree (end, step, mask, corner).
         self.ext = [(tuple(a), tuple(b), tuple(s), mask, tuple(corner)) for a, b, s, (mask, corner)
@@ -201,7 +202,7 @@ class _Geometry:
 
     @functools.cached_property
     def reaches_two_back(self) -> bool:
-        """Whether a candidate can come within ``clearance`` of the paddle two before it (with turns under 90
+        """Whether a candidate can come within ``zone`` of the paddle two before it (with turns under 90
         degrees, as in every LRA table, it cannot: the paddle between them holds them apart)."""
         k = len(self.angles)
         starts = np.concatenate([self.ext_start, np.zeros_like(self.seed_end)])  # from the paddle's pivot or anchor
@@ -210,7 +211,7 @@ class _Geometry:
         row, k1, k2 = np.nonzero((self.weights[:, :, None] > 0) & (self.weights[None, :k, :] > 0))
         pivot = steps[row] + self.ext_step[k1] / self.cells
         near = _segment_distances(pivot + self.ext_start[k2], pivot + self.ext_end[k2], starts[row], ends[row])
-        return bool((near < self.clearance).any())
+        return bool((near < self.zone).any())
 
     def centre(self, cell):
         """Centre (pixels) of a cell; a tuple (of floats) for a tuple."""
@@ -225,13 +226,6 @@ class _Geometry:
 @functools.cache
 def _geometry(p: Params, margin: int) -> _Geometry:
     return _Geometry(p, margin)
-
-
-def _mask_values(mask, index):
-    """mask[index] for integer indices [..., 2], 0 outside the mask."""
-    inside = np.all((index >= 0) & (index < mask.shape), axis=-1)
-    clipped = np.minimum(np.maximum(index, 0), np.array(mask.shape) - 1)
-    return np.where(inside, mask[clipped[..., 0], clipped[..., 1]], 0).astype(mask.dtype)
 
 
 def _grid_segment_distance(yc, xc, a, b):
@@ -252,15 +246,6 @@ class _Scene:
         self.blocked, self.flat = raster, raster.reshape(-1)
         self.snakes = []
 
-    def stamp(self, paddle, sign: int = 1) -> None:
-        """Adds (sign 1) or removes (sign -1) a paddle's zone."""
-        mask, (r, c) = paddle[3:]
-        h, w = mask.shape
-        if sign > 0:
-            self.blocked[r:r + h, c:c + w] += mask
-        else:
-            self.blocked[r:r + h, c:c + w] -= mask
-
     def arrays(self):
         """(starts [n, 2], ends [n, 2], snake ids [n], contrasts [n]) of every paddle, snake by snake."""
         rows = [(q[0], q[1], s.ident, q[2]) for s in self.snakes for q in s.paddles]
@@ -269,78 +254,39 @@ class _Scene:
 
 
 class _Snake:
-    """A snake being grown (snakes.extend_snake): its paddles and, per paddle, the next pivot cell and the
-    paddle's row of the geometry's predecessor tables.
+    """A finished snake on a scene: its paddles (start, end, contrast), each stamped on the scene's raster.
 
-    Every paddle stays stamped on the scene's raster; a candidate is exempt from its predecessor only, by
-    subtracting the predecessor's row of ``pred_hits`` from what its samples read.
-    """
+    Its first paddle is a seed (a tail cell and an integer degree), each next one an extension angle from the
+    pivot ``margin`` past the previous paddle's end (snakes.extend_snake)."""
 
-    def __init__(self, scene: _Scene, ident: int, tail_cell, degree: int, contrast: float):
-        g = scene.g
-        self.scene, self.ident = scene, ident
-        (r, c) = tail_cell = tuple(int(v) for v in tail_cell)
-        self.tail = (ty, tx) = g.centre(tail_cell)
+    def __init__(self, scene: _Scene, ident: int, tail_cell, degree: int, angles: list, contrasts: list):
+        g, blocked = scene.g, scene.blocked
+        scale, offset = 1.0 / g.cells, (0.5 - g.pad) / g.cells - 0.5  # cell -> centre, as in g.centre
+        r, c = (int(v) for v in tail_cell)
+        y, x = r * scale + offset, c * scale + offset
         (ey, ex), (dr, dc), mask, (mr, mc) = g.seed[degree + 180]
-        self.paddles, self.states = [], []
-        self._push(((ty, tx), (ty + ey, tx + ex), contrast, mask, (r + mr, c + mc)), (r + dr, c + dc),
-                   len(g.angles) + degree + 180)
+        h, w = mask.shape
+        blocked[r + mr:r + mr + h, c + mc:c + mc + w] += mask
+        self.paddles = [((y, x), (y + ey, x + ex), contrasts[0])]
+        r, c = r + dr, c + dc
+        for k, contrast in zip(angles, contrasts[1:], strict=True):
+            (ay, ax), (by, bx), (dr, dc), mask, (mr, mc) = g.ext[k]
+            h, w = mask.shape
+            blocked[r + mr:r + mr + h, c + mc:c + mc + w] += mask
+            y, x = r * scale + offset, c * scale + offset
+            self.paddles.append(((y + ay, x + ax), (y + by, x + bx), contrast))
+            r, c = r + dr, c + dc
+        self.ident, self.tail, self.head = ident, self.paddles[0][0], self.paddles[-1][1]
         scene.snakes.append(self)
-
-    def _push(self, paddle, pivot, row) -> None:
-        self.scene.stamp(paddle)
-        self.paddles.append(paddle)
-        self.states.append((pivot, row))
-
-    @property
-    def head(self) -> tuple:
-        return self.paddles[-1][1]
-
-    def __len__(self) -> int:
-        return len(self.paddles)
-
-    def backtrack(self, count: int) -> None:
-        """Removes the newest ``count`` paddles (at most all but the first)."""
-        for _ in range(min(count, len(self.paddles) - 1)):
-            self.scene.stamp(self.paddles.pop(), -1)
-            self.states.pop()
-
-    def discard(self) -> None:
-        for paddle in self.paddles:
-            self.scene.stamp(paddle, -1)
-        self.scene.snakes.remove(self)
-
-    def extend(self, rng: np.random.Generator, contrast: float):
-        """Adds one paddle drawn among the free candidates, weighted for continuity; False when none is free.
-
-        A generator (``ok = yield from snake.extend(...)``): it yields ("extend", geometry, flat pivot cell,
-        predecessor row, uniform) and is sent the angle drawn, -1 when none is free (``_lockstep``).
-        """
-        g = self.scene.g
-        (r, c), row = self.states[-1]
-        k = yield "extend", g, r * g.size + c, row, rng.random()
-        if k < 0:
-            return False
-        self.place(k, contrast)
-        return True
-
-    def place(self, k: int, contrast: float) -> None:
-        """Adds the paddle at extension angle ``k`` from the newest pivot."""
-        g = self.scene.g
-        (r, c), _ = self.states[-1]
-        (ay, ax), (by, bx), (dr, dc), mask, (mr, mc) = g.ext[k]
-        y, x = g.centre((r, c))
-        self._push(((y + ay, x + ax), (y + by, x + bx), contrast, mask, (r + mr, c + mc)), (r + dr, c + dc), k)
 
 
 def _lockstep(tasks: list, rasters: np.ndarray):
     """Runs example generators side by side, one per raster slot; yields (task index, result) as they finish.
 
-    ``tasks`` are callables raster -> generator. A generator yields requests ("extend", geometry, pivot cell,
-    predecessor row, uniform), ("seeds", geometry, tails, degrees) or ("distractor", geometry, uniforms); each
-    round, the requests of one kind and geometry of all running examples are answered by one batch of numpy
-    operations on their rasters. An example depends only on its own generator (its rng, its raster), never on
-    which others share the batch.
+    ``tasks`` are callables raster -> generator. A generator yields requests (kind, geometry, *arguments): only
+    ("distractor", geometry, uniforms) so far; each round, the requests of one kind and geometry of all running
+    examples are answered by one batch of numpy operations on their rasters (``_ANSWERS``). An example depends
+    only on its own generator (its rng, its raster), never on which others share the batch.
     """
     size2 = rasters.shape[1] * rasters.shape[2]
     flat = rasters.reshape(-1)
@@ -378,22 +324,6 @@ def _lockstep(tasks: list, rasters: np.ndarray):
         finished.clear()
 
 
-def _extend_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, pivots: tuple, rows: tuple,
-                    uniforms: tuple) -> list:
-    """Per request (a target's flat pivot cell, predecessor row, uniform), the extension angle drawn among the free
-    candidates, weighted for continuity; -1 where none is free."""
-    rows = np.array(rows)
-    free = _free_candidates(g, flat, bases + np.array(pivots), rows)
-    return _draw(g.weights[rows] * free, np.array(uniforms)).tolist()
-
-
-def _free_candidates(g: _Geometry, flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """[N, K]: which candidates after pivots at flat ``starts`` cross no blocked cell but their predecessor's
-    (whose rows of the predecessor table are ``rows``)."""
-    hits = flat[g.ext_cells_t + starts[:, None]]  # [S, N, K]
-    return ~(hits != g.pred_hits_t[:, rows]).any(axis=0)
-
-
 def _draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Per row of weights [N, K], the index drawn by inverting the cumulative weights at ``uniforms`` [N]; -1
     where they sum to (almost) zero."""
@@ -403,54 +333,43 @@ def _draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.where(total >= 1e-4, k, -1)
 
 
-def _seed_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, tails: tuple, degrees: tuple) -> list:
-    """Per request, which seed paddles (tail points [N, 2], integer degrees [N]) cross no blocked cell."""
-    ends = np.cumsum([len(d) for d in degrees]).tolist()
-    cells = g.cell(np.concatenate(tails))
-    starts = np.repeat(bases, np.diff(ends, prepend=0)) + cells[:, 0] * g.size + cells[:, 1]
-    free = ~(flat[g.seed_cells_t[:, np.concatenate(degrees) + 180] + starts] != 0).any(axis=0)
-    return [free[a:b] for a, b in zip([0] + ends[:-1], ends, strict=True)]
-
-
 def _distractor_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, draws: tuple) -> list:
     """Per request (a distractor's uniforms [DISTRACTOR_TRIES, 3 * SEED_TRIES + distractor_length - 1]), the
     first of its attempts that grows to full length: (tail cell, degree, extension angles), or None.
 
     Attempt a draws SEED_TRIES seed paddles (tails, degrees) and keeps the first that crosses no blocked cell,
     then extends it one paddle at a time among the free candidates, weighted for continuity. The attempts are
-    not stamped: a candidate also keeps ``clearance`` from its own snake's paddles but the newest (exactly, as a
+    not stamped: a candidate also keeps ``zone`` from its own snake's paddles but the newest (exactly, as a
     segment distance; the newest two where the geometry shows the one before cannot be reached).
     """
     tries, n = SEED_TRIES, g.p.distractor_length
     draws = np.stack(draws)  # [R, A, W]
-    tails = g.low + (g.high - g.low) * draws[:, :, :2 * tries].reshape(len(draws), -1, 2)
-    degrees = (draws[:, :, 2 * tries:3 * tries] * 360).astype(np.int64).reshape(len(draws), -1) - 180
-    cells = g.cell(tails)  # [R, A * T, 2]
-    starts = bases[:, None] + cells[..., 0] * g.size + cells[..., 1]
-    blocked = (flat[g.seed_cells_t[:, degrees + 180] + starts] != 0).any(axis=0)
-    free = ~blocked.reshape(len(draws), DISTRACTOR_TRIES, tries)
+    tails = g.low + (g.high - g.low) * draws[:, :, :2 * tries].reshape(len(draws), DISTRACTOR_TRIES, tries, 2)
+    degrees = (draws[:, :, 2 * tries:3 * tries] * 360).astype(np.int64) - 180
+    # Only the first free seed of an attempt counts: test a few, and the rest where none of those is free.
+    free = np.zeros(degrees.shape, bool)
+    free[:, :, :_FIRST_SEEDS] = _seed_free(g, flat, tails[:, :, :_FIRST_SEEDS], degrees[:, :, :_FIRST_SEEDS],
+                                           bases[:, None, None])
+    request, attempt = np.nonzero(~free.any(axis=2))
+    free[request, attempt, _FIRST_SEEDS:] = _seed_free(g, flat, tails[request, attempt, _FIRST_SEEDS:],
+                                                       degrees[request, attempt, _FIRST_SEEDS:], bases[request, None])
     request, attempt = np.nonzero(free.any(axis=2))  # the attempts with a free seed, request by request
-    seed = attempt * tries + free[request, attempt].argmax(axis=1)
-    cells, orientation = cells[request, seed], degrees[request, seed] + 180
+    seed = free[request, attempt].argmax(axis=1)
+    cells, orientation = g.cell(tails[request, attempt, seed]), degrees[request, attempt, seed] + 180
     pivots, rows = cells + g.seed_step[orientation], len(g.angles) + orientation
     angles = np.zeros((len(request), n), np.int64)
     segments = np.zeros((len(request), n, 2, 2))
     segments[:, 0, 0] = g.centre(cells)
     segments[:, 0, 1] = segments[:, 0, 0] + g.seed_end[orientation]
     behind = 1 if g.reaches_two_back else 2
-    reach = 1.5 * g.p.paddle_length + g.margin + g.clearance  # candidates lie within length + margin of the pivot
+    reach = 1.5 * g.p.paddle_length + g.margin + g.zone  # candidates lie within length + margin of the pivot
     for step in range(1, n):
         hits = flat[g.ext_cells_t + (bases[request] + pivots[:, 0] * g.size + pivots[:, 1])[:, None]]
         free = ~(hits != 0).any(axis=0)  # [N, K]
         centre = g.centre(pivots)
         others = segments[:, :max(step - behind, 0)]  # all paddles but the newest (two)
         if others.shape[1]:
-            offset = centre[:, None] - others.mean(axis=2)
-            close = np.flatnonzero((np.hypot(offset[..., 0], offset[..., 1]) < reach).any(axis=1))
-            at = centre[close, None, None]  # [C, 1, 1, 2]: candidates on axis 2, others on axis 1
-            near = _segment_distances(at + g.ext_start, at + g.ext_end, others[close, :, None, 0],
-                                      others[close, :, None, 1]) < g.clearance
-            free[close] &= ~near.any(axis=1)
+            free &= ~_near_candidates(g, centre, others.mean(axis=2), others, np.arange(len(others)), reach)
         k = _draw(g.weights[rows] * free, draws[request, attempt, 3 * tries + step - 1])
         ok = k >= 0
         request, attempt, cells, orientation, angles, segments = (
@@ -467,34 +386,54 @@ def _distractor_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, draws
 
 def _segment_distances(p0, p1, q0, q1):
     """Distances between segments p0->p1 and q0->q1 (broadcast over the leading axes of [..., 2] points)."""
-    def to_segment(x, a, b):
-        ab = b - a
-        t = np.clip(np.sum((x - a) * ab, -1) / np.maximum(np.sum(ab * ab, -1), 1e-12), 0.0, 1.0)
-        return np.hypot(*np.moveaxis(x - a - t[..., None] * ab, -1, 0))
+    (p0y, p0x), (p1y, p1x), (q0y, q0x), (q1y, q1x) = (np.moveaxis(np.asarray(v, float), -1, 0)
+                                                      for v in (p0, p1, q0, q1))
 
-    def side(o, a, b):
-        return (a[..., 0] - o[..., 0]) * (b[..., 1] - o[..., 1]) - (a[..., 1] - o[..., 1]) * (b[..., 0] - o[..., 0])
+    def to_segment(y, x, ay, ax, by, bx):  # squared
+        dy, dx, ry, rx = by - ay, bx - ax, y - ay, x - ax
+        t = np.clip((ry * dy + rx * dx) / np.maximum(dy * dy + dx * dx, 1e-12), 0.0, 1.0)
+        ry -= t * dy
+        rx -= t * dx
+        return ry * ry + rx * rx
 
-    crossing = (side(p0, p1, q0) * side(p0, p1, q1) < 0) & (side(q0, q1, p0) * side(q0, q1, p1) < 0)
-    ends = np.minimum(np.minimum(to_segment(p0, q0, q1), to_segment(p1, q0, q1)),
-                      np.minimum(to_segment(q0, p0, p1), to_segment(q1, p0, p1)))
-    return np.where(crossing, 0.0, ends)
+    def side(oy, ox, ay, ax, by, bx):
+        return (ay - oy) * (bx - ox) - (ax - ox) * (by - oy)
+
+    crossing = ((side(p0y, p0x, p1y, p1x, q0y, q0x) * side(p0y, p0x, p1y, p1x, q1y, q1x) < 0)
+                & (side(q0y, q0x, q1y, q1x, p0y, p0x) * side(q0y, q0x, q1y, q1x, p1y, p1x) < 0))
+    ends = np.minimum(np.minimum(to_segment(p0y, p0x, q0y, q0x, q1y, q1x), to_segment(p1y, p1x, q0y, q0x, q1y, q1x)),
+                      np.minimum(to_segment(q0y, q0x, p0y, p0x, p1y, p1x), to_segment(q1y, q1x, p0y, p0x, p1y, p1x)))
+    return np.where(crossing, 0.0, np.sqrt(ends))
 
 
-_ANSWERS = {"extend": _extend_answers, "seeds": _seed_answers, "distractor": _distractor_answers}
+def _near_candidates(g: _Geometry, centres: np.ndarray, mids: np.ndarray, segments: np.ndarray, owners: np.ndarray,
+                     reach: float) -> np.ndarray:
+    """[N, K]: which extension candidates from pivots at ``centres`` [N, 2] come within ``zone`` of any of
+    their segments: those of row ``owners[n]`` of ``segments`` [M, J, 2, 2], whose midpoints are ``mids``
+    [N, J, 2] (far away for segments to ignore). Only segments with a midpoint within ``reach`` are measured."""
+    offset = centres[:, None] - mids
+    pair, other = np.nonzero(np.einsum("njc,njc->nj", offset, offset) < reach * reach)
+    near = np.zeros((len(centres), len(g.angles)), bool)
+    if len(pair):
+        at, segment = centres[pair, None], segments[owners[pair], other, None]
+        hit = _segment_distances(at + g.ext_start, at + g.ext_end, segment[..., 0, :], segment[..., 1, :]) < g.zone
+        near.reshape(-1)[np.unique((pair[:, None] * len(g.angles) + np.arange(len(g.angles)))[hit])] = True
+    return near
+
+
+def _border_blocked(g: _Geometry, pivots: np.ndarray) -> np.ndarray:
+    """[N, K]: which extension candidates from pivot cells [N, 2] have a sample in a border cell (the cells of
+    ``g.border``: a sample's cell is outside g.inside on either axis)."""
+    first, last = g.inside
+    return ((pivots[:, None] + g.ext_low < first) | (pivots[:, None] + g.ext_high > last)).any(axis=2)
+
+
+_ANSWERS = {"distractor": _distractor_answers}
 
 
 def _rasters(p: Params, slots: int) -> np.ndarray:
     size = _geometry(p, p.margins[0]).size
     return np.zeros((slots, size, size), np.uint8)  # counts stay far below 255
-
-
-def _seeds(scene: _Scene, tails: np.ndarray, degrees: np.ndarray):
-    """Indices of the free seed paddles among tail points [N, 2] and integer-degree orientations [N].
-
-    A generator (``ok = yield from _seeds(...)``): the test is answered by ``_lockstep``."""
-    free = yield "seeds", scene.g, tails, degrees
-    return np.flatnonzero(free)
 
 
 def _choice(rng: np.random.Generator, values: tuple):
@@ -505,44 +444,156 @@ def _direction(theta):
     return np.stack([np.sin(theta), np.cos(theta)], -1)
 
 
-def _two_targets(rng: np.random.Generator, scene: _Scene, p: Params):
-    """snakes2.two_snakes: two seeds seed_distance apart in the central region, then grown one after the other.
+def _place_targets(p: Params, rngs: list) -> list:
+    """snakes2.two_snakes for many examples at once: per rng, (geometry, [(tail cell, degree, angles)] * 2).
 
-    A generator, as are the functions that call ``extend``."""
-    sd = p.seed_distance
-    mus = list(p.snake_contrasts) * 2
-    rng.shuffle(mus)
-    lo, hi = 2 * sd, p.resolution - 1 - 2 * sd  # the first tail avoids a band of 2 * seed_distance
-    tails = rng.integers(lo, hi + 1, size=(PADDLE_TRIES, 2)).astype(float)
-    degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
-    heads = tails + scene.g.seed_end[degrees + 180]
-    ok = yield from _seeds(scene, tails, degrees)
-    ok = ok[np.all((heads[ok] >= lo) & (heads[ok] <= hi), axis=1)]
-    if not len(ok):
-        raise _Restart
-    snakes = [_Snake(scene, 0, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
-                     _choice(rng, p.paddle_contrasts) * mus[0])]
-    phis = rng.integers(0, 360, size=PADDLE_TRIES) * np.pi / 180
-    tails = np.round(np.asarray(snakes[0].tail) + sd * _direction(phis))
-    degrees = rng.integers(-180, 180, size=PADDLE_TRIES)
-    ok = yield from _seeds(scene, tails, degrees)
-    if not len(ok):
-        raise _Restart
-    snakes.append(_Snake(scene, 1, scene.g.cell(tails[ok[0]]), int(degrees[ok[0]]),
-                         _choice(rng, p.paddle_contrasts) * mus[1]))
-    # Grown in turn as in the original, which restarts the pair on any failure: at 32x32 that succeeds in well
-    # under 1% of tries (two snakes of 14 paddles, 4 px apart, in 30 px); backing a snake up by 1, 2, 3, ...
-    # paddles after failures finds the same kind of snakes fast.
-    failures = [0, 0]
-    while len(snakes[0]) < p.contour_length or len(snakes[1]) < p.contour_length:
-        contrast = _choice(rng, p.paddle_contrasts)
-        for i, snake in enumerate(snakes):
-            if len(snake) < p.contour_length and not (yield from snake.extend(rng, contrast * mus[i])):
-                failures[i] += 1
-                if failures[i] > TARGET_BACKTRACKS:
-                    raise _Restart
-                snake.backtrack(1 + failures[i] // BACKTRACK_EVERY)
-    return snakes
+    Every try of an example draws its margin and joins that geometry's ``_Targets``; a failed try starts again,
+    at most EXAMPLE_RESTARTS times. An example's result depends only on its own rng."""
+    results, tries, growers = [None] * len(rngs), [0] * len(rngs), {}
+
+    def start(job):
+        tries[job] += 1
+        if tries[job] > EXAMPLE_RESTARTS:
+            raise ValueError(f"Could not place two target snakes in {EXAMPLE_RESTARTS} tries at resolution "
+                             f"{p.resolution} with contour_length {p.contour_length}; the parameters are infeasible.")
+        g = _geometry(p, _choice(rngs[job], p.margins))
+        if g not in growers:
+            growers[g] = _Targets(g, min(len(rngs), TARGET_LANES))
+        growers[g].queue.append(job)
+
+    for job in range(len(rngs)):
+        start(job)
+    while any(grower.busy for grower in growers.values()):
+        for grower in list(growers.values()):
+            grower.admit(rngs, start)
+            for job, targets in grower.step(rngs, start):
+                results[job] = (grower.g, targets)
+    return results
+
+
+class _Targets:
+    """Tries of two target snakes, one per lane, grown side by side: seeds ``seed_distance`` apart in the central
+    region, then paddle by paddle, the targets in turn.
+
+    On a fresh scene the targets meet only the border and each other, so they are grown unstamped: a candidate
+    is free when its samples cross no border cell and its centre line stays ``zone`` from every paddle of
+    both targets but its predecessor (exact segment distances, for the paddles within reach). A stuck target
+    backs up 1, 2, 3, ... paddles; after TARGET_BACKTRACKS failures the try fails. Uniforms come from each
+    example's rng in blocks, so that an example draws the same numbers whichever lanes it shares the rounds with.
+    """
+
+    def __init__(self, g: _Geometry, lanes: int):
+        length = g.p.contour_length
+        self.g, self.queue, self.border = g, [], g.border.reshape(-1)
+        self.job = np.full(lanes, -1)
+        self.segments = np.full((lanes, 2, length, 2, 2), _FAR)  # [lane, target, paddle, start/end, yx]
+        self.mids = np.full((lanes, 2, length, 2), _FAR)  # their midpoints (far where there is no paddle)
+        self.pivots = np.zeros((lanes, 2, length, 2), np.int64)  # the next pivot cell after each paddle
+        self.rows = np.zeros((lanes, 2, length), np.int64)  # each paddle's row of the continuity weights
+        self.seeds = np.zeros((lanes, 2, 3), np.int64)  # tail cell and degree
+        self.size, self.failures = np.ones((lanes, 2), np.int64), np.zeros((lanes, 2), np.int64)
+        self.uniforms, self.used = np.zeros((lanes, _BLOCK)), np.full(lanes, _BLOCK)
+        # Candidates lie within length + margin of the pivot; with turns under 90 degrees the paddle two back
+        # is out of reach (reaches_two_back), so only paddles three or more back and the other target count.
+        self.reach = 1.5 * g.p.paddle_length + g.margin + g.zone  # to a paddle's midpoint
+        self.exempt = 1 if g.reaches_two_back else 2
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or bool((self.job >= 0).any())
+
+    def admit(self, rngs: list, retry) -> None:
+        """Seeds queued tries into free lanes (snakes2.two_snakes' seeds); a try whose seeds fail is retried."""
+        g, p, tries = self.g, self.g.p, PADDLE_TRIES
+        while self.queue and (self.job < 0).any():
+            lanes = np.flatnonzero(self.job < 0)[:len(self.queue)]
+            jobs, self.queue = self.queue[:len(lanes)], self.queue[len(lanes):]
+            draws = np.stack([rngs[job].random(5 * tries) for job in jobs])
+            sd, count = p.seed_distance, len(jobs)
+            lo, hi = 2 * sd, p.resolution - 1 - 2 * sd  # the first tail avoids a band of 2 * seed_distance
+            tails = lo + np.floor(draws[:, :2 * tries] * (hi - lo + 1)).reshape(count, tries, 2)
+            degrees = np.floor(draws[:, 2 * tries:3 * tries] * 360).astype(np.int64) - 180
+            heads = tails + g.seed_end[degrees + 180]
+            ok = _seed_free(g, self.border, tails, degrees) & np.all((heads >= lo) & (heads <= hi), axis=2)
+            pick = (np.arange(count), ok.argmax(axis=1))
+            first = (g.cell(tails[pick]), degrees[pick])
+            alive = ok.any(axis=1)
+            start = g.centre(first[0])
+            end = start + g.seed_end[first[1] + 180]
+            phis = np.floor(draws[:, 3 * tries:4 * tries] * 360) * np.pi / 180
+            tails = np.round(start[:, None] + sd * _direction(phis))
+            degrees = np.floor(draws[:, 4 * tries:5 * tries] * 360).astype(np.int64) - 180
+            second_start = g.centre(g.cell(tails))
+            ok = _seed_free(g, self.border, tails, degrees) & (_segment_distances(
+                second_start, second_start + g.seed_end[degrees + 180], start[:, None], end[:, None]) >= g.zone)
+            pick = (np.arange(count), ok.argmax(axis=1))
+            second = (g.cell(tails[pick]), degrees[pick])
+            alive &= ok.any(axis=1)
+            self.mids[lanes] = _FAR
+            for i, (cell, degree) in enumerate((first, second)):
+                self.seeds[lanes, i, :2], self.seeds[lanes, i, 2] = cell, degree
+                self.segments[lanes, i, 0, 0] = g.centre(cell)
+                self.segments[lanes, i, 0, 1] = self.segments[lanes, i, 0, 0] + g.seed_end[degree + 180]
+                self.mids[lanes, i, 0] = self.segments[lanes, i, 0].mean(axis=1)
+                self.pivots[lanes, i, 0] = cell + g.seed_step[degree + 180]
+                self.rows[lanes, i, 0] = len(g.angles) + degree + 180
+            self.size[lanes], self.failures[lanes], self.used[lanes] = 1, 0, _BLOCK
+            self.job[lanes[alive]] = np.array(jobs)[alive]
+            for job in np.array(jobs)[~alive].tolist():
+                retry(job)
+
+    def step(self, rngs: list, retry) -> list:
+        """One round: each growing target of every lane adds a paddle or backs up. Returns the finished tries,
+        [(job, [(tail cell, degree, angles)] * 2)], and retries the failed ones."""
+        g, length = self.g, self.g.p.contour_length
+        for i in (0, 1):
+            refill = np.flatnonzero((self.job >= 0) & (self.used == _BLOCK))
+            for lane in refill.tolist():
+                self.uniforms[lane] = rngs[self.job[lane]].random(_BLOCK)
+            self.used[refill] = 0
+            b = np.flatnonzero((self.job >= 0) & (self.size[:, i] < length))
+            if not len(b):
+                continue
+            n = self.size[b, i]
+            pivot, previous = self.pivots[b, i, n - 1], self.rows[b, i, n - 1]
+            mids = self.mids[b].reshape(len(b), 2 * length, 2)
+            for back in range(1, self.exempt + 1):
+                mids[np.arange(len(b)), i * length + np.maximum(n - back, 0)] = _FAR
+            centre = g.centre(pivot)
+            free = ~_border_blocked(g, pivot) & ~_near_candidates(
+                g, centre, mids, self.segments.reshape(len(self.job), 2 * length, 2, 2), b, self.reach)
+            k = _draw(g.weights[previous] * free, self.uniforms[b, self.used[b]])
+            self.used[b] += 1
+            grown = k >= 0
+            bg, kg, ng, cg = b[grown], k[grown], n[grown], centre[grown]
+            self.segments[bg, i, ng, 0], self.segments[bg, i, ng, 1] = cg + g.ext_start[kg], cg + g.ext_end[kg]
+            self.mids[bg, i, ng] = cg + g.ext_mid[kg]
+            self.pivots[bg, i, ng], self.rows[bg, i, ng] = pivot[grown] + g.ext_step[kg], kg
+            self.size[bg, i] += 1
+            stuck = b[~grown]
+            self.failures[stuck, i] += 1
+            failed = stuck[self.failures[stuck, i] > TARGET_BACKTRACKS]
+            for job in self.job[failed].tolist():
+                retry(job)
+            self.job[failed] = -1
+            stuck = stuck[self.failures[stuck, i] <= TARGET_BACKTRACKS]
+            self.size[stuck, i] = np.maximum(self.size[stuck, i] - 1 - self.failures[stuck, i] // BACKTRACK_EVERY, 1)
+            removed = np.arange(length) >= self.size[stuck, i, None]
+            self.mids[stuck, i] = np.where(removed[..., None], _FAR, self.mids[stuck, i])
+        done = np.flatnonzero((self.job >= 0) & (self.size == length).all(axis=1))
+        finished = [(int(self.job[lane]), [(tuple(self.seeds[lane, i, :2].tolist()), int(self.seeds[lane, i, 2]),
+                                            self.rows[lane, i, 1:].tolist()) for i in (0, 1)])
+                    for lane in done.tolist()]
+        self.job[done] = -1
+        return finished
+
+
+def _seed_free(g: _Geometry, flat: np.ndarray, tails: np.ndarray, degrees: np.ndarray, bases=0) -> np.ndarray:
+    """Which seed paddles (tail points [..., 2], integer degrees [...]) cross no blocked cell of rasters (flat,
+    each starting at ``bases``, broadcast)."""
+    cells = g.cell(tails)
+    starts = bases + cells[..., 0] * g.size + cells[..., 1]
+    return ~(flat[g.seed_cells_t[:, degrees + 180] + starts] != 0).any(axis=0)
 
 
 def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int):
@@ -558,26 +609,23 @@ def _distractor(rng: np.random.Generator, scene: _Scene, p: Params, ident: int):
         return False
     cell, degree, angles = found
     # Distractors take the snake contrast alone, not times the paddle contrast (as in snakes.make_many_snakes).
-    snake = _Snake(scene, ident, cell, degree, _choice(rng, p.snake_contrasts))
-    for k in angles:
-        snake.place(k, _choice(rng, p.snake_contrasts))
+    _Snake(scene, ident, cell, degree, angles, [_choice(rng, p.snake_contrasts) for _ in range(len(angles) + 1)])
     return True
 
 
-def make_scene(p: Params, rng: np.random.Generator, raster: np.ndarray):
-    """Places the two targets and the distractors on ``raster``: (scene, [target0, target1]); restarts are
-    bounded. A generator (see ``_lockstep``)."""
-    for _ in range(EXAMPLE_RESTARTS):
-        scene = _Scene(_geometry(p, _choice(rng, p.margins)), raster)
-        try:
-            targets = yield from _two_targets(rng, scene, p)
-        except _Restart:
-            continue
-        for ident in range(2, 2 + p.num_distractors):
-            yield from _distractor(rng, scene, p, ident)
-        return scene, targets
-    raise ValueError(f"Could not place two target snakes in {EXAMPLE_RESTARTS} tries at resolution "
-                     f"{p.resolution} with contour_length {p.contour_length}; the parameters are infeasible.")
+def make_scene(p: Params, rng: np.random.Generator, raster: np.ndarray, targets=None):
+    """Places the two targets (``_place_targets``, or given) and the distractors on ``raster``: (scene, [target0,
+    target1]). A generator (see ``_lockstep``)."""
+    g, placed = targets or _place_targets(p, [rng])[0]
+    scene = _Scene(g, raster)
+    mus = list(p.snake_contrasts) * 2
+    rng.shuffle(mus)
+    snakes = [_Snake(scene, ident, cell, degree, angles,
+                     [_choice(rng, p.paddle_contrasts) * mus[ident] for _ in range(len(angles) + 1)])
+              for ident, (cell, degree, angles) in enumerate(placed)]
+    for ident in range(2, 2 + p.num_distractors):
+        yield from _distractor(rng, scene, p, ident)
+    return scene, snakes
 
 
 def make_example(p: Params, rng: np.random.Generator, label: int | None = None, *, debug: bool = False):
@@ -586,18 +634,19 @@ def make_example(p: Params, rng: np.random.Generator, label: int | None = None, 
     Label 1: the markers sit on both tips of the same target snake; label 0: on a tip of each target.
     ``label`` None draws it from ``rng``.
     """
-    [(_, info)] = _lockstep([functools.partial(_example, p, rng, label)], _rasters(p, 1))
+    if label is None:
+        label = int(rng.integers(2))
+    [targets] = _place_targets(p, [rng])
+    [(_, info)] = _lockstep([functools.partial(_example, p, rng, label, targets)], _rasters(p, 1))
     images, canvases = _images(p, [info])
     if not debug:
         return images[0], info["label"]
     return images[0], info["label"], dict(info, antialias=canvases[0])
 
 
-def _example(p: Params, rng: np.random.Generator, label: int | None, raster: np.ndarray):
+def _example(p: Params, rng: np.random.Generator, label: int, targets, raster: np.ndarray):
     """The geometry of one example (a dict; ``_images`` draws it). A generator (see ``_lockstep``)."""
-    if label is None:
-        label = int(rng.integers(2))
-    scene, targets = yield from make_scene(p, rng, raster)
+    scene, targets = yield from make_scene(p, rng, raster, targets)
     origin = int(rng.integers(2))
     terminal = origin if label else 1 - origin
     starts, ends, snake, contrast = scene.arrays()
@@ -730,16 +779,20 @@ def generate_range(start: int, stop: int, resolution: int = 32, contour_length: 
     """Examples start..stop-1 of the stream: (uint8 [n, H, W], int32 [n]); each depends on (seed, index) only."""
     p = params_for(resolution, contour_length)
     labels = np.array([label_of(seed, index) for index in range(start, stop)], np.int32)
-    tasks = [functools.partial(_example, p, _example_stream(seed, index), int(label))
-             for index, label in zip(range(start, stop), labels, strict=True)]
+    rngs = [_example_stream(seed, index) for index in range(start, stop)]
     images = np.zeros((stop - start, resolution, resolution), np.uint8)
-    done, remaining = {}, len(tasks)
-    for row, info in _lockstep(tasks, _rasters(p, min(SLOTS, max(stop - start, 1)))):
-        done[row] = info
-        if len(done) == min(RENDER_BATCH, remaining):
-            rows = list(done)
-            images[rows] = _images(p, [done.pop(r) for r in rows])[0]
-            remaining -= len(rows)
+    for first in range(0, len(rngs), TARGET_BATCH):
+        rows = range(first, min(first + TARGET_BATCH, len(rngs)))
+        targets = _place_targets(p, [rngs[row] for row in rows])
+        tasks = [functools.partial(_example, p, rngs[row], int(labels[row]), placed)
+                 for row, placed in zip(rows, targets, strict=True)]
+        done, remaining = {}, len(tasks)
+        for row, info in _lockstep(tasks, _rasters(p, min(SLOTS, len(tasks)))):
+            done[first + row] = info
+            if len(done) == min(RENDER_BATCH, remaining):
+                drawn = list(done)
+                images[drawn] = _images(p, [done.pop(r) for r in drawn])[0]
+                remaining -= len(drawn)
     return images, labels
 
 
