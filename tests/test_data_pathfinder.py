@@ -276,6 +276,13 @@ def test_segment_distances_match_brute_force():
     want = np.array([_dense_distance(*x) for x in zip(p0, p1, q0, q1, strict=True)])
     np.testing.assert_allclose(got, want, atol=0.02)
     assert np.all(got <= want + 1e-9)  # the exact distance never exceeds a sampled one
+    # Segments shorter than twice the distance: the ends decide, crossing ones included.
+    p0, p1, q0, q1 = rng.uniform(-3, 3, size=(4, 2000, 2))
+    p1, q1 = p0 + (p1 - p0) * 0.3, q0 + (q1 - q0) * 0.3  # at most ~2.5 long
+    distance = 1.3
+    closer = pathfinder_gen._closer_than(p0, p1, q0, q1, distance)
+    np.testing.assert_array_equal(closer, pathfinder_gen._segment_distances(p0, p1, q0, q1) < distance)
+    assert 0 < closer.sum() < len(closer)
 
 
 @pytest.mark.parametrize("resolution", [32, 128])

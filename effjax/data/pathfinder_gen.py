@@ -61,6 +61,7 @@ TARGET_LANES = 512  # target tries grown side by side (numpy ops over all of the
 _BLOCK = 16  # uniforms drawn ahead from an example's rng while its targets grow
 _FAR = 1e6  # coordinate of a segment that is not there
 _FIRST_SEEDS = 4  # a distractor attempt's seeds tested before the rest
+_CANVAS_BYTES = 1 << 20  # antialiased canvases drawn together (float64)
 RENDER_BATCH = 64  # finished examples drawn together
 
 # Builder docstrings of LRA data/pathfinder.py; fields they leave unset are snakes2_wrapper.py's defaults
@@ -136,6 +137,8 @@ class _Geometry:
         # any others exceeds that by thickness / 2, so a flood fill that bridges 2 * margin separates snakes.
         self.clearance = self._clearance(margin)
         self.zone = self.clearance + 1.25 / self.cells
+        if p.paddle_length >= 2 * self.zone:  # _closer_than decides by the segments' ends
+            raise ValueError(f"Pathfinder paddle_length {p.paddle_length} must be under 2 * {self.zone}; shorten it.")
         inset = p.padding - 0.5 + margin + p.paddle_thickness / 2  # the original masks `padding` border rows
         self.low, self.high = inset, p.resolution - 1 - inset
         # No clipping needed; one pad for all margins, so that the examples of a batch share one raster shape.
@@ -389,21 +392,38 @@ def _segment_distances(p0, p1, q0, q1):
     (p0y, p0x), (p1y, p1x), (q0y, q0x), (q1y, q1x) = (np.moveaxis(np.asarray(v, float), -1, 0)
                                                       for v in (p0, p1, q0, q1))
 
-    def to_segment(y, x, ay, ax, by, bx):  # squared
-        dy, dx, ry, rx = by - ay, bx - ax, y - ay, x - ax
-        t = np.clip((ry * dy + rx * dx) / np.maximum(dy * dy + dx * dx, 1e-12), 0.0, 1.0)
-        ry -= t * dy
-        rx -= t * dx
-        return ry * ry + rx * rx
-
     def side(oy, ox, ay, ax, by, bx):
         return (ay - oy) * (bx - ox) - (ax - ox) * (by - oy)
 
     crossing = ((side(p0y, p0x, p1y, p1x, q0y, q0x) * side(p0y, p0x, p1y, p1x, q1y, q1x) < 0)
                 & (side(q0y, q0x, q1y, q1x, p0y, p0x) * side(q0y, q0x, q1y, q1x, p1y, p1x) < 0))
-    ends = np.minimum(np.minimum(to_segment(p0y, p0x, q0y, q0x, q1y, q1x), to_segment(p1y, p1x, q0y, q0x, q1y, q1x)),
-                      np.minimum(to_segment(q0y, q0x, p0y, p0x, p1y, p1x), to_segment(q1y, q1x, p0y, p0x, p1y, p1x)))
+    ends = functools.reduce(np.minimum, [_to_segment_squared(y, x, ay, ax, by, bx) for (y, x), (ay, ax, by, bx) in (
+        ((p0y, p0x), (q0y, q0x, q1y, q1x)), ((p1y, p1x), (q0y, q0x, q1y, q1x)),
+        ((q0y, q0x), (p0y, p0x, p1y, p1x)), ((q1y, q1x), (p0y, p0x, p1y, p1x)))])
     return np.where(crossing, 0.0, np.sqrt(ends))
+
+
+def _closer_than(p0, p1, q0, q1, distance: float) -> np.ndarray:
+    """Whether segments p0->p1 and q0->q1 ([..., 2], broadcast) come closer than ``distance``, for segments
+    shorter than 2 * distance: then crossing ones have an end within distance of the other segment, so the
+    ends decide."""
+    (p0y, p0x), (p1y, p1x), (q0y, q0x), (q1y, q1x) = (np.moveaxis(np.asarray(v, float), -1, 0)
+                                                      for v in (p0, p1, q0, q1))
+    squared = distance * distance
+    close = _to_segment_squared(p0y, p0x, q0y, q0x, q1y, q1x) < squared
+    close |= _to_segment_squared(p1y, p1x, q0y, q0x, q1y, q1x) < squared
+    close |= _to_segment_squared(q0y, q0x, p0y, p0x, p1y, p1x) < squared
+    close |= _to_segment_squared(q1y, q1x, p0y, p0x, p1y, p1x) < squared
+    return close
+
+
+def _to_segment_squared(y, x, ay, ax, by, bx):
+    """Squared distance from points (y, x) to segments a->b (components broadcast)."""
+    dy, dx, ry, rx = by - ay, bx - ax, y - ay, x - ax
+    t = np.clip((ry * dy + rx * dx) / np.maximum(dy * dy + dx * dx, 1e-12), 0.0, 1.0)
+    ry = ry - t * dy
+    rx = rx - t * dx
+    return ry * ry + rx * rx
 
 
 def _near_candidates(g: _Geometry, centres: np.ndarray, mids: np.ndarray, segments: np.ndarray, owners: np.ndarray,
@@ -416,7 +436,7 @@ def _near_candidates(g: _Geometry, centres: np.ndarray, mids: np.ndarray, segmen
     near = np.zeros((len(centres), len(g.angles)), bool)
     if len(pair):
         at, segment = centres[pair, None], segments[owners[pair], other, None]
-        hit = _segment_distances(at + g.ext_start, at + g.ext_end, segment[..., 0, :], segment[..., 1, :]) < g.zone
+        hit = _closer_than(at + g.ext_start, at + g.ext_end, segment[..., 0, :], segment[..., 1, :], g.zone)
         near.reshape(-1)[np.unique((pair[:, None] * len(g.angles) + np.arange(len(g.angles)))[hit])] = True
     return near
 
@@ -505,7 +525,8 @@ class _Targets:
     def admit(self, rngs: list, retry) -> None:
         """Seeds queued tries into free lanes (snakes2.two_snakes' seeds); a try whose seeds fail is retried."""
         g, p, tries = self.g, self.g.p, PADDLE_TRIES
-        while self.queue and (self.job < 0).any():
+        # In bulk: a handful of lanes costs as many numpy calls as all of them.
+        while self.queue and (self.job < 0).sum() >= min(len(self.queue), len(self.job) // 8):
             lanes = np.flatnonzero(self.job < 0)[:len(self.queue)]
             jobs, self.queue = self.queue[:len(lanes)], self.queue[len(lanes):]
             draws = np.stack([rngs[job].random(5 * tries) for job in jobs])
@@ -656,14 +677,21 @@ def _example(p: Params, rng: np.random.Generator, label: int, targets, raster: n
                 margin=scene.g.margin, clearance=scene.g.clearance)
 
 
-def _images(p: Params, infos: list) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [B, H, W], antialiased canvases [B, h, w]) of examples' geometry, all drawn at once: each
-    is scaled so that its brightest pixel is 255 (as ``scipy.misc.imsave`` did)."""
-    canvases = _render_batch([(i["starts"], i["ends"], i["contrast"], i["markers"]) for i in infos], p,
-                             p.antialias_scale)
-    images = downsample(canvases, p.antialias_scale)
-    peak = np.maximum(images.max(axis=(1, 2), keepdims=True), 1e-6)
-    return np.round(images * (255.0 / peak)).astype(np.uint8), canvases
+def _images(p: Params, infos: list) -> tuple[np.ndarray, list]:
+    """(uint8 images [B, H, W], antialiased canvases [h, w]) of examples' geometry: each is scaled so that its
+    brightest pixel is 255 (as ``scipy.misc.imsave`` did). They are drawn a few at a time, as many as fit in a
+    cache-sized canvas (larger batches run slower at 128 px)."""
+    scale, size = p.antialias_scale, p.resolution * p.antialias_scale
+    step = max(1, _CANVAS_BYTES // (size * size * 8))
+    images, canvases = [], []
+    for first in range(0, len(infos), step):
+        chunk = infos[first:first + step]
+        canvas = _render_batch([(i["starts"], i["ends"], i["contrast"], i["markers"]) for i in chunk], p, scale)
+        image = downsample(canvas, scale)
+        peak = np.maximum(image.max(axis=(1, 2), keepdims=True), 1e-6)
+        images.append(np.round(image * (255.0 / peak)).astype(np.uint8))
+        canvases.extend(canvas)
+    return np.concatenate(images), canvases
 
 
 def render(starts, ends, contrast, markers, p: Params, scale: int) -> np.ndarray:
