@@ -225,10 +225,11 @@ def test_target_candidates_equal_the_border_raster_and_all_distances(resolution)
                                                           others[None, :, 0], others[None, :, 1])
                         < g.zone).any(axis=1)
                 checked = np.concatenate([chains[i][0][:max(n - 2, 0)], chains[1 - i][0]])
-                got = pathfinder_gen._near_candidates(g, centre[None], checked.mean(axis=1)[None], checked[None],
-                                                      np.zeros(1, np.int64), reach)[0]
-                # Candidates that turn 90 degrees or more weigh 0 and are never drawn: there the paddle two back
-                # may be near, which the engine does not measure.
+                got = pathfinder_gen._near_candidates(g, centre[None], np.array([rows[i][n - 1]]),
+                                                      checked.mean(axis=1)[None], checked[None], np.zeros(1, np.int64),
+                                                      reach)[0]
+                # Candidates that turn 90 degrees or more weigh 0 and are never drawn, so the engine does not
+                # measure them (the paddle two back may be near those).
                 drawable = g.weights[rows[i][n - 1]] > 0
                 np.testing.assert_array_equal(got[drawable], near[drawable])
                 blocked += near[drawable].sum() + border.sum()

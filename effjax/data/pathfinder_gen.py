@@ -159,6 +159,10 @@ class _Geometry:
         self.seed_cells = self._flat(self._path(np.zeros_like(self.seed_end), self.seed_end))
         self.seed_zones = [self._zone(np.zeros(2), end) for end in self.seed_end]
         self.weights = self._continuity(np.concatenate([self.angles, degrees]))
+        # Per row, the candidates of positive weight (repeating the last to a common width).
+        drawable = [np.flatnonzero(row > 0) for row in self.weights]
+        width = max(len(d) for d in drawable)
+        self.drawable = np.stack([np.pad(d, (0, width - len(d)), mode="edge") for d in drawable])
         # Samples first, so that the "any sample blocked" reductions run over the outer axis (much faster).
         self.ext_cells_t, self.seed_cells_t = self._flat(ext_path).T[:, None, :], self.seed_cells.T
         centres = self.centre(np.arange(self.size))
@@ -372,7 +376,7 @@ def _distractor_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, draws
         centre = g.centre(pivots)
         others = segments[:, :max(step - behind, 0)]  # all paddles but the newest (two)
         if others.shape[1]:
-            free &= ~_near_candidates(g, centre, others.mean(axis=2), others, np.arange(len(others)), reach)
+            free &= ~_near_candidates(g, centre, rows, others.mean(axis=2), others, np.arange(len(others)), reach)
         k = _draw(g.weights[rows] * free, draws[request, attempt, 3 * tries + step - 1])
         ok = k >= 0
         request, attempt, cells, orientation, angles, segments = (
@@ -426,18 +430,22 @@ def _to_segment_squared(y, x, ay, ax, by, bx):
     return ry * ry + rx * rx
 
 
-def _near_candidates(g: _Geometry, centres: np.ndarray, mids: np.ndarray, segments: np.ndarray, owners: np.ndarray,
-                     reach: float) -> np.ndarray:
-    """[N, K]: which extension candidates from pivots at ``centres`` [N, 2] come within ``zone`` of any of
-    their segments: those of row ``owners[n]`` of ``segments`` [M, J, 2, 2], whose midpoints are ``mids``
-    [N, J, 2] (far away for segments to ignore). Only segments with a midpoint within ``reach`` are measured."""
+def _near_candidates(g: _Geometry, centres: np.ndarray, rows: np.ndarray, mids: np.ndarray, segments: np.ndarray,
+                     owners: np.ndarray, reach: float) -> np.ndarray:
+    """[N, K]: which extension candidates from pivots at ``centres`` [N, 2] (after paddles of continuity rows
+    ``rows`` [N]) come within ``zone`` of any of their segments: those of row ``owners[n]`` of ``segments``
+    [M, J, 2, 2], whose midpoints are ``mids`` [N, J, 2] (far away for segments to ignore).
+
+    Only segments with a midpoint within ``reach`` are measured, and only candidates of positive weight (the
+    others are never drawn; their entries stay False)."""
     offset = centres[:, None] - mids
     pair, other = np.nonzero(np.einsum("njc,njc->nj", offset, offset) < reach * reach)
     near = np.zeros((len(centres), len(g.angles)), bool)
     if len(pair):
+        k = g.drawable[rows[pair]]  # [P, W]
         at, segment = centres[pair, None], segments[owners[pair], other, None]
-        hit = _closer_than(at + g.ext_start, at + g.ext_end, segment[..., 0, :], segment[..., 1, :], g.zone)
-        near.reshape(-1)[np.unique((pair[:, None] * len(g.angles) + np.arange(len(g.angles)))[hit])] = True
+        hit = _closer_than(at + g.ext_start[k], at + g.ext_end[k], segment[..., 0, :], segment[..., 1, :], g.zone)
+        near.reshape(-1)[(pair[:, None] * len(g.angles) + k)[hit]] = True
     return near
 
 
@@ -582,7 +590,7 @@ class _Targets:
                 mids[np.arange(len(b)), i * length + np.maximum(n - back, 0)] = _FAR
             centre = g.centre(pivot)
             free = ~_border_blocked(g, pivot) & ~_near_candidates(
-                g, centre, mids, self.segments.reshape(len(self.job), 2 * length, 2, 2), b, self.reach)
+                g, centre, previous, mids, self.segments.reshape(len(self.job), 2 * length, 2, 2), b, self.reach)
             k = _draw(g.weights[previous] * free, self.uniforms[b, self.used[b]])
             self.used[b] += 1
             grown = k >= 0
