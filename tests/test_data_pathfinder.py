@@ -14,11 +14,8 @@ P32 = pathfinder_gen.params_for(32, 14)
 
 
 def _examples(p, count, seed=0):
-    out = []
-    for index in range(count):
-        rng = pathfinder_gen.example_rng(seed, index)
-        out.append(pathfinder_gen.make_example(p, rng, pathfinder_gen.label_of(seed, index), debug=True))
-    return out
+    rngs = [pathfinder_gen.example_rng(seed, index) for index in range(count)]
+    return pathfinder_gen.make_examples(p, rngs, [pathfinder_gen.label_of(seed, i) for i in range(count)], debug=True)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ TARGET_BATCH = 2048  # examples whose targets are placed in one go
 TARGET_LANES = 512  # target tries grown side by side (numpy ops over all of them)
 _BLOCK = 16  # uniforms drawn ahead from an example's rng while its targets grow
 _FAR = 1e6  # coordinate of a segment that is not there
-_FIRST_SEEDS = 4  # a distractor attempt's seeds tested before the rest
+_FIRST_SEEDS = 8  # a distractor attempt's seeds tested before the rest
 _CANVAS_BYTES = 1 << 20  # antialiased canvases drawn together (float64)
 RENDER_BATCH = 64  # finished examples drawn together
 
@@ -371,8 +371,10 @@ def _distractor_answers(g: _Geometry, flat: np.ndarray, bases: np.ndarray, draws
     behind = 1 if g.reaches_two_back else 2
     reach = 1.5 * g.p.paddle_length + g.margin + g.zone  # candidates lie within length + margin of the pivot
     for step in range(1, n):
-        hits = flat[g.ext_cells_t + (bases[request] + pivots[:, 0] * g.size + pivots[:, 1])[:, None]]
-        free = ~(hits != 0).any(axis=0)  # [N, K]
+        drawable = g.drawable[rows]  # [N, W]: only candidates of positive weight are read
+        hits = flat[g.ext_cells_t[:, 0, drawable] + (bases[request] + pivots[:, 0] * g.size + pivots[:, 1])[:, None]]
+        free = np.zeros((len(rows), len(g.angles)), bool)
+        free[np.arange(len(rows))[:, None], drawable] = ~(hits != 0).any(axis=0)
         centre = g.centre(pivots)
         others = segments[:, :max(step - behind, 0)]  # all paddles but the newest (two)
         if others.shape[1]:
@@ -663,14 +665,21 @@ def make_example(p: Params, rng: np.random.Generator, label: int | None = None, 
     Label 1: the markers sit on both tips of the same target snake; label 0: on a tip of each target.
     ``label`` None draws it from ``rng``.
     """
-    if label is None:
-        label = int(rng.integers(2))
-    [targets] = _place_targets(p, [rng])
-    [(_, info)] = _lockstep([functools.partial(_example, p, rng, label, targets)], _rasters(p, 1))
-    images, canvases = _images(p, [info])
+    return make_examples(p, [rng], [label], debug=debug)[0]
+
+
+def make_examples(p: Params, rngs: list, labels: list, *, debug: bool = False) -> list:
+    """``make_example`` for several rngs and labels, generated together (each comes out as it would alone)."""
+    labels = [int(rng.integers(2)) if label is None else int(label) for rng, label in zip(rngs, labels, strict=True)]
+    targets = _place_targets(p, rngs)
+    tasks = [functools.partial(_example, p, *args) for args in zip(rngs, labels, targets, strict=True)]
+    infos = dict(_lockstep(tasks, _rasters(p, min(SLOTS, max(len(tasks), 1)))))
+    infos = [infos[i] for i in range(len(tasks))]
+    images, canvases = _images(p, infos) if infos else ([], [])
     if not debug:
-        return images[0], info["label"]
-    return images[0], info["label"], dict(info, antialias=canvases[0])
+        return [(image, info["label"]) for image, info in zip(images, infos, strict=True)]
+    return [(image, info["label"], dict(info, antialias=canvas))
+            for image, info, canvas in zip(images, infos, canvases, strict=True)]
 
 
 def _example(p: Params, rng: np.random.Generator, label: int, targets, raster: np.ndarray):
