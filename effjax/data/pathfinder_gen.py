@@ -21,8 +21,8 @@ Differences from the original, in the geometry's exactness and in bounding every
   succeeded in under 1% of tries); an example restarts after TARGET_BACKTRACKS failures, at most
   EXAMPLE_RESTARTS times (the original retried forever).
 - The targets, which on a fresh scene meet only the border and each other, are grown without the raster: a
-  candidate keeps its centre line an exact segment distance of ``zone`` (what the raster test leaves at least)
-  from every paddle of both targets but its predecessor. Distractors are tested on the raster with the
+  candidate keeps its centre line an exact segment distance of ``zone`` (a little more than the raster test
+  guarantees) from every paddle of both targets but its predecessor. Distractors are tested on the raster with the
   targets and earlier distractors stamped; a distractor's DISTRACTOR_TRIES attempts grow side by side,
   unstamped (keeping ``zone`` from their own earlier paddles the same way), and the first that succeeds is kept:
   given the scene, the distribution of trying them in turn.
