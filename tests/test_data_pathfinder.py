@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage  # a dependency of jax
 
 import effjax.data as data
-from effjax.data import pathfinder, pathfinder_gen
+from effjax.data import pathfinder, pathfinder_gen, pathfinder_snakes
 
 P32 = pathfinder_gen.params_for(32, 14)
 
@@ -181,8 +181,8 @@ def test_default_params_are_lra_sizes():
 def _scene(p, seed):
     """A finished scene on its own raster (every paddle stamped)."""
     rng = pathfinder_gen.example_rng(seed, 0)
-    tasks = [lambda raster: pathfinder_gen.make_scene(p, rng, raster)]
-    [(_, (scene, _))] = pathfinder_gen._lockstep(tasks, pathfinder_gen._rasters(p, 1))
+    tasks = [lambda raster: pathfinder_snakes.make_scene(p, rng, raster)]
+    [(_, (scene, _))] = pathfinder_snakes.lockstep(tasks, pathfinder_snakes.rasters(p, 1))
     return scene
 
 
@@ -208,23 +208,23 @@ def test_target_candidates_equal_the_border_raster_and_all_distances(resolution)
     p = pathfinder_gen.params_for(resolution, 14)
     rngs = [pathfinder_gen.example_rng(9, i) for i in range(4 if resolution == 32 else 2)]
     blocked = 0
-    for g, targets in pathfinder_gen._place_targets(p, rngs):
-        chains, reach = _chains(g, targets), pathfinder_gen._Targets(g, 1).reach
+    for g, targets in pathfinder_snakes.place_targets(p, rngs):
+        chains, reach = _chains(g, targets), pathfinder_snakes._Targets(g, 1).reach
         rows = [[len(g.angles) + degree + 180, *angles] for _, degree, angles in targets]
         for i in (0, 1):
             for n in range(1, p.contour_length):  # target i after n paddles; the other one complete
                 pivot = chains[i][1][n - 1]
                 border = g.border.reshape(-1)[g.ext_cells_t[:, 0] + pivot[0] * g.size + pivot[1]].any(axis=0)
-                np.testing.assert_array_equal(pathfinder_gen._border_blocked(g, pivot[None])[0], border)
+                np.testing.assert_array_equal(pathfinder_snakes._border_blocked(g, pivot[None])[0], border)
                 centre = g.centre(pivot)
                 others = np.concatenate([chains[i][0][:n - 1], chains[1 - i][0]])
-                near = (pathfinder_gen._segment_distances(centre + g.ext_start[:, None], centre + g.ext_end[:, None],
-                                                          others[None, :, 0], others[None, :, 1])
+                near = (pathfinder_snakes._segment_distances(centre + g.ext_start[:, None], centre + g.ext_end[:, None],
+                                                             others[None, :, 0], others[None, :, 1])
                         < g.zone).any(axis=1)
                 checked = np.concatenate([chains[i][0][:max(n - 2, 0)], chains[1 - i][0]])
-                got = pathfinder_gen._near_candidates(g, centre[None], np.array([rows[i][n - 1]]),
-                                                      checked.mean(axis=1)[None], checked[None], np.zeros(1, np.int64),
-                                                      reach)[0]
+                got = pathfinder_snakes._near_candidates(g, centre[None], np.array([rows[i][n - 1]]),
+                                                         checked.mean(axis=1)[None], checked[None],
+                                                         np.zeros(1, np.int64), reach)[0]
                 # Candidates that turn 90 degrees or more weigh 0 and are never drawn, so the engine does not
                 # measure them (the paddle two back may be near those).
                 drawable = g.weights[rows[i][n - 1]] > 0
@@ -270,7 +270,7 @@ def test_segment_distances_match_brute_force():
     p0, p1, q0, q1 = rng.uniform(-3, 3, size=(4, 200, 2))
     q1[:20] = q0[:20] + rng.uniform(-0.1, 0.1, size=(20, 2))  # short and crossing ones too
     p1[20:40], q0[20:40], q1[20:40] = -p0[20:40], p0[20:40][:, ::-1], -p0[20:40][:, ::-1]
-    got = pathfinder_gen._segment_distances(p0, p1, q0, q1)
+    got = pathfinder_snakes._segment_distances(p0, p1, q0, q1)
     want = np.array([_dense_distance(*x) for x in zip(p0, p1, q0, q1, strict=True)])
     np.testing.assert_allclose(got, want, atol=0.02)
     assert np.all(got <= want + 1e-9)  # the exact distance never exceeds a sampled one
@@ -278,8 +278,8 @@ def test_segment_distances_match_brute_force():
     p0, p1, q0, q1 = rng.uniform(-3, 3, size=(4, 2000, 2))
     p1, q1 = p0 + (p1 - p0) * 0.3, q0 + (q1 - q0) * 0.3  # at most ~2.5 long
     distance = 1.3
-    closer = pathfinder_gen._closer_than(p0, p1, q0, q1, distance)
-    np.testing.assert_array_equal(closer, pathfinder_gen._segment_distances(p0, p1, q0, q1) < distance)
+    closer = pathfinder_snakes._closer_than(p0, p1, q0, q1, distance)
+    np.testing.assert_array_equal(closer, pathfinder_snakes._segment_distances(p0, p1, q0, q1) < distance)
     assert 0 < closer.sum() < len(closer)
 
 
@@ -296,7 +296,7 @@ def test_every_paddle_keeps_clearance_from_all_but_its_neighbours(resolution):
             for j in range(i + 1, len(starts)):
                 if snake[i] == snake[j] and j == i + 1:
                     continue
-                a = pathfinder_gen._segment_distances(starts[i], ends[i], starts[j], ends[j])
+                a = pathfinder_snakes._segment_distances(starts[i], ends[i], starts[j], ends[j])
                 assert a >= info["clearance"] - 1e-9, (i, j, a)
 
 
@@ -304,7 +304,7 @@ def test_two_back_is_unreachable_with_turns_under_90_degrees():
     # Brute force over a snake's angle triples (first paddle at every extension angle) against the geometry's test.
     for resolution in (32, 128):
         p = pathfinder_gen.params_for(resolution, 14)
-        g = pathfinder_gen._geometry(p, p.margins[-1])
+        g = pathfinder_snakes._geometry(p, p.margins[-1])
         assert not g.reaches_two_back
         closest = np.inf
         for k0 in range(len(g.angles)):
@@ -314,7 +314,7 @@ def test_two_back_is_unreachable_with_turns_under_90_degrees():
                     closest = min(closest, _dense_distance(pivot + g.ext_start[k2], pivot + g.ext_end[k2],
                                                            g.ext_start[k0], g.ext_end[k0], 41))
         assert closest > g.clearance
-    tight = pathfinder_gen._Geometry(dataclasses.replace(pathfinder_gen.params_for(32, 14), continuity=0.4), 1)
+    tight = pathfinder_snakes._Geometry(dataclasses.replace(pathfinder_gen.params_for(32, 14), continuity=0.4), 1)
     assert tight.reaches_two_back  # turns up to 225 degrees can fold a snake back onto itself
 
 
@@ -327,13 +327,14 @@ def test_distractor_attempts_in_parallel_equal_trying_them_in_turn():
     rng = np.random.default_rng(5)
     later = 0
     for _ in range(60):
-        draws = rng.random((pathfinder_gen.DISTRACTOR_TRIES, 3 * pathfinder_gen.SEED_TRIES + p.distractor_length - 1))
-        [together] = pathfinder_gen._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (draws,))
+        draws = rng.random((pathfinder_snakes.DISTRACTOR_TRIES,
+                            3 * pathfinder_snakes.SEED_TRIES + p.distractor_length - 1))
+        [together] = pathfinder_snakes._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (draws,))
         alone = None
-        for attempt in range(pathfinder_gen.DISTRACTOR_TRIES):
+        for attempt in range(pathfinder_snakes.DISTRACTOR_TRIES):
             single = draws.copy()
-            single[np.arange(len(draws)) != attempt, :2 * pathfinder_gen.SEED_TRIES] = -0.05  # tails in the border
-            [answer] = pathfinder_gen._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (single,))
+            single[np.arange(len(draws)) != attempt, :2 * pathfinder_snakes.SEED_TRIES] = -0.05  # tails in the border
+            [answer] = pathfinder_snakes._distractor_answers(g, scene.flat, np.zeros(1, np.int64), (single,))
             if answer is not None:
                 alone = answer
                 break
