@@ -42,7 +42,7 @@ _IMPLS = flags.DEFINE_list("impls", [], "model.attention_impl values (default: x
 _STEPS = flags.DEFINE_integer("steps", 5, "Train steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (the best is kept).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 16.0, "Skip configurations planned above this (GB = 2^30 B).")
-_CONFIG = flags.DEFINE_string("config", "configs/lra_text.py", "The task config whose model is timed.")
+_CONFIG = flags.DEFINE_string("config", "configs/lra_text.py", "The task config whose model is timed (file.py[:arg]).")
 _ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
                              "One process per configuration (auto: off CPU, so peak_bytes_in_use is its own).")
 _ONE = flags.DEFINE_string("one", "", "Internal: measure only 'method,impl,length' and print its row as JSON.")
@@ -53,13 +53,14 @@ ROW_PREFIX = "LRA_EFFICIENCY_ROW "
 
 
 def load_config(path: str):
-    """``get_config()`` of the config file at ``path`` (relative to the repository root)."""
+    """``get_config(arg)`` of the config file at ``path`` (relative to the repository root; ``file.py:arg``)."""
     import importlib.util
 
+    path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("benchmarked_config", os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg or None)
 
 
 def random_bytes_source(length: int, num_classes: int):

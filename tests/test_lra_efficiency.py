@@ -15,7 +15,8 @@ from benchmarks import lra_efficiency  # noqa: E402
 def test_lra_efficiency_script_writes_rows_tables_and_plot(tmp_path):
     out = tmp_path / "lra"
     proc = subprocess.run([sys.executable, "benchmarks/lra_efficiency.py", "--methods=softmax,linear_elu",
-                           "--lengths=128", "--batch=2", "--steps=1", "--repeats=1", f"--out={out}"], cwd=ROOT,
+                           "--lengths=128", "--batch=2", "--steps=1", "--repeats=1", f"--out={out}",
+                           "--config=configs/lra_text.py:size=smoke"], cwd=ROOT,
                           env=subprocess_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(f"{out}.jsonl")]
