@@ -48,6 +48,18 @@ def base_config():
     return c
 
 
+def rsqrt_recipe(c, *, total_steps: int, warmup_steps: int):
+    """The LRA repo's text-family optimisation (ListOps, Text, Retrieval): batch 32, lr 0.05 with linear warmup
+    and rsqrt decay (``constant * linear_warmup * rsqrt_decay``), decoupled weight decay 0.1, 10 evaluations."""
+    c.total_steps = total_steps
+    c.batch_size = 32
+    c.learning_rate = 0.05
+    c.schedule = "rsqrt"
+    c.warmup_steps = warmup_steps
+    c.weight_decay = 0.1
+    return every(c)
+
+
 def modern(c, *, total_steps: int, batch_size: int, learning_rate: float, warmup_steps: int,
            weight_decay: float = 0.05, position: str = "rotary"):
     """The modern protocol's optimisation and model choices (the per-task sizes stay in the task file)."""

@@ -20,14 +20,7 @@ from configs import common, lra_common
 def get_config(arg=None):
     args = lra_common.parse_arg(arg)
     c = lra_common.base_config()
-    c.total_steps = 5000
-    c.batch_size = 32
-    c.eval_every = 500
-    c.checkpoint_every = 500
-    c.learning_rate = 0.05
-    c.schedule = "rsqrt"
-    c.warmup_steps = 1000
-    c.weight_decay = 0.1
+    lra_common.rsqrt_recipe(c, total_steps=5000, warmup_steps=1000)
     c.model.max_length = 2000
     c.model.num_layers = 4
     c.model.embed_dim = 512

@@ -22,14 +22,7 @@ from configs import lra_common
 def get_config(arg=None):
     args = lra_common.parse_arg(arg)
     c = lra_common.base_config()
-    c.total_steps = 5000
-    c.batch_size = 32
-    c.eval_every = 500
-    c.checkpoint_every = 500
-    c.learning_rate = 0.05
-    c.schedule = "rsqrt"
-    c.warmup_steps = 8000
-    c.weight_decay = 0.1
+    lra_common.rsqrt_recipe(c, total_steps=5000, warmup_steps=8000)
     c.model.name = "dual_encoder"
     del c.model["head"]            # the two-tower model has its own head
     c.model.interaction = "nli"    # [X1, X2, X1*X2, X1-X2]; 'concat' is [X1, X2]

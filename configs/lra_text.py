@@ -20,14 +20,7 @@ from configs import lra_common
 def get_config(arg=None):
     args = lra_common.parse_arg(arg)
     c = lra_common.base_config()
-    c.total_steps = 20_000
-    c.batch_size = 32
-    c.eval_every = 1000
-    c.checkpoint_every = 1000
-    c.learning_rate = 0.05
-    c.schedule = "rsqrt"
-    c.warmup_steps = 8000
-    c.weight_decay = 0.1
+    lra_common.rsqrt_recipe(c, total_steps=20_000, warmup_steps=8000)
     c.model.max_length = 1000
     c.model.num_layers = 4
     c.model.embed_dim = 256
