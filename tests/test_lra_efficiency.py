@@ -8,7 +8,7 @@ import pytest
 from helpers import ROOT, subprocess_env
 
 sys.path.insert(0, ROOT)
-from benchmarks import lra_efficiency  # noqa: E402
+from benchmarks import lra_efficiency_tables as lra_efficiency  # noqa: E402
 
 
 @pytest.mark.slow
