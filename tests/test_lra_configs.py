@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import slow_after
 from test_retrieval import PAIRS, write_tsv
 
 from configs import lra_common
@@ -74,8 +73,11 @@ def smoke(task, aan_dir, stage="finetune"):
     return config
 
 
-# Text and Image under mock TFDS data: tests/test_configs.py::test_tfds_configs_run_end_to_end_on_mock_data.
-@pytest.mark.parametrize("task", slow_after(["pathfinder", "listops", "retrieval", "pathx"]))
+# Text and Image under mock TFDS data: tests/test_configs.py::test_tfds_configs_run_end_to_end_on_mock_data;
+# ListOps and Retrieval: every smoke test of the trainer and tests/test_retrieval.py. The default twins: every
+# config validates above, and the sources build in tests/test_data_pathfinder.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["pathfinder", "pathx"])
 def test_each_task_trains_two_steps_and_reports_test_accuracy(task, aan_dir, tmp_path):
     # Tiny fixture and generated data have nothing learnable in 2 steps: this checks that each task builds, trains
     # and evaluates both splits to finite numbers, not that it learns.
@@ -95,9 +97,13 @@ def test_retrieval_pretraining_reads_each_document_as_a_row_and_hands_over_its_t
     run = trainer.Run(finetune)
     state = warm_start.warm_start(run.init_state(), finetune.init_from)
     params = warm_start.flatten_dict(state.params, sep="/")
+    fresh = warm_start.flatten_dict(run.init_state().params, sep="/")
     trunk = [key for key in params if key.startswith("trunk/")]
     assert trunk and all(np.array_equal(np.asarray(params[key]), saved[key]) for key in trunk)
-    assert not any(key.startswith("head/") for key in saved)
+    assert not any(key.startswith("head/") for key in saved)  # the two-tower head starts fresh
+    head = [key for key in params if key.startswith("head/")]
+    assert head and all(np.array_equal(np.asarray(params[key]), np.asarray(fresh[key])) for key in head)
+    assert not np.array_equal(saved["trunk/token_embed/embedding"], np.asarray(fresh["trunk/token_embed/embedding"]))
 
 
 def test_lra_classifier_head_is_dense_relu_dense_on_the_pooled_vector():

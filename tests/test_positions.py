@@ -120,6 +120,7 @@ def test_learned_keeps_the_param_tree_and_the_others_drop_the_table(family):
         assert param_shapes(built[position], x) == {k: v for k, v in learned.items() if k != "trunk/pos_embed"}
 
 
+@pytest.mark.slow  # the default twin: the learned param tree is unchanged (paths and shapes)
 def test_learned_encoder_gives_the_outputs_recorded_before_positions_existed():
     model = models.build("encoder_classifier", vocab_size=11, num_classes=3, pooling="cls", **TINY)
     x = (jnp.arange(2 * 16).reshape(2, 16) * 7) % 10 + 1
@@ -139,6 +140,7 @@ def test_rotary_decoder_lm_does_not_read_the_future():
     assert not np.allclose(changed[:, t:], logits[:, t:], atol=1e-4)
 
 
+@pytest.mark.slow  # the default twin: rotary scores depend only on the relative position
 def test_rotary_packed_segments_equal_each_segment_alone():
     """Positions are the token index across the packed row; rotary scores depend on index differences only, so a
     segment starting at index 7 gives the outputs it gives alone from index 0."""

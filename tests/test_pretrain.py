@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import load_params, smoke_config
 
 from effjax import models
-from effjax.train import tasks, trainer, warm_start
+from effjax.train import tasks, warm_start
 
 SMALL = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_length=64, dropout_rate=0.0,
              attention_dropout_rate=0.0)
@@ -33,7 +32,8 @@ def flat(params):
     return flax.traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params)), sep="/")
 
 
-@pytest.mark.parametrize("mask_rate", [0.1, 0.15, 0.5])
+@pytest.mark.parametrize("mask_rate", [0.1, pytest.param(0.15, marks=pytest.mark.slow),
+                                       pytest.param(0.5, marks=pytest.mark.slow)])
 def test_training_masks_a_mask_rate_share_of_the_real_tokens_and_never_padding(mask_rate):
     model = pretrain_model(mask_rate=mask_rate)
     tokens = padded_tokens(0, batch=64, length=64)
@@ -136,32 +136,5 @@ def test_every_trunk_param_of_a_pretrain_model_fits_the_classifier_and_only_the_
         np.testing.assert_array_equal(value, pretrained[key] if key in trunk else flat(params)[key])
 
 
-def pretrain_then_finetune(tmp_path):
-    """A 2-step masked pretraining smoke run on ListOps, then a 2-step classifier fine-tune from it."""
-    short = {"total_steps": 2, "eval_every": 0, "checkpoint_every": 0}
-    pretrain_config = smoke_config(**short, **{"model.name": "encoder_pretrain", "model.objective": "masked",
-                                               "model.mask_rate": 0.1})
-    pretrained = trainer.train_and_evaluate(pretrain_config, str(tmp_path / "pretrain"))
-    finetune_config = smoke_config(**short, init_from=str(tmp_path / "pretrain"))
-    finetuned = trainer.train_and_evaluate(finetune_config, str(tmp_path / "finetune"))
-    return pretrained, finetuned, finetune_config
-
-
-@pytest.mark.slow  # two trainer runs and a third compile; the default tier's twin is the merge test above
-def test_pretraining_run_hands_its_whole_trunk_to_the_classifier_fine_tune(tmp_path, capsys):
-    pretrained, finetuned, finetune_config = pretrain_then_finetune(tmp_path)
-    assert pretrained["step"] == 2 and np.isfinite(pretrained["eval/loss"]) and 0 <= pretrained["eval/accuracy"] <= 1
-    assert "eval/majority_class_rate" not in pretrained
-    assert finetuned["step"] == 2 and np.isfinite(finetuned["eval/loss"])
-    assert "Initialised" in capsys.readouterr().out
-    saved = flax.traverse_util.flatten_dict(load_params(tmp_path / "pretrain", 2), sep="/")
-    run = trainer.Run(finetune_config)
-    fresh = flat(run.init_state().params)
-    started = flat(warm_start.warm_start(run.init_state(), str(tmp_path / "pretrain")).params)
-    trunk = [key for key in fresh if key.startswith("trunk/")]
-    assert trunk and sorted(set(fresh) - set(trunk)) == ["head/bias", "head/kernel"]
-    for key in trunk:
-        np.testing.assert_array_equal(started[key], saved[key])
-    for key in ("head/bias", "head/kernel"):
-        np.testing.assert_array_equal(started[key], fresh[key])
-    assert not np.array_equal(saved["trunk/token_embed/embedding"], fresh["trunk/token_embed/embedding"])
+# The pretraining run's hand-over to the fine-tune, end to end (slow): tests/test_lra_configs.py::
+# test_retrieval_pretraining_reads_each_document_as_a_row_and_hands_over_its_trunk.
