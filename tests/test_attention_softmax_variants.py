@@ -195,7 +195,6 @@ def probsparse_reference(q, k, v, mask, causal, factor, index, quirks=False):
 
 
 @pytest.mark.parametrize("causal,quirks,lq", [(True, False, 24), (True, True, 24),
-                                              pytest.param(False, False, 24, marks=pytest.mark.slow),
                                               pytest.param(False, True, 11, marks=pytest.mark.slow)])
 def test_probsparse_equals_algorithm_on_the_same_sample(causal, quirks, lq):
     q, k, v = qkv(20, lq, 24)

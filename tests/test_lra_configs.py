@@ -74,10 +74,10 @@ def smoke(task, aan_dir, stage="finetune"):
 
 
 # Text and Image under mock TFDS data: tests/test_configs.py::test_tfds_configs_run_end_to_end_on_mock_data;
-# ListOps and Retrieval: every smoke test of the trainer and tests/test_retrieval.py. The default twins: every
+# ListOps: every smoke test of the trainer. The default twins: every
 # config validates above, and the sources build in tests/test_data_pathfinder.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["pathfinder", "pathx"])
+@pytest.mark.parametrize("task", ["pathfinder", "retrieval"])  # Path-X: Pathfinder's source at another resolution
 def test_each_task_trains_two_steps_and_reports_test_accuracy(task, aan_dir, tmp_path):
     # Tiny fixture and generated data have nothing learnable in 2 steps: this checks that each task builds, trains
     # and evaluates both splits to finite numbers, not that it learns.

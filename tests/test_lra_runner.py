@@ -314,27 +314,8 @@ def lra_command(workdir, *extra, methods="softmax,performer"):
             f"--workdir={workdir}", *extra]
 
 
-@pytest.mark.slow
-def test_real_run_of_two_methods_then_a_rerun_skips_them(tmp_path):
-    proc = subprocess.run(lra_command(tmp_path), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "lra_results.json").read_text())
-    assert doc["counts"]["ok"] == 2
-    for c in doc["cells"]:
-        assert c["split"] in ("test", "validation") and 0 <= c["accuracy"] <= 1 and c["step"] == 6
-        assert 0 < c["majority_class_rate"] <= 1
-    table = parse_table((tmp_path / "lra_results.md").read_text())
-    assert number(table["softmax"][0]) == pytest.approx(100 * doc["cells"][0]["accuracy"], abs=0.005)
-    assert (tmp_path / "lra_results.png").stat().st_size > 1000
-    metric_files = [tmp_path / "listops" / m / "metrics.jsonl" for m in ("softmax", "performer")]
-    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in metric_files]
-    proc = subprocess.run(lra_command(tmp_path), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.count("lra: skipped listops/") == 2 and "lra: start" not in proc.stdout
-    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in metric_files] == before
-    for m in ("softmax", "performer"):
-        assert "skipped: finished earlier" in (tmp_path / "listops" / m / "run.log").read_text()
+# A real trainer run of a cell, killed and resumed, then finished: the kill -9 test below; skipping finished
+# cells: the stub tests above.
 
 
 @pytest.mark.slow
