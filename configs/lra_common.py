@@ -81,6 +81,16 @@ def every(c, evals: int = 10):
     return c
 
 
+def bytes_cpu(c):
+    """The reduced CPU run of the byte-level tasks (Text, Retrieval): 512 bytes, 2 small layers, 1,500 steps of 32."""
+    c.total_steps, c.batch_size, c.eval_batch_size = 1500, 32, 100
+    c.learning_rate, c.schedule, c.warmup_steps, c.weight_decay = 1e-3, "cosine", 150, 0.01
+    c.model.max_length = c.data.max_length = 512
+    c.model.num_layers, c.model.embed_dim, c.model.mlp_dim = 2, 64, 128
+    c.eval_max_batches = 20
+    return every(c, 3)
+
+
 def smoke(c, *, length: int | None = 64):
     """A seconds-long run of the same task (tests): a tiny model, 4 steps, checkpoints every 2."""
     common.shrink_for_smoke(c)

@@ -38,13 +38,8 @@ def get_config(arg=None):
         lra_common.modern(c, total_steps=50_000, batch_size=32, learning_rate=1e-3, warmup_steps=5000)
         c.model.num_layers = 6
         lra_common.every(c)
-    if args.size == "cpu":  # 512 bytes per document, 2 small layers, 1,500 steps
-        c.total_steps, c.batch_size, c.eval_batch_size = 1500, 32, 100
-        c.learning_rate, c.schedule, c.warmup_steps, c.weight_decay = 1e-3, "cosine", 150, 0.01
-        c.model.max_length = c.data.max_length = 512
-        c.model.num_layers, c.model.embed_dim, c.model.mlp_dim = 2, 64, 128
-        c.eval_max_batches = 20
-        lra_common.every(c, 3)
+    if args.size == "cpu":
+        lra_common.bytes_cpu(c)    # 512 bytes per document
     if args.size == "smoke":
         lra_common.smoke(c, length=32)
     if args.stage == "pretrain":  # the pretraining model reads each document as its own sequence

@@ -33,13 +33,8 @@ def get_config(arg=None):
         lra_common.modern(c, total_steps=25_000, batch_size=32, learning_rate=5e-4, warmup_steps=2500)
         c.model.max_length = c.data.max_length = 4000
         lra_common.every(c)
-    if args.size == "cpu":  # 512 bytes, 2 small layers, 1,500 steps
-        c.total_steps, c.batch_size, c.eval_batch_size = 1500, 32, 100
-        c.learning_rate, c.schedule, c.warmup_steps, c.weight_decay = 1e-3, "cosine", 150, 0.01
-        c.model.max_length = c.data.max_length = 512
-        c.model.num_layers, c.model.embed_dim, c.model.mlp_dim = 2, 64, 128
-        c.eval_max_batches = 20
-        lra_common.every(c, 3)
+    if args.size == "cpu":
+        lra_common.bytes_cpu(c)
     if args.size == "smoke":
         lra_common.smoke(c)
     return lra_common.finish(c, args, mask_rate=0.15)
