@@ -1,0 +1,135 @@
+"""What the linear-attention and state-space families share (catalog ``linear_families.md`` Sec. 2.7-2.9).
+
+The families (``retnet``, ``gla``, ``hgrn2``, ``mamba2``: decayed linear attention, ``gated_linear``;
+``deltanet``, ``gated_deltanet``: the delta rule, ``delta_rule``; ``rwkv7``: the generalized delta rule, ``dplr``)
+keep a state ``S [batch, heads, d_k, d_v]`` (float32) per sequence and read ``o_t = S_t^T q_t``. Each comes in
+three forms that must agree (``FORMS``): ``parallel`` (materialised, quadratic: the reference), ``chunked``
+(parallel inside a chunk, the state passed between chunks: what trains) and ``recurrent`` (one token at a time:
+what decodes). Every form takes an ``initial_state`` and returns the final state, so a sequence can be cut
+anywhere and continued.
+
+Conventions shared by every form of every family:
+  * padding (``mask`` False): the token leaves the state unchanged (its key, value, write strength and
+    log-decay are zeroed) and its output is 0;
+  * packing (``segment_ids``): ids become runs (``run_starts``), so A-B-A packs never reconnect; the state
+    restarts from 0 at every run start after position 0, and the ``initial_state`` belongs to the first run;
+  * causal by nature: ``causal=False`` is refused unless the method defines a bidirectional form
+    (``refuse_bidirectional``; ``both_directions`` is Sec. 2.9's forward plus reversed scan).
+"""
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("chunked", "parallel", "recurrent")
+MAX_CHUNK = 1024  # the largest chunk of the XLA forms: a chunk's [chunk, chunk] (or [chunk, chunk, d_k]) tiles
+
+
+def check_form(method: str, form) -> None:
+    if form not in FORMS:
+        raise ValueError(f"{method}: form must be one of {', '.join(map(repr, FORMS))}, got {form!r}.")
+
+
+def check_chunk_size(method: str, chunk_size) -> None:
+    """Raises ValueError unless ``chunk_size`` is a power of two in [1, MAX_CHUNK]."""
+    ok = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and 1 <= chunk_size <= MAX_CHUNK
+    if not ok or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{method}: chunk_size must be a power of two between 1 and {MAX_CHUNK}, got {chunk_size!r}.")
+
+
+def check_state(method: str, state, shape: tuple) -> None:
+    """Raises ValueError unless ``state`` (None allowed) is float32 of ``shape`` ``[batch, heads, d_k, d_v]``."""
+    if state is None:
+        return
+    if tuple(state.shape) != tuple(shape) or state.dtype != jnp.float32:
+        raise ValueError(f"{method}: initial_state must be float32 of shape [batch, heads, d_k, d_v] = {tuple(shape)}, "
+                         f"got {state.dtype} {tuple(state.shape)}.")
+
+
+def check_self(method: str, q, k) -> None:
+    """Refuses cross attention: a recurrence reads the state at the query's own position."""
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError(f"{method}: cross attention (q_len {q.shape[1]} != kv_len {k.shape[1]}) is not "
+                                  "supported: the query reads the recurrent state at its own position.")
+
+
+def keep_mask(method: str, mask, batch: int, length: int):
+    """The key-padding mask as bool ``[batch, length]`` (True: real token), or None."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{method}: mask must have shape [batch, length] = {(batch, length)}, "
+                         f"got {tuple(mask.shape)}.")
+    return jnp.asarray(mask).astype(bool)
+
+
+def run_starts(method: str, segment_ids, batch: int, length: int):
+    """Bool ``[batch, length]``: True where a token's segment differs from the previous token's (never at 0).
+
+    Comparing neighbours makes runs of equal ids the unit, so ids that repeat later (A-B-A) start a new run.
+    """
+    if segment_ids is None:
+        return None
+    if tuple(segment_ids.shape) != (batch, length):
+        raise ValueError(f"{method}: segment_ids must have shape [batch, length] = {(batch, length)}, "
+                         f"got {tuple(segment_ids.shape)}.")
+    ids = jnp.asarray(segment_ids)
+    return jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+
+
+def run_ids(starts, batch: int, length: int):
+    """int32 ``[batch, length]`` run index (0 for the first run), from ``run_starts`` (None: all zeros)."""
+    if starts is None:
+        return jnp.zeros((batch, length), jnp.int32)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def zero_padded(keep, *per_token):
+    """Each ``[batch, length, ...]`` array (or None) set to 0 where ``keep`` is False (``keep`` None: unchanged)."""
+    if keep is None:
+        return per_token
+    return tuple(None if x is None else jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, 0)
+                 for x in per_token)
+
+
+def refuse_bidirectional(method: str, causal: bool, bidirectional) -> None:
+    """Refuses ``causal=False`` unless ``bidirectional`` names a form ("sum": ``both_directions``)."""
+    if bidirectional not in (None, "sum"):
+        raise ValueError(f"{method}: bidirectional must be None or 'sum', got {bidirectional!r}.")
+    if not causal and bidirectional is None:
+        raise NotImplementedError(
+            f"{method}: causal=False is not defined by the paper (a recurrence runs left to right); call it with "
+            "causal=True, or set bidirectional='sum' for a forward plus a reversed scan (as BiHGRN2).")
+
+
+def both_directions(one_direction, per_token: tuple, *, segment_ids=None, keep=None):
+    """``one_direction(*per_token, segment_ids, keep) + flip(one_direction(flipped ...))`` (catalog Sec. 2.9).
+
+    ``per_token``: ``[batch, length, ...]`` arrays (or None) flipped along the length for the reversed scan;
+    ``one_direction`` returns ``[batch, length, ...]``. The diagonal term is counted in both directions, as the
+    official bidirectional HGRN2 module sums a forward and a reversed scan.
+    """
+    def flip(x):
+        return None if x is None else jnp.flip(x, axis=1)
+
+    forward = one_direction(*per_token, segment_ids=segment_ids, keep=keep)
+    reverse = one_direction(*map(flip, per_token), segment_ids=flip(segment_ids), keep=flip(keep))
+    return forward + flip(reverse)
+
+
+def heads_flat(*xs):
+    """``[batch, length, heads * dim]`` concatenation of ``[batch, length, heads, dim]`` arrays (float32): the
+    auxiliary features from which a method computes what the papers derive from the hidden state (Sec. 2.7)."""
+    return jnp.concatenate([x.reshape(*x.shape[:2], -1).astype(jnp.float32) for x in xs], axis=-1)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6):
+    """RMSNorm over the last axis in float32, times ``weight`` when given."""
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if weight is None else y * weight.astype(jnp.float32)
+
+
+def masked_exp(log_gap, allowed):
+    """``exp(log_gap)`` where ``allowed``, else 0, with the exponent masked before ``exp`` (Sec. 2.4), so neither the
+    value nor the gradient of a discarded entry can be inf or NaN."""
+    return jnp.exp(jnp.where(allowed, log_gap, -jnp.inf))
