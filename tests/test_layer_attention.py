@@ -67,3 +67,16 @@ def test_attention_params_pick_each_layers_own_method():
         method_params("linformer", {"linformer": {"k": 8}, "window": 3})
     with pytest.raises(ValueError, match="Unknown attention method 'linformr'"):
         method_params("linformer", {"linformr": {"k": 8}})
+
+
+def test_depth_dependent_methods_get_their_layer_index_and_the_stack_depth(monkeypatch):
+    from effjax.models import layer_attention
+
+    real = layer_attention.attention_lib.defaults
+    monkeypatch.setattr(layer_attention.attention_lib, "defaults",
+                        lambda name: {**real(name), "layer_idx": 0, "num_layers": 1} if name == "mamba" else real(name))
+    layers = resolve({"num_layers": 3, "attention": "mamba,softmax,mamba",
+                      "attention_params": {"mamba": {"num_layers": 12}}})
+    assert layers[0][1]["layer_idx"] == 0 and layers[2][1]["layer_idx"] == 2
+    assert layers[0][1]["num_layers"] == 12  # set in attention_params: wins
+    assert "layer_idx" not in layers[1][1]  # softmax's init does not depend on depth

@@ -4,7 +4,8 @@ model's attention fields (``attention``, ``attention_params``, ``attention_dropo
 
 Precedence for one layer's params, highest first: the method's own entry in ``attention_params`` (``None``
 meaning "unset"), then the model-wide settings (``attention_dropout_rate`` as ``dropout_rate``;
-``attention_impl`` as ``impl`` for methods with a Pallas kernel path), then the method's paper defaults.
+``attention_impl`` as ``impl`` for methods with a Pallas kernel path; the layer's index and the number of layers
+as ``layer_idx`` and ``num_layers`` for methods whose init depends on depth), then the method's paper defaults.
 """
 
 import collections.abc
@@ -111,5 +112,19 @@ def resolve(fields) -> tuple[tuple[str, dict], ...]:
     methods = layer_methods(get["attention"], get["num_layers"], get["full_attention_layers"],
                             get["full_attention"])
     check_attention_impl(get["attention_impl"], methods)
-    return tuple((method, layer_params(method, get["attention_params"], get["attention_dropout_rate"],
-                                       get["attention_impl"])) for method in methods)
+    layers = []
+    for index, method in enumerate(methods):
+        params = layer_params(method, get["attention_params"], get["attention_dropout_rate"], get["attention_impl"])
+        layers.append((method, with_depth(method, params, index, len(methods))))
+    return tuple(layers)
+
+
+DEPTH_FIELDS = ("layer_idx", "num_layers")
+
+
+def with_depth(method: str, params: dict, index: int, num_layers: int) -> dict:
+    """``params`` plus the layer's position in the stack for methods whose init depends on depth (a method
+    with both ``DEPTH_FIELDS``, e.g. RWKV-7); values set in ``attention_params`` win."""
+    if set(DEPTH_FIELDS) <= set(attention_lib.defaults(method)):
+        params = {"layer_idx": index, "num_layers": num_layers, **params}
+    return params
