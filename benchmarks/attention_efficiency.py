@@ -6,14 +6,15 @@
 For each method (paper defaults, plus ``grid`` for the grid mixers at non-square lengths) and each length,
 times one jitted step of forward + backward (gradients of a scalar loss with respect to q, k, v and the
 method's params) on batch x length x heads x head_dim float32 inputs, bidirectional and unmasked as in
-LRA's efficiency benchmark (Tay et al. 2021, Table 2). Memory is the peak XLA plans for that step
-(arguments + outputs + temporaries, from ``compiled.memory_analysis()``); a configuration whose plan
-exceeds ``--max_memory_gb`` is skipped, not run. Time is the best of ``--repeats`` runs after a warm-up.
+LRA's efficiency benchmark (Tay et al. 2021, Table 2), or causal with ``--causal`` (the recurrent families).
+Memory is the peak XLA plans for that step (arguments + outputs + temporaries, from
+``compiled.memory_analysis()``); a configuration whose plan exceeds ``--max_memory_gb`` is skipped, not run. Time is the best of ``--repeats`` runs after a warm-up.
 
 Writes ``benchmarks/results/attention_efficiency.{jsonl,md,png}`` (``--out``): the rows, a table of time and memory
 relative to softmax at each length, and log-log plots of time and memory against length.
 """
 
+import functools
 import math
 import os
 import sys
@@ -31,6 +32,8 @@ _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 32, "Head width.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (the best is kept).")
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 6.0, "Skip configurations whose planned memory exceeds this.")
+_CAUSAL = flags.DEFINE_bool("causal", False, "Causal calls (LM-style; the recurrent families need it) instead of "
+                            "LRA's bidirectional ones; methods without causal are then refused.")
 _OUT = flags.DEFINE_string("out", os.path.join(shared.RESULTS, "attention_efficiency"),
                            "Path and basename of the .jsonl, .md and .png written.")
 
@@ -43,7 +46,7 @@ def grid_for(length: int) -> tuple[int, int]:
     return h, length // h
 
 
-def build_step(name: str, length: int, batch: int, heads: int, head_dim: int):
+def build_step(name: str, length: int, batch: int, heads: int, head_dim: int, causal: bool = False):
     """(jitted forward+backward, its arguments) for method ``name`` at ``length``."""
     import jax
     import jax.numpy as jnp
@@ -56,22 +59,23 @@ def build_step(name: str, length: int, batch: int, heads: int, head_dim: int):
     module = attention.make(name, **params)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (batch, length, heads, head_dim), jnp.float32) for kk in keys[:3])
-    variables = jax.jit(module.init)(keys[3], q, k, v)
+    variables = jax.jit(functools.partial(module.init, causal=causal))(keys[3], q, k, v)
 
     def loss(variables, q, k, v):
-        return jnp.sum(jnp.square(module.apply(variables, q, k, v)))
+        return jnp.sum(jnp.square(module.apply(variables, q, k, v, causal=causal)))
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     return step, (variables, q, k, v)
 
 
-def measure(name: str, length: int, *, batch=1, heads=4, head_dim=32, repeats=3, max_bytes=6 * 2**30) -> dict:
+def measure(name: str, length: int, *, batch=1, heads=4, head_dim=32, repeats=3, max_bytes=6 * 2**30,
+            causal=False) -> dict:
     """One row: status ('ok', 'refused: why', 'skipped: why'), planned memory_bytes and best seconds."""
     import jax
 
     row = {"method": name, "length": length}
     try:
-        step, args = build_step(name, length, batch, heads, head_dim)
+        step, args = build_step(name, length, batch, heads, head_dim, causal)
         compiled = step.lower(*args).compile()
     except (NotImplementedError, ValueError) as error:
         return {**row, "status": f"refused: {str(error).splitlines()[0][:120]}"}
@@ -120,20 +124,21 @@ def main(argv):
     for name in methods:
         for n in lengths:
             row = measure(name, n, batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value,
-                          repeats=_REPEATS.value, max_bytes=max_bytes)
+                          repeats=_REPEATS.value, max_bytes=max_bytes, causal=_CAUSAL.value)
             rows.append(row)
             shown = f"{row['seconds'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"][:60]
             print(f"{name:24s} {n:6d}  {shown}  {row.get('memory_bytes', 0) / 2**20:8.0f} MiB", flush=True)
             if row["status"] != "ok":
                 break  # longer lengths would only be refused or skipped again
-    stamp = {"date": shared.today(), "device": device, "batch": _BATCH.value,
+    stamp = {"date": shared.today(), "device": device, "batch": _BATCH.value, "causal": _CAUSAL.value,
              "heads": _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": "float32"}
     base = _OUT.value
     shared.write_jsonl(base + ".jsonl", rows, stamp)
     table = ratio_table(rows, lengths)
     with open(base + ".md", "w") as f:
         f.write(f"{stamp['date']}, {device}; batch {_BATCH.value}, {_HEADS.value} heads x {_HEAD_DIM.value}, "
-                "float32, forward+backward, relative to softmax at the same length.\n\n" + table + "\n")
+                f"float32, forward+backward, {'causal' if _CAUSAL.value else 'bidirectional'}, relative to softmax "
+                "at the same length.\n\n" + table + "\n")
     shared.plot(rows, base + ".png")
     print("\n" + table)
     print(f"\nwrote {base}.jsonl, .md and .png")
