@@ -8,7 +8,8 @@ times one jitted step of forward + backward (gradients of a scalar loss with res
 method's params) on batch x length x heads x head_dim float32 inputs, bidirectional and unmasked as in
 LRA's efficiency benchmark (Tay et al. 2021, Table 2), or causal with ``--causal`` (the recurrent families).
 Memory is the peak XLA plans for that step (arguments + outputs + temporaries, from
-``compiled.memory_analysis()``); a configuration whose plan exceeds ``--max_memory_gb`` is skipped, not run. Time is the best of ``--repeats`` runs after a warm-up.
+``compiled.memory_analysis()``); a configuration whose plan exceeds ``--max_memory_gb`` is skipped, not run.
+Time is the best of ``--repeats`` runs after a warm-up.
 
 Writes ``benchmarks/results/attention_efficiency.{jsonl,md,png}`` (``--out``): the rows, a table of time and memory
 relative to softmax at each length, and log-log plots of time and memory against length.
