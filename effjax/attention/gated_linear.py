@@ -1,0 +1,207 @@
+"""Decayed linear attention, the core of ``retnet``, ``gla``, ``hgrn2`` and ``mamba2`` (catalog
+``linear_families.md`` Sec. 2.1-2.2, 2.8).
+
+Per batch row and head, with a state ``S [d_k, d_v]`` and a log-decay ``g_t <= 0``:
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T,        o_t = S_t^T q_t      (q already scaled by the caller)
+
+``log_decay`` is a scalar per head, ``[batch, length, heads]`` (RetNet's fixed gamma, Mamba2's dt A: the same
+factor on every key channel), or a vector per key channel, ``[batch, length, heads, d_k]`` (GLA, HGRN2).
+
+Three forms (``recurrent.FORMS``) that agree, each taking an ``initial_state`` and returning the final state:
+  * ``parallel``: the materialised quadratic form, ``o_i = sum_{j <= i} (sum_d q_id k_jd exp(b_id - b_jd)) v_j``
+    with ``b`` the cumulative sum of ``g`` over the whole sequence, used only as differences with ``i >= j``
+    under a mask. It holds ``[L, L]`` (scalar) or ``[L, L, d_k]`` (vector) weights per head: a reference for
+    short inputs, not for training.
+  * ``chunked`` (Sec. 2.2): chunks of ``chunk_size`` tokens, ``b`` the cumulative sum inside each chunk;
+    intra-chunk ``P_ij = sum_d q_id k_jd exp(b_id - b_jd)`` (``j <= i``) times ``V``; inter-chunk
+    ``(Q o exp(b)) S_c``; state ``S_{c+1} = Diag(exp(b_C)) S_c + (K o exp(b_C - b))^T V`` carried by a
+    ``lax.scan`` over chunks (no loop over tokens). A scalar decay makes ``P`` one masked matmul per chunk. A
+    vector decay puts the decay inside the sum over ``d``; this XLA form materialises the chunk's
+    ``[C, C, d_k]`` float32 exponent differences (masked before ``exp``) and contracts them, which is exact and
+    fine at ``C = 64`` but costs ``C * d_k`` times the memory of the scalar case; fla's secondary chunking
+    (16-token sub-blocks, off-diagonal sub-blocks as matmuls) is left to the kernels.
+  * ``recurrent``: a ``lax.scan`` over tokens with the explicit state (decoding).
+
+Padding and packing (Sec. 2.8): a ``mask`` False token has its q, k, v and log-decay zeroed (state unchanged,
+output 0); ``segment_ids`` become runs (``recurrent.run_starts``); the state restarts at every run start after
+position 0 and the ``initial_state`` belongs to the first run. The chunked form masks the four places of Sec. 2.8
+explicitly (intra-chunk pairs by same run; the inter-chunk read by the run of the previous chunk's last token;
+state contributions by the run of the chunk's last token; the carry by equal runs at consecutive chunk ends):
+no ``-inf`` log-decay shortcut. Exponents are masked before ``exp`` (``recurrent.masked_exp``) and every
+decay is ``exp`` of a difference ``b_i - b_j`` with ``i >= j`` (never ``exp(b_i) * exp(-b_j)``). Float32 inside.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from effjax.attention import recurrent
+
+NAME = "gated_linear"
+FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+def gated_linear(q, k, v, log_decay, *, form="chunked", chunk_size=64, initial_state=None, segment_ids=None,
+                 mask=None, method=NAME):
+    """Decayed linear attention ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``.
+
+    ``q, k [batch, length, heads, d_k]``, ``v [batch, length, heads, d_v]``, ``log_decay`` ``[batch, length,
+    heads]`` (scalar per head) or ``[batch, length, heads, d_k]`` (per key channel), finite and ``<= 0`` (checked
+    on concrete values; a traced one is the caller's to guarantee). ``form``: "chunked", "parallel" or
+    "recurrent"; ``chunk_size``: a power of two (chunked form; a shorter input is one chunk); ``initial_state
+    [batch, heads, d_k, d_v]`` float32 (None: zeros); ``mask [batch, length]`` True on real tokens;
+    ``segment_ids [batch, length]``. ``method`` names the caller in errors.
+
+    Returns ``(out float32 [batch, length, heads, d_v], final_state float32 [batch, heads, d_k, d_v])``.
+    """
+    check_inputs(method, q, k, v, log_decay)
+    recurrent.check_form(method, form)
+    recurrent.check_chunk_size(method, chunk_size)
+    batch, length, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    recurrent.check_state(method, initial_state, (batch, heads, d_k, d_v))
+    keep = recurrent.keep_mask(method, mask, batch, length)
+    starts = recurrent.run_starts(method, segment_ids, batch, length)
+    q, k, v, log_decay = recurrent.zero_padded(keep, *(x.astype(jnp.float32) for x in (q, k, v, log_decay)))
+    state = jnp.zeros((batch, heads, d_k, d_v), jnp.float32) if initial_state is None else initial_state
+    if form == "recurrent":
+        starts = jnp.zeros((batch, length), bool) if starts is None else starts
+        return _recurrent(q, k, v, log_decay, state, starts)
+    runs = recurrent.run_ids(starts, batch, length)
+    if form == "parallel":
+        return _parallel(q, k, v, log_decay, state, runs)
+    return _chunked(q, k, v, log_decay, state, runs, chunk_size)
+
+
+def check_inputs(method, q, k, v, log_decay) -> None:
+    """One-line ValueErrors naming ``method`` for shapes, dtypes and log-decays out of range."""
+    for label, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
+        if jnp.dtype(x.dtype) not in FLOATS:
+            raise ValueError(f"{method}: {label} must be a float array, got {x.dtype}.")
+    if q.ndim != 4 or q.shape != k.shape:
+        raise ValueError(f"{method}: q and k must have the same shape [batch, length, heads, d_k], "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}.")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{method}: v must have shape [batch, length, heads, d_v] = {tuple(q.shape[:3])} + (d_v,), "
+                         f"got {tuple(v.shape)}.")
+    if tuple(log_decay.shape) not in (tuple(q.shape[:3]), tuple(q.shape)):
+        raise ValueError(f"{method}: log_decay must have shape [batch, length, heads] = {tuple(q.shape[:3])} or "
+                         f"[batch, length, heads, d_k] = {tuple(q.shape)}, got {tuple(log_decay.shape)}.")
+    check_log_decay(method, log_decay)
+
+
+def check_log_decay(method, log_decay) -> None:
+    """ValueError unless every concrete log-decay is finite and ``<= 0`` (decays in (0, 1]); tracers pass."""
+    if isinstance(log_decay, jax.core.Tracer):
+        return
+    values = np.asarray(log_decay, np.float64)
+    bad = ~(np.isfinite(values) & (values <= 0))
+    if bad.any():
+        raise ValueError(f"{method}: log_decay must be finite and <= 0 (decays in (0, 1]), got "
+                         f"{values[bad].flat[0]!r} at index {tuple(int(i) for i in np.argwhere(bad)[0])}.")
+
+
+def _per_key(decay, vector: bool):
+    """A ``[..., heads]`` (scalar) or ``[..., heads, d_k]`` (vector) factor broadcast against ``[..., heads, d_k]``."""
+    return decay if vector else decay[..., None]
+
+
+def _by_token(allowed, vector: bool):
+    """A ``[batch, ..., length]`` token mask broadcast against ``[batch, ..., length, heads(, d_k)]``."""
+    return allowed[..., None, None] if vector else allowed[..., None]
+
+
+def _recurrent(q, k, v, log_decay, state, starts):
+    vector = log_decay.ndim == 4
+
+    def step(s, token):
+        q_t, k_t, v_t, g_t, start_t = token
+        s = jnp.where(start_t[:, None, None, None], 0.0, s)
+        s = _per_key(jnp.exp(g_t), vector)[..., None] * s + k_t[..., :, None] * v_t[..., None, :]
+        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s)
+
+    tokens = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, log_decay, starts))
+    final, out = lax.scan(step, state, tokens)
+    return jnp.moveaxis(out, 0, 1), final
+
+
+def _pair_weights(b, allowed, vector: bool):
+    """``exp(b_i - b_j)`` on ``allowed [batch, ..., L, L]`` pairs, 0 elsewhere, from cumulative log-decays
+    ``b [batch, ..., L, heads(, d_k)]``: ``[batch, ..., heads, L, L(, d_k)]``."""
+    b = jnp.moveaxis(b, -2 if vector else -1, -3 if vector else -2)  # heads before the length
+    if vector:
+        return recurrent.masked_exp(b[..., :, None, :] - b[..., None, :, :], allowed[..., None, :, :, None])
+    return recurrent.masked_exp(b[..., :, None] - b[..., None, :], allowed[..., None, :, :])
+
+
+def _scores(q, k, weights, vector: bool):
+    """``P_ij = sum_d q_id k_jd w_ij(d)`` of ``q, k [batch, ..., L, heads, d_k]``: ``[batch, ..., heads, L, L]``."""
+    if vector:
+        return jnp.einsum("...ihd,...jhd,...hijd->...hij", q, k, weights)
+    return jnp.einsum("...ihd,...jhd->...hij", q, k) * weights
+
+
+def _parallel(q, k, v, log_decay, state, runs):
+    vector = log_decay.ndim == 4
+    length = q.shape[1]
+    b = jnp.cumsum(log_decay, axis=1)  # global: only differences b_i - b_j with i >= j of one run are used
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    allowed = causal & (runs[:, :, None] == runs[:, None, :])
+    scores = _scores(q, k, _pair_weights(b, allowed, vector), vector)
+    out = jnp.einsum("bhij,bjhv->bihv", scores, v)
+    # The initial state reaches the first run only, decayed from the start: exp(b_i), b_i <= 0.
+    from_start = recurrent.masked_exp(b, _by_token(runs == 0, vector))
+    out = out + jnp.einsum("blhk,bhkv->blhv", q * _per_key(from_start, vector), state)
+    last_run = runs[:, -1:]
+    to_end = recurrent.masked_exp(b[:, -1:] - b, _by_token(runs == last_run, vector))
+    final = jnp.einsum("blhk,blhv->bhkv", k * _per_key(to_end, vector), v)
+    carried = recurrent.masked_exp(b[:, -1], _by_token(last_run == 0, vector)[:, 0])
+    return out, final + _per_key(carried, vector)[..., None] * state
+
+
+def _in_chunks(x, chunk: int):
+    """``[batch, length, ...]`` -> ``[batch, n_chunks, chunk, ...]`` (length a multiple of ``chunk``)."""
+    return x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:])
+
+
+def _chunked(q, k, v, log_decay, state, runs, chunk_size):
+    vector = log_decay.ndim == 4
+    batch, length, heads, _ = q.shape
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    # Padding tokens: zero q/k/v and log-decay, and the last run's id, so they neither read, write nor decay.
+    q, k, v, log_decay = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, log_decay))
+    runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
+    q, k, v, log_decay, runs = (_in_chunks(x, chunk) for x in (q, k, v, log_decay, runs))
+
+    b = jnp.cumsum(log_decay, axis=2)  # chunk-local, inclusive
+    b_end = b[:, :, -1]  # [batch, n, heads(, d_k)]
+    run_end = runs[:, :, -1]  # [batch, n]
+    run_before = jnp.pad(run_end[:, :-1], [(0, 0), (1, 0)])  # the previous chunk's (the initial state's: 0)
+
+    # (1) intra-chunk pairs of one run.
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    allowed = causal & (runs[:, :, :, None] == runs[:, :, None, :])
+    scores = _scores(q, k, _pair_weights(b, allowed, vector), vector)
+    intra = jnp.einsum("bnhij,bnjhv->bnihv", scores, v)
+
+    # (3) what each chunk writes: keys of the chunk's last run, decayed to the chunk's end.
+    to_end = recurrent.masked_exp(b_end[:, :, None] - b, _by_token(runs == run_end[:, :, None], vector))
+    written = jnp.einsum("bnjhk,bnjhv->bnhkv", k * _per_key(to_end, vector), v)
+    # (4) the carry survives a chunk only if no run starts inside it.
+    carry = recurrent.masked_exp(b_end, _by_token(run_end == run_before, vector))
+
+    def step(s, chunk_terms):
+        carry_c, written_c = chunk_terms
+        return _per_key(carry_c, vector)[..., None] * s + written_c, s
+
+    final, entering = lax.scan(step, state, (jnp.moveaxis(carry, 1, 0), jnp.moveaxis(written, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # [batch, n, heads, d_k, d_v]: the state before each chunk
+
+    # (2) the entering state, read by the tokens still in the previous chunk's last run.
+    from_start = recurrent.masked_exp(b, _by_token(runs == run_before[:, :, None], vector))
+    inter = jnp.einsum("bnihk,bnhkv->bnihv", q * _per_key(from_start, vector), entering)
+    out = (intra + inter).reshape(batch, -1, heads, v.shape[-1])[:, :length]
+    return out, final
