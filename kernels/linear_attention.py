@@ -86,10 +86,92 @@ def _scaled(x, factor):
     return x if factor is None else x * factor[:, None]
 
 
-def _fwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
+# --- per-channel decays: shared with tpu_linear ----------------------------------------------------------------
+# With a decay per feature channel the pair weight exp(g_id - g_jd) sits inside the sum over d, so a chunk's
+# scores are no single matmul. Each chunk is walked in sub-blocks of SUB rows: pairs across sub-blocks are
+# matmuls through a reference position n at the sub-block's edge, (x_i e^{g_i - g_n}) . (y_j e^{g_n - g_j})
+# with both exponents <= 0; pairs inside a sub-block are summed elementwise in float32 with the exponent masked
+# before exp. "causal": rows r see columns c <= r with exp(g_r - g_c); "anticausal": c >= r with exp(g_c - g_r).
+# Every function takes and returns 2-D values (no transposes, no dynamic register indexing), so Triton and
+# Mosaic both lower them.
+
+SUB = 16  # rows per sub-block: Triton's smallest dot operand dim, two bfloat16 sublane tiles on TPU
+
+
+def row_of(x, j):
+    """Row ``j`` (static or traced) of a 2-D ``x`` as ``[1, d]``: a masked sum over the rows."""
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rows == j, x, 0.0), axis=0, keepdims=True)
+
+
+def col_of(x, j):
+    """Column ``j`` of a 2-D ``x`` as ``[r, 1]``."""
+    cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _pair_decay(g, j, causal):
+    """``[s, d]``: the weights between every row r of a sub-block and its row ``j``, 0 where r does not see j."""
+    rows = lax.broadcasted_iota(jnp.int32, g.shape, 0)
+    g_j = row_of(g, j)
+    if causal:
+        return jnp.exp(jnp.where(rows >= j, g - g_j, -jnp.inf))
+    return jnp.exp(jnp.where(rows <= j, g_j - g, -jnp.inf))
+
+
+def diag_scores(x, y, g, causal):
+    """``[s, s]``: ``p_rc = sum_d x_rd y_cd w_rcd`` inside one sub-block (``x, y, g [s, d]``), float32."""
+    s = x.shape[0]
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    cols = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+
+    def column(j, p):
+        return jnp.where(cols == j, jnp.sum(x * row_of(y, j) * _pair_decay(g, j, causal), axis=1, keepdims=True), p)
+
+    return lax.fori_loop(0, s, column, jnp.zeros((s, s), jnp.float32))
+
+
+def diag_spread(p, y, g, causal):
+    """``[s, d]``: ``sum_c p_rc y_cd w_rcd`` inside one sub-block (``p [s, s]``; ``y, g [s, d]``), float32."""
+    y = y.astype(jnp.float32)
+
+    def add(j, acc):
+        return acc + col_of(p, j) * row_of(y, j) * _pair_decay(g, j, causal)
+
+    return lax.fori_loop(0, p.shape[0], add, jnp.zeros(y.shape, jnp.float32))
+
+
+def off_factors(g_sub, g, start, causal):
+    """Row factors ``[s, d]`` of the sub-block at row ``start`` of the chunk and column factors ``[chunk, d]`` of
+    the chunk's other rows it sees (earlier ones if causal, later ones if not; 0 for the rest), through the
+    reference row n at the sub-block's edge (its first row if causal, its last if not)."""
+    pos = lax.broadcasted_iota(jnp.int32, g.shape, 0)
+    s = g_sub.shape[0]
+    if causal:
+        g_n = row_of(g_sub, 0)
+        return jnp.exp(g_sub - g_n), jnp.exp(jnp.where(pos < start, g_n - g, -jnp.inf))
+    g_n = row_of(g_sub, s - 1)
+    return jnp.exp(g_n - g_sub), jnp.exp(jnp.where(pos >= start + s, g - g_n, -jnp.inf))
+
+
+def entering(g, last, causal):
+    """The carried state's weight at each row: the decays from the chunk's start (causal) or to its end."""
+    return jnp.exp(g) if causal else jnp.exp(last - g)
+
+
+def leaving(g, last, causal):
+    """Each row's weight in the state passed on: the decays to the chunk's end (causal) or from its start."""
+    return jnp.exp(last - g) if causal else jnp.exp(g)
+
+
+def _fwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize, vector=False):
     q_ref, k_ref, v_ref = refs[:3]
     g_ref = refs[3] if has_decay else None
     num_ref, den_ref = refs[3 + has_decay:]
+    if vector:
+        _fwd_vector(q_ref, k_ref, v_ref, g_ref, num_ref, den_ref, chunk=chunk, num_chunks=num_chunks,
+                    normalize=normalize)
+        return
     m, block_v = q_ref.shape[-1], v_ref.shape[-1]
     state = jnp.zeros((m, block_v), jnp.float32)
     zsum = jnp.zeros((m,), jnp.float32)
@@ -142,7 +224,50 @@ def _factor(x, factor):
     return x if factor is None else x * factor
 
 
-def _bwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
+def _cast(x, like):
+    return x.astype(like.dtype)
+
+
+def _chunk_last(g):
+    """The chunk's total log-decay per channel ``[1, m]`` and its factor ``[m]`` (for the state's rows)."""
+    last = row_of(g, g.shape[0] - 1)
+    return last, jnp.sum(jnp.exp(last), axis=0)
+
+
+def _fwd_vector(q_ref, k_ref, v_ref, g_ref, num_ref, den_ref, *, chunk, num_chunks, normalize):
+    """Causal forward with a decay per channel (``g_ref [len, m]``): each chunk in sub-blocks of ``SUB`` rows."""
+    m, block_v = q_ref.shape[-1], v_ref.shape[-1]
+    f32 = jnp.float32
+
+    def body(c, carry):
+        state, zsum = carry
+        rows = pl.ds(c * chunk, chunk)
+        k, v, g = k_ref[rows, :], v_ref[rows, :], g_ref[rows, :]
+
+        def sub_block(a, _):
+            start = a * SUB
+            sub = pl.ds(c * chunk + start, SUB)
+            q_s, g_s = q_ref[sub, :], g_ref[sub, :]
+            row_f, col_f = off_factors(g_s, g, start, True)
+            scores = _dot(_cast(q_s * row_f, q_s), _cast(k * col_f, k), trans_b=True)  # earlier sub-blocks
+            diag = diag_scores(q_s, k_ref[sub, :], g_s, True)
+            q_in = q_s.astype(f32) * jnp.exp(g_s)
+            num = _dot(_cast(scores, v), v) + _dot(_cast(diag, v), v_ref[sub, :]) + _dot(
+                _cast(q_in, q_s), _cast(state, q_s))
+            num_ref[sub, :] = num.astype(num_ref.dtype)
+            if normalize:
+                den_ref[sub] = jnp.sum(scores, axis=1) + jnp.sum(diag, axis=1) + jnp.sum(q_in * zsum[None, :], axis=1)
+            return 0
+
+        lax.fori_loop(0, chunk // SUB, sub_block, 0)
+        last, total = _chunk_last(g)
+        k_w = k.astype(f32) * leaving(g, last, True)
+        return state * total[:, None] + _dot(_cast(k_w, v), v, trans_a=True), zsum * total + jnp.sum(k_w, axis=0)
+
+    lax.fori_loop(0, num_chunks, body, (jnp.zeros((m, block_v), f32), jnp.zeros((m,), f32)))
+
+
+def _bwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize, vector=False):
     q_ref, k_ref, v_ref = refs[:3]
     at = 3
     g_ref = refs[at] if has_decay else None
@@ -153,6 +278,10 @@ def _bwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
     m, block_v = q_ref.shape[-1], v_ref.shape[-1]
     # The denominator's cotangent enters d phi_q and d phi_k once: in the first value block only.
     first = (pl.program_id(2) == 0).astype(jnp.float32)
+    if vector:
+        _bwd_vector(q_ref, k_ref, v_ref, g_ref, dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref, first=first,
+                    chunk=chunk, num_chunks=num_chunks)
+        return
 
     def load(c):
         rows = pl.ds(c * chunk, chunk)
@@ -219,12 +348,79 @@ def _bwd_kernel(*refs, chunk, num_chunks, causal, has_decay, normalize):
     lax.fori_loop(0, num_chunks, backward, (zeros_state, zeros_z))
 
 
-def _specs(batch, length, heads, m, block_v, has_decay, extra_v_like=0, extra_row=0):
+def _bwd_vector(q_ref, k_ref, v_ref, g_ref, dnum_ref, dden_ref, dq_ref, dk_ref, dv_ref, *, first, chunk,
+                num_chunks):
+    """Causal backward with a decay per channel: d phi_q with the chunks in order, then d phi_k and d v in reverse,
+    each chunk in sub-blocks of ``SUB`` rows (queries for d phi_q, keys for d phi_k and d v)."""
+    m, block_v = q_ref.shape[-1], v_ref.shape[-1]
+    f32 = jnp.float32
+
+    def dden_of(rows, size):
+        return dden_ref[rows] * first if dden_ref is not None else jnp.zeros((size,), f32)
+
+    def forward(c, carry):  # d phi_q; state, zsum: the forward's, entering chunk c
+        state, zsum = carry
+        rows = pl.ds(c * chunk, chunk)
+        k, v, g = k_ref[rows, :], v_ref[rows, :], g_ref[rows, :]
+
+        def sub_block(a, _):
+            start = a * SUB
+            sub = pl.ds(c * chunk + start, SUB)
+            dnum, dden, g_s = dnum_ref[sub, :], dden_of(sub, SUB), g_ref[sub, :]
+            row_f, col_f = off_factors(g_s, g, start, True)
+            dscores = _dot(_cast(dnum, v), v, trans_b=True) + dden[:, None]
+            ddiag = _dot(_cast(dnum, v), v_ref[sub, :], trans_b=True) + dden[:, None]
+            carried = _dot(dnum, state, trans_b=True) + dden[:, None] * zsum[None, :]
+            dq_ref[sub, :] = (row_f * _dot(_cast(dscores, k), _cast(k * col_f, k)) + diag_spread(
+                ddiag, k_ref[sub, :], g_s, True) + jnp.exp(g_s) * carried)
+            return 0
+
+        lax.fori_loop(0, chunk // SUB, sub_block, 0)
+        last, total = _chunk_last(g)
+        k_w = k.astype(f32) * leaving(g, last, True)
+        return state * total[:, None] + _dot(_cast(k_w, v), v, trans_a=True), zsum * total + jnp.sum(k_w, axis=0)
+
+    lax.fori_loop(0, num_chunks, forward, (jnp.zeros((m, block_v), f32), jnp.zeros((m,), f32)))
+
+    def backward(i, carry):  # d phi_k, d v; dstate, dz: cotangents of the state leaving chunk c
+        dstate, dz = carry
+        c = num_chunks - 1 - i
+        rows = pl.ds(c * chunk, chunk)
+        q, dnum, dden, g = q_ref[rows, :], dnum_ref[rows, :], dden_of(rows, chunk), g_ref[rows, :]
+        last, total = _chunk_last(g)
+
+        def sub_block(a, _):
+            start = a * SUB
+            sub = pl.ds(c * chunk + start, SUB)
+            k_s, v_s, g_s = k_ref[sub, :], v_ref[sub, :], g_ref[sub, :]
+            q_s, dnum_s, dden_s = q_ref[sub, :], dnum_ref[sub, :], dden_of(sub, SUB)
+            row_f, col_f = off_factors(g_s, g, start, False)  # rows: these keys; columns: the later queries
+            q_w = _cast(q * col_f, q)
+            dscores_t = _dot(_cast(v_s, dnum), dnum, trans_b=True) + dden[None, :]  # [SUB, chunk]: d scores^T
+            ddiag_t = _dot(_cast(v_s, dnum), dnum_s, trans_b=True) + dden_s[None, :]
+            k_out = k_s.astype(f32) * leaving(g_s, last, True)
+            dk_ref[sub, :] = (row_f * _dot(_cast(dscores_t, q), q_w) + diag_spread(ddiag_t, q_s, g_s, False)
+                              + leaving(g_s, last, True) * (_dot(v_s.astype(f32), dstate, trans_b=True) + dz[None, :]))
+            scores_t = _dot(_cast(k_s * row_f, k_s), q_w, trans_b=True)
+            diag_t = diag_scores(k_s, q_s, g_s, False)
+            dv_ref[sub, :] = (_dot(_cast(scores_t, dnum), dnum) + _dot(_cast(diag_t, dnum), dnum_s)
+                              + _dot(k_out, dstate))
+            return 0
+
+        lax.fori_loop(0, chunk // SUB, sub_block, 0)
+        q_in = q.astype(f32) * entering(g, last, True)
+        return (dstate * total[:, None] + _dot(q_in, dnum, trans_a=True),
+                dz * total + jnp.sum(q_in * dden[:, None], axis=0))
+
+    lax.fori_loop(0, num_chunks, backward, (jnp.zeros((m, block_v), f32), jnp.zeros((m,), f32)))
+
+
+def _specs(batch, length, heads, m, block_v, has_decay, extra_v_like=0, extra_row=0, vector=False):
     """BlockSpecs over grid (batch, heads, value block) for q, k, v [, g] and cotangent inputs."""
     feat = pl.BlockSpec((None, length, None, m), lambda b, h, j: (b, 0, h, 0))
     vals = pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))
     row = pl.BlockSpec((None, length, None), lambda b, h, j: (b, 0, h))
-    return [feat, feat, vals] + [row] * has_decay + [vals] * extra_v_like + [row] * extra_row
+    return [feat, feat, vals] + [feat if vector else row] * has_decay + [vals] * extra_v_like + [row] * extra_row
 
 
 def _compiler_params(m, block_v):
@@ -233,25 +429,27 @@ def _compiler_params(m, block_v):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _core(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
-    """Unnormalized numerator [b, n, h, dv] (float32) and denominator [b, n, h] (or None) of padded inputs."""
+    """Unnormalized numerator [b, n, h, dv] (float32) and denominator [b, n, h] (or None) of padded inputs;
+    ``log_decay`` [b, n, h] or [b, n, h, m] (per channel) or None."""
     return _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret)
 
 
 def _local_cumsum(log_decay, chunk):
-    """Cumulative log-decay restarted at every chunk: [b, n, h] float32."""
-    batch, length, heads = log_decay.shape
-    g = jnp.cumsum(log_decay.reshape(batch, length // chunk, chunk, heads), axis=2)
-    return g.reshape(batch, length, heads)
+    """Cumulative log-decay restarted at every chunk: [b, n, h] or [b, n, h, m] float32."""
+    batch, length = log_decay.shape[:2]
+    g = jnp.cumsum(log_decay.reshape(batch, length // chunk, chunk, *log_decay.shape[2:]), axis=2)
+    return g.reshape(log_decay.shape)
 
 
 def _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
     batch, length, heads, m = q.shape
     dv = v.shape[-1]
     has_decay = log_decay is not None
+    vector = has_decay and log_decay.ndim == 4
     num_blocks = dv // block_v
     inputs = (q, k, v) + ((_local_cumsum(log_decay, chunk),) if has_decay else ())
     kernel = functools.partial(_fwd_kernel, chunk=chunk, num_chunks=length // chunk, causal=causal,
-                               has_decay=has_decay, normalize=normalize)
+                               has_decay=has_decay, normalize=normalize, vector=vector)
     out_shape = [jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.float32)]
     out_specs = [pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))]
     if normalize:  # one denominator copy per value block; block 0's is used
@@ -259,7 +457,8 @@ def _forward(q, k, v, log_decay, causal, normalize, chunk, block_v, interpret):
         out_specs.append(pl.BlockSpec((None, None, length, None), lambda b, h, j: (j, b, 0, h)))
     outs = pl.pallas_call(
         kernel if normalize else _drop_den(kernel), grid=(batch, heads, num_blocks),
-        in_specs=_specs(batch, length, heads, m, block_v, has_decay), out_specs=out_specs, out_shape=out_shape,
+        in_specs=_specs(batch, length, heads, m, block_v, has_decay, vector=vector), out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compiler_params(m, block_v), interpret=interpret, name="linear_attention_fwd",
     )(*inputs)
     return outs[0], (outs[1][0] if normalize else None)
@@ -283,30 +482,38 @@ def _core_bwd(causal, normalize, chunk, block_v, interpret, residuals, cotangent
     batch, length, heads, m = q.shape
     dv = v.shape[-1]
     has_decay = log_decay is not None
+    vector = has_decay and log_decay.ndim == 4
     num_blocks = dv // block_v
     inputs = (q, k, v) + ((_local_cumsum(log_decay, chunk),) if has_decay else ()) + (dnum.astype(jnp.float32),)
     if normalize:
         inputs += (dden.astype(jnp.float32),)
     kernel = functools.partial(_bwd_kernel, chunk=chunk, num_chunks=length // chunk, causal=causal,
-                               has_decay=has_decay, normalize=normalize)
+                               has_decay=has_decay, normalize=normalize, vector=vector)
     part = pl.BlockSpec((None, None, length, None, m), lambda b, h, j: (j, b, 0, h, 0))
     dq, dk, dvals = pl.pallas_call(
         kernel, grid=(batch, heads, num_blocks),
-        in_specs=_specs(batch, length, heads, m, block_v, has_decay, extra_v_like=1, extra_row=int(normalize)),
+        in_specs=_specs(batch, length, heads, m, block_v, has_decay, extra_v_like=1, extra_row=int(normalize),
+                        vector=vector),
         out_specs=[part, part, pl.BlockSpec((None, length, None, block_v), lambda b, h, j: (b, 0, h, j))],
         out_shape=[jax.ShapeDtypeStruct((num_blocks, batch, length, heads, m), jnp.float32)] * 2
         + [jax.ShapeDtypeStruct((batch, length, heads, dv), jnp.float32)],
         compiler_params=_compiler_params(m, block_v), interpret=interpret, name="linear_attention_bwd",
     )(*inputs)
     dq, dk = dq.sum(0), dk.sum(0)
-    d_log_decay = None
-    if has_decay:  # dG_t = q_t . dq_t - k_t . dk_t for the cumulative G; d a_s = sum_{t >= s} dG_t
-        dg = jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=-1)
-        d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, axis=1), axis=1), axis=1)
+    d_log_decay = None if log_decay is None else decay_gradient(q, k, dq, dk, vector, axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dvals.astype(v.dtype), d_log_decay
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def decay_gradient(q, k, dq, dk, vector, axis):
+    """The per-step log-decay's gradient from the features' (Yang et al. 2024, Sec. 4.2): ``dG_t = q_t dq_t -
+    k_t dk_t`` for the cumulative log-decay G, per channel (``vector``) or summed over them; ``d a_s = sum_{t >= s}
+    dG_t`` along the sequence ``axis``."""
+    dg = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
+    dg = dg if vector else jnp.sum(dg, axis=-1)
+    return jnp.flip(jnp.cumsum(jnp.flip(dg, axis=axis), axis=axis), axis=axis)
 
 
 def check_args(kernel: str, phi_q, phi_k, v, causal, decay, mask) -> None:
@@ -324,9 +531,10 @@ def check_args(kernel: str, phi_q, phi_k, v, causal, decay, mask) -> None:
     if decay is not None:
         if not causal:
             raise ValueError(f"{kernel}: decay needs causal=True (a decay orders the keys).")
-        if decay.shape not in ((heads,), (batch, kv_len, heads)):
-            raise ValueError(f"{kernel}: decay must have shape [heads] = {(heads,)} or [batch, kv_len, heads] = "
-                             f"{(batch, kv_len, heads)}, got {decay.shape}.")
+        if decay.shape not in ((heads,), (batch, kv_len, heads), (batch, kv_len, heads, m)):
+            raise ValueError(f"{kernel}: decay must have shape [heads] = {(heads,)}, [batch, kv_len, heads] = "
+                             f"{(batch, kv_len, heads)} or [batch, kv_len, heads, m] = {(batch, kv_len, heads, m)} "
+                             f"(per channel), got {decay.shape}.")
 
 
 def _check(phi_q, phi_k, v, causal, decay, chunk_size, mask, block_v):
@@ -385,9 +593,8 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
     phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
     v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - dv)
-    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h], before padding
-    if log_decay is not None:
-        log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
+    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h(, m)], before padding
+    log_decay = pad_decay(log_decay, k_front, padded - kv_len - k_front, m_pad - m)
     static = (bool(causal), bool(normalize), chunk, block, interpret_default(interpret))
     per_step = (sharding.BATCH, None, sharding.HEADS)  # [batch, length, heads, ...]
     num, den = sharding.per_shard(lambda _, *arrays: _core(*arrays, *static), (phi_q, phi_k, v, log_decay),
@@ -413,8 +620,9 @@ def prepare(kernel: str, phi_q, phi_k, v, *, causal, decay, log_decay, mask, seg
             return_state):
     """The linear kernels' shared input preparation: ``(phi_q, phi_k, v, log_decay, dtype)`` with the inputs in
     their promoted dtype, padded keys' features and values zeroed, and the per-step log decay ``[b, kv_len, h]``
-    (or None) holding ``decay``/``log_decay`` and the segment resets; the carried state's conditions checked."""
-    batch, q_len, heads, _ = phi_q.shape
+    or, per channel, ``[b, kv_len, h, m]`` (or None) holding ``decay``/``log_decay`` and the segment resets; the
+    carried state's conditions checked."""
+    batch, q_len, heads, m = phi_q.shape
     kv_len = phi_k.shape[1]
     dtype = jnp.result_type(phi_q.dtype, phi_k.dtype, v.dtype)
     phi_q, phi_k, v = (x.astype(dtype) for x in (phi_q, phi_k, v))
@@ -425,11 +633,29 @@ def prepare(kernel: str, phi_q, phi_k, v, *, causal, decay, log_decay, mask, seg
     if decay is not None:
         log_decay = jnp.log(jnp.maximum(decay.astype(jnp.float32), FLOOR))
     if log_decay is not None:
-        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads))
+        channels = (m,) if log_decay.ndim == 4 else ()
+        log_decay = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, kv_len, heads, *channels))
     if segment_ids is not None:
         reset = segment_reset(kernel, segment_ids, causal, batch, q_len, kv_len)
-        log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads)) if log_decay is None else log_decay + reset
+        if log_decay is None:
+            log_decay = jnp.broadcast_to(reset, (batch, kv_len, heads))
+        else:
+            log_decay = log_decay + (reset[..., None] if log_decay.ndim == 4 else reset)
     return phi_q, phi_k, v, log_decay, dtype
+
+
+def pad_decay(log_decay, front: int, back: int, channels: int):
+    """The per-step log decay padded along the length (``front``, ``back`` steps of no decay) and, per channel,
+    along the features (``channels`` more of no decay); None stays None."""
+    if log_decay is None:
+        return None
+    log_decay = pad_axis(log_decay, 1, front, back)
+    return pad_axis(log_decay, 3, 0, channels) if log_decay.ndim == 4 else log_decay
+
+
+def _per_feature(weight, cum):
+    """A weight over [b, (len,) h] or, per channel, [b, (len,) h, m] made to multiply features [..., m]."""
+    return weight if cum.ndim == 4 else weight[..., None]
 
 
 def check_carry(kernel: str, initial_state, return_state: bool, causal: bool, q_len: int, kv_len: int) -> None:
@@ -439,8 +665,9 @@ def check_carry(kernel: str, initial_state, return_state: bool, causal: bool, q_
 
 
 def with_initial_state(state: LinearState, phi_q, cum, num, den):
-    """num + w_i phi_q_i . kv and den + w_i phi_q_i . k_sum, w_i = exp(cum_i): the decays up to query i."""
-    q = phi_q.astype(jnp.float32) if cum is None else phi_q.astype(jnp.float32) * jnp.exp(cum)[..., None]
+    """num + w_i phi_q_i . kv and den + w_i phi_q_i . k_sum, w_i = exp(cum_i): the decays up to query i (per
+    head, or per channel when ``cum`` is ``[b, len, h, m]``)."""
+    q = phi_q.astype(jnp.float32) if cum is None else phi_q.astype(jnp.float32) * _per_feature(jnp.exp(cum), cum)
     hi = lax.Precision.HIGHEST
     num = num + jnp.einsum("blhm,bhmd->blhd", q, state.kv.astype(jnp.float32), precision=hi)
     if den is not None:
@@ -450,17 +677,17 @@ def with_initial_state(state: LinearState, phi_q, cum, num, den):
 
 def final_state(state: LinearState | None, phi_k, v, cum) -> LinearState:
     """The state after the last key: each key decayed to the end (exp(cum_last - cum_j)), plus the initial state
-    decayed by every step (exp(cum_last))."""
+    decayed by every step (exp(cum_last)); per channel too, the rows of ``kv`` decaying with their channel."""
     k = phi_k.astype(jnp.float32)
     if cum is not None:
-        k = k * jnp.exp(cum[:, -1:] - cum)[..., None]
+        k = k * _per_feature(jnp.exp(cum[:, -1:] - cum), cum)
     hi = lax.Precision.HIGHEST
     kv = jnp.einsum("blhm,blhd->bhmd", k, v.astype(jnp.float32), precision=hi)
     k_sum = jnp.sum(k, axis=1)
     if state is not None:
-        through = 1.0 if cum is None else jnp.exp(cum[:, -1])  # [b, h]
-        kv = kv + jnp.asarray(through)[..., None, None] * state.kv.astype(jnp.float32)
-        k_sum = k_sum + jnp.asarray(through)[..., None] * state.k_sum.astype(jnp.float32)
+        through = jnp.ones(()) if cum is None else _per_feature(jnp.exp(cum[:, -1]), cum)  # [b, h, m] or 1
+        kv = kv + through[..., None] * state.kv.astype(jnp.float32)
+        k_sum = k_sum + through * state.k_sum.astype(jnp.float32)
     return LinearState(kv, k_sum)
 
 
@@ -475,13 +702,15 @@ def segment_reset(kernel: str, segment_ids, causal: bool, batch: int, q_len: int
     return jnp.where(starts, jnp.log(FLOOR), 0.0)[:, :, None]
 
 
-def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=1e-6, mask=None, segment_ids=None):
-    """Materialized float32 reference of ``chunked_linear_attention`` (O(q_len * kv_len) memory), for tests;
-    ``segment_ids`` restrict each query to the keys of its own segment."""
-    batch, q_len, heads, _ = phi_q.shape
+def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=1e-6, mask=None, segment_ids=None,
+              log_decay=None):
+    """Materialized float32 reference of ``chunked_linear_attention`` (O(q_len * kv_len) memory; a per-channel
+    decay ``[b, kv_len, h, m]`` materialises the ``[q_len, kv_len, m]`` weights), for tests; ``segment_ids``
+    restrict each query to the keys of its own segment; ``log_decay`` instead of ``decay`` as in the kernel."""
+    batch, q_len, heads, m = phi_q.shape
     kv_len = phi_k.shape[1]
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
-    scores = jnp.einsum("bqhm,bkhm->bhqk", phi_q, phi_k, precision=lax.Precision.HIGHEST)
+    hi = lax.Precision.HIGHEST
     allowed = jnp.ones((batch, 1, q_len, kv_len), bool)
     if mask is not None:
         allowed &= jnp.asarray(mask, bool)[:, None, None, :]
@@ -492,15 +721,21 @@ def reference(phi_q, phi_k, v, *, causal=False, decay=None, normalize=True, eps=
         ids = jnp.asarray(segment_ids)
         allowed &= (ids[:, :, None] == ids[:, None, :])[:, None]
     if decay is not None:
-        log_decay = jnp.broadcast_to(jnp.log(decay.astype(jnp.float32)), (batch, kv_len, heads))
-        cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)  # [b, h, kv_len]
+        log_decay = jnp.log(decay.astype(jnp.float32))
+    vector = log_decay is not None and log_decay.ndim == 4
+    scores = None if vector else jnp.einsum("bqhm,bkhm->bhqk", phi_q, phi_k, precision=hi)
+    if log_decay is not None:
+        log_decay = log_decay.astype(jnp.float32)
+        log_decay = log_decay if vector else jnp.broadcast_to(log_decay, (batch, kv_len, heads))[..., None]
+        cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)  # [b, h, kv_len, m or 1]
         cum_q = jnp.take(cum, jnp.clip(rows[:, 0], 0, kv_len - 1), axis=2)
-        diff = jnp.where(allowed, cum_q[..., :, None] - cum[..., None, :], -jnp.inf)
-        scores = scores * jnp.exp(diff)
+        weights = jnp.exp(jnp.where(allowed[..., None], cum_q[:, :, :, None] - cum[:, :, None], -jnp.inf))
+        if vector:
+            scores = jnp.einsum("bqhm,bkhm,bhqkm->bhqk", phi_q, phi_k, weights, precision=hi)
+        else:
+            scores = scores * weights[..., 0]
     scores = jnp.where(allowed, scores, 0.0)
-    num = jnp.einsum("bhqk,bkhd->bqhd", scores, v, precision=lax.Precision.HIGHEST)
+    num = jnp.einsum("bhqk,bkhd->bqhd", scores, v, precision=hi)
     if not normalize:
         return num
     return guarded_divide(num, jnp.moveaxis(scores.sum(-1), 1, 2), eps)
-
-

@@ -146,14 +146,60 @@ def _kernel(*refs, mode, num_chunks, has_decay):
     s_ref[...] = state + _mm(k, v, TN)
 
 
-def _call(q, k, v, g, mode, chunk, interpret, block_v=None):
+def _vector_kernel(a_ref, b_ref, c_ref, g_ref, o_ref, s_ref, *, causal, on_values):
+    """One chunk of ``out_r = sum_{c seen by r} sum_d a_rd b_cd c_c w_rcd`` (decay on the contracted channels) or
+    ``out_rd = sum_c (a_r . b_c) c_cd w_rcd`` (``on_values``: on the output's), ``w_rcd = exp(g_rd - g_cd)`` for
+    c <= r (``causal``) or ``exp(g_cd - g_rd)`` for c >= r. The chunk is walked in ``la.SUB``-row sub-blocks:
+    pairs across sub-blocks are matmuls through ``la.off_factors``, pairs inside one elementwise. The state is
+    ``c^T b`` ``[block_v, m]`` (decaying along its lanes) or ``b^T c`` ``[m, block_v]`` (``on_values``)."""
+    @pl.when(pl.program_id(3) == 0)
+    def _():
+        s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
+
+    b, c, g = b_ref[...], c_ref[...], g_ref[...]
+    last = la.row_of(g, g.shape[0] - 1)
+    state = s_ref[...]
+
+    def sub_block(i, _):
+        start = pl.multiple_of(i * la.SUB, la.SUB)
+        rows = pl.ds(start, la.SUB)
+        a_s, b_s, c_s, g_s = a_ref[rows, :], b_ref[rows, :], c_ref[rows, :], g_ref[rows, :]
+        row_f, col_f = la.off_factors(g_s, g, start, causal)
+        if on_values:
+            off = row_f * _mm(_mm(a_s, b, NT), _like(c * col_f, c), NN)
+            diag = la.diag_spread(_mm(a_s, b_s, NT), c_s, g_s, causal)
+            carried = la.entering(g_s, last, causal) * _mm(a_s, state, NN)
+        else:
+            off = _mm(_mm(_like(a_s * row_f, a_s), _like(b * col_f, b), NT), c, NN)
+            diag = _mm(la.diag_scores(a_s, b_s, g_s, causal), c_s, NN)
+            carried = _mm(a_s * la.entering(g_s, last, causal), state, NT)
+        o_ref[rows, :] = (off + diag + carried).astype(o_ref.dtype)
+        return 0
+
+    lax.fori_loop(0, g.shape[0] // la.SUB, sub_block, 0)
+    gone = la.leaving(g, last, causal)
+    if on_values:
+        s_ref[...] = state * jnp.exp(last) + _mm(b, _like(c * gone, c), TN)
+    else:
+        s_ref[...] = state * jnp.exp(last) + _mm(c, _like(b * gone, b), TN)
+
+
+def _like(x, ref):
+    """``x`` in ``ref``'s dtype: a decayed bfloat16 operand stays bfloat16 for the MXU."""
+    return x.astype(ref.dtype)
+
+
+def _call(q, k, v, g, mode, chunk, interpret, block_v=None, on_values=False):
     """``_kernel`` over head-major ``q, k [b, h, n, m]``, ``v [b, h, n, dv]`` (n a multiple of ``chunk``; m, dv
-    multiples of 128) and the chunk-local cumulative log-decay ``g [b, h, n]`` (or None): float32 ``[b, h, n, dv]``."""
+    multiples of 128) and the chunk-local cumulative log-decay ``g [b, h, n]`` (or None): float32 ``[b, h, n, dv]``.
+    A per-channel ``g [b, h, n, m or dv]`` runs ``_vector_kernel`` (causal or anticausal) with the decay on the
+    features of q and k, or on those of v with ``on_values``."""
     batch, heads, length, m = q.shape
     dv = v.shape[-1]
     nc = length // chunk
     block_v = value_block(dv, block_v)
     has_decay = g is not None
+    vector = has_decay and g.ndim == 4
     if mode == "bidirectional":
         steps = 2 * nc
         q_at = lambda c: jnp.maximum(c - nc, 0)  # noqa: E731 - second pass: the query chunks
@@ -167,31 +213,42 @@ def _call(q, k, v, g, mode, chunk, interpret, block_v=None):
         pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, k_at(c), j)),
     ]
     inputs = [q, k, v]
-    if has_decay:
+    kernel = functools.partial(_kernel, mode=mode, num_chunks=nc, has_decay=has_decay)
+    state = (m, block_v)
+    if vector:
+        width = block_v if on_values else m
+        in_specs.append(pl.BlockSpec((None, None, chunk, width),
+                                     lambda b, h, j, c: (b, h, k_at(c), j if on_values else 0)))
+        inputs.append(g)
+        kernel = functools.partial(_vector_kernel, causal=mode == "causal", on_values=on_values)
+        state = state if on_values else (block_v, m)
+    elif has_decay:
         in_specs += [pl.BlockSpec((None, None, chunk, 1), lambda b, h, j, c: (b, h, k_at(c), 0)),
                      pl.BlockSpec((None, None, 1, chunk), lambda b, h, j, c: (b, h, 0, k_at(c)))]
         inputs += [g[..., None], g[:, :, None, :]]
     return pl.pallas_call(
-        functools.partial(_kernel, mode=mode, num_chunks=nc, has_decay=has_decay),
+        kernel,
         grid=(batch, heads, dv // block_v, steps),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, q_at(c), j)),
         out_shape=jax.ShapeDtypeStruct((batch, heads, length, dv), jnp.float32),
-        scratch_shapes=[pltpu.VMEM((m, block_v), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM(state, jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=CHUNK_AXIS),
         interpret=interpret_params(interpret), name=f"tpu_linear_attention_{mode}",
     )(*inputs)
 
 
 def _local_cumsum(log_decay, chunk):
-    """Cumulative log-decay restarted at every chunk: ``[b, h, n]`` float32."""
-    batch, heads, length = log_decay.shape
-    return jnp.cumsum(log_decay.reshape(batch, heads, length // chunk, chunk), axis=3).reshape(batch, heads, length)
+    """Cumulative log-decay restarted at every chunk: ``[b, h, n]`` or, per channel, ``[b, h, n, m]`` float32."""
+    batch, heads, length = log_decay.shape[:3]
+    pieces = log_decay.reshape(batch, heads, length // chunk, chunk, *log_decay.shape[3:])
+    return jnp.cumsum(pieces, axis=3).reshape(log_decay.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _core(q, k, v, log_decay, causal, chunk, interpret, block_v):
-    """Numerator ``[b, h, n, dv]`` (float32) of padded head-major inputs; ``log_decay [b, h, n]`` or None."""
+    """Numerator ``[b, h, n, dv]`` (float32) of padded head-major inputs; ``log_decay [b, h, n]``, ``[b, h, n, m]``
+    (per channel) or None."""
     g = None if log_decay is None else _local_cumsum(log_decay, chunk)
     return _call(q, k, v, g, "causal" if causal else "bidirectional", chunk, interpret, block_v)
 
@@ -205,13 +262,11 @@ def _core_bwd(causal, chunk, interpret, block_v, residuals, dnum):
     g = None if log_decay is None else _local_cumsum(log_decay, chunk)
     forward, backward = ("causal", "anticausal") if causal else ("bidirectional", "bidirectional")
     dnum = dnum.astype(jnp.float32)
-    dq = _call(dnum, v, k, g, forward, chunk, interpret)
-    dk = _call(v, dnum, q, g, backward, chunk, interpret)
+    vector = g is not None and g.ndim == 4  # then d phi_q and d phi_k carry the decay on their own channels
+    dq = _call(dnum, v, k, g, forward, chunk, interpret, on_values=vector)
+    dk = _call(v, dnum, q, g, backward, chunk, interpret, on_values=vector)
     dv = _call(k, q, dnum, g, backward, chunk, interpret, block_v)
-    d_log_decay = None
-    if log_decay is not None:  # dG_t = q_t . dq_t - k_t . dk_t for the cumulative G; d a_s = sum_{t >= s} dG_t
-        dg = jnp.sum(q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk, axis=-1)
-        d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, axis=2), axis=2), axis=2)
+    d_log_decay = None if log_decay is None else la.decay_gradient(q, k, dq, dk, vector, axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_log_decay
 
 
@@ -267,9 +322,8 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     phi_q = pad_axis(pad_axis(phi_q, 1, q_front, padded - q_len - q_front), 3, 0, m_pad - m)
     phi_k = pad_axis(pad_axis(phi_k, 1, k_front, padded - kv_len - k_front), 3, 0, m_pad - m)
     v = pad_axis(pad_axis(v, 1, k_front, padded - kv_len - k_front), 3, 0, dv_pad - v.shape[-1])
-    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h], before padding
-    if log_decay is not None:
-        log_decay = pad_axis(log_decay, 1, k_front, padded - kv_len - k_front)
+    cum = None if log_decay is None else jnp.cumsum(log_decay, axis=1)  # [b, len, h(, m)], before padding
+    log_decay = la.pad_decay(log_decay, k_front, padded - kv_len - k_front, m_pad - m)
     interpret = interpret_params(interpret)
 
     def per_shard(_, q, k, vals, ld):

@@ -175,6 +175,126 @@ def test_clear_errors():
         call(phi_q, phi_k[..., :4], v)
 
 
+# --- per-channel decays (GLA, HGRN2): log_decay [b, kv_len, h, m] -----------------------------------------------
+
+def channel_log_decay(key, shape, low=-1.0):
+    """Per-channel log decays in [low, 0] (low=-5: strong decays, a weight of e^-80 across one sub-block)."""
+    return jax.random.uniform(key, shape, minval=low, maxval=0.0)
+
+
+def recurrence(phi_q, phi_k, v, log_decay, normalize):
+    """float64 token recurrence: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T, z_t = exp(g_t) z_{t-1} + k_t, out_t =
+    S_t^T q_t (/ q_t . z_t); returns (out, S, z) after the last token."""
+    q, k, v, g = (np.asarray(x, np.float64) for x in (phi_q, phi_k, v, log_decay))
+    batch, length, heads, m = q.shape
+    state, z = np.zeros((batch, heads, m, v.shape[-1])), np.zeros((batch, heads, m))
+    out = np.zeros(v.shape)
+    for t in range(length):
+        decay = np.exp(g[:, t])
+        state = decay[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        z = decay * z + k[:, t]
+        out[:, t] = np.einsum("bhm,bhmd->bhd", q[:, t], state)
+        if normalize:
+            out[:, t] /= np.einsum("bhm,bhm->bh", q[:, t], z)[..., None]
+    return out, state, z
+
+
+CHANNEL_CASES = [  # lq, lk, chunk, normalize, low, segments, mask lengths
+    (37, 37, 32, False, -5.0, True, None),  # strong decays, segments, 2 chunks x 2 sub-blocks, length off the chunk
+    (37, 37, 16, True, -1.0, False, [30, 37]),  # normalized, padding mask, one sub-block per chunk
+    (13, 29, 16, True, -1.0, False, None),  # q_len < kv_len: end aligned
+    (29, 13, 32, False, -1.0, False, None),  # q_len > kv_len: empty keys in front
+    (100, 100, 64, True, -5.0, True, [100, 77]),  # 4 sub-blocks per chunk, strong, normalized
+]
+
+
+@pytest.mark.parametrize("lq,lk,chunk,normalize,low,segments,lengths", slow_after(CHANNEL_CASES))
+def test_per_channel_decay_equals_reference(lq, lk, chunk, normalize, low, segments, lengths):
+    phi_q, phi_k, v, key = inputs(12, lq=lq, lk=lk)
+    log_decay = channel_log_decay(key, phi_k.shape, low)
+    ids = jnp.asarray(np.repeat([[0, 1, 2], [3, 3, 4]], [5, 14, lk - 19], axis=1)) if segments else None
+    opts = dict(causal=True, normalize=normalize, segment_ids=ids,
+                mask=None if lengths is None else lengths_mask(lengths, lk))
+    kernel = lambda *a: la.chunked_linear_attention(*a[:3], log_decay=a[3], chunk_size=chunk, **opts)
+    ref = lambda *a: la.reference(*a[:3], log_decay=a[3], **opts)
+    cot = jax.random.normal(jax.random.key(7), (2, lq, 2, 8))
+    out, grads = value_and_grads_of(kernel, [phi_q, phi_k, v, log_decay], cot)
+    want, want_grads = value_and_grads_of(ref, [phi_q, phi_k, v, log_decay], cot)
+    assert_tree_close(out, want, 1e-5, 1e-5)  # finite too: no NaN/inf from the strong decays
+    assert_tree_close(grads, want_grads, 1e-4, 1e-5)
+
+
+def test_per_channel_decay_matches_the_recurrence_and_a_per_head_decay_broadcast():
+    phi_q, phi_k, v, key = inputs(13, lq=40, lk=40)
+    keys = jax.random.split(key)
+    fn = jit(lambda q, k, v, g: la.chunked_linear_attention(q, k, v, causal=True, log_decay=g, chunk_size=32))
+    per_channel = channel_log_decay(keys[0], phi_k.shape, -3.0)
+    assert_tree_close(fn(phi_q, phi_k, v, per_channel), recurrence(phi_q, phi_k, v, per_channel, True)[0], 1e-5, 1e-5)
+    per_head = channel_log_decay(keys[1], phi_k.shape[:3])
+    broadcast = jnp.broadcast_to(per_head[..., None], phi_k.shape)
+    np.testing.assert_allclose(fn(phi_q, phi_k, v, broadcast), fn(phi_q, phi_k, v, per_head), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="decay needs causal=True"):
+        la.chunked_linear_attention(phi_q, phi_k, v, log_decay=per_channel)
+    with pytest.raises(ValueError, match=r"decay must have shape .* \[batch, kv_len, heads, m\]"):
+        la.chunked_linear_attention(phi_q, phi_k, v, causal=True, log_decay=per_channel[..., :3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalize", [False, True])
+def test_per_channel_decay_state_carried_across_calls(normalize):
+    # Two calls with the state carried equal one call and the float64 recurrence (outputs, gradients including the
+    # decay's, and the final state's per-channel decay); segments, the cut inside a segment and a chunk.
+    phi_q, phi_k, v, key = inputs(14, lq=40, lk=40)
+    log_decay = channel_log_decay(key, phi_k.shape, -2.0)
+    ids = jnp.asarray(np.repeat([[0, 1], [2, 3]], [9, 31], axis=1))
+    opts = dict(causal=True, chunk_size=16, normalize=normalize)
+
+    def whole(q, k, v, g):
+        return la.chunked_linear_attention(q, k, v, log_decay=g, segment_ids=ids, **opts)
+
+    def halves(q, k, v, g, cut=23):
+        first, state = la.chunked_linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], log_decay=g[:, :cut],
+                                                   segment_ids=ids[:, :cut], return_state=True, **opts)
+        second, final = la.chunked_linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], log_decay=g[:, cut:],
+                                                    segment_ids=ids[:, cut:], initial_state=state, return_state=True,
+                                                    **opts)
+        return jnp.concatenate([first, second], axis=1), final
+
+    cot = jax.random.normal(jax.random.key(7), v.shape)
+    args = [phi_q, phi_k, v, log_decay]
+    out, grads = value_and_grads_of(whole, args, cot)
+    split, split_grads = value_and_grads_of(lambda *a: halves(*a)[0], args, cot)
+    assert_tree_close(split, out, 1e-5, 1e-5)
+    assert_tree_close(split_grads, grads, 1e-4, 1e-5)
+    ref = lambda *a: la.reference(*a[:3], log_decay=a[3], causal=True, normalize=normalize, segment_ids=ids)
+    assert_tree_close(grads, value_and_grads_of(ref, args, cot)[1], 1e-4, 1e-5)
+    reset = jnp.where(jnp.arange(40) == 9, jnp.log(la.FLOOR), 0.0)[None, :, None, None]  # the second segment's start
+    want, kv, k_sum = recurrence(phi_q, phi_k, v, log_decay + reset, normalize)
+    assert_tree_close(out, want, 1e-5, 1e-5)  # atol relative to the largest output: the unnormalized sums cancel
+    assert_tree_close(tuple(jit(halves)(*args)[1]), (kv, k_sum), 1e-5, 1e-5)
+
+
+@pytest.mark.slow
+def test_per_channel_decay_value_blocks_and_bfloat16():
+    phi_q, phi_k, v, key = inputs(15, lq=40, lk=40, m=16, dv=32)
+    log_decay = channel_log_decay(key, phi_k.shape, -2.0)
+    cot = jax.random.normal(jax.random.key(3), v.shape)
+
+    def kernel(block):
+        return lambda q, k, v, g: la.chunked_linear_attention(q, k, v, log_decay=g, causal=True, chunk_size=32,
+                                                              block_v=block)
+
+    whole = value_and_grads_of(kernel(None), [phi_q, phi_k, v, log_decay], cot)
+    assert_tree_close(value_and_grads_of(kernel(16), [phi_q, phi_k, v, log_decay], cot), whole, 1e-5, 1e-6)
+    half = [x.astype(jnp.bfloat16) for x in (phi_q, phi_k, v)] + [log_decay]
+    out, grads = value_and_grads_of(kernel(None), half, cot)
+    want, want_grads = value_and_grads_of(lambda *a: la.reference(*a[:3], log_decay=a[3], causal=True),
+                                          [x.astype(jnp.float32) for x in half], cot)
+    assert out.dtype == jnp.bfloat16
+    assert_tree_close(out, want, 2e-2, 2e-2)
+    assert_tree_close(grads, want_grads, 3e-2, 3e-2)
+
+
 # --- impl="pallas" through the attention modules --------------------------------------------------
 
 def module_inputs(seed, length=40):
@@ -233,11 +353,15 @@ def test_impl_switch_errors():
                                               method="scattered_linear")
 
 
-@pytest.mark.parametrize("causal,decay", slow_after([(True, True), (False, False), (True, False)]))
+LOWERING_CASES = [(True, "step"), (True, "channel"), (False, None), (True, None)]
+
+
+@pytest.mark.parametrize("causal,decay", slow_after(LOWERING_CASES, keep=2))
 def test_kernels_lower_to_triton(causal, decay):
     # Lowering only (no GPU needed): Pallas -> Triton IR for forward and backward at a bench-like tile shape.
     shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
-    gate = jax.ShapeDtypeStruct((2, 256, 2), jnp.float32) if decay else None
+    gate = {"step": jax.ShapeDtypeStruct((2, 256, 2), jnp.float32), "channel": jax.ShapeDtypeStruct(
+        (2, 256, 2, 64), jnp.float32)}.get(decay)
     fn = lambda q, k, v, g: la.chunked_linear_attention(q, k, v, causal=causal, decay=g, interpret=False)
     grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))
     assert triton_calls(grad, shape, shape, shape, gate) == 2  # forward and backward kernels
