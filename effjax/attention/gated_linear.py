@@ -205,3 +205,38 @@ def _chunked(q, k, v, log_decay, state, runs, chunk_size):
     inter = jnp.einsum("bnihk,bnhkv->bnihv", q * _per_key(from_start, vector), entering)
     out = (intra + inter).reshape(batch, -1, heads, v.shape[-1])[:, :length]
     return out, final
+
+
+# --- what the methods built on this core share ---------------------------------------------------------------
+
+def check_carry(method: str, causal: bool, initial_state, return_state: bool) -> None:
+    """Refuses a carried state without ``causal``: a state is what a left-to-right pass leaves behind."""
+    if not causal and (initial_state is not None or return_state):
+        raise ValueError(f"{method}: initial_state and return_state need causal=True (a state is carried left to "
+                         "right; the bidirectional form has none).")
+
+
+def forward_or_both(method, q, k, v, log_decay, *, causal, form, chunk_size, initial_state=None, segment_ids=None,
+                    keep=None):
+    """The core left to right (``causal``: ``(out, final_state)``), else the forward plus the reversed scan of
+    catalog Sec. 2.9 (``recurrent.both_directions``; the diagonal counted in both): ``(out, None)``."""
+    call = dict(form=form, chunk_size=chunk_size, method=method)
+    if causal:
+        return gated_linear(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids, mask=keep,
+                            **call)
+
+    def one_direction(q, k, v, log_decay, *, segment_ids=None, keep=None):
+        return gated_linear(q, k, v, log_decay, segment_ids=segment_ids, mask=keep, **call)[0]
+
+    return recurrent.both_directions(one_direction, (q, k, v, log_decay), segment_ids=segment_ids, keep=keep), None
+
+
+def swish_gated_head_norm(o, gate, weight, eps: float):
+    """fla's ``FusedRMSNormGated`` (GLA, RetNet): ``RMSNorm_head(o) * weight * swish(gate)``; ``o, gate [batch,
+    length, heads, d]``, ``weight [d]`` shared by the heads. Float32."""
+    return recurrent.rms_norm(o, weight, eps) * jax.nn.silu(gate.astype(jnp.float32))
+
+
+def zero_pads(out, keep):
+    """``out [batch, length, ...]`` with padded positions (``keep`` False) set to 0."""
+    return out if keep is None else recurrent.zero_padded(keep, out)[0]
