@@ -90,7 +90,7 @@ def _check_inputs(method, q, k, v, beta, log_decay, form, chunk_size, initial_st
         values = _concrete(log_decay)
         if values is not None and not np.all(values <= 0):
             raise ValueError(f"{method}: log_decay must be <= 0 (a decay in (0, 1]), got a maximum of "
-                             f"{np.nanmax(values) if not np.all(np.isnan(values)) else 'NaN'}.")
+                             f"{float(np.max(values))}.")
     recurrent.check_state(method, initial_state, (*k.shape[:1], k.shape[2], k.shape[3], v.shape[3]))
 
 
