@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effjax.attention import gated_linear as core
 from effjax.attention.gated_linear import gated_linear
 
 FORMS = ("recurrent", "parallel", "chunked")
@@ -131,7 +132,7 @@ def test_gradients_of_the_three_forms_agree(kind):
 
     def grads(form):
         def loss(q, k, v, g, state):
-            out, final = gated_linear(q, k, v, g, form=form, chunk_size=16, initial_state=state,
+            out, final = gated_linear(q, k, v, g, form=form, chunk_size=32, initial_state=state,
                                       segment_ids=SEGMENTS_40, mask=MASK_40)
             return jnp.sum(out * weights) + jnp.sum(jnp.sin(final))
         fn = jax.jit(jax.grad(loss, argnums=range(5)), compiler_options={"xla_backend_optimization_level": 0})
@@ -142,6 +143,31 @@ def test_gradients_of_the_three_forms_agree(kind):
     for form in ("parallel", "chunked"):
         for got, want in zip(grads(form), reference, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_secondary_chunking_equals_the_direct_masked_contraction_in_values_and_gradients():
+    # One 64-token chunk in sub-chunks of 16 against the direct [C, C, d_k] fp32 contraction (catalog Sec. 3.2),
+    # with runs cutting across sub-chunks and decays down to -1e4 (exponent differences far out of exp's range).
+    rng = np.random.default_rng(13)
+    q, k = rng.normal(size=(2, 1, 2, 64, H, DK)).astype(np.float32)
+    g = np.where(rng.random((1, 2, 64, H, DK)) < 0.05, -1e4, -rng.uniform(0, 2, (1, 2, 64, H, DK)))
+    b = np.cumsum(g, axis=2).astype(np.float32)
+    runs = np.repeat(np.array([[[0, 1, 2, 2], [0, 0, 0, 0]]]), 16, axis=2) + (np.arange(64) >= 37)
+    allowed = np.tril(np.ones((64, 64), bool)) & (runs[..., :, None] == runs[..., None, :])
+    weights = np.random.default_rng(14).normal(size=(1, 2, H, 64, 64))
+
+    def direct(q, k, b):
+        return jnp.sum(weights * core._scores(q, k, core._pair_weights(b, allowed, True), True))
+
+    def sub_chunked(q, k, b):
+        return jnp.sum(weights * core.sub_chunked_scores(q, k, b, allowed, 16))
+
+    np.testing.assert_allclose(core.sub_chunked_scores(q, k, b, allowed, 16),
+                               core._scores(q, k, core._pair_weights(b, allowed, True), True), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(fn, argnums=(0, 1, 2))(q, k, b) for fn in (direct, sub_chunked)]
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -17,10 +17,10 @@ Three forms (``recurrent.FORMS``) that agree, each taking an ``initial_state`` a
     intra-chunk ``P_ij = sum_d q_id k_jd exp(b_id - b_jd)`` (``j <= i``) times ``V``; inter-chunk
     ``(Q o exp(b)) S_c``; state ``S_{c+1} = Diag(exp(b_C)) S_c + (K o exp(b_C - b))^T V`` carried by a
     ``lax.scan`` over chunks (no loop over tokens). A scalar decay makes ``P`` one masked matmul per chunk. A
-    vector decay puts the decay inside the sum over ``d``; this XLA form materialises the chunk's
-    ``[C, C, d_k]`` float32 exponent differences (masked before ``exp``) and contracts them, which is exact and
-    fine at ``C = 64`` but costs ``C * d_k`` times the memory of the scalar case; fla's secondary chunking
-    (16-token sub-blocks, off-diagonal sub-blocks as matmuls) is left to the kernels.
+    vector decay puts the decay inside the sum over ``d``: chunks larger than ``SUB_CHUNK`` (16) use fla's
+    secondary chunking (``sub_chunked_scores``: 16-token diagonal blocks as masked ``[16, 16, d_k]`` float32
+    exponent differences, the blocks below them as matmuls through each sub-chunk's first position); chunks of
+    16 or less contract the chunk's ``[C, C, d_k]`` masked exponent differences directly.
   * ``recurrent``: a ``lax.scan`` over tokens with the explicit state (decoding).
 
 Padding and packing (Sec. 2.8): a ``mask`` False token has its q, k, v and log-decay zeroed (state unchanged,
@@ -41,6 +41,7 @@ from effjax.attention import recurrent
 
 NAME = "gated_linear"
 FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+SUB_CHUNK = 16  # fla's secondary chunk of vector decays (BC)
 
 
 def gated_linear(q, k, v, log_decay, *, form="chunked", chunk_size=64, initial_state=None, segment_ids=None,
@@ -143,6 +144,36 @@ def _scores(q, k, weights, vector: bool):
     return jnp.einsum("...ihd,...jhd->...hij", q, k) * weights
 
 
+def sub_chunked_scores(q, k, b, allowed, sub: int):
+    """The intra-chunk ``P_ij = sum_d q_id k_jd exp(b_id - b_jd)`` of a vector decay by secondary chunking (catalog
+    Sec. 2.2, fla's 16-token sub-blocks): ``q, k, b [batch, n, chunk, heads, d_k]``, ``allowed [batch, n, chunk,
+    chunk]`` -> ``[batch, n, heads, chunk, chunk]``, 0 where not allowed.
+
+    Diagonal ``sub x sub`` blocks: the masked exponent differences, elementwise (``[sub, sub, d_k]`` per block).
+    A block of sub-chunk I after sub-chunk J < I: one matmul of ``q_i exp(b_i - b_r)`` and ``k_j exp(b_r - b_j)``
+    with r the first position of I, both exponents <= 0 (b is non-increasing and j < r <= i), so no factor
+    overflows and their product is ``exp(b_i - b_j)``.
+    """
+    batch, n, chunk, heads, d_k = q.shape
+    m = chunk // sub
+
+    def split(x):
+        return x.reshape(batch, n, m, sub, *x.shape[3:])
+
+    qs, ks, bs = split(q), split(k), split(b)  # [batch, n, m, sub, heads, d_k]
+    blocks = allowed.reshape(batch, n, m, sub, m, sub)
+    on_diagonal = jnp.moveaxis(jnp.diagonal(blocks, axis1=2, axis2=4), -1, 2)  # [batch, n, m, sub, sub]
+    diagonal = _scores(qs, ks, _pair_weights(bs, on_diagonal, True), True)  # [batch, n, m, heads, sub, sub]
+    first = bs[:, :, :, :1]  # b at each sub-chunk's first position r
+    q_side = qs * jnp.exp(bs - first)
+    earlier = jnp.tril(jnp.ones((m, m), bool), -1)[:, :, None, None, None]  # J < I
+    k_side = ks[:, :, None] * recurrent.masked_exp(first[:, :, :, None] - bs[:, :, None], earlier)
+    off = jnp.einsum("bnIihd,bnIJjhd->bnhIiJj", q_side, k_side)  # 0 unless J < I
+    eye = jnp.eye(m, dtype=q.dtype)[:, None, :, None]
+    full = off + jnp.moveaxis(diagonal, 3, 2)[..., :, :, None, :] * eye
+    return jnp.where(allowed[:, :, None], full.reshape(batch, n, heads, chunk, chunk), 0.0)
+
+
 def _parallel(q, k, v, log_decay, state, runs):
     vector = log_decay.ndim == 4
     length = q.shape[1]
@@ -184,7 +215,10 @@ def _chunked(q, k, v, log_decay, state, runs, chunk_size):
     # (1) intra-chunk pairs of one run.
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
     allowed = causal & (runs[:, :, :, None] == runs[:, :, None, :])
-    scores = _scores(q, k, _pair_weights(b, allowed, vector), vector)
+    if vector and chunk > SUB_CHUNK and chunk % SUB_CHUNK == 0:
+        scores = sub_chunked_scores(q, k, b, allowed, SUB_CHUNK)
+    else:
+        scores = _scores(q, k, _pair_weights(b, allowed, vector), vector)
     intra = jnp.einsum("bnhij,bnjhv->bnihv", scores, v)
 
     # (3) what each chunk writes: keys of the chunk's last run, decayed to the chunk's end.
