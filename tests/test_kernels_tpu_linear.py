@@ -24,9 +24,11 @@ def tpu_calls(fn, *args) -> int:
     return export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module().count(f"@{MOSAIC}(")
 
 
-def decay_of(kind, key, lk, heads=2):
+def decay_of(kind, key, lk, heads=2, m=8):
     if kind == "head":
         return jnp.array([0.9, 0.6][:heads])
+    if kind == "channel":  # factors in [e^-1, 1] per feature channel
+        return jnp.exp(jax.random.uniform(key, (2, lk, heads, m), minval=-1.0, maxval=0.0))
     return jax.nn.sigmoid(2.0 + jax.random.normal(key, (2, lk, heads)))
 
 
@@ -34,7 +36,7 @@ def check_linear(causal, lq, lk, chunk, decay, normalize, lengths, m=8, dv=8, dt
                  block_v=None):
     phi_q, phi_k, v, key = linear_inputs(0, lq=lq, lk=lk, m=m, dv=dv, dtype=dtype)
     mask = None if lengths is None else lengths_mask(lengths, lk)
-    args = [phi_q, phi_k, v] + ([decay_of(decay, key, lk)] if decay else [])
+    args = [phi_q, phi_k, v] + ([decay_of(decay, key, lk, m=m)] if decay else [])
     opts = dict(causal=causal, normalize=normalize, mask=mask)
 
     def kernel(*a):
@@ -53,8 +55,10 @@ def check_linear(causal, lq, lk, chunk, decay, normalize, lengths, m=8, dv=8, dt
     assert_tree_close(grads, want_grads, tol[1], tol[1])
 
 
-LINEAR_CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | None), normalize, mask lengths
+LINEAR_CASES = [  # causal, lq, lk, chunk, decay ("head" | "step" | "channel" | None), normalize, mask lengths
     (True, 150, 150, 128, "step", True, [140, 150]),  # two chunks (the state crosses a boundary), padding mask
+    (True, 150, 150, 128, "channel", True, [140, 150]),  # per channel: 8 sub-blocks per chunk, two chunks
+    (True, 13, 29, 64, "channel", False, None),  # per channel, end aligned: one chunk of 32 rows (2 sub-blocks)
     (True, 150, 150, 128, "head", False, None),  # per-head decay over two chunks, numerator only
     (False, 150, 150, 128, None, True, [100, 150]),  # bidirectional over two chunks
     (True, 13, 29, 64, "head", False, None),  # one chunk of 32 rows; q_len < kv_len: end aligned
@@ -85,6 +89,63 @@ def test_linear_bfloat16(causal):
 
 
 @pytest.mark.slow
+def test_linear_per_channel_blocks_and_bfloat16():
+    # feature dim 520 pads to 640 lanes: d phi_q and d phi_k (decay on their output channels) run in five channel
+    # blocks of 128, each with its slice of the decay; then bfloat16 with a per-channel decay.
+    check_linear(True, 40, 40, 64, "channel", True, [33, 40], m=520, dv=8)
+    check_linear(True, 150, 150, 128, "channel", True, [140, 150], dtype=jnp.bfloat16, tol=(2e-2, 3e-2))
+
+
+def per_channel_segments(length):
+    return jnp.asarray(np.repeat([[0, 1, 2], [3, 3, 4]], [5, 14, length - 19], axis=1))
+
+
+def test_per_channel_linear_equals_reference():
+    # One chunk of 48 rows (3 sub-blocks of 16), strong decays (down to e^-80 across a sub-block), segments.
+    phi_q, phi_k, v, key = linear_inputs(4, lq=37, lk=37)
+    log_decay = jax.random.uniform(key, phi_k.shape, minval=-5.0, maxval=0.0)
+    opts = dict(causal=True, normalize=False, segment_ids=per_channel_segments(37))
+    kernel = lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, log_decay=g, **opts)
+    ref = lambda q, k, v, g: la.reference(q, k, v, log_decay=g, **opts)
+    cot = jax.random.normal(jax.random.key(3), v.shape)
+    out, grads = value_and_grads_of(kernel, [phi_q, phi_k, v, log_decay], cot)
+    want, want_grads = value_and_grads_of(ref, [phi_q, phi_k, v, log_decay], cot)
+    assert_tree_close(out, want, 1e-5, 1e-5)
+    assert_tree_close(grads, want_grads, 1e-4, 1e-5)
+
+
+def test_per_channel_linear_equals_a_per_head_decay_broadcast():
+    phi_q, phi_k, v, key = linear_inputs(5, lq=40, lk=40)
+    per_head = jax.random.uniform(key, phi_k.shape[:3], minval=-1.0, maxval=0.0)
+    fn = jax.jit(lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, causal=True, log_decay=g))
+    np.testing.assert_allclose(fn(phi_q, phi_k, v, jnp.broadcast_to(per_head[..., None], phi_k.shape)),
+                               fn(phi_q, phi_k, v, per_head), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="decay needs causal=True"):
+        tpu_linear.chunked_linear_attention(phi_q, phi_k, v, log_decay=jnp.zeros(phi_k.shape))
+
+
+@pytest.mark.slow
+def test_linear_per_channel_state_carried_across_calls():
+    # Two calls with the state carried (cut inside a chunk and a segment) equal one call and the reference.
+    phi_q, phi_k, v, key = linear_inputs(6, lq=150, lk=150)
+    log_decay = jax.random.uniform(key, phi_k.shape, minval=-2.0, maxval=0.0)
+    ids = per_channel_segments(150)
+    opts = dict(causal=True, chunk_size=128)
+
+    def halves(q, k, v, g, cut=70):
+        first, state = tpu_linear.chunked_linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], log_decay=g[:, :cut],
+                                                           segment_ids=ids[:, :cut], return_state=True, **opts)
+        second = tpu_linear.chunked_linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], log_decay=g[:, cut:],
+                                                     segment_ids=ids[:, cut:], initial_state=state, **opts)
+        return jnp.concatenate([first, second], axis=1)
+
+    ref = lambda q, k, v, g: la.reference(q, k, v, log_decay=g, causal=True, segment_ids=ids)
+    cot = jax.random.normal(jax.random.key(3), v.shape)
+    args = [phi_q, phi_k, v, log_decay]
+    assert_tree_close(value_and_grads_of(halves, args, cot), value_and_grads_of(ref, args, cot), 1e-5, 1e-4)
+
+
+@pytest.mark.slow
 def test_linear_segment_ids():
     # Packed sequences (the state resets at each start, one start on the chunk boundary) with a per-step gate.
     phi_q, phi_k, v, key = linear_inputs(2, lq=150, lk=150)
@@ -107,10 +168,11 @@ def test_linear_padded_keys_do_not_leak():
 
 
 @pytest.mark.slow
-def test_linear_per_shard_under_a_mesh_equals_the_unsharded_call():
+@pytest.mark.parametrize("decay", ["step", "channel"])
+def test_linear_per_shard_under_a_mesh_equals_the_unsharded_call(decay):
     # 8 emulated devices (2 x 2 x 2): batch over data x fsdp, heads over tensor, through sharding.per_shard.
     phi_q, phi_k, v, key = linear_inputs(3, b=4, lq=40, lk=40)
-    gate = decay_of("step", key, 40)
+    gate = decay_of(decay, key, 40)
     gate = jnp.concatenate([gate, gate[::-1]])
     cot = jax.random.normal(jax.random.key(4), v.shape)
     fn = lambda q, k, v, g: tpu_linear.chunked_linear_attention(q, k, v, decay=g, causal=True)
@@ -202,6 +264,19 @@ def test_linear_lowers_for_tpu():
     assert tpu_calls(grad, short, short, short, jax.ShapeDtypeStruct((1, 37, 2), jnp.float32)) == 4
     wide = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)  # 128 values + the ones column: a 256-lane block
     assert tpu_calls(grad, wide, wide, wide, gate) == 4
+
+
+def test_per_channel_linear_lowers_for_tpu():
+    # The per-channel kernels: forward 1, gradient 4 (d phi_q and d phi_k with the decay on their own channels).
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
+    fn, grad = linear_grad_fn(True, True)
+    channels = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.float32)
+    assert tpu_calls(fn, shape, shape, shape, channels) == 1
+    assert tpu_calls(grad, shape, shape, shape, channels) == 4
+    short = jax.ShapeDtypeStruct((1, 37, 2, 8), jnp.float32)  # one chunk of 48 rows
+    assert tpu_calls(grad, short, short, short, short) == 4
+    wide = jax.ShapeDtypeStruct((1, 300, 2, 520), jnp.float32)  # 640 feature lanes: five channel blocks
+    assert tpu_calls(grad, wide, wide, jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.float32), wide) == 4
 
 
 def test_bidirectional_linear_and_scan_lower_for_tpu():
