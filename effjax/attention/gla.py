@@ -1,5 +1,5 @@
 """Gated Linear Attention (Yang, Wang, Shen, Panda, Kim, "Gated Linear Attention Transformers with Hardware-Efficient
-Training", ICML 2024, arXiv 2312.06635, Sec. 4; catalog ``linear_families.md`` Sec. 3.2) on the ``gated_linear``
+Training", ICML 2024, arXiv 2312.06635; catalog ``linear_families.md`` Sec. 3.2) on the ``gated_linear``
 core.
 
 Per head, with a data-dependent decay per key channel ``alpha_t in (0, 1]^{d_k}``:

@@ -1,5 +1,5 @@
 """HGRN2 (Qin, Yang, Sun, Shen, Li, Sun, Zhong, "HGRN2: Gated Linear RNNs with State Expansion", COLM 2024,
-arXiv 2404.07904, Sec. 3; catalog ``linear_families.md`` Sec. 3.7) on the ``gated_linear`` core.
+arXiv 2404.07904; catalog ``linear_families.md`` Sec. 3.7) on the ``gated_linear`` core.
 
 The block's q, k, v are HGRN2's output gate, forget-gate logits f and input i. Per head, with a per-channel
 forget gate bounded below by gamma:

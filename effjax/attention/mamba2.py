@@ -1,5 +1,5 @@
 """Mamba2 / SSD (Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured
-State Space Duality", ICML 2024, arXiv 2405.21060, Sec. 6-7; catalog ``linear_families.md`` Sec. 3.5) on the
+State Space Duality", arXiv 2405.21060; catalog ``linear_families.md`` Sec. 3.5) on the
 ``gated_linear`` core.
 
 The block's q, k, v play C, B and x. Per head h (state N x P = D x D):

@@ -1,5 +1,5 @@
 """RetNet multi-scale retention (Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large Language
-Models", arXiv 2307.08621, Sec. 2.1-2.2; catalog ``linear_families.md`` Sec. 3.1) on the ``gated_linear`` core.
+Models", arXiv 2307.08621; catalog ``linear_families.md`` Sec. 3.1) on the ``gated_linear`` core.
 
 Per head h, with a fixed decay ``gamma_h = 1 - 2^(-5-h)`` (not learned; the decays depend on the head count):
 
