@@ -10,13 +10,18 @@ cosFormer's reweighting, Performer features all fit) and computes, per head,
 where "visible" is every real key (bidirectional: ``phi_k^T v`` first, then ``phi_q`` times it) or the real
 keys j <= i (causal: a masked quadratic product inside each chunk of ``chunk_size`` positions plus the state
 ``S = sum phi_k^T v`` carried from chunk to chunk), and ``w_ij = prod_{t=j+1..i} decay_t`` (1 without decay).
-``decay`` (causal only, values in (0, 1]) is one factor per head ``[heads]`` (RetNet) or per step
-``[batch, kv_len, heads]`` (gated linear attention with a scalar gate per head).
+``decay`` (causal only, values in (0, 1]) is one factor per head ``[heads]`` (RetNet), per step
+``[batch, kv_len, heads]`` (gated linear attention with a scalar gate per head) or per step and feature channel
+``[batch, kv_len, heads, m]`` (GLA, HGRN2: ``S_t = Diag(decay_t) S_{t-1} + phi_k_t v_t^T``), where the weight
+moves inside the feature sum: ``sum_d phi_q_id phi_k_jd w_ijd``.
 
 Kernels: one program per (batch, head, block of value columns) walks the chunks in order with the state in
-registers; the backward kernel walks them forward for ``d phi_q`` and backward for ``d phi_k, d v``. The
-decay's gradient uses the identity ``dG_t = phi_q_t . dphi_q_t - phi_k_t . dphi_k_t`` for the cumulative
-log-decay G (Yang et al. 2024, Sec. 4.2), so the kernels themselves never differentiate the decay.
+registers; the backward kernel walks them forward for ``d phi_q`` and backward for ``d phi_k, d v``. A
+per-channel decay walks each chunk in 16-row sub-blocks (``SUB``; secondary chunking, Yang et al. 2024, Sec.
+4.2): pairs across sub-blocks as matmuls through a reference row at the sub-block's edge, so that every exponent
+is <= 0, pairs inside one elementwise in float32. The decay's gradient uses the identity ``dG_t = phi_q_t .
+dphi_q_t - phi_k_t . dphi_k_t`` for the cumulative log-decay G (elementwise, per channel, for a per-channel
+decay), so the kernels themselves never differentiate the decay.
 Padding (length to the chunk, feature and value dims to powers of two >= 16), the key mask, causal end
 alignment (query i sees keys j <= i + kv_len - q_len) and the final division are plain JAX around the
 kernels, differentiated by JAX.
@@ -234,6 +239,14 @@ def _chunk_last(g):
     return last, jnp.sum(jnp.exp(last), axis=0)
 
 
+def _absorb_channels(state, zsum, k, v, g):
+    """The state ``[m, block_v]`` and key sum ``[m]`` after a chunk: decayed per channel across it, plus its keys
+    decayed to its end."""
+    last, total = _chunk_last(g)
+    k_w = k.astype(jnp.float32) * leaving(g, last, True)
+    return state * total[:, None] + _dot(_cast(k_w, v), v, trans_a=True), zsum * total + jnp.sum(k_w, axis=0)
+
+
 def _fwd_vector(q_ref, k_ref, v_ref, g_ref, num_ref, den_ref, *, chunk, num_chunks, normalize):
     """Causal forward with a decay per channel (``g_ref [len, m]``): each chunk in sub-blocks of ``SUB`` rows."""
     m, block_v = q_ref.shape[-1], v_ref.shape[-1]
@@ -260,9 +273,7 @@ def _fwd_vector(q_ref, k_ref, v_ref, g_ref, num_ref, den_ref, *, chunk, num_chun
             return 0
 
         lax.fori_loop(0, chunk // SUB, sub_block, 0)
-        last, total = _chunk_last(g)
-        k_w = k.astype(f32) * leaving(g, last, True)
-        return state * total[:, None] + _dot(_cast(k_w, v), v, trans_a=True), zsum * total + jnp.sum(k_w, axis=0)
+        return _absorb_channels(state, zsum, k, v, g)
 
     lax.fori_loop(0, num_chunks, body, (jnp.zeros((m, block_v), f32), jnp.zeros((m,), f32)))
 
@@ -376,9 +387,7 @@ def _bwd_vector(q_ref, k_ref, v_ref, g_ref, dnum_ref, dden_ref, dq_ref, dk_ref, 
             return 0
 
         lax.fori_loop(0, chunk // SUB, sub_block, 0)
-        last, total = _chunk_last(g)
-        k_w = k.astype(f32) * leaving(g, last, True)
-        return state * total[:, None] + _dot(_cast(k_w, v), v, trans_a=True), zsum * total + jnp.sum(k_w, axis=0)
+        return _absorb_channels(state, zsum, k, v, g)
 
     lax.fori_loop(0, num_chunks, forward, (jnp.zeros((m, block_v), f32), jnp.zeros((m,), f32)))
 
@@ -396,15 +405,15 @@ def _bwd_vector(q_ref, k_ref, v_ref, g_ref, dnum_ref, dden_ref, dq_ref, dk_ref, 
             q_s, dnum_s, dden_s = q_ref[sub, :], dnum_ref[sub, :], dden_of(sub, SUB)
             row_f, col_f = off_factors(g_s, g, start, False)  # rows: these keys; columns: the later queries
             q_w = _cast(q * col_f, q)
-            dscores_t = _dot(_cast(v_s, dnum), dnum, trans_b=True) + dden[None, :]  # [SUB, chunk]: d scores^T
-            ddiag_t = _dot(_cast(v_s, dnum), dnum_s, trans_b=True) + dden_s[None, :]
-            k_out = k_s.astype(f32) * leaving(g_s, last, True)
+            dscores_t = _dot(v_s, _cast(dnum, v_s), trans_b=True) + dden[None, :]  # [SUB, chunk]: d scores^T
+            ddiag_t = _dot(v_s, _cast(dnum_s, v_s), trans_b=True) + dden_s[None, :]
+            gone = leaving(g_s, last, True)  # these keys' weights in the state leaving the chunk
             dk_ref[sub, :] = (row_f * _dot(_cast(dscores_t, q), q_w) + diag_spread(ddiag_t, q_s, g_s, False)
-                              + leaving(g_s, last, True) * (_dot(v_s.astype(f32), dstate, trans_b=True) + dz[None, :]))
+                              + gone * (_dot(v_s.astype(f32), dstate, trans_b=True) + dz[None, :]))
             scores_t = _dot(_cast(k_s * row_f, k_s), q_w, trans_b=True)
             diag_t = diag_scores(k_s, q_s, g_s, False)
             dv_ref[sub, :] = (_dot(_cast(scores_t, dnum), dnum) + _dot(_cast(diag_t, dnum), dnum_s)
-                              + _dot(k_out, dstate))
+                              + _dot(k_s.astype(f32) * gone, dstate))
             return 0
 
         lax.fori_loop(0, chunk // SUB, sub_block, 0)
@@ -558,18 +567,20 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
     h, dv]``; returns ``[b, q_len, h, dv]`` in the inputs' promoted dtype (float32 accumulation inside).
 
     ``mask [b, kv_len]`` False drops a key (its features and value are zeroed); a query with no visible real key
-    gets 0. ``decay`` (causal only): factors in (0, 1], ``[h]`` or ``[b, kv_len, h]``, applied at every
-    position (padded keys too); it gets a gradient. ``log_decay`` (same shapes, values <= 0) gives log(decay)
-    directly instead, for gates computed in log space. ``segment_ids [b, len]`` (causal self-attention): packed
-    sequences; the state resets at each segment start, folded into the per-step decay as a factor of float32's
-    smallest normal (log -87.3, so a key of an earlier segment keeps a weight below 1e-38 of its own: zero in
-    float32). ``chunk_size``: power of two >= 16 (shorter inputs use one chunk of the next power of two).
-    ``block_v``: value columns per program (default all, up to 256). ``initial_state`` (a ``LinearState``: the
+    gets 0. ``decay`` (causal only): factors in (0, 1], ``[h]``, ``[b, kv_len, h]`` or per feature channel
+    ``[b, kv_len, h, m]`` (the state's row d decays by ``decay[..., d]``; a ``[b, kv_len, h]`` decay equals its
+    broadcast), applied at every position (padded keys too); it gets a gradient. ``log_decay`` (same shapes,
+    values <= 0) gives log(decay) directly instead, for gates computed in log space. ``segment_ids [b, len]``
+    (causal self-attention): packed sequences; the state resets at each segment start, folded into the per-step
+    decay as a factor of float32's smallest normal (log -87.3, so a key of an earlier segment keeps a weight below
+    1e-38 of its own: zero in float32). ``chunk_size``: power of two >= 16 (shorter inputs use one chunk of the
+    next power of two; a per-channel decay walks each chunk in 16-row sub-blocks). ``block_v``: value columns per
+    program (default all, up to 256). ``initial_state`` (a ``LinearState``: the
     ``[b, h, m, dv]`` sum of ``phi_k v^T`` and ``[b, h, m]`` sum of ``phi_k`` of the keys before this call) and
     ``return_state`` (then ``(out, LinearState)`` with the state after the last key), causal self-attention only,
     continue a sequence across calls (decoding, context-parallel chunks): the state enters every query decayed
-    by the decays up to it and leaves decayed from each key to the end, computed beside the kernel in XLA
-    (exact; one ``O(len * m * dv)`` einsum each).
+    by the decays up to it and leaves decayed from each key to the end (per channel with a per-channel decay),
+    computed beside the kernel in XLA (exact; one ``O(len * m * dv)`` einsum each).
     ``interpret`` None: interpret mode on CPU (``kernels.backend.interpret_default``).
     """
     if decay is not None and log_decay is not None:

@@ -5,7 +5,8 @@ Yang et al. 2024, Sec. 3), with the semantics of ``kernels.linear_attention.chun
     out_i = num_i / den_i (``numerics.guarded_divide``; ``normalize=True``),   out_i = num_i (``normalize=False``),
 
 "visible": every real key (bidirectional) or the real keys j <= i (causal, end aligned), and
-``w_ij = prod_{t=j+1..i} decay_t`` (causal only; per head ``[h]`` or per step ``[b, len, h]``).
+``w_ij = prod_{t=j+1..i} decay_t`` (causal only; per head ``[h]``, per step ``[b, len, h]`` or per step and feature
+channel ``[b, len, h, m]``, then inside the feature sum: ``sum_d phi_q_id phi_k_jd w_ijd``).
 
 TPU design (one kernel, ``_kernel``, used five ways):
 - Head-major ``[b, h, len, d]`` (transposed outside the kernel); feature and value dims padded to multiples of 128
@@ -22,12 +23,18 @@ TPU design (one kernel, ``_kernel``, used five ways):
 - Three modes: "causal" (chunks in order), "anticausal" (keys j >= i, chunks in reverse order through the
   index maps) and "bidirectional" (2 x chunks grid steps: first the state ``phi_k^T v`` is summed over all
   chunks, then every query chunk is multiplied by it).
+- A per-channel decay ``g [chunk, m]`` runs ``_vector_kernel`` (causal or anticausal): the chunk in 16-row
+  sub-blocks (``linear_attention.SUB``), pairs across sub-blocks as matmuls through a reference row at the
+  sub-block's edge (both exponents <= 0), pairs inside one elementwise in float32 (a loop over the sub-block's
+  16 columns of ``[16, m]`` products: 2-D only). The decay sits on the contracted channels (forward, ``d v``) or
+  on the output's (``d phi_q``, ``d phi_k``: ``on_values``, the decay then split with the value blocks).
 
 Backward (custom VJP), all in Pallas with the same kernel, for ``dn = d num`` and the same decay:
 ``d phi_q = causal(dn, v, phi_k)``, ``d phi_k = anticausal(v, dn, phi_q)``, ``d v = anticausal(phi_k, phi_q, dn)``
-(bidirectional: all three bidirectional). The decay's gradient is ``dG_t = phi_q_t . d phi_q_t - phi_k_t .
-d phi_k_t`` for the cumulative log-decay G (Yang et al. 2024, Sec. 4.2), then a reverse cumulative sum, in plain
-JAX. The key mask, causal end alignment, padding, the ones column and the final division are plain JAX around the
+(bidirectional: all three bidirectional); with a per-channel decay ``d phi_q`` and ``d phi_k`` carry it on their
+output channels. The decay's gradient is ``dG_t = phi_q_t . d phi_q_t - phi_k_t . d phi_k_t`` for the cumulative
+log-decay G (Yang et al. 2024, Sec. 4.2; elementwise per channel), then a reverse cumulative sum, in plain JAX.
+The key mask, causal end alignment, padding, the ones column and the final division are plain JAX around the
 kernel, differentiated by JAX. float32 dots use ``Precision.HIGHEST``; bfloat16 operands multiply in bfloat16 on
 the MXU with float32 accumulation.
 
@@ -294,7 +301,8 @@ def chunked_linear_attention(phi_q, phi_k, v, *, causal=False, decay=None, chunk
 
     ``chunk_size`` is rounded up to a multiple of 128 (one chunk of the padded length when that is shorter); it
     changes the result only by rounding. ``block_v``: value lanes per program, used when its round-up to 128
-    divides the padded value dim (default: the whole padded dim up to 512, see ``value_block``). ``segment_ids
+    divides the padded value dim (default: the whole padded dim up to 512, see ``value_block``). ``decay`` /
+    ``log_decay``: per head, per step or per step and feature channel ``[b, kv_len, h, m]``. ``segment_ids
     [b, len]`` (causal self-attention): the state resets at each segment start, folded into the per-step log-decay
     as ``linear_attention.segment_reset`` does. ``initial_state``/``return_state``: as
     ``linear_attention.chunked_linear_attention`` (the same XLA composition beside the kernel). ``interpret``
