@@ -101,6 +101,9 @@ def test_short_causal_conv_equals_direct_and_cuts_at_segments():
     ref = np.concatenate([np_short(f64(x[:, :5]), f64(taps), f64(bias)),
                           np_short(f64(x[:, 5:]), f64(taps), f64(bias))], axis=1)
     np.testing.assert_allclose(cut, ref, atol=1e-6)
+    aba = np.repeat([[0, 1, 0], [0, 1, 0]], [4, 1, 3], axis=1)  # B shorter than the taps: A's two runs stay apart
+    runs = [np_short(f64(x[:, a:b]), f64(taps), f64(bias)) for a, b in ((0, 4), (4, 5), (5, 8))]
+    np.testing.assert_allclose(fast(fftconv.short_causal)(x, taps, bias, aba), np.concatenate(runs, axis=1), atol=1e-6)
 
 
 # --- scan ----------------------------------------------------------------------------------------------------

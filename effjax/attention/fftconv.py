@@ -78,11 +78,14 @@ def causal2d(x, kernel):
 def short_causal(x, taps, bias=None, segment_ids=None):
     """Direct depthwise causal conv ``y_t = bias + sum_s taps[s] x_{t-s}`` over a few ``taps [k, *channels]``.
 
-    With ``segment_ids [batch, length]``, tap s contributes only when ``x_{t-s}`` is in the segment of ``x_t``,
-    so no segment reads another.
+    With ``segment_ids [batch, length]``, tap s contributes only when ``x_{t-s}`` is in the same run of equal ids
+    as ``x_t``, so no segment reads another (an A-B-A pack with a B shorter than the taps included).
     """
     x = x.astype(jnp.float32)
     length = x.shape[1]
+    if segment_ids is not None:
+        ids = jnp.asarray(segment_ids)
+        segment_ids = jnp.cumsum(jnp.pad(ids[:, 1:] != ids[:, :-1], [(0, 0), (1, 0)]).astype(jnp.int32), axis=1)
     y = jnp.zeros_like(x)
     for s in range(min(taps.shape[0], length)):
         shifted = jnp.pad(x, [(0, 0), (s, 0)] + [(0, 0)] * (x.ndim - 2))[:, :length]
