@@ -30,7 +30,16 @@ explicitly (intra-chunk pairs by same run; the inter-chunk read by the run of th
 state contributions by the run of the chunk's last token; the carry by equal runs at consecutive chunk ends):
 no ``-inf`` log-decay shortcut. Exponents are masked before ``exp`` (``recurrent.masked_exp``) and every
 decay is ``exp`` of a difference ``b_i - b_j`` with ``i >= j`` (never ``exp(b_i) * exp(-b_j)``). Float32 inside.
+
+Kernel path (``impl``, ``kernels.dispatch`` op "linear"): the chunked form can run on the chunked linear-attention
+kernel (``kernels/linear_attention.py``, its Mosaic TPU twin ``kernels/tpu_linear.py``) with per-head or
+per-channel decays: q, k, v as ``phi_q, phi_k, v``, ``normalize=False``, the state as ``LinearState(S, 0)``. The
+kernel decays at every key it is given, so pads get zero k, v and log-decay before it (no mask is passed) and
+zero outputs after it, as here; segment starts become the kernel's resets (a log-decay of -87, exp of which is 0
+in float32). The parallel and recurrent forms stay XLA whatever ``impl`` says.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +47,17 @@ import numpy as np
 from jax import lax
 
 from effjax.attention import recurrent
+from effjax.kernels import dispatch
+from effjax.kernels.backend import check_impl
 
 NAME = "gated_linear"
 FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 SUB_CHUNK = 16  # fla's secondary chunk of vector decays (BC)
+KERNEL_MIN_CHUNK = 16  # the linear kernels' smallest chunk (Triton's smallest dot operand dim)
 
 
 def gated_linear(q, k, v, log_decay, *, form="chunked", chunk_size=64, initial_state=None, segment_ids=None,
-                 mask=None, method=NAME):
+                 mask=None, method=NAME, impl="xla"):
     """Decayed linear attention ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``.
 
     ``q, k [batch, length, heads, d_k]``, ``v [batch, length, heads, d_v]``, ``log_decay`` ``[batch, length,
@@ -53,11 +65,15 @@ def gated_linear(q, k, v, log_decay, *, form="chunked", chunk_size=64, initial_s
     on concrete values; a traced one is the caller's to guarantee). ``form``: "chunked", "parallel" or
     "recurrent"; ``chunk_size``: a power of two (chunked form; a shorter input is one chunk); ``initial_state
     [batch, heads, d_k, d_v]`` float32 (None: zeros); ``mask [batch, length]`` True on real tokens;
-    ``segment_ids [batch, length]``. ``method`` names the caller in errors.
+    ``segment_ids [batch, length]``. ``method`` names the caller in errors. ``impl`` (``kernels.dispatch``):
+    "xla", or e.g. "pallas" for the chunked linear-attention kernel with per-head/per-channel decays (chunked
+    form only, its chunk ``chunk_size`` rounded up to 16; the other forms stay XLA); a backend that cannot take
+    the call falls back along ``impl`` as the dispatch does.
 
     Returns ``(out float32 [batch, length, heads, d_v], final_state float32 [batch, heads, d_k, d_v])``.
     """
     check_inputs(method, q, k, v, log_decay)
+    check_impl(method, impl)
     recurrent.check_form(method, form)
     recurrent.check_chunk_size(method, chunk_size)
     batch, length, heads, d_k = q.shape
@@ -73,7 +89,38 @@ def gated_linear(q, k, v, log_decay, *, form="chunked", chunk_size=64, initial_s
     runs = recurrent.run_ids(starts, batch, length)
     if form == "parallel":
         return _parallel(q, k, v, log_decay, state, runs)
-    return _chunked(q, k, v, log_decay, state, runs, chunk_size)
+    xla = functools.partial(_chunked, q, k, v, log_decay, state, runs, chunk_size)
+    if impl == "xla":
+        return xla()
+    call = kernel_call(q, k, v, log_decay, state, None if starts is None else runs, chunk_size)
+    return _from_kernel(dispatch.run("linear", impl, call, xla=lambda: _as_kernel_result(xla()), where=method), keep)
+
+
+def kernel_call(q, k, v, log_decay, state, runs, chunk_size) -> dict:
+    """The chunked form as the "linear" op's arguments: ``q, k, v, log_decay`` float32 with pads already zeroed
+    (so no mask: the kernel would still decay at a masked key), ``runs`` the run ids (None: one run) whose
+    changes the kernel turns into state resets, ``state`` the initial ``S`` (its key sum unused: 0)."""
+    from effjax.kernels.linear_attention import LinearState, next_power_of_2
+
+    batch, _, heads, d_k = q.shape
+    initial = LinearState(state, jnp.zeros((batch, heads, d_k), jnp.float32))
+    return dict(phi_q=q, phi_k=k, v=v, causal=True, normalize=False, log_decay=log_decay, segment_ids=runs,
+                initial_state=initial, return_state=True,
+                chunk_size=max(KERNEL_MIN_CHUNK, next_power_of_2(chunk_size)))
+
+
+def _as_kernel_result(result):
+    """The XLA fallback's ``(out, S)`` shaped as the kernel's ``(out, LinearState)`` (no key sum)."""
+    from effjax.kernels.linear_attention import LinearState
+
+    out, final = result
+    return out, LinearState(final, None)
+
+
+def _from_kernel(result, keep):
+    """``(out, S)`` from the kernel's ``(out, LinearState)``: float32, padded positions' outputs 0."""
+    out, final = result
+    return recurrent.zero_padded(keep, out.astype(jnp.float32))[0], final.kv.astype(jnp.float32)
 
 
 def check_inputs(method, q, k, v, log_decay) -> None:
@@ -251,10 +298,11 @@ def check_carry(method: str, causal: bool, initial_state, return_state: bool) ->
 
 
 def forward_or_both(method, q, k, v, log_decay, *, causal, form, chunk_size, initial_state=None, segment_ids=None,
-                    keep=None):
+                    keep=None, impl="xla"):
     """The core left to right (``causal``: ``(out, final_state)``), else the forward plus the reversed scan of
-    catalog Sec. 2.9 (``recurrent.both_directions``; the diagonal counted in both): ``(out, None)``."""
-    call = dict(form=form, chunk_size=chunk_size, method=method)
+    catalog Sec. 2.9 (``recurrent.both_directions``; the diagonal counted in both): ``(out, None)``. ``impl``
+    runs each direction's chunked form (``gated_linear``)."""
+    call = dict(form=form, chunk_size=chunk_size, method=method, impl=impl)
     if causal:
         return gated_linear(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids, mask=keep,
                             **call)

@@ -18,6 +18,10 @@ Departures (catalog Sec. 2.7): the gate and the output gate read ``heads_flat(q,
 ``causal=False`` has no form in the paper: refused unless ``bidirectional="sum"`` (forward plus reversed scan,
 catalog Sec. 2.9, the diagonal counted twice). ``dropout_rate`` is accepted for the common interface and unused.
 ``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``.
+
+``impl="pallas"``: the chunked linear-attention kernel with per-channel decays (``kernels/linear_attention.py``,
+16-row sub-blocks, through ``kernels.dispatch`` op "linear") runs the chunked form, both scans of
+``bidirectional="sum"`` included; the parallel and recurrent forms stay XLA.
 """
 
 import jax
@@ -28,12 +32,14 @@ from effjax.attention import gated_linear as core
 from effjax.attention import recurrent
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
+from effjax.kernels.backend import check_impl
 
 NAME = "gla"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
-          "parallel, recurrent; initial_state / return_state carry the state.")
+          "parallel, recurrent; initial_state / return_state carry the state; impl='pallas' (the chunked "
+          "linear-attention kernel with per-channel decays) runs the chunked form only.")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_gla
 NORM_EPS = 1e-5  # fla's norm_eps
 
@@ -51,11 +57,13 @@ def log_forget(q, k, v, params, *, gate_logit_normalizer=16.0, clamp_min=None):
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidirectional=None, form="chunked",
            chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, gate_logit_normalizer=16.0,
-           clamp_min=None):
+           clamp_min=None, impl="xla"):
     """GLA of ``q, k, v [batch, length, heads, d]`` with ``params``: ``gate_down [3 heads d, rank]``, ``gate_up
     [rank, heads d]``, ``gate_bias [heads d]``, ``output_gate [heads d, heads d]``, ``norm [d]``. Returns
-    ``[batch, length, heads, d]`` in q's dtype (and the float32 state with ``return_state``); pads give 0."""
+    ``[batch, length, heads, d]`` in q's dtype (and the float32 state with ``return_state``); pads give 0.
+    ``impl``: "xla" or a kernel backend for the chunked form (``gated_linear``)."""
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     recurrent.refuse_bidirectional(NAME, causal, bidirectional)
     core.check_carry(NAME, causal, initial_state, return_state)
@@ -68,7 +76,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidire
     log_alpha = log_forget(q, k, v, params, gate_logit_normalizer=gate_logit_normalizer, clamp_min=clamp_min)
     o, state = core.forward_or_both(NAME, q.astype(jnp.float32) * dim ** -0.5, k, v, log_alpha, causal=causal,
                                     form=form, chunk_size=chunk_size, initial_state=initial_state,
-                                    segment_ids=segment_ids, keep=keep)
+                                    segment_ids=segment_ids, keep=keep, impl=impl)
     gate = recurrent.heads_flat(v) @ params["output_gate"].astype(jnp.float32)
     out = core.swish_gated_head_norm(o, gate.reshape(o.shape), params["norm"], NORM_EPS)
     out = core.zero_pads(out, keep).astype(q.dtype)
@@ -85,6 +93,7 @@ class Attention(nn.Module):
     form: str = "chunked"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0  # accepted, unused
+    impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-channel decays (chunked form)
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -102,4 +111,4 @@ class Attention(nn.Module):
         }
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal,
                       bidirectional=self.bidirectional, form=self.form, chunk_size=self.chunk_size,
-                      gate_logit_normalizer=self.gate_logit_normalizer, clamp_min=self.clamp_min)
+                      gate_logit_normalizer=self.gate_logit_normalizer, clamp_min=self.clamp_min, impl=self.impl)

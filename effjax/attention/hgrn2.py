@@ -21,6 +21,10 @@ bound per channel of this module, ``gamma = sigmoid(theta)`` with ``theta`` init
 ``lower_bound_init`` (0.01: small, as the low layers' bounds; None: no bound, as the official layer 0). The key
 dim is the block's D (fla: ``expand_ratio`` 128). ``dropout_rate`` is accepted for the common interface and unused.
 ``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``.
+
+``impl="pallas"``: the chunked linear-attention kernel with per-channel decays (``kernels/linear_attention.py``,
+through ``kernels.dispatch`` op "linear") runs the chunked form, both scans of ``causal=False`` included; the
+parallel and recurrent forms stay XLA.
 """
 
 import math
@@ -33,12 +37,14 @@ from effjax.attention import gated_linear as core
 from effjax.attention import recurrent
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
+from effjax.kernels.backend import check_impl
 
 NAME = "hgrn2"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="causal=False is the official BiHGRN2 (forward plus reversed scan); forms: chunked (default), parallel, "
-          "recurrent; initial_state / return_state carry the state.")
+          "recurrent; initial_state / return_state carry the state; impl='pallas' (the chunked linear-attention "
+          "kernel with per-channel decays) runs the chunked form only.")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_gla
 NORM_EPS = 1e-5  # fla's norm_eps
 
@@ -56,11 +62,13 @@ def forget_gate(f, lower_bound_logit=None):
 
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="chunked",
-           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False):
+           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, impl="xla"):
     """HGRN2 of ``q, k, v [batch, length, heads, d]`` (output gate, forget logits, input) with ``params``:
     ``norm [heads d]`` and optionally ``lower_bound [heads, d]`` (the logit of gamma). Returns ``[batch, length,
-    heads, d]`` in q's dtype (and the float32 state with ``return_state``); padded positions give 0."""
+    heads, d]`` in q's dtype (and the float32 state with ``return_state``); padded positions give 0. ``impl``:
+    "xla" or a kernel backend for the chunked form (``gated_linear``)."""
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     core.check_carry(NAME, causal, initial_state, return_state)
     batch, length, heads, dim = q.shape
@@ -68,7 +76,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="
     log_lambda, key = forget_gate(k, params.get("lower_bound"))
     query = jax.nn.silu(q.astype(jnp.float32)) * dim ** -0.5
     o, state = core.forward_or_both(NAME, query, key, v, log_lambda, causal=causal, form=form, chunk_size=chunk_size,
-                                    initial_state=initial_state, segment_ids=segment_ids, keep=keep)
+                                    initial_state=initial_state, segment_ids=segment_ids, keep=keep, impl=impl)
     out = recurrent.rms_norm(o.reshape(batch, length, heads * dim), params["norm"], NORM_EPS).reshape(o.shape)
     out = core.zero_pads(out, keep).astype(q.dtype)
     return (out, state) if return_state else out
@@ -81,6 +89,7 @@ class Attention(nn.Module):
     form: str = "chunked"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0  # accepted, unused
+    impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-channel decays (chunked form)
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -95,4 +104,4 @@ class Attention(nn.Module):
             params["lower_bound"] = self.param("lower_bound", nn.initializers.constant(logit), (heads, dim),
                                                jnp.float32)
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, impl=self.impl)

@@ -26,6 +26,10 @@ summed before the gated norm). ``dropout_rate`` is accepted for the common inter
 State: ``Mamba2State(ssm [batch, heads, d, d], conv [batch, d_conv - 1, 3, heads, d])``, the SSM state and the
 raw (v, k, q) inputs of the last ``d_conv - 1`` positions of the last run (zeros before the first token; padded
 positions as the zeros the conv reads), so that a call continued from the returned state equals the whole.
+
+``impl="pallas"``: the chunked linear-attention kernel with per-head decays (``kernels/linear_attention.py``,
+through ``kernels.dispatch`` op "linear") runs the SSD scan's chunked form, both scans of ``bidirectional="sum"``
+included; the conv, dt, D skip and gated norm stay XLA, as do the parallel and recurrent forms.
 """
 
 import math
@@ -39,12 +43,14 @@ from effjax.attention import fftconv, recurrent
 from effjax.attention import gated_linear as core
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, torch_uniform
+from effjax.kernels.backend import check_impl
 
 NAME = "mamba2"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
-          "parallel, recurrent; initial_state / return_state carry the SSM state and the conv inputs.")
+          "parallel, recurrent; initial_state / return_state carry the SSM state and the conv inputs; impl='pallas' "
+          "(the chunked linear-attention kernel with per-head decays) runs the chunked form only.")
 DEFAULT_CHUNK_SIZE = 256  # mamba_ssm's Mamba2
 NORM_EPS = 1e-5  # mamba_ssm's RMSNormGated
 
@@ -81,7 +87,7 @@ def convolved(xbc, taps, bias, runs, tail):
     return y, recurrent.zero_padded(last, full[:, full.shape[1] - width:])[0]
 
 
-def ssd(q, k, v, dt, log_decay, params, *, segment_ids=None, keep=None, form, chunk_size, state=None):
+def ssd(q, k, v, dt, log_decay, params, *, segment_ids=None, keep=None, form, chunk_size, state=None, impl="xla"):
     """One direction: conv + SiLU over (v, k, q), the SSD scan on the core, the D skip. ``(y, Mamba2State)``."""
     batch, length, heads, dim = q.shape
     taps = params["conv_taps"]
@@ -91,17 +97,19 @@ def ssd(q, k, v, dt, log_decay, params, *, segment_ids=None, keep=None, form, ch
     x, b, c = xbc[:, :, 0], xbc[:, :, 1], xbc[:, :, 2]
     y, ssm = core.gated_linear(c, b, x * dt[..., None], log_decay, form=form, chunk_size=chunk_size,
                                initial_state=None if state is None else state.ssm, segment_ids=segment_ids,
-                               mask=keep, method=NAME)
+                               mask=keep, method=NAME, impl=impl)
     return y + params["d_skip"].astype(jnp.float32)[:, None] * x, Mamba2State(ssm, tail)
 
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidirectional=None, form="chunked",
-           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, ngroups=1):
+           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, ngroups=1, impl="xla"):
     """Mamba2 of ``q, k, v [batch, length, heads, d]`` (C, B, x) with ``params``: ``conv_taps [d_conv, 3, heads, d]``,
     ``conv_bias [3, heads, d]``, ``dt_proj [3 heads d, heads]``, ``dt_bias, a_log, d_skip [heads]``, ``gate
     [heads d, heads d]``, ``norm [heads d]``. Returns ``[batch, length, heads, d]`` in q's dtype (and a
-    ``Mamba2State`` with ``return_state``); padded positions give 0."""
+    ``Mamba2State`` with ``return_state``); padded positions give 0. ``impl``: "xla" or a kernel backend for the
+    SSD scan's chunked form (``gated_linear``)."""
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     recurrent.refuse_bidirectional(NAME, causal, bidirectional)
     core.check_carry(NAME, causal, initial_state, return_state)
@@ -116,7 +124,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidire
     u = recurrent.heads_flat(q, k, v)
     dt = jax.nn.softplus(u @ params["dt_proj"].astype(jnp.float32) + params["dt_bias"].astype(jnp.float32))
     log_decay = dt * -jnp.exp(params["a_log"].astype(jnp.float32))
-    call = dict(form=form, chunk_size=chunk_size)
+    call = dict(form=form, chunk_size=chunk_size, impl=impl)
     if causal:
         y, state = ssd(q, k, v, dt, log_decay, params, segment_ids=segment_ids, keep=keep, state=initial_state,
                        **call)
@@ -149,6 +157,7 @@ class Attention(nn.Module):
     form: str = "chunked"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0  # accepted, unused
+    impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-head decays (chunked form)
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -178,4 +187,4 @@ class Attention(nn.Module):
         }
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal,
                       bidirectional=self.bidirectional, form=self.form, chunk_size=self.chunk_size,
-                      ngroups=self.ngroups)
+                      ngroups=self.ngroups, impl=self.impl)

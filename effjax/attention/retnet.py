@@ -24,6 +24,10 @@ Departures from the paper and the official code (torchscale ``multiscale_retenti
 ``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``
 (causal only); a continued call must pass ``position_offset`` (the tokens already seen) so that the rotation
 continues.
+
+``impl="pallas"``: the chunked linear-attention kernel with per-head decays (``kernels/linear_attention.py``, through
+``kernels.dispatch`` op "linear"; other backends and lists as the dispatch takes them) runs the chunked form, each
+direction of ``causal=False`` included; the parallel and recurrent forms stay XLA.
 """
 
 import jax.numpy as jnp
@@ -34,12 +38,14 @@ from effjax.attention import gated_linear as core
 from effjax.attention import recurrent
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
+from effjax.kernels.backend import check_impl
 
 NAME = "retnet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="causal=False is the paper's symmetric decay gamma^|i-j|; forms: chunked (default), parallel, recurrent; "
-          "initial_state / return_state carry the retention state.")
+          "initial_state / return_state carry the retention state; impl='pallas' (the chunked linear-attention kernel "
+          "with per-head decays) runs the chunked form only.")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_retention
 NORM_EPS = 1e-5  # fla's norm_eps
 ROPE_BASE = 10_000.0
@@ -61,11 +67,13 @@ def rotate(x, offset=0):
 
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, rotary=True, form="chunked",
-           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, position_offset=0):
+           chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, position_offset=0, impl="xla"):
     """Multi-scale retention of ``q, k, v [batch, length, heads, d]`` with ``params``: ``gate [heads * d, heads * d]``
     and ``norm [d]``. Returns ``[batch, length, heads, d]`` in q's dtype (and the float32 state
-    ``[batch, heads, d, d]`` with ``return_state``); padded positions give 0."""
+    ``[batch, heads, d, d]`` with ``return_state``); padded positions give 0. ``impl``: "xla" or a kernel
+    backend for the chunked form (``gated_linear``)."""
     check_qkv(NAME, q, k, v)
+    check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     core.check_carry(NAME, causal, initial_state, return_state)
     batch, length, heads, dim = q.shape
@@ -78,7 +86,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, rotary
     q = q.astype(jnp.float32) * dim ** -0.5
     log_decay = jnp.broadcast_to(log_gammas(heads), (batch, length, heads))
     o, state = core.forward_or_both(NAME, q, k, v, log_decay, causal=causal, form=form, chunk_size=chunk_size,
-                                    initial_state=initial_state, segment_ids=segment_ids, keep=keep)
+                                    initial_state=initial_state, segment_ids=segment_ids, keep=keep, impl=impl)
     if not causal:
         o = o - diagonal(*recurrent.zero_padded(keep, q, k, v.astype(jnp.float32)))
     gate = recurrent.heads_flat(v) @ params["gate"].astype(jnp.float32)
@@ -99,6 +107,7 @@ class Attention(nn.Module):
     form: str = "chunked"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dropout_rate: float = 0.0  # accepted, unused
+    impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-head decays (chunked form)
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -109,4 +118,4 @@ class Attention(nn.Module):
         params = {"gate": self.param("gate", gate_init, (width, width), jnp.float32),
                   "norm": self.param("norm", nn.initializers.ones, (dim,), jnp.float32)}
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, rotary=self.rotary,
-                      form=self.form, chunk_size=self.chunk_size)
+                      form=self.form, chunk_size=self.chunk_size, impl=self.impl)
