@@ -48,6 +48,15 @@ SMALL = {
     "mamba": dict(chunk_size=16),  # chunk 16 < L: the scan carries its state across chunks
     "performer_relu": dict(num_features=64, chunk_size=16),
     "flat_window": dict(window=(4, 4), group_size=12),  # 12 does not divide 64: padded last group
+    # The recurrent families: chunk 16 < L so the state crosses chunks; those without a bidirectional form of their
+    # own are checked as the forward-plus-reversed sum (their causal=False is refused by default).
+    "retnet": dict(chunk_size=16),
+    "hgrn2": dict(chunk_size=16),
+    "gla": dict(chunk_size=16, bidirectional="sum"),
+    "mamba2": dict(chunk_size=16, bidirectional="sum"),
+    "deltanet": dict(chunk_size=16, bidirectional="sum"),
+    "gated_deltanet": dict(chunk_size=16, bidirectional="sum"),
+    "rwkv7": dict(chunk_size=16, bidirectional="sum"),
 }
 NAMES = attention.names()
 
