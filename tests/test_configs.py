@@ -16,6 +16,7 @@ from effjax.train.validate import validate
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not p.endswith(("__init__.py", "common.py")))
 ARGS = {"lra_listops": [None, "cpu", "smoke"], "lm_bytes": [None, "smoke", "primer_ez"],
+        "lm_recurrent": [None, "size=smoke", "method=mamba2,attention_every=4", "method=rwkv7,size=cpu,form=recurrent"],
         **{name: [None, "full", "synthetic"] for name in CONFIGS if name.startswith("search_")}}
 
 
@@ -35,6 +36,18 @@ def test_config_is_complete_and_valid(name, arg):
 def test_config_args_are_checked():
     with pytest.raises(ValueError, match="Unknown config arg 'cpuu'"):
         load("lra_listops", "cpuu")
+    with pytest.raises(ValueError, match="Unknown size 'tiny'"):
+        load("lm_recurrent", "size=tiny")
+    with pytest.raises(ValueError, match="has no 'form' parameter"):
+        load("lm_recurrent", "method=softmax,form=recurrent")
+
+
+def test_recurrent_lm_hybrid_puts_softmax_in_every_nth_layer():
+    config = load("lm_recurrent", "method=gated_deltanet,attention_every=4")
+    assert config.model.attention == "gated_deltanet" and config.model.full_attention == "softmax"
+    assert tuple(config.model.full_attention_layers) == (3,) and config.model.num_layers == 4
+    from effjax.models.layer_attention import resolve
+    assert [method for method, _ in resolve(config.model)] == ["gated_deltanet"] * 3 + ["softmax"]
 
 
 def lm_sources(config):
