@@ -1,9 +1,10 @@
 """One dispatch from an attention method's kernel call to a backend, with fallback in order.
 
 The ops are the kernel entry points: ``attention`` (dense softmax with key padding, segments, causal, window),
-``block_sparse`` (listed key blocks), ``window_global`` (Longformer), ``linear`` (chunked linear attention) and
-``scan`` (Mamba's selective scan). A method builds the op's keyword arguments (``call``) and its own XLA path
-(``xla``, a thunk) and asks ``run(op, impl, call, xla=..., where=NAME)``. ``impl`` is
+``block_sparse`` (listed key blocks), ``window_global`` (Longformer), ``linear`` (chunked linear attention),
+``scan`` (Mamba's selective scan) and ``delta`` (the chunked (gated) delta rule). A method builds the op's keyword
+arguments (``call``) and its own XLA path (``xla``, a thunk) and asks ``run(op, impl, call, xla=..., where=NAME)``.
+``impl`` is
 
 - ``"xla"``: the method's plain-JAX path;
 - a backend name (``BACKENDS``): ``"triton"`` (effjax's kernels through Triton; interpreted on a CPU),
@@ -28,11 +29,11 @@ import os
 
 import jax
 
-OPS = ("attention", "block_sparse", "window_global", "linear", "scan")
+OPS = ("attention", "block_sparse", "window_global", "linear", "scan", "delta")
 # backend name -> the modules (in this package) that implement its ops
 BACKENDS = {
     "triton": ("triton_backend",),
-    "mosaic_tpu": ("tpu_attention", "tpu_linear", "tpu_scan"),
+    "mosaic_tpu": ("tpu_attention", "tpu_linear", "tpu_scan", "tpu_delta"),
     "cudnn": ("gpu_cudnn",),
     "mosaic_gpu": ("gpu_mosaic",),
     "tokamax": ("gpu_tokamax",),

@@ -1,14 +1,15 @@
 """effjax's own Pallas kernels lowered through Triton (the ``"triton"`` backend of ``dispatch``).
 
-The kernels are the modules beside this one (flash, block-sparse, chunked linear attention, selective scan); on
-a CPU they run interpreted, which is how CI tests them. ``supports`` runs each kernel's own input checks, so a
-refusal carries the kernel's one-line reason (a head_dim that is not a power of two, a dtype, a chunk size).
+The kernels are the modules beside this one (flash, block-sparse, chunked linear attention, selective scan, the
+chunked delta rule); on a CPU they run interpreted, which is how CI tests them. ``supports`` runs each kernel's own
+input checks, so a refusal carries the kernel's one-line reason (a head_dim that is not a power of two, a dtype, a
+chunk size).
 """
 
 import jax
 import numpy as np
 
-from effjax.kernels import block_sparse, flash_attention, linear_attention, selective_scan
+from effjax.kernels import block_sparse, delta_rule, flash_attention, linear_attention, selective_scan
 from effjax.kernels.backend import interpret_default
 
 NAME = "triton"
@@ -19,6 +20,7 @@ OPS = {
     "window_global": block_sparse.window_global_attention,
     "linear": linear_attention.chunked_linear_attention,
     "scan": selective_scan.selective_scan,
+    "delta": delta_rule.chunked_delta_rule,
 }
 
 
@@ -47,6 +49,10 @@ def supports(op: str, call: dict) -> str | None:
                 return "segment_ids need causal=True (the state resets at each segment start)"
             if (call.get("initial_state") is not None or call.get("return_state")) and not call.get("causal"):
                 return "initial_state / return_state need causal=True"
+        elif op == "delta":
+            if not interpret and platform != "gpu":
+                return f"compiled Triton kernels need a GPU (platform is {platform}; or interpret=True)"
+            return delta_rule.call_reason(delta_rule.check, call)
         elif op not in OPS:
             return f"no {op} kernel"
     except (ValueError, KeyError) as error:
