@@ -204,8 +204,10 @@ def call_reason(check, call: dict) -> str | None:
     """``check(**call)``'s one-line ValueError as a reason (without the kernel's name), or None; never raises."""
     try:
         check(**call)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
+    except ValueError as error:
         return str(error).split("\n")[0].split(": ", 1)[-1].rstrip(".")
+    except (TypeError, KeyError, AttributeError) as error:
+        return f"unreadable call ({type(error).__name__}: {error})"
     return None
 
 
@@ -362,9 +364,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # --- the entry point ----------------------------------------------------------------------------------------------
 
-def check(q, k, v, beta, log_decay=None, *, chunk_size=64, segment_ids=None, initial_state=None, block_v=None,
-          **_):
-    """The Triton kernel's input checks (one-line ValueErrors naming ``NAME``)."""
+def check(q, k, v, beta, log_decay=None, *, chunk_size=64, segment_ids=None, initial_state=None, return_state=False,
+          interpret=None, block_v=None):
+    """The Triton kernel's input checks (one-line ValueErrors naming ``NAME``); its signature is the entry point's."""
     check_args(NAME, q, k, v, beta, log_decay, segment_ids, initial_state)
     check_chunk(NAME, chunk_size, MAX_CHUNK)
     if block_v is not None and (not isinstance(block_v, int) or block_v < MIN_CHUNK or block_v & (block_v - 1)):

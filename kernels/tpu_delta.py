@@ -223,8 +223,9 @@ def _core_bwd(chunk, interpret, residuals, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def check(q, k, v, beta, log_decay=None, *, chunk_size=64, segment_ids=None, initial_state=None, **_):
-    """The Mosaic kernel's input checks (one-line ValueErrors naming ``KERNEL``)."""
+def check(q, k, v, beta, log_decay=None, *, chunk_size=64, segment_ids=None, initial_state=None, return_state=False,
+          interpret=None, block_v=None):
+    """The Mosaic kernel's input checks (one-line ValueErrors naming ``KERNEL``); its signature is the entry point's."""
     kd.check_args(KERNEL, q, k, v, beta, log_decay, segment_ids, initial_state)
     kd.check_chunk(KERNEL, chunk_size, MAX_CHUNK)
     if round_up(k.shape[-1], LANES) > MAX_KEY_DIM:

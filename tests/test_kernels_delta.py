@@ -21,6 +21,7 @@ from effjax.kernels import dispatch, triton_backend
 NAMES = ("q", "k", "v", "beta", "log_decay", "initial_state")
 # L = 40: an A-B-A pack in row 0 (the third run must not reconnect to the first), one-token runs in row 1.
 ABA = np.array([[3] * 19 + [5] * 8 + [3] * 13, [0] * 5 + [1] + [2] * 32 + [7, 8]])
+EDGES = np.repeat([[0, 1, 2], [4, 5, 4]], [64, 64, 22], axis=1)  # 150 tokens, runs starting at both 64-chunk edges
 
 
 def delta_inputs(seed, length=40, d_k=8, d_v=8, heads=2, low=-0.5, decay=True, state=True, dtype=jnp.float32):
@@ -82,9 +83,8 @@ def relative_error(got, want):
 CASES = [  # name, input options, chunk, segments, kernel options
     ("gated, A-B-A, initial state, 40 = 2.5 chunks", dict(), 16, ABA, dict()),
     ("DeltaNet, one-token runs, no state", dict(decay=False, state=False), 32, ABA, dict()),
-    # 3 chunks of 64 (runs start on both chunk boundaries), d_k 12 -> 16, d_v 40 -> 64 in 4 value blocks
-    ("gated, 150 tokens, value blocks", dict(length=150, d_k=12, d_v=40), 64,
-     np.repeat([[0, 1, 2], [4, 5, 4]], [64, 64, 22], axis=1), dict(block_v=16)),
+    # 3 chunks of 64, d_k 12 -> 16, d_v 40 -> 64 in 4 value blocks
+    ("gated, 150 tokens, value blocks", dict(length=150, d_k=12, d_v=40), 64, EDGES, dict(block_v=16)),
     # g down to -30 per token: e^{b} underflows to 0 inside a chunk of 16, and the exponents stay <= 0
     ("strong decays", dict(low=-30.0), 16, ABA, dict()),
     ("DeltaNet, one chunk of 64 for 40 tokens", dict(decay=False), 64, None, dict()),
@@ -100,7 +100,7 @@ def test_outputs_states_and_gradients_equal_the_core(name, inputs, chunk, segmen
 def test_bfloat16_inputs_match_the_float32_core():
     x = delta_inputs(1, length=70, d_k=16, d_v=16, dtype=jnp.bfloat16)
     compare_with_core(kd.chunked_delta_rule, x, chunk=32, segment_ids=np.repeat([[0, 1], [2, 2]], [30, 40], axis=1),
-                      tol=(3e-2, 3e-2))
+                      tol=(1e-2, 2e-2))
 
 
 def test_the_delta_op_runs_on_triton_and_refuses_in_one_line():
