@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.attention import recurrent
+from effjax.kernels import dispatch
+from effjax.kernels.backend import check_impl
 
 NAME = "delta_rule"
 DEFAULT_CHUNK_SIZE = 64
@@ -48,14 +50,19 @@ def qk_l2_norm(x, eps: float = QK_NORM_EPS):
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, form="chunked", chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None,
-               segment_ids=None, mask=None, method=NAME):
+               segment_ids=None, mask=None, method=NAME, impl="xla"):
     """``(out [batch, length, heads, d_v], final_state [batch, heads, d_k, d_v])``, both float32.
 
     ``q, k [batch, length, heads, d_k]``, ``v [batch, length, heads, d_v]``; ``beta [batch, length, heads]``;
     ``log_decay [batch, length, heads]`` (g <= 0; None: no decay, DeltaNet); ``initial_state`` float32
     ``[batch, heads, d_k, d_v]`` (None: zeros), which belongs to the first run of ``segment_ids``; ``mask``
     ``[batch, length]`` True on real tokens. Errors name ``method``.
+
+    ``impl`` (``kernels.dispatch``, op "delta"; e.g. "pallas"): the chunked form on the chunked delta-rule kernel
+    (``kernels/delta_rule.py``, ``kernels/tpu_delta.py``), falling back to this chunked form where ``impl`` lists
+    xla; the parallel and recurrent forms always run here.
     """
+    check_impl(method, impl)
     _check_inputs(method, q, k, v, beta, log_decay, form, chunk_size, initial_state)
     batch, length, heads, d_k = k.shape
     keep = recurrent.keep_mask(method, mask, batch, length)
@@ -69,7 +76,12 @@ def delta_rule(q, k, v, beta, log_decay=None, *, form="chunked", chunk_size=DEFA
         return _token_scan(q, k, v, beta, log_decay, starts, state)
     runs = recurrent.run_ids(starts, batch, length)
     chunk = length if form == "parallel" else chunk_size
-    return _chunk_scan(q, k, v, beta, log_decay, runs, state, chunk)
+    xla = functools.partial(_chunk_scan, q, k, v, beta, log_decay, runs, state, chunk)
+    if impl == "xla" or form == "parallel":
+        return xla()
+    call = dict(q=q, k=k, v=v, beta=beta, log_decay=log_decay, chunk_size=chunk_size, segment_ids=runs,
+                initial_state=state, return_state=True)
+    return dispatch.run("delta", impl, call, xla=xla, where=method)
 
 
 def _check_inputs(method, q, k, v, beta, log_decay, form, chunk_size, initial_state):

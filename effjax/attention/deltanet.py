@@ -30,40 +30,44 @@ from effjax.attention import fftconv, recurrent
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, torch_uniform
 from effjax.attention.delta_rule import DEFAULT_CHUNK_SIZE, delta_rule, qk_l2_norm
+from effjax.kernels.backend import check_impl
 
 NAME = "deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
-          "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan).")
+          "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
+          "impl='pallas' runs the chunked form on the chunked delta-rule kernel.")
 CONV_SIZE = 4
 NORM_EPS = 1e-5
 
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="chunked",
            chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, allow_neg_eigval=False,
-           bidirectional=None, norm_eps=NORM_EPS):
+           bidirectional=None, norm_eps=NORM_EPS, impl="xla"):
     """The DeltaNet mixer on ``q, k, v [batch, length, heads, head_dim]``; returns ``[batch, length, heads,
     head_dim]`` in q's dtype, and the final state ``[batch, heads, head_dim, head_dim]`` (float32) too when
     ``return_state``.
 
     ``params``: ``beta [3 heads head_dim, heads]``, ``norm [head_dim]``; ``conv_q, conv_k, conv_v [taps, heads,
     head_dim]`` (absent: no short conv, SiLU only); ``gate [heads head_dim, heads head_dim]`` (absent: no output
-    gate). ``initial_state`` and ``return_state`` need ``causal=True``.
+    gate). ``initial_state`` and ``return_state`` need ``causal=True``. ``impl``: "xla", or a kernel backend for the
+    chunked form (``delta_rule.delta_rule``).
     """
     return delta_method(NAME, q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=form,
                         chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
-                        allow_neg_eigval=allow_neg_eigval, bidirectional=bidirectional, norm_eps=norm_eps)
+                        allow_neg_eigval=allow_neg_eigval, bidirectional=bidirectional, norm_eps=norm_eps, impl=impl)
 
 
 def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_ids=None, causal=False,
                  form="chunked", chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False,
-                 allow_neg_eigval=False, bidirectional=None, norm_eps=NORM_EPS):
+                 allow_neg_eigval=False, bidirectional=None, norm_eps=NORM_EPS, impl="xla"):
     """What DeltaNet and Gated DeltaNet share around the core: checks, both directions, the output dtype.
 
     ``log_decay(u, params) -> [batch, length, heads]`` (None: no decay) maps the auxiliary features to g <= 0.
     """
     check_qkv(method, q, k, v)
+    check_impl(method, impl)
     recurrent.check_self(method, q, k)
     recurrent.refuse_bidirectional(method, causal, bidirectional)
     recurrent.check_form(method, form)
@@ -78,7 +82,7 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
     def one_direction(q, k, v, *, segment_ids=None, keep=None):
         return _causal_layer(method, q, k, v, params, log_decay=log_decay, keep=keep, segment_ids=segment_ids,
                              form=form, chunk_size=chunk_size, initial_state=initial_state,
-                             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps)
+                             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, impl=impl)
 
     if causal:
         out, state = one_direction(q, k, v, segment_ids=segment_ids, keep=keep)
@@ -90,7 +94,7 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
 
 
 def _causal_layer(method, q, k, v, params, *, log_decay, keep, segment_ids, form, chunk_size, initial_state,
-                  allow_neg_eigval, norm_eps):
+                  allow_neg_eigval, norm_eps, impl):
     q, k, v = recurrent.zero_padded(keep, *(x.astype(jnp.float32) for x in (q, k, v)))
     u = recurrent.heads_flat(q, k, v)
     beta = jax.nn.sigmoid(u @ params["beta"])
@@ -101,7 +105,8 @@ def _causal_layer(method, q, k, v, params, *, log_decay, keep, segment_ids, form
                            for x, name in ((q, "q"), (k, "k"), (v, "v")))
     q_mix = qk_l2_norm(q_mix) * q.shape[-1] ** -0.5
     out, state = delta_rule(q_mix, qk_l2_norm(k_mix), v_mix, beta, g, form=form, chunk_size=chunk_size,
-                            initial_state=initial_state, segment_ids=segment_ids, mask=keep, method=method)
+                            initial_state=initial_state, segment_ids=segment_ids, mask=keep, method=method,
+                            impl=impl)
     out = recurrent.rms_norm(out, params["norm"], norm_eps)
     if "gate" in params:
         out = out * jax.nn.silu((recurrent.heads_flat(v) @ params["gate"]).reshape(v.shape))
@@ -147,6 +152,7 @@ class Attention(nn.Module):
     chunk_size: int = DEFAULT_CHUNK_SIZE
     bidirectional: str | None = None
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the chunked form on kernels.delta_rule
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -155,4 +161,4 @@ class Attention(nn.Module):
                               conv_size=self.conv_size, use_gate=self.use_gate)
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
                       chunk_size=self.chunk_size, allow_neg_eigval=self.allow_neg_eigval,
-                      bidirectional=self.bidirectional, norm_eps=self.norm_eps)
+                      bidirectional=self.bidirectional, norm_eps=self.norm_eps, impl=self.impl)

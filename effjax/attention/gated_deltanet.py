@@ -37,9 +37,10 @@ from effjax.attention.deltanet import CONV_SIZE, NORM_EPS, delta_method, delta_p
 
 NAME = "gated_deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
-          "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan).")
+          "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
+          "impl='pallas' runs the chunked form on the chunked delta-rule kernel.")
 A_RANGE = (1e-6, 16.0)  # fla: U(0, 16); the lower end moved off 0 so that log A is finite
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 
@@ -51,19 +52,19 @@ def log_decay(u, params):
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="chunked",
            chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, allow_neg_eigval=False,
-           bidirectional=None, norm_eps=NORM_EPS):
+           bidirectional=None, norm_eps=NORM_EPS, impl="xla"):
     """The Gated DeltaNet mixer on ``q, k, v [batch, length, heads, head_dim]``; returns ``[batch, length, heads,
     head_dim]`` in q's dtype, and the final state ``[batch, heads, head_dim, head_dim]`` (float32) too when
     ``return_state``.
 
     ``params``: as ``deltanet.attend`` (``beta``, ``norm``, optional ``conv_q/k/v`` and ``gate``) plus ``decay
     [3 heads head_dim, heads]``, ``a_log [heads]`` and ``dt_bias [heads]``. ``initial_state`` and ``return_state``
-    need ``causal=True``.
+    need ``causal=True``. ``impl``: "xla", or a kernel backend for the chunked form (``delta_rule.delta_rule``).
     """
     return delta_method(NAME, q, k, v, params, log_decay=log_decay, mask=mask, segment_ids=segment_ids,
                         causal=causal, form=form, chunk_size=chunk_size, initial_state=initial_state,
                         return_state=return_state, allow_neg_eigval=allow_neg_eigval, bidirectional=bidirectional,
-                        norm_eps=norm_eps)
+                        norm_eps=norm_eps, impl=impl)
 
 
 def a_log_init(key, shape, dtype=jnp.float32):
@@ -93,6 +94,7 @@ class Attention(nn.Module):
     chunk_size: int = DEFAULT_CHUNK_SIZE
     bidirectional: str | None = None
     dropout_rate: float = 0.0
+    impl: str = "xla"  # "pallas": the chunked form on kernels.delta_rule
 
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
@@ -106,4 +108,4 @@ class Attention(nn.Module):
         params["dt_bias"] = self.param("dt_bias", dt_bias_init, (heads,), jnp.float32)
         return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
                       chunk_size=self.chunk_size, allow_neg_eigval=self.allow_neg_eigval,
-                      bidirectional=self.bidirectional, norm_eps=self.norm_eps)
+                      bidirectional=self.bidirectional, norm_eps=self.norm_eps, impl=self.impl)
