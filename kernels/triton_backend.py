@@ -49,6 +49,10 @@ def supports(op: str, call: dict) -> str | None:
                 return "segment_ids need causal=True (the state resets at each segment start)"
             if (call.get("initial_state") is not None or call.get("return_state")) and not call.get("causal"):
                 return "initial_state / return_state need causal=True"
+            for label, size in (("feature dim", call["phi_q"].shape[-1]), ("value dim", call["v"].shape[-1])):
+                padded = linear_attention.next_power_of_2(size)
+                if padded > linear_attention.MAX_DIM and not (label == "value dim" and call.get("block_v")):
+                    return f"{label} {size} pads to {padded} > {linear_attention.MAX_DIM} (the state per program)"
         elif op == "delta":
             if not interpret and platform != "gpu":
                 return f"compiled Triton kernels need a GPU (platform is {platform}; or interpret=True)"

@@ -85,6 +85,8 @@ def test_triton_runs_interpreted_on_a_cpu_and_refuses_what_its_kernels_cannot_ta
     assert "head_dim must be a power of two" in triton_backend.supports("attention", dict(q=odd, k=odd, v=odd))
     call = dict(q=q, k=k, v=v, block_mask=np.ones((1, 1, 1), bool), block_size=24)
     assert triton_backend.supports("block_sparse", call) == "block_size must be a power of two, got 24"
+    wide = jax.ShapeDtypeStruct((1, 16, 2, 300), jnp.float32)  # pads to 512 > 256: falls back instead of failing
+    assert "feature dim 300 pads to 512" in triton_backend.supports("linear", dict(phi_q=wide, phi_k=wide, v=odd))
 
 
 def test_the_block_table_is_written_atomically_keeps_other_entries_and_feeds_the_flash_kernel(tmp_path,
