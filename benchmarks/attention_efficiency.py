@@ -35,6 +35,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per configuration (the
 _MAX_MEMORY_GB = flags.DEFINE_float("max_memory_gb", 6.0, "Skip configurations whose planned memory exceeds this.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal calls (LM-style; the recurrent families need it) instead of "
                             "LRA's bidirectional ones; methods without causal are then refused.")
+_IMPL = flags.DEFINE_string("impl", "xla", "impl for the methods with a kernel path (e.g. pallas: flash for softmax, "
+                            "the chunked kernels for the linear and recurrent families); others run XLA.")
 _OUT = flags.DEFINE_string("out", os.path.join(shared.RESULTS, "attention_efficiency"),
                            "Path and basename of the .jsonl, .md and .png written.")
 
@@ -47,7 +49,7 @@ def grid_for(length: int) -> tuple[int, int]:
     return h, length // h
 
 
-def build_step(name: str, length: int, batch: int, heads: int, head_dim: int, causal: bool = False):
+def build_step(name: str, length: int, batch: int, heads: int, head_dim: int, causal: bool = False, impl: str = "xla"):
     """(jitted forward+backward, its arguments) for method ``name`` at ``length``."""
     import jax
     import jax.numpy as jnp
@@ -57,6 +59,8 @@ def build_step(name: str, length: int, batch: int, heads: int, head_dim: int, ca
     params = {}
     if "grid" in attention.defaults(name):
         params["grid"] = grid_for(length)
+    if impl != "xla" and attention.capabilities(name).pallas:
+        params["impl"] = impl
     module = attention.make(name, **params)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (batch, length, heads, head_dim), jnp.float32) for kk in keys[:3])
@@ -70,13 +74,13 @@ def build_step(name: str, length: int, batch: int, heads: int, head_dim: int, ca
 
 
 def measure(name: str, length: int, *, batch=1, heads=4, head_dim=32, repeats=3, max_bytes=6 * 2**30,
-            causal=False) -> dict:
+            causal=False, impl="xla") -> dict:
     """One row: status ('ok', 'refused: why', 'skipped: why'), planned memory_bytes and best seconds."""
     import jax
 
     row = {"method": name, "length": length}
     try:
-        step, args = build_step(name, length, batch, heads, head_dim, causal)
+        step, args = build_step(name, length, batch, heads, head_dim, causal, impl)
         compiled = step.lower(*args).compile()
     except (NotImplementedError, ValueError) as error:
         return {**row, "status": f"refused: {str(error).splitlines()[0][:120]}"}
@@ -125,14 +129,14 @@ def main(argv):
     for name in methods:
         for n in lengths:
             row = measure(name, n, batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value,
-                          repeats=_REPEATS.value, max_bytes=max_bytes, causal=_CAUSAL.value)
+                          repeats=_REPEATS.value, max_bytes=max_bytes, causal=_CAUSAL.value, impl=_IMPL.value)
             rows.append(row)
             shown = f"{row['seconds'] * 1e3:9.1f} ms" if row["status"] == "ok" else row["status"][:60]
             print(f"{name:24s} {n:6d}  {shown}  {row.get('memory_bytes', 0) / 2**20:8.0f} MiB", flush=True)
             if row["status"] != "ok":
                 break  # longer lengths would only be refused or skipped again
     stamp = {"date": shared.today(), "device": device, "batch": _BATCH.value, "causal": _CAUSAL.value,
-             "heads": _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": "float32"}
+             "impl": _IMPL.value, "heads": _HEADS.value, "head_dim": _HEAD_DIM.value, "dtype": "float32"}
     base = _OUT.value
     shared.write_jsonl(base + ".jsonl", rows, stamp)
     table = ratio_table(rows, lengths)
