@@ -136,7 +136,7 @@ else
     tests/test_kernels_flash.py tests/test_kernels_gpu_backends.py -k "gpu"
   step "tests: kernel test files, default tier" 120 210 "${PYTEST[@]}" tests/test_kernels_flash.py \
     tests/test_kernels_block_sparse.py tests/test_kernels_dropout.py tests/test_kernels_linear.py \
-    tests/test_kernels_scan.py tests/test_kernels_methods_grouped_linear.py -k "not gpu"
+    tests/test_kernels_scan.py tests/test_kernels_methods_grouped_linear.py tests/test_kernels_delta.py -k "not gpu"
 fi
 
 # 3. Kernel speed: its own budget stops new sizes early; the timeout is the backstop.
