@@ -141,6 +141,7 @@ class Attention(nn.Module):
 
     ``form`` picks the core's form (``recurrent.FORMS``); ``chunk_size`` is the chunked form's chunk.
     ``bidirectional``: None (``causal=False`` refused) or "sum". ``dropout_rate`` is accepted and unused.
+    Gated DeltaNet's module is this one plus a decay (``decay_params``, ``log_decay``).
     """
 
     use_short_conv: bool = True
@@ -154,11 +155,21 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": the chunked form on kernels.delta_rule
 
+    method_name = NAME  # the name errors carry
+    log_decay = None  # (u, params) -> g [batch, length, heads]; None: no decay
+
+    def decay_params(self, heads: int, head_dim: int) -> dict:
+        """The decay's parameters (none for DeltaNet)."""
+        return {}
+
     @nn.compact
     def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        check_qkv(NAME, q, k, v)
-        params = delta_params(self, q.shape[2], q.shape[3], use_short_conv=self.use_short_conv,
-                              conv_size=self.conv_size, use_gate=self.use_gate)
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
-                      chunk_size=self.chunk_size, allow_neg_eigval=self.allow_neg_eigval,
-                      bidirectional=self.bidirectional, norm_eps=self.norm_eps, impl=self.impl)
+        check_qkv(self.method_name, q, k, v)
+        heads, head_dim = q.shape[2], q.shape[3]
+        params = delta_params(self, heads, head_dim, use_short_conv=self.use_short_conv, conv_size=self.conv_size,
+                              use_gate=self.use_gate)
+        params.update(self.decay_params(heads, head_dim))
+        return delta_method(self.method_name, q, k, v, params, log_decay=type(self).log_decay, mask=mask,
+                            segment_ids=segment_ids, causal=causal, form=self.form, chunk_size=self.chunk_size,
+                            allow_neg_eigval=self.allow_neg_eigval, bidirectional=self.bidirectional,
+                            norm_eps=self.norm_eps, impl=self.impl)

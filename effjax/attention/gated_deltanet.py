@@ -28,12 +28,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
+from effjax.attention import deltanet
 from effjax.attention._capabilities import Capabilities
-from effjax.attention.common import check_qkv, torch_uniform
+from effjax.attention.common import torch_uniform
 from effjax.attention.delta_rule import DEFAULT_CHUNK_SIZE
-from effjax.attention.deltanet import CONV_SIZE, NORM_EPS, delta_method, delta_params
+from effjax.attention.deltanet import NORM_EPS, delta_method
 
 NAME = "gated_deltanet"
 CAPABILITIES = Capabilities(
@@ -78,34 +78,17 @@ def dt_bias_init(key, shape, dtype=jnp.float32):
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-class Attention(nn.Module):
-    """The Gated DeltaNet mixer with fla's defaults (see the module docstring for the departures).
+class Attention(deltanet.Attention):
+    """The Gated DeltaNet mixer with fla's defaults: DeltaNet's module with the output gate on and the decay
+    (see the module docstring for the departures)."""
 
-    ``form`` picks the core's form (``recurrent.FORMS``); ``chunk_size`` is the chunked form's chunk.
-    ``bidirectional``: None (``causal=False`` refused) or "sum". ``dropout_rate`` is accepted and unused.
-    """
-
-    use_short_conv: bool = True
-    conv_size: int = CONV_SIZE
-    allow_neg_eigval: bool = False
     use_gate: bool = True
-    norm_eps: float = NORM_EPS
-    form: str = "chunked"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    bidirectional: str | None = None
-    dropout_rate: float = 0.0
-    impl: str = "xla"  # "pallas": the chunked form on kernels.delta_rule
 
-    @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        check_qkv(NAME, q, k, v)
-        heads, head_dim = q.shape[2], q.shape[3]
-        params = delta_params(self, heads, head_dim, use_short_conv=self.use_short_conv, conv_size=self.conv_size,
-                              use_gate=self.use_gate)
+    method_name = NAME
+    log_decay = staticmethod(log_decay)
+
+    def decay_params(self, heads: int, head_dim: int) -> dict:
         features = 3 * heads * head_dim
-        params["decay"] = self.param("decay", torch_uniform(features), (features, heads), jnp.float32)
-        params["a_log"] = self.param("a_log", a_log_init, (heads,), jnp.float32)
-        params["dt_bias"] = self.param("dt_bias", dt_bias_init, (heads,), jnp.float32)
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
-                      chunk_size=self.chunk_size, allow_neg_eigval=self.allow_neg_eigval,
-                      bidirectional=self.bidirectional, norm_eps=self.norm_eps, impl=self.impl)
+        return {"decay": self.param("decay", torch_uniform(features), (features, heads), jnp.float32),
+                "a_log": self.param("a_log", a_log_init, (heads,), jnp.float32),
+                "dt_bias": self.param("dt_bias", dt_bias_init, (heads,), jnp.float32)}
