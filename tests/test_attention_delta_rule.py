@@ -15,6 +15,9 @@ from effjax.attention.delta_rule import delta_rule
 
 B, L, H, D = 2, 40, 2, 8  # L = 40: the chunks of 16 and 32 do not divide it
 FORMS = [("recurrent", 16), ("parallel", 16), ("chunked", 16), ("chunked", 32)]
+# The forms agree with the float64 recurrence (packing, padding, states included) in the first test; the properties
+# after it are checked on the form that trains (and the carried state on the one that decodes too).
+CHUNKED = [("chunked", 16)]
 TOL = dict(rtol=1e-4, atol=2e-5)
 # Runs of every length around the chunks of 16: an A-B-A pack (ids repeat: the third run must not reconnect to the
 # first), a run across the first chunk boundary, one-token runs, and a padded tail in row 0.
@@ -108,7 +111,7 @@ def test_each_form_equals_the_float64_recurrence(form, chunk, case):
         assert np.all(np.asarray(out)[~mask] == 0)
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_packed_runs_equal_the_runs_computed_separately(form, chunk):
     x = inputs(1)
     out, state = call(form, chunk, x, SEGMENTS)
@@ -122,7 +125,7 @@ def test_packed_runs_equal_the_runs_computed_separately(form, chunk):
         assert_close(state[row:row + 1], want_state[:1])
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_padding_equals_the_row_without_its_pads(form, chunk):
     x = inputs(2)
     mask = np.ones((B, L), bool)
@@ -139,7 +142,7 @@ def test_padding_equals_the_row_without_its_pads(form, chunk):
     assert np.all(np.asarray(out)[:, ~mask[0]] == 0)
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", [("recurrent", 16), ("chunked", 16)])
 def test_a_state_carried_across_a_cut_equals_the_whole(form, chunk):
     x = inputs(3)
     whole_out, whole_state = call(form, chunk, x)
@@ -179,7 +182,7 @@ def test_gradients_of_the_forms_agree(form, chunk):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, scale), err_msg=name)
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_zero_write_strength_leaves_the_state_or_only_decays_it(form, chunk):
     for decay in (False, True):
         x = {**inputs(5, decay=decay), "beta": np.zeros((B, L, H), np.float32)}
@@ -190,7 +193,7 @@ def test_zero_write_strength_leaves_the_state_or_only_decays_it(form, chunk):
         assert_close(state, np.exp(b[:, -1])[..., None, None] * s0)
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_writing_what_is_stored_leaves_the_state_unchanged(form, chunk):
     x = inputs(6, decay=False)
     s0 = x["initial_state"]
@@ -200,7 +203,7 @@ def test_writing_what_is_stored_leaves_the_state_unchanged(form, chunk):
     assert_close(out, np.einsum("blhk,bhkv->blhv", x["q"], s0.astype(np.float64)))
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_orthogonal_keys_give_decayed_linear_attention_of_beta_v(form, chunk):
     # One-hot keys, distinct inside each run of 8 tokens (runs of <= d_k tokens keep them orthogonal): within a run
     # o_t = sum_{j <= t} exp(b_t - b_j) (q_t . k_j) beta_j v_j, from a zero state.
@@ -216,7 +219,7 @@ def test_orthogonal_keys_give_decayed_linear_attention_of_beta_v(form, chunk):
     assert_close(out, np.einsum("bhtj,bjhd->bthd", weights, x["beta"][..., None] * x["v"]))
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_unit_strength_with_unit_keys_recalls_exactly(form, chunk):
     x = {**inputs(8, decay=False), "beta": np.ones((B, L, H), np.float32)}
     x["q"] = x["k"]  # o_t = S_t^T k_t = v_t
@@ -224,7 +227,7 @@ def test_unit_strength_with_unit_keys_recalls_exactly(form, chunk):
     assert_close(out, x["v"].astype(np.float64))
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_strength_two_with_zero_values_is_a_reflection(form, chunk):
     x = {**inputs(9, decay=False), "beta": np.full((B, L, H), 2.0, np.float32), "v": np.zeros((B, L, H, D),
                                                                                              np.float32)}
@@ -233,7 +236,7 @@ def test_strength_two_with_zero_values_is_a_reflection(form, chunk):
     assert not np.allclose(state, x["initial_state"], atol=1e-2)
 
 
-@pytest.mark.parametrize("form,chunk", FORMS)
+@pytest.mark.parametrize("form,chunk", CHUNKED)
 def test_zero_log_decay_is_deltanet_exactly(form, chunk):
     x = inputs(10)
     x["log_decay"] = np.zeros((B, L, H), np.float32)

@@ -73,7 +73,8 @@ MASK_40[1, [7, 12, 13]] = False
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("form, chunk, length", [("recurrent", 16, 40), ("parallel", 16, 40), ("chunked", 16, 40),
-                                                 ("chunked", 32, 40), ("chunked", 16, 64)])
+                                                 ("chunked", 32, 40),
+                                                 pytest.param("chunked", 16, 64, marks=pytest.mark.slow)])
 def test_forms_equal_the_float64_recurrence_with_state_segments_and_padding(kind, form, chunk, length):
     q, k, v, g, state = inputs(0, length, kind)
     segments = np.pad(SEGMENTS_40, [(0, 0), (0, length - 40)], mode="edge")
@@ -86,7 +87,9 @@ def test_forms_equal_the_float64_recurrence_with_state_segments_and_padding(kind
         assert out.dtype == final.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kind, form", [("vector", f) for f in FORMS] + [("scalar", "chunked")])
+# The forms agree with the float64 recurrence (packing, padding, states included) in the test above; the properties
+# below are checked on the form that trains (and the carried state on the one that decodes too).
+@pytest.mark.parametrize("kind, form", [("vector", "chunked"), ("scalar", "chunked")])
 def test_a_packed_row_equals_its_segments_run_separately(kind, form):
     # A-B-A with 12 tokens each: boundaries inside the 16-token chunks; the initial state belongs to the first run.
     q, k, v, g, state = inputs(1, 36, kind, b=1)
@@ -100,7 +103,7 @@ def test_a_packed_row_equals_its_segments_run_separately(kind, form):
     close(final, np.asarray(alone_final, np.float64))
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ["chunked"])
 def test_a_right_padded_row_equals_the_unpadded_row_and_pads_leave_the_state(form):
     q, k, v, g, state = inputs(2, 40, "vector", b=1)
     mask = np.arange(40)[None] < 29
@@ -114,7 +117,7 @@ def test_a_right_padded_row_equals_the_unpadded_row_and_pads_leave_the_state(for
     close(final, np.asarray(real_final, np.float64))
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ["recurrent", "chunked"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_sequence_cut_in_two_and_continued_from_the_returned_state_equals_the_whole(kind, form):
     q, k, v, g, state = inputs(3, 40, kind)
