@@ -85,10 +85,10 @@ def test_kernel_equals_xla_with_padding_segments_and_initial_state(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, bidirectional", [("retnet", None), ("gla", "sum"), ("hgrn2", None),
-                                                 ("mamba2", "sum")])
+@pytest.mark.parametrize("name, bidirectional", [("retnet", None), ("gla", "sum")])
 def test_kernel_equals_xla_in_both_directions(name, bidirectional):
-    """causal=False: each of the forward and the reversed scans on the kernel."""
+    """causal=False: each of the forward and the reversed scans on the kernel (retnet's own symmetric form; the
+    others share ``gated_linear.forward_or_both`` with gla)."""
     check_kernel_equals_xla(name, causal=False, bidirectional=bidirectional)
 
 
@@ -122,7 +122,7 @@ def core_value_and_grads(impl, inputs, chunk_size, form="chunked"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("vector", [True])
 def test_core_kernel_with_chunks_below_sixteen_and_strong_decays(vector):
     """chunk_size 8 runs the kernel with chunks of 16; decays down to e^-8 per step (the state nearly cleared)."""
     inputs = core_inputs(20 + vector, vector, strength=8.0)

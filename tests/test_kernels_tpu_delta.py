@@ -4,16 +4,13 @@ for DeltaNet and gated, with an A-B-A pack, an initial state, lengths the chunk 
 value blocks, strong decays and bfloat16; the backend contract; per shard under a mesh; and Mosaic lowering for TPU
 from this CPU (forward and gradient), so that a rejected block shape fails here."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from helpers import slow_after
-from kernel_checks import assert_tree_close
-from test_kernels_delta import ABA, EDGES, compare_with_core, delta_inputs, values_and_grads
+from test_kernels_delta import ABA, EDGES, compare_with_core, delta_inputs
 from test_kernels_tpu_linear import tpu_calls
 
 from effjax.kernels import dispatch, tpu_delta
@@ -40,18 +37,8 @@ def test_bfloat16_inputs_match_the_float32_core():
                       segment_ids=np.repeat([[0, 1], [2, 2]], [30, 40], axis=1), tol=(1e-2, 2e-2))
 
 
-@pytest.mark.slow
-def test_per_shard_under_a_mesh_equals_the_unsharded_call():
-    x = {name: None if a is None else jnp.concatenate([a, a[::-1]]) for name, a in delta_inputs(3, length=24).items()}
-    segments = jnp.asarray(np.concatenate([ABA, ABA])[:, :24])
-    fn = functools.partial(tpu_delta.chunked_delta_rule, chunk_size=16, segment_ids=segments, return_state=True)
-    cotangents = (jax.random.normal(jax.random.key(1), x["v"].shape),
-                  jax.random.normal(jax.random.key(2), x["initial_state"].shape))
-    want = values_and_grads(fn, x, cotangents)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", ("data", "fsdp")), ("heads", "tensor"))):
-        got = values_and_grads(fn, x, cotangents)
-    assert_tree_close(got, want, 1e-6, 1e-6)
+# Under a mesh both backends go through the same kernels.delta_rule.per_shard_core, checked with the Triton kernel
+# in tests/test_kernels_delta.py.
 
 
 def test_backend_contract():
