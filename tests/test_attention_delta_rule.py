@@ -284,7 +284,7 @@ def bad_calls():
         (dict(v=x["v"][:, :4]), "q and k"),
         (dict(beta=x["beta"][..., None]), "beta"),
         (dict(log_decay=x["log_decay"][:, :4]), "log_decay"),
-        (dict(log_decay=-x["log_decay"]), "log_decay must be <= 0"),
+        (dict(log_decay=-x["log_decay"]), "log_decay must be finite and <= 0"),
         (dict(mask=np.ones((B, L + 1), bool)), "mask"),
         (dict(segment_ids=np.zeros((B, 3), int)), "segment_ids"),
     ], ok

@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effjax.attention import recurrent
 from effjax.kernels import dispatch
@@ -98,20 +97,8 @@ def _check_inputs(method, q, k, v, beta, log_decay, form, chunk_size, initial_st
         if x is not None and (tuple(x.shape) != tuple(k.shape[:3]) or not jnp.issubdtype(x.dtype, jnp.floating)):
             raise ValueError(f"{method}: {label} must be a float array [batch, length, heads] = "
                              f"{tuple(k.shape[:3])}, got {x.dtype} {tuple(x.shape)}.")
-    if log_decay is not None:
-        values = _concrete(log_decay)
-        if values is not None and not np.all(values <= 0):
-            raise ValueError(f"{method}: log_decay must be <= 0 (a decay in (0, 1]), got a maximum of "
-                             f"{float(np.max(values))}.")
+    recurrent.check_log_decay(method, log_decay)
     recurrent.check_state(method, initial_state, (*k.shape[:1], k.shape[2], k.shape[3], v.shape[3]))
-
-
-def _concrete(x):
-    """``x`` as a numpy array when its values are known here (not traced), else None."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _token_scan(q, k, v, beta, log_decay, starts, state):

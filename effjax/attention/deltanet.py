@@ -74,9 +74,7 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
     recurrent.check_chunk_size(method, chunk_size)
     batch, _, heads, head_dim = q.shape
     recurrent.check_state(method, initial_state, (batch, heads, head_dim, head_dim))
-    if not causal and (initial_state is not None or return_state):
-        raise ValueError(f"{method}: initial_state and return_state need causal=True (the bidirectional sum has no "
-                         "single state).")
+    recurrent.check_carry(method, causal, initial_state, return_state)
     keep = recurrent.keep_mask(method, mask, *q.shape[:2])
 
     def one_direction(q, k, v, *, segment_ids=None, keep=None):

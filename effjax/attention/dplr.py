@@ -98,11 +98,7 @@ def _check_inputs(method, r, k, v, log_w, a, b):
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{method}: v must have shape [batch, length, heads, d_v] with k's batch, length and heads "
                          f"{tuple(k.shape[:3])}, got {tuple(v.shape)}.")
-    if not isinstance(log_w, jax.core.Tracer):  # values are only known outside jit
-        values = jnp.asarray(log_w)
-        if values.size and not bool(jnp.all(jnp.isfinite(values) & (values <= 0))):
-            raise ValueError(f"{method}: log_w must be finite and <= 0 (a decay w = exp(log_w) in (0, 1]), "
-                             f"got values in [{float(jnp.min(values))}, {float(jnp.max(values))}].")
+    recurrent.check_log_decay(method, log_w, "log_w")
 
 
 def _token_scan(r, k, v, log_w, a, b, starts, state):

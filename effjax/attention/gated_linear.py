@@ -43,7 +43,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from effjax.attention import recurrent
@@ -137,18 +136,7 @@ def check_inputs(method, q, k, v, log_decay) -> None:
     if tuple(log_decay.shape) not in (tuple(q.shape[:3]), tuple(q.shape)):
         raise ValueError(f"{method}: log_decay must have shape [batch, length, heads] = {tuple(q.shape[:3])} or "
                          f"[batch, length, heads, d_k] = {tuple(q.shape)}, got {tuple(log_decay.shape)}.")
-    check_log_decay(method, log_decay)
-
-
-def check_log_decay(method, log_decay) -> None:
-    """ValueError unless every concrete log-decay is finite and ``<= 0`` (decays in (0, 1]); tracers pass."""
-    if isinstance(log_decay, jax.core.Tracer):
-        return
-    values = np.asarray(log_decay, np.float64)
-    bad = ~(np.isfinite(values) & (values <= 0))
-    if bad.any():
-        raise ValueError(f"{method}: log_decay must be finite and <= 0 (decays in (0, 1]), got "
-                         f"{values[bad].flat[0]!r} at index {tuple(int(i) for i in np.argwhere(bad)[0])}.")
+    recurrent.check_log_decay(method, log_decay)
 
 
 def _per_key(decay, vector: bool):
@@ -289,13 +277,6 @@ def _chunked(q, k, v, log_decay, state, runs, chunk_size):
 
 
 # --- what the methods built on this core share ---------------------------------------------------------------
-
-def check_carry(method: str, causal: bool, initial_state, return_state: bool) -> None:
-    """Refuses a carried state without ``causal``: a state is what a left-to-right pass leaves behind."""
-    if not causal and (initial_state is not None or return_state):
-        raise ValueError(f"{method}: initial_state and return_state need causal=True (a state is carried left to "
-                         "right; the bidirectional form has none).")
-
 
 def forward_or_both(method, q, k, v, log_decay, *, causal, form, chunk_size, initial_state=None, segment_ids=None,
                     keep=None, impl="xla"):

@@ -66,7 +66,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidire
     check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     recurrent.refuse_bidirectional(NAME, causal, bidirectional)
-    core.check_carry(NAME, causal, initial_state, return_state)
+    recurrent.check_carry(NAME, causal, initial_state, return_state)
     if clamp_min is not None and not clamp_min <= 0:
         raise ValueError(f"{NAME}: clamp_min bounds log alpha <= 0 from below, so it must be <= 0, got {clamp_min}.")
     if not gate_logit_normalizer > 0:

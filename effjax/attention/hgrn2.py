@@ -70,7 +70,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
-    core.check_carry(NAME, causal, initial_state, return_state)
+    recurrent.check_carry(NAME, causal, initial_state, return_state)
     batch, length, heads, dim = q.shape
     keep = recurrent.keep_mask(NAME, mask, batch, length)
     log_lambda, key = forget_gate(k, params.get("lower_bound"))

@@ -112,7 +112,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidire
     check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
     recurrent.refuse_bidirectional(NAME, causal, bidirectional)
-    core.check_carry(NAME, causal, initial_state, return_state)
+    recurrent.check_carry(NAME, causal, initial_state, return_state)
     batch, length, heads, dim = q.shape
     width = heads * dim
     if not (isinstance(ngroups, int) and ngroups >= 1 and width % ngroups == 0):

@@ -19,6 +19,7 @@ Conventions shared by every form of every family:
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FORMS = ("chunked", "parallel", "recurrent")
 MAX_CHUNK = 1024  # the largest chunk of the XLA forms: a chunk's [chunk, chunk] (or [chunk, chunk, d_k]) tiles
@@ -43,6 +44,26 @@ def check_state(method: str, state, shape: tuple) -> None:
     if tuple(state.shape) != tuple(shape) or state.dtype != jnp.float32:
         raise ValueError(f"{method}: initial_state must be float32 of shape [batch, heads, d_k, d_v] = {tuple(shape)}, "
                          f"got {state.dtype} {tuple(state.shape)}.")
+
+
+def check_carry(method: str, causal: bool, initial_state, return_state: bool) -> None:
+    """Refuses a carried state without ``causal``: a state is what a left-to-right pass leaves behind."""
+    if not causal and (initial_state is not None or return_state):
+        raise ValueError(f"{method}: initial_state and return_state need causal=True (a state is carried left to "
+                         "right; the bidirectional form has none).")
+
+
+def check_log_decay(method: str, log_decay, label: str = "log_decay") -> None:
+    """ValueError unless every log-decay is finite and ``<= 0`` (decays in (0, 1]). Only values known here are
+    checked: a traced ``log_decay`` (under ``jit``) is the caller's to guarantee, as the methods' gates do by
+    construction."""
+    if log_decay is None or isinstance(log_decay, jax.core.Tracer):
+        return
+    values = np.asarray(log_decay, np.float64)
+    bad = ~(np.isfinite(values) & (values <= 0))
+    if bad.any():
+        raise ValueError(f"{method}: {label} must be finite and <= 0 (decays in (0, 1]), got "
+                         f"{values[bad].flat[0]!r} at index {tuple(int(i) for i in np.argwhere(bad)[0])}.")
 
 
 def check_self(method: str, q, k) -> None:

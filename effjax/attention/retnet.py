@@ -75,7 +75,7 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, rotary
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
     recurrent.check_self(NAME, q, k)
-    core.check_carry(NAME, causal, initial_state, return_state)
+    recurrent.check_carry(NAME, causal, initial_state, return_state)
     batch, length, heads, dim = q.shape
     dtype = q.dtype
     if rotary and dim % 2:

@@ -130,13 +130,11 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="
         recurrent.check_chunk_size(NAME, chunk_size)
     keep = recurrent.keep_mask(NAME, mask, *q.shape[:2])
     call = dict(form=form, chunk_size=chunk_size, norm_eps=norm_eps)
+    recurrent.check_carry(NAME, causal, initial_state, return_state)
     if causal:
         out, state = one_direction(q, k, v, params, segment_ids=segment_ids, keep=keep,
                                    initial_state=initial_state, **call)
         return (out.astype(q.dtype), state) if return_state else out.astype(q.dtype)
-    if initial_state is not None or return_state:
-        raise ValueError(f"{NAME}: initial_state and return_state are defined for causal=True only, "
-                         "not for the bidirectional sum.")
 
     def scan(q, k, v, *, segment_ids, keep):
         return one_direction(q, k, v, params, segment_ids=segment_ids, keep=keep, **call)[0]
