@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 import effjax.models as models
 from effjax import attention
@@ -144,8 +145,6 @@ def test_registered_name_is_a_method_module(name):
     assert declared.pallas == ("impl" in fields), f"{name}: pallas={declared.pallas} but impl field: {'impl' in fields}"
     if not declared.pallas:
         check_refused(name, "pallas", lambda: attention.make(name, impl="pallas"))
-    # No decode interface exists yet: whoever declares decode adds its check here.
-    assert not declared.decode, f"{name} declares decode, which nothing tests yet"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -341,6 +340,43 @@ def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
     assert logits.shape == (2, L, 32) and np.all(np.isfinite(logits))
 
 
+PROMPT_LENGTHS = np.array([11, 24])  # ragged prompts, right-padded to 24; the steps then run to position L - 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused(name):
+    """Cached or recurrent decoding (``effjax.attention.decoding``): a ragged prefill, then one token at a time,
+    gives the causal forward pass's outputs at every position (a sliding window's cache wraps: window 8 < L)."""
+    lm = models.build("decoder_lm", vocab_size=32, num_classes=None, max_length=L, num_layers=1, embed_dim=32,
+                      num_heads=4, attention=name, attention_params={name: small_params(name)})
+    has_cache = hasattr(importlib.import_module(f"effjax.attention.{name}").Attention, "init_cache")
+    if not declares(name, "decode"):
+        assert not has_cache, f"{name} has init_cache but does not declare decode"
+        check_refused(name, "decode", lambda: lm.init_cache(B, L))
+        return
+    assert has_cache, f"{name} declares decode but its Attention has no init_cache"
+    q, k, v = qkv(11)
+    _, variables, fn = build(name, q, k, v, causal=True)
+    full = jit(fn)(variables, q, k, v)
+    module = attention.make(name, **small_params(name))
+    cache = nn.meta.unbox(module.init_cache(B, L, H, D, jnp.float32))
+    prompt = int(PROMPT_LENGTHS.max())
+    prompt_mask = np.arange(prompt)[None, :] < PROMPT_LENGTHS[:, None]
+    out, cache = jit(lambda vs, q, k, v, c: module.apply(vs, q, k, v, mask=prompt_mask, causal=True, cache=c))(
+        variables, q[:, :prompt], k[:, :prompt], v[:, :prompt], cache)
+    scale = max(1.0, float(np.abs(full).max()))
+    np.testing.assert_allclose(np.where(prompt_mask[:, :, None, None], out, 0),
+                               np.where(prompt_mask[:, :, None, None], full[:, :prompt], 0), atol=5e-5 * scale)
+    step = jit(lambda vs, q, k, v, c, p: module.apply(vs, q, k, v, causal=True, cache=c, positions=p))
+    positions = jnp.asarray(PROMPT_LENGTHS, jnp.int32)
+    at = lambda x, p: jnp.take_along_axis(x, p[:, None, None, None], axis=1)
+    for _ in range(L - prompt):
+        out, cache = step(variables, at(q, positions), at(k, positions), at(v, positions), cache, positions)
+        np.testing.assert_allclose(out, at(full, positions), atol=5e-5 * scale,
+                                   err_msg=f"{name}: step at positions {positions}")
+        positions = positions + 1
+
+
 PALLAS = supporting("pallas")
 
 
@@ -428,7 +464,8 @@ WRONG = [
     ("softmax", "dropout", test_dropout_acts_in_training_only_where_declared),
     ("histogram", "pallas", test_registered_name_is_a_method_module),
     ("softmax", "pallas", test_registered_name_is_a_method_module),
-    ("softmax", "decode", test_registered_name_is_a_method_module),
+    ("softmax", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
+    ("bigbird", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     ("softmax", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
     ("bigbird", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
 ]

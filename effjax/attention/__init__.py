@@ -16,8 +16,8 @@ What each method supports (causal, padding, segments, cross attention, dropout, 
 its module's ``CAPABILITIES``: ``capabilities(name)``, ``supporting(flag)``.
 """
 
-from effjax.attention._capabilities import Capabilities, capabilities, supporting
+from effjax.attention._capabilities import Capabilities, capabilities, no_decode_reason, supporting
 from effjax.attention.registry import check_name, defaults, make, names, param_type, projections
 
-__all__ = ["Capabilities", "capabilities", "check_name", "defaults", "make", "names", "param_type", "projections",
-           "supporting"]
+__all__ = ["Capabilities", "capabilities", "check_name", "defaults", "make", "names", "no_decode_reason", "param_type",
+           "projections", "supporting"]

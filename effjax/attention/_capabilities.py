@@ -24,7 +24,8 @@ class Capabilities:
         since a model passes one rate to every layer, and ignored (the weights are never materialized, or the
         paper has no dropout there).
       * ``pallas``: ``impl="pallas"`` runs a Pallas kernel (``kernels/``).
-      * ``decode``: recurrent or cached decoding one token at a time (no method has it yet).
+      * ``decode``: cached or recurrent decoding, a prefill then one token at a time (``effjax.attention.decoding``:
+        ``Attention.init_cache`` and the ``cache``/``positions`` call arguments).
       * ``key_bias``: ``key_bias [batch, kv_len]`` added to every query's logit of that key (token reduction's
         proportional attention, ``log sizes``); the module then takes a ``key_bias`` keyword.
     ``notes``: what the flags do not show, such as refused combinations or options that change a flag.
@@ -58,3 +59,14 @@ def supporting(flag: str) -> list[str]:
     if flag not in FLAGS:
         raise ValueError(f"Unknown capability {flag!r}; known: {', '.join(FLAGS)}.")
     return [name for name in names() if getattr(capabilities(name), flag)]
+
+
+def no_decode_reason(name: str) -> str:
+    """Why method ``name`` does not decode: its module's ``NO_DECODE`` (a causal method whose outputs cannot be
+    produced one token at a time says why there), else what its declarations imply."""
+    module = importlib.import_module(f"effjax.attention.{name}")
+    if getattr(module, "NO_DECODE", None):
+        return module.NO_DECODE
+    if not capabilities(name).causal:
+        return "it is not causal (its outputs read later tokens)"
+    return "its cached or recurrent form is not written yet"

@@ -10,7 +10,7 @@ import effjax.attention as _package
 
 # Modules in this package that hold shared code rather than a method.
 _NOT_METHODS = frozenset({"registry", "common", "patterns", "kernel_attention", "grid", "fftconv", "scan", "permute",
-                         "recurrent", "gated_linear", "delta_rule", "dplr"})
+                         "recurrent", "gated_linear", "delta_rule", "dplr", "decoding"})
 
 
 def package_modules(package, shared) -> list[str]:

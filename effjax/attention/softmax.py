@@ -6,13 +6,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention import decoding
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_qkv, dropout, dropout_kwargs
 from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
-                            key_bias=True, notes="key_bias runs on the XLA path only (impl='xla').")
+                            decode=True, key_bias=True,
+                            notes="key_bias runs on the XLA path only (impl='xla'); decoding keeps a key/value "
+                                  "cache of max_length slots.")
 
 
 def kernel_dropout(dropout_rate: float, dropout_rng) -> dict:
@@ -93,7 +96,23 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The key/value cache of ``max_length`` slots (``effjax.attention.decoding``)."""
+        return decoding.kv_init(batch, max_length, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, impl=self.impl,
-                      key_bias=key_bias, **dropout_kwargs(self, deterministic))
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None,
+                 cache=None, positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
+        def forward():
+            return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, impl=self.impl,
+                          key_bias=key_bias, **dropout_kwargs(self, deterministic))
+
+        if cache is None:
+            return forward()
+        decoding.check_call("softmax", q, causal=causal, segment_ids=segment_ids, positions=positions)
+        if key_bias is not None:
+            raise ValueError("softmax: decoding takes no key_bias (proportional attention reduces tokens, which "
+                             "decoding does not).")
+        return decoding.kv_decode("softmax", q, k, v, cache, positions, mask, forward=forward)

@@ -9,16 +9,25 @@ TASK = "lm"  # the data this family trains on: a source with task == TASK
 
 
 class Model(Backbone, kw_only=True):
-    """Causal Transformer over token ids with an untied output projection to the vocabulary."""
+    """Causal Transformer over token ids with an untied output projection to the vocabulary.
+
+    Decoding (``effjax.generate``): ``init_cache(batch, max_length)`` is the empty cache of every layer; a call
+    with ``cache`` is a prefill of right-padded prompts (``tokens [batch, P]``, 0 = padding), or with
+    ``positions [batch]`` one step (``tokens [batch, 1]``, each token's index in its sequence), and returns
+    ``(logits, cache)`` (``effjax.attention.decoding``).
+    """
 
     vocab_size: int
     max_length: int = 512
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic=True):
+    def __call__(self, tokens, *, deterministic=True, cache=None, positions=None):
         """tokens [batch, length] int (0 = padding) -> next-token logits [batch, length, vocab]."""
-        x, _ = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
-                  name="trunk")(tokens, mask=tokens != 0, causal=True, deterministic=deterministic)
+        mask = tokens != 0 if positions is None else None
+        out = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
+                    name="trunk")(tokens, mask=mask, causal=True, deterministic=deterministic, cache=cache,
+                                  positions=positions)
         logits = nn.Dense(self.vocab_size, kernel_init=logical(dense_init, ("embed", "vocab")),
-                          bias_init=logical(nn.initializers.zeros, ("vocab",)), name="lm_head")(x)
-        return logits.astype(jnp.float32)
+                          bias_init=logical(nn.initializers.zeros, ("vocab",)), name="lm_head")(out[0])
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, out[2])

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
-from effjax.models import layer_attention, positions
+from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
+from effjax.models.positions import ADDITIVE, apply_rotary, check_position, sinusoid_rows, sinusoid_table
 from effjax.search import program as search_program
 from effjax.search.interpreter import ProgramBlock
 from effjax.tokens import flops as token_flops
@@ -58,7 +59,8 @@ class MultiHeadAttention(nn.Module):
     ``key_bias`` [batch, kv_len] is added to every query's logits (proportional attention's ``log sizes``);
     a method that does not declare the ``key_bias`` capability refuses it. ``with_stats`` returns
     ``(y, AttentionStats)`` for token reduction. ``rotary`` rotates q and k by their token index (RoFormer,
-    ``positions.apply_rotary``) before the method sees them.
+    ``positions.apply_rotary``) before the method sees them. ``cache`` makes it a decoding call of the method
+    (``effjax.attention.decoding``: a prefill, or a step at ``positions [batch]``) and returns ``(y, cache)``.
     """
 
     num_heads: int
@@ -71,7 +73,7 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None,
-                 with_stats=False):
+                 with_stats=False, cache=None, positions=None):
         embed = x.shape[-1]
         shape_in = (embed, self.num_heads, self.head_dim)
         axes_in = ("embed", "heads", "head_dim")
@@ -86,7 +88,8 @@ class MultiHeadAttention(nn.Module):
             projected[name] = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
         if self.rotary:
             check_rotary(self.attention, projected)
-            projected = {name: positions.apply_rotary(y) if name != "value" else y for name, y in projected.items()}
+            index = None if positions is None else positions[:, None]  # a decoding step: the token's own index
+            projected = {name: apply_rotary(y, index) if name != "value" else y for name, y in projected.items()}
         # A method without a key projection makes its keys from q itself (Primer's shared Q/K representation).
         qkv = [projected["query"], projected.get("key", projected["query"]), projected["value"]]
         method = attention_lib.make(self.attention, **params)
@@ -94,7 +97,12 @@ class MultiHeadAttention(nn.Module):
         if key_bias is not None:
             check_key_bias(self.attention)
             extra["key_bias"] = key_bias
+        if cache is not None:
+            check_decodes(self.attention)
+            extra.update(cache=cache, positions=positions)
         y = method(*qkv, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, **extra)
+        if cache is not None:
+            y, cache = y
         w_out = self.param("out", logical(dense_init, ("heads", "head_dim", "embed")),
                            (self.num_heads, self.head_dim, embed), jnp.float32)
         y = jnp.einsum("blhd,hde->ble", y.astype(self.dtype), w_out.astype(self.dtype))
@@ -102,6 +110,8 @@ class MultiHeadAttention(nn.Module):
             y = y + self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (embed,),
                                jnp.float32).astype(self.dtype)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        if cache is not None:
+            return y, cache
         if not with_stats:
             return y
         return y, token_stats.AttentionStats(*qkv, key_bias=key_bias, mask=mask, method=self.attention)
@@ -114,6 +124,14 @@ def check_rotary(method: str, projected: dict) -> None:
         raise ValueError(f"model.position='rotary' rotates q and k before the attention method, but {method!r} "
                          f"(with these params) makes its keys from q itself (no key projection, e.g. primer_mdha "
                          f"share_qk=True): use model.position='learned' or 'sinusoid', or a key projection.")
+
+
+def check_decodes(method: str) -> None:
+    """NotImplementedError naming attention ``method`` when it has no cached or recurrent decoding."""
+    if not attention_lib.capabilities(method).decode:
+        why = attention_lib.no_decode_reason(method)
+        raise NotImplementedError(f"{method}: decoding is not supported: {why}; methods that decode: "
+                                  f"{', '.join(attention_lib.supporting('decode'))}.")
 
 
 def check_key_bias(method: str) -> None:
@@ -154,7 +172,8 @@ class Block(nn.Module):
 
     ``reduction`` (a ``effjax.tokens.plan.Step`` whose method sits at place 'attention') reduces the tokens
     between the attention residual and the MLP, as ToMe does; ``tokens`` is then the ``TokenState`` of ``x``
-    and ``prop_attn`` adds ``log(sizes)`` to the attention logits. Returns ``(x, tokens)``.
+    and ``prop_attn`` adds ``log(sizes)`` to the attention logits. Returns ``(x, tokens)``; with a decoding
+    ``cache`` (``MultiHeadAttention``) ``(x, cache)``.
     """
 
     num_heads: int
@@ -175,17 +194,21 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
-                 tokens=None):
+                 tokens=None, cache=None, positions=None):
         check_norm_layout(self.norm_layout)
         if tokens is not None:
             mask = tokens.mask
         norm = dict(mask=mask, gamma=gamma, deterministic=deterministic)
         h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_attention")(x, **norm)
         key_bias = tokens.log_sizes() if tokens is not None and self.prop_attn else None
-        h, stats = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
-                                      self.dtype, self.qkv_bias, self.rotary, name="attention")(
-            h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, key_bias=key_bias,
-            with_stats=True)
+        attention = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
+                                       self.dtype, self.qkv_bias, self.rotary, name="attention")
+        if cache is not None:
+            h, cache = attention(h, mask=mask, causal=causal, deterministic=deterministic, cache=cache,
+                                 positions=positions)
+        else:
+            h, stats = attention(h, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic,
+                                 key_bias=key_bias, with_stats=True)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         if self.reduction is not None:
             x, tokens = self.reduction.apply_to(x, tokens, stats, deterministic=deterministic)
@@ -197,7 +220,7 @@ class Block(nn.Module):
         else:
             h = mlp(ln_mlp(x, **norm), deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), tokens
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), tokens if cache is None else cache
 
 
 def distil_after_prefix(distil, x, mask, prefix_tokens: int, deterministic: bool):
@@ -270,7 +293,7 @@ class Backbone(nn.Module):
 
     def check_position(self, *, embeds_positions: bool, reduces_tokens: bool) -> None:
         """ValueError for a ``position`` this model cannot honour (rather than silently ignoring it)."""
-        positions.check_position(self.position)
+        check_position(self.position)
         if not embeds_positions and self.position != "learned":
             raise ValueError(f"model.position={self.position!r} is for the token models (encoder_classifier, "
                              f"decoder_lm); this family adds its own learned position table: use 'learned'.")
@@ -280,7 +303,7 @@ class Backbone(nn.Module):
                              "use 'learned' or 'sinusoid'.")
 
     def blocks(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, prefix_tokens=0,
-               with_tokens=False, fixed_macs=0, embeds_positions=False):
+               with_tokens=False, fixed_macs=0, embeds_positions=False, cache=None, positions=None):
         """The blocks and the final norm over embedded ``x [batch, length, embed]``; returns ``(x, mask)``.
 
         With ``distil`` the length (after the ``prefix_tokens``, which are kept) halves between blocks,
@@ -292,6 +315,8 @@ class Backbone(nn.Module):
         ``model.tokens.flops_target`` the loss ``flops_weight * (token_gmacs - flops_target)^2`` is sown into
         ``losses`` when training (not ``deterministic``), which the train step adds. ``embeds_positions``: the
         caller (``Trunk``) has applied ``position``'s additive part, so every value of it is honoured.
+        ``cache`` (``init_cache``): a decoding call (``effjax.attention.decoding``; a prefill, or one step at
+        ``positions [batch]``), returns ``(x, mask, cache)``.
         """
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
@@ -318,7 +343,18 @@ class Backbone(nn.Module):
             raise ValueError("model.program replaces every block, so model.tokens, model.distil, a model.norm "
                              "other than 'layernorm' and model.norm_layout='pre_post' cannot act inside it; unset "
                              "them or model.program.")
+        if cache is not None:
+            self.check_decoding(plan, program)
+            new_cache = {}
         for i, (method, params) in enumerate(layers):
+            if cache is not None:
+                x, new_cache[f"block_{i}"] = Block(
+                    self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate, self.activation,
+                    self.norm, self.dtype, self.qkv_bias, None, False, self.norm_eps, self.norm_layout,
+                    self.position == "rotary", name=f"block_{i}")(
+                    x, mask=mask, causal=causal, deterministic=deterministic, gamma=gamma, cache=cache[f"block_{i}"],
+                    positions=positions)
+                continue
             if program is not None:
                 x = ProgramBlock(program, name=f"block_{i}")(x)
                 continue
@@ -347,7 +383,27 @@ class Backbone(nn.Module):
                 self.sow("losses", "tokens_flops", plan.flops_loss(gmacs))
         x = Norm(self.norm, self.dtype, self.norm_eps, name="ln_final")(x, mask=mask, gamma=gamma,
                                                                       deterministic=deterministic)
+        if cache is not None:
+            return x, mask, new_cache
         return (x, mask, tokens) if with_tokens else (x, mask)
+
+    def check_decoding(self, plan, program) -> None:
+        """ValueError for model settings a decoding call cannot honour, naming the fix."""
+        if plan is not None or program is not None or self.distil:
+            raise ValueError("Decoding runs the attention blocks one token at a time: model.tokens, model.program "
+                             "and model.distil act on the whole sequence and cannot decode; unset them.")
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        """The empty decoding cache of every layer, ``{'block_i': cache}`` with logically partitioned leaves
+        (``effjax.attention.decoding``); refuses a layer whose method cannot decode, naming it."""
+        head_dim = self.embed_dim // self.num_heads
+        caches = {}
+        for i, (method, params) in enumerate(self.layer_attention()):
+            check_decodes(method)
+            module = attention_lib.make(method, **params)
+            caches[f"block_{i}"] = module.init_cache(batch, max_length, self.num_heads, head_dim, self.dtype)
+        return caches
 
     def backbone_fields(self) -> dict:
         return {name: getattr(self, name) for name in Backbone.__dataclass_fields__
@@ -360,6 +416,8 @@ class Trunk(Backbone, kw_only=True):
     'learned' adds the trained ``pos_embed`` table, 'sinusoid' the fixed one (``positions.sinusoid_table``);
     both cover the prefix tokens, which take positions 0..prefix_tokens-1. 'rotary' and 'none' add nothing here.
     Returns ``(x, mask)``: the final states and their key-padding mask (shorter than the input with ``distil``).
+    ``cache`` and ``positions``: a decoding call (``Backbone.blocks``); a step's tokens take their positions from
+    ``positions [batch]``, and it returns ``(x, mask, cache)``.
     """
 
     vocab_size: int
@@ -367,9 +425,13 @@ class Trunk(Backbone, kw_only=True):
     prefix_tokens: int = 0
 
     @nn.compact
-    def __call__(self, tokens, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        positions.check_position(self.position)
+    def __call__(self, tokens, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        check_position(self.position)
         batch, length = tokens.shape
+        if cache is not None and self.prefix_tokens:
+            raise ValueError("Decoding a model with prefix tokens (CLS) is not supported: they have no place in a "
+                             "left-to-right cache.")
         if length > self.max_length:
             raise ValueError(
                 f"Sequence length {length} exceeds the model's maximum {self.max_length} "
@@ -381,17 +443,21 @@ class Trunk(Backbone, kw_only=True):
             pos = self.param("pos_embed", logical(embed_init, ("length", "embed")),
                              (self.max_length + self.prefix_tokens, self.embed_dim), jnp.float32)
         elif self.position == "sinusoid":
-            pos = jnp.asarray(positions.sinusoid_table(total, self.embed_dim))
+            pos = jnp.asarray(sinusoid_table(total, self.embed_dim))
         if self.prefix_tokens:
             prefix = self.param("prefix_embed", logical(embed_init, ("prefix", "embed")),
                                 (self.prefix_tokens, self.embed_dim), jnp.float32)
             x = jnp.concatenate([jnp.broadcast_to(prefix, (batch, *prefix.shape)), x], axis=1)
             if mask is not None:
                 mask = jnp.concatenate([jnp.ones((batch, self.prefix_tokens), bool), mask], axis=1)
-        if self.position in positions.ADDITIVE:
+        if self.position in ADDITIVE and positions is not None:  # a decoding step: each token's own position
+            if self.position == "sinusoid":
+                pos = sinusoid_rows(positions, self.embed_dim)
+            x = x + jnp.take(pos, positions, axis=0)[:, None] if self.position == "learned" else x + pos[:, None]
+        elif self.position in ADDITIVE:
             x = x + pos[None, :total]
         x = x.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return self.blocks(x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic,
-                           prefix_tokens=self.prefix_tokens, embeds_positions=True)
+                           prefix_tokens=self.prefix_tokens, embeds_positions=True, cache=cache, positions=positions)

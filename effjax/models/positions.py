@@ -31,6 +31,13 @@ def sinusoid_table(length: int, dim: int, base: float = BASE) -> np.ndarray:
     return table[:, :dim].astype(np.float32)
 
 
+def sinusoid_rows(positions, dim: int, base: float = BASE):
+    """Rows ``positions`` ([batch] int, traced) of ``sinusoid_table``, float32 ``[batch, dim]`` (decoding steps)."""
+    pairs = (dim + 1) // 2
+    angles = jnp.asarray(positions, jnp.float32)[:, None] / base ** (2 * jnp.arange(pairs, dtype=jnp.float32) / dim)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(-1, 2 * pairs)[:, :dim]
+
+
 def rotary_angles(positions, head_dim: int, base: float = BASE):
     """``[..., head_dim // 2]`` float32 angles ``pos * theta_i`` with ``theta_i = base^(-2i/head_dim)`` (Eq. 15)."""
     if head_dim % 2:

@@ -1,0 +1,146 @@
+"""Cached decoding: the interface every decoding method follows, and the key/value cache they share.
+
+A method that declares ``Capabilities(decode=True)`` gives its linen ``Attention``:
+  * ``init_cache(batch, max_length, heads, head_dim, dtype)``: the empty cache, a pytree of fixed shapes whose
+    leaves are ``nn.LogicallyPartitioned`` (logical axes as the activations', so it shards like them; unbox it
+    with ``nn.meta.unbox``). ``max_length`` is the most tokens a sequence will hold (prompt plus new tokens);
+    recurrent methods ignore it (their state does not grow), sliding windows keep ``window + 1`` slots.
+  * ``__call__(q, k, v, *, causal=True, mask=..., cache=cache)``, **prefill**: q, k, v ``[batch, P]`` are the
+    prompts, right-padded (``mask [batch, P]`` True on real tokens; None: all real), the cache is empty; returns
+    ``(out [batch, P], cache)``, the outputs of the method's ordinary causal forward and the cache after each
+    sequence's last real token.
+  * ``__call__(q, k, v, *, causal=True, cache=cache, positions=positions)``, **step**: one token per sequence,
+    q, k, v ``[batch, 1]``; ``positions [batch]`` int32 is each token's index in its sequence (the prompt's
+    length for the first step); returns ``(out [batch, 1], cache)``.
+Prefill followed by steps gives the outputs of the teacher-forced forward pass at every position
+(``tests/test_decoding.py`` and the conformance sweep check it for every method that declares decode).
+
+The key/value cache (``kv_*``): keys and values in slots, with each slot's position in its sequence (-1: empty).
+Position ``p`` lives in slot ``p % slots``: with ``slots = max_length`` that is a plain cache, with fewer slots a
+ring buffer (a sliding window keeps ``window + 1``), and one mechanism serves both.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+KV_AXES = ("batch", "length", "heads", "head_dim")
+
+
+def boxed_zeros(shape, dtype, axes):
+    """Zeros of ``shape`` carrying logical ``axes`` (``nn.LogicallyPartitioned``), as every cache leaf does."""
+    return nn.LogicallyPartitioned(jnp.zeros(shape, dtype), tuple(axes))
+
+
+def boxed_full(shape, value, dtype, axes):
+    return nn.LogicallyPartitioned(jnp.full(shape, value, dtype), tuple(axes))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every array in ``cache`` (boxed or not, concrete or abstract): what decoding keeps in memory."""
+    leaves = jax.tree.leaves(nn.meta.unbox(cache))
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
+def check_call(method: str, q, *, causal, segment_ids, positions) -> None:
+    """ValueError naming ``method`` for a decoding call outside the interface (see the module docstring)."""
+    if not causal:
+        raise ValueError(f"{method}: decoding (a cache argument) runs the causal method: call it with causal=True.")
+    if segment_ids is not None:
+        raise ValueError(f"{method}: decoding takes no segment_ids: give one sequence per batch row.")
+    if positions is None:
+        return
+    batch = q.shape[0]
+    if q.shape[1] != 1:
+        raise ValueError(f"{method}: a decoding step takes one token per sequence (q [batch, 1, heads, head_dim]), "
+                         f"got q_len {q.shape[1]}; run the prompt as a prefill (positions=None).")
+    if tuple(positions.shape) != (batch,):
+        raise ValueError(f"{method}: positions must have shape [batch] = ({batch},) (each token's index in its "
+                         f"sequence), got {tuple(positions.shape)}.")
+
+
+def prompt_lengths(mask, batch: int, length: int):
+    """int32 ``[batch]`` real tokens per right-padded prompt (``mask`` None: all ``length``)."""
+    if mask is None:
+        return jnp.full((batch,), length, jnp.int32)
+    return jnp.sum(jnp.asarray(mask).astype(jnp.int32), axis=1)
+
+
+def last_tokens(x, lengths, count: int):
+    """The last ``count`` real entries before each sequence's length, ``[batch, count, ...]``, oldest first,
+    zeros where a sequence has fewer (a short convolution's or a token shift's cache after a prefill)."""
+    index = lengths[:, None] - count + jnp.arange(count)[None, :]
+    taken = jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1).reshape(index.shape + (1,) * (x.ndim - 2)),
+                                axis=1)
+    return jnp.where((index >= 0).reshape(index.shape + (1,) * (x.ndim - 2)), taken, jnp.zeros((), x.dtype))
+
+
+# ---- the key/value cache -------------------------------------------------------------------------------------
+
+
+def kv_init(batch: int, slots: int, heads: int, head_dim: int, dtype) -> dict:
+    """An empty key/value cache of ``slots`` slots (boxed leaves)."""
+    if slots < 1:
+        raise ValueError(f"A key/value cache needs at least one slot, got {slots} (max_length or window too small).")
+    return {"key": boxed_zeros((batch, slots, heads, head_dim), dtype, KV_AXES),
+            "value": boxed_zeros((batch, slots, heads, head_dim), dtype, KV_AXES),
+            "position": boxed_full((batch, slots), -1, jnp.int32, ("batch", "length"))}
+
+
+def kv_prefill(method: str, cache: dict, k, v, mask) -> dict:
+    """``cache`` (empty) holding each right-padded prompt's keys and values: the last ``slots`` real ones."""
+    batch, length = k.shape[:2]
+    slots = cache["key"].shape[1]
+    if cache["key"].shape[0] != batch or cache["key"].shape[2:] != k.shape[2:]:
+        raise ValueError(f"{method}: the cache was made for keys [batch, slots, heads, head_dim] = "
+                         f"{tuple(cache['key'].shape)}, got keys {tuple(k.shape)}.")
+    lengths = prompt_lengths(mask, batch, length)
+    slot = jnp.arange(slots)[None, :]
+    # The position held by each slot: the latest real position p < length with p % slots == slot.
+    position = slot + slots * ((lengths[:, None] - 1 - slot) // slots)
+    position = jnp.where(position >= 0, position, -1)
+    taken = jnp.clip(position, 0, length - 1)[:, :, None, None]
+    held = (position >= 0)[:, :, None, None]
+
+    def gather(x, into):
+        return jnp.where(held, jnp.take_along_axis(x, taken, axis=1).astype(into.dtype), jnp.zeros((), into.dtype))
+
+    return {"key": gather(k, cache["key"]), "value": gather(v, cache["value"]), "position": position}
+
+
+def kv_step(cache: dict, k, v, positions) -> dict:
+    """``cache`` with the new token's key and value (``[batch, 1, heads, head_dim]``) at position ``positions``."""
+    slots = cache["key"].shape[1]
+    here = (jnp.arange(slots)[None, :] == (positions % slots)[:, None])
+
+    def put(x, into):
+        return jnp.where(here[:, :, None, None], x.astype(into.dtype), into)
+
+    return {"key": put(k, cache["key"]), "value": put(v, cache["value"]),
+            "position": jnp.where(here, positions[:, None], cache["position"])}
+
+
+def kv_allowed(cache: dict, positions, window=None):
+    """Bool ``[batch, slots]``: the cached keys the query at ``positions`` sees (itself and earlier, and only the
+    ``window`` before it when given)."""
+    held = cache["position"]
+    allowed = (held >= 0) & (held <= positions[:, None])
+    if window is not None:
+        allowed &= held >= positions[:, None] - window
+    return allowed
+
+
+def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, window=None):
+    """One decoding call (prefill or step) of a softmax-family method over a key/value cache.
+
+    Prefill: ``forward()`` (the method's own causal pass over the prompts) and the filled cache. Step: the new
+    key and value go in, then the query attends to the cached keys ``kv_allowed`` lets it see. Returns
+    ``(out, cache)``.
+    """
+    from effjax.attention import softmax
+
+    if positions is None:
+        return forward(), kv_prefill(method, cache, k, v, mask)
+    cache = kv_step(cache, k, v, positions)
+    allowed = kv_allowed(cache, positions, window)
+    return softmax.attend(q, cache["key"].astype(q.dtype), cache["value"].astype(q.dtype), mask=allowed), cache
