@@ -144,3 +144,21 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
     cache = kv_step(cache, k, v, positions)
     allowed = kv_allowed(cache, positions, window)
     return softmax.attend(q, cache["key"].astype(q.dtype), cache["value"].astype(q.dtype), mask=allowed), cache
+
+
+# ---- short causal convolutions and token shifts ----------------------------------------------------------------
+
+
+def conv_history(x, mask, count: int):
+    """After a prefill: the last ``count`` inputs ``[batch, count, ...]`` before each prompt's end (zeros where a
+    prompt is shorter): the cache of a causal convolution with ``count + 1`` taps (a token shift: ``count = 1``)."""
+    batch, length = x.shape[:2]
+    return last_tokens(x, prompt_lengths(mask, batch, length), count)
+
+
+def conv_step(history, x, conv):
+    """One step of a causal convolution: ``conv`` (e.g. ``lambda w: fftconv.short_causal(w, taps, bias)``) runs
+    over ``[history, x]`` and its last output is the step's; returns ``(y [batch, 1, ...], new history)``.
+    ``history [batch, count, ...]`` holds the previous ``count`` inputs, oldest first; ``x [batch, 1, ...]``."""
+    window = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+    return conv(window)[:, -1:], window[:, 1:].astype(history.dtype)
