@@ -140,6 +140,10 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
     from effjax.attention import softmax
 
     if positions is None:
+        slots = cache["key"].shape[1]
+        if window is None and k.shape[1] > slots:
+            raise ValueError(f"{method}: a prompt of {k.shape[1]} tokens is longer than the cache ({slots} slots, its "
+                             f"max_length): make the cache for at least the prompt plus the new tokens.")
         return forward(), kv_prefill(method, cache, k, v, mask)
     cache = kv_step(cache, k, v, positions)
     allowed = kv_allowed(cache, positions, window)
