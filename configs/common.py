@@ -70,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.num_layers = 4
     c.model.embed_dim = 128
     c.model.num_heads = 4
+    c.model.num_kv_heads = 0      # key/value heads (0: num_heads; 1: multi-query; a divisor: grouped-query attention)
     c.model.mlp_dim = 512
     c.model.attention = "softmax"          # a method name, or one per layer: 'performer,softmax' on a command line
     c.model.attention_params = attention_param_defaults()  # --config.model.attention_params.<method>.<param>

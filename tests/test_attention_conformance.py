@@ -340,6 +340,28 @@ def test_runs_inside_the_vit_and_inside_the_lm_where_causal_is_declared(name):
     assert logits.shape == (2, L, 32) and np.all(np.isfinite(logits))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused(name):
+    """Grouped-query attention: k and v with half the heads equal k and v with each head repeated for its two query
+    heads (query head i reads kv head i // 2)."""
+    from effjax.attention.softmax import repeat_kv
+
+    q, k, v = qkv(12)
+    k, v = k[:, :, ::2], v[:, :, ::2]
+    module = attention.make(name, **small_params(name))
+    init = lambda k, v: jit(module.init)(jax.random.key(0), q, k, v)
+    if not declares(name, "grouped_kv"):
+        check_refused(name, "grouped_kv", lambda: init(k, v))
+        return
+    try:
+        variables = init(k, v)
+    except (NotImplementedError, ValueError) as err:
+        raise AssertionError(f"{name} declares grouped_kv but refuses it: {err}") from err
+    got = jit(module.apply)(variables, q, k, v)
+    want = jit(module.apply)(variables, q, repeat_kv(k, H), repeat_kv(v, H))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 PROMPT_LENGTHS = np.array([11, 24])  # ragged prompts, right-padded to 24; the steps then run to position L - 1
 
 
@@ -467,6 +489,8 @@ WRONG = [
     ("softmax", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     ("bigbird", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     ("softmax", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
+    ("softmax", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),
+    ("bigbird", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),
     ("bigbird", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
 ]
 

@@ -48,7 +48,7 @@ def build_lm(attention="softmax", *, position="learned", dtype=jnp.float32, num_
 
 
 def init(lm, seed=0):
-    return lm.init(jax.random.key(seed), jnp.ones((1, 8), jnp.int32))
+    return nn.meta.unbox(lm.init(jax.random.key(seed), jnp.ones((1, 8), jnp.int32)))
 
 
 def random_tokens(batch, length, seed=1):
@@ -297,3 +297,38 @@ def test_a_method_that_cannot_decode_is_named_with_the_ones_that_can():
     lm = build_lm("bigbird")
     with pytest.raises(NotImplementedError, match="bigbird: decoding is not supported: it is not causal.*softmax"):
         lm.init_cache(1, 16)
+
+
+# ---- grouped-query attention ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_attention_decodes_with_a_cache_of_the_kv_heads_only(kv_heads):
+    lm = build_lm(("softmax", "sliding_window") if "sliding_window" in DECODERS else "softmax", num_kv_heads=kv_heads)
+    variables = init(lm)
+    assert variables["params"]["trunk"]["block_0"]["attention"]["key"].shape == (32, kv_heads, 8)
+    tokens = random_tokens(2, 20, seed=6)
+    want = jax.jit(lm.apply)(variables, tokens)
+    np.testing.assert_allclose(decode_logits(lm, variables, tokens, [6, 2]), want, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want).max()))
+    full_heads = decoding.cache_bytes(jax.eval_shape(lambda: build_lm("softmax").init_cache(1, 64)))
+    grouped = decoding.cache_bytes(jax.eval_shape(lambda: build_lm("softmax", num_kv_heads=kv_heads).init_cache(1, 64)))
+    positions_bytes = 2 * 64 * 4  # each slot's position, per layer
+    assert grouped - positions_bytes == (full_heads - positions_bytes) * kv_heads // 4
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_the_kv_projections_repeated():
+    grouped = build_lm("softmax", num_kv_heads=2)
+    variables = init(grouped)
+    params = jax.tree.map(lambda x: x, variables["params"])
+    for block in ("block_0", "block_1"):
+        layer = params["trunk"][block]["attention"]
+        layer["key"], layer["value"] = (jnp.repeat(layer[n], 2, axis=1) for n in ("key", "value"))
+    tokens = random_tokens(2, 16, seed=7)
+    np.testing.assert_allclose(grouped.apply(variables, tokens), build_lm("softmax").apply({"params": params}, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_num_kv_heads_must_divide_num_heads():
+    with pytest.raises(ValueError, match=r"model.num_kv_heads=3 must divide model.num_heads=4"):
+        init(build_lm("softmax", num_kv_heads=3))

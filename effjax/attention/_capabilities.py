@@ -26,6 +26,10 @@ class Capabilities:
       * ``pallas``: ``impl="pallas"`` runs a Pallas kernel (``kernels/``).
       * ``decode``: cached or recurrent decoding, a prefill then one token at a time (``effjax.attention.decoding``:
         ``Attention.init_cache`` and the ``cache``/``positions`` call arguments).
+      * ``grouped_kv``: k and v with fewer heads than q, a divisor of them (grouped-query attention, Ainslie et al.
+        2023, "GQA", Sec. 2; one kv head is multi-query attention, Shazeer 2019): query head ``i`` reads kv head
+        ``i // (heads / kv_heads)``. A model with ``num_kv_heads`` gives such a method the kv heads as they are (its
+        decoding cache then holds only those) and any other method copies of them, one per query head.
       * ``key_bias``: ``key_bias [batch, kv_len]`` added to every query's logit of that key (token reduction's
         proportional attention, ``log sizes``); the module then takes a ``key_bias`` keyword.
     ``notes``: what the flags do not show, such as refused combinations or options that change a flag.
@@ -38,6 +42,7 @@ class Capabilities:
     dropout: bool
     pallas: bool
     decode: bool = False
+    grouped_kv: bool = False
     key_bias: bool = False
     notes: str = ""
 

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def check_qkv(method: str, q, k, v) -> None:
-    """Raises ValueError when q, k, v do not have the [batch, length, heads, head_dim] contract."""
+def check_qkv(method: str, q, k, v, *, grouped: bool = False) -> None:
+    """Raises ValueError when q, k, v do not have the [batch, length, heads, head_dim] contract. ``grouped``: k and
+    v may have fewer heads than q, a divisor of them (grouped-query attention)."""
     for label, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(
@@ -15,7 +16,9 @@ def check_qkv(method: str, q, k, v) -> None:
             )
     if k.shape != v.shape:
         raise ValueError(f"{method}: k and v shapes differ: {k.shape} vs {v.shape}.")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if grouped and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and q.shape[2] % k.shape[2] == 0:
+        pass
+    elif q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"{method}: q {q.shape} and k {k.shape} must agree in batch, heads and head_dim."
         )

@@ -13,7 +13,7 @@ from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
-                            decode=True, key_bias=True,
+                            decode=True, grouped_kv=True, key_bias=True,
                             notes="key_bias runs on the XLA path only (impl='xla'); decoding keeps a key/value "
                                   "cache of max_length slots.")
 
@@ -55,8 +55,10 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     their dropout mask differently (``kernel_dropout``).
     ``dropout_keep`` (bool [batch, heads, q_len, kv_len]) replaces the dropout draw (kernel references).
     ``key_bias`` [batch, kv_len] is added to every query's logits (ToMe's proportional attention, Eq. 1).
+    k and v may have fewer heads than q, a divisor of them (grouped-query attention: query head i reads kv head
+    i // (heads / kv_heads)); the kernels get them repeated (``repeat_kv``).
     """
-    check_qkv("softmax", q, k, v)
+    check_qkv("softmax", q, k, v, grouped=True)
     check_impl("softmax", impl)
     xla = functools.partial(_attend_xla, q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
                             pair_mask=pair_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
@@ -66,6 +68,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
     refuse = ("key_bias (proportional attention): no kernel takes a logit bias yet" if key_bias is not None else
               "pair_mask: an arbitrary [batch, heads, q, k] mask is no kernel input (key padding, segments, causal "
               "and window only; block layouts go through kernels.block_sparse)" if pair_mask is not None else None)
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])  # the kernels take one kv head per query head
     call = dict(q=q, k=k, v=v, mask=mask, segment_ids=segment_ids, causal=causal,
                 **kernel_dropout(dropout_rate, dropout_rng))
     return dispatch.run("attention", impl, call, xla=xla, where="softmax", refuse=refuse)
@@ -73,8 +76,11 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, pair_mask=None
 
 def _attend_xla(q, k, v, *, mask, segment_ids, causal, pair_mask, dropout_rate, dropout_rng, dropout_keep,
                 key_bias):
-    batch, q_len, _, head_dim = q.shape
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped_q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)  # query head i reads kv head i // group
+    logits = jnp.einsum("bqngd,bknd->bngqk", grouped_q, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, heads, q_len, k.shape[1])
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
     if key_bias is not None:
         if key_bias.shape != (batch, k.shape[1]):
@@ -86,7 +92,14 @@ def _attend_xla(q, k, v, *, mask, segment_ids, causal, pair_mask, dropout_rate, 
         allowed = pair_mask if allowed is None else allowed & pair_mask
     weights = masked_weights(logits, allowed, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                              dropout_keep=dropout_keep)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, k.shape[1])
+    return jnp.einsum("bngqk,bknd->bqngd", weights.astype(v.dtype), v).reshape(q.shape)
+
+
+def repeat_kv(x, heads: int):
+    """``x [batch, length, kv_heads, head_dim]`` with each kv head repeated for the ``heads // kv_heads`` query heads
+    of its group (grouped-query attention), for code that takes one kv head per query head."""
+    return x if x.shape[2] == heads else jnp.repeat(x, heads // x.shape[2], axis=2)
 
 
 class Attention(nn.Module):

@@ -2,10 +2,12 @@
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
+from effjax.attention.softmax import repeat_kv
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
@@ -59,8 +61,11 @@ class MultiHeadAttention(nn.Module):
     ``key_bias`` [batch, kv_len] is added to every query's logits (proportional attention's ``log sizes``);
     a method that does not declare the ``key_bias`` capability refuses it. ``with_stats`` returns
     ``(y, AttentionStats)`` for token reduction. ``rotary`` rotates q and k by their token index (RoFormer,
-    ``positions.apply_rotary``) before the method sees them. ``cache`` makes it a decoding call of the method
-    (``effjax.attention.decoding``: a prefill, or a step at ``positions [batch]``) and returns ``(y, cache)``.
+    ``positions.apply_rotary``) before the method sees them. ``num_kv_heads`` (0: ``num_heads``) projects keys and
+    values to fewer heads (grouped-query attention; 1: multi-query): a method that declares ``grouped_kv`` gets them
+    as they are, any other one copies per query head (``softmax.repeat_kv``). ``cache`` makes it a decoding call of
+    the method (``effjax.attention.decoding``: a prefill, or a step at ``positions [batch]``) and returns
+    ``(y, cache)``.
     """
 
     num_heads: int
@@ -70,28 +75,33 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     use_bias: bool = False
     rotary: bool = False
+    num_kv_heads: int = 0
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, key_bias=None,
                  with_stats=False, cache=None, positions=None):
         embed = x.shape[-1]
-        shape_in = (embed, self.num_heads, self.head_dim)
-        axes_in = ("embed", "heads", "head_dim")
+        kv_heads = check_kv_heads(self.num_heads, self.num_kv_heads)
         params = self.attention_params or {}
         projected = {}
         for name in attention_lib.projections(self.attention, params):
-            w = self.param(name, logical(dense_init, axes_in), shape_in, jnp.float32)
+            heads, heads_axis = (kv_heads, KV_HEADS_AXIS) if name != "query" and kv_heads != self.num_heads else (
+                self.num_heads, "heads")
+            w = self.param(name, logical(dense_init, ("embed", heads_axis, "head_dim")), (embed, heads, self.head_dim),
+                           jnp.float32)
             y = jnp.einsum("ble,ehd->blhd", x, w.astype(self.dtype))
             if self.use_bias:
-                y = y + self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "head_dim")),
-                                   shape_in[1:], jnp.float32).astype(self.dtype)
-            projected[name] = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+                y = y + self.param(f"{name}_bias", logical(nn.initializers.zeros, (heads_axis, "head_dim")),
+                                   (heads, self.head_dim), jnp.float32).astype(self.dtype)
+            projected[name] = nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
         if self.rotary:
             check_rotary(self.attention, projected)
             index = None if positions is None else positions[:, None]  # a decoding step: the token's own index
             projected = {name: apply_rotary(y, index) if name != "value" else y for name, y in projected.items()}
         # A method without a key projection makes its keys from q itself (Primer's shared Q/K representation).
         qkv = [projected["query"], projected.get("key", projected["query"]), projected["value"]]
+        if not attention_lib.capabilities(self.attention).grouped_kv:
+            qkv = [repeat_kv(x, self.num_heads) for x in qkv]
         method = attention_lib.make(self.attention, **params)
         extra = {}
         if key_bias is not None:
@@ -114,6 +124,7 @@ class MultiHeadAttention(nn.Module):
             return y, cache
         if not with_stats:
             return y
+        qkv = [repeat_kv(x, self.num_heads) for x in qkv]
         return y, token_stats.AttentionStats(*qkv, key_bias=key_bias, mask=mask, method=self.attention)
 
 
@@ -124,6 +135,20 @@ def check_rotary(method: str, projected: dict) -> None:
         raise ValueError(f"model.position='rotary' rotates q and k before the attention method, but {method!r} "
                          f"(with these params) makes its keys from q itself (no key projection, e.g. primer_mdha "
                          f"share_qk=True): use model.position='learned' or 'sinusoid', or a key projection.")
+
+
+KV_HEADS_AXIS = "kv_heads"  # the logical axis of grouped key/value heads (no rule by default: replicated)
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int) -> int:
+    """The number of key/value heads (``num_kv_heads``, 0 meaning ``num_heads``); ValueError unless it divides
+    ``num_heads``."""
+    if num_kv_heads == 0:
+        return num_heads
+    if not (isinstance(num_kv_heads, int) and 0 < num_kv_heads <= num_heads and num_heads % num_kv_heads == 0):
+        raise ValueError(f"model.num_kv_heads={num_kv_heads!r} must divide model.num_heads={num_heads} (1: multi-query "
+                         f"attention; 0: one kv head per query head).")
+    return num_kv_heads
 
 
 def check_decodes(method: str) -> None:
@@ -191,6 +216,7 @@ class Block(nn.Module):
     norm_eps: float = 1e-6
     norm_layout: str = "pre"
     rotary: bool = False
+    num_kv_heads: int = 0
 
     @nn.compact
     def __call__(self, x, *, mask=None, segment_ids=None, causal=False, deterministic=True, gamma=None,
@@ -202,7 +228,7 @@ class Block(nn.Module):
         h = Norm(self.norm, self.dtype, self.norm_eps, name="ln_attention")(x, **norm)
         key_bias = tokens.log_sizes() if tokens is not None and self.prop_attn else None
         attention = MultiHeadAttention(self.num_heads, self.head_dim, self.attention, self.attention_params,
-                                       self.dtype, self.qkv_bias, self.rotary, name="attention")
+                                       self.dtype, self.qkv_bias, self.rotary, self.num_kv_heads, name="attention")
         if cache is not None:
             h, cache = attention(h, mask=mask, causal=causal, deterministic=deterministic, cache=cache,
                                  positions=positions)
@@ -243,7 +269,9 @@ class Backbone(nn.Module):
     ``distil`` puts Informer's distilling layer (Zhou et al. 2021, Sec. 3.2) between blocks, halving the length.
     ``attention_impl`` ("xla" | "pallas") is the ``impl`` of every layer whose method has a Pallas kernel
     path, unless the method's own params set one; layers whose method has none run XLA.
-    ``qkv_bias`` gives the attention projections biases; ``norm_eps`` is LayerNorm's epsilon.
+    ``qkv_bias`` gives the attention projections biases; ``num_kv_heads`` (0: ``num_heads``) shares each key/value
+    head among ``num_heads / num_kv_heads`` query heads (grouped-query attention; 1: multi-query); ``norm_eps`` is
+    LayerNorm's epsilon.
     ``position`` (``effjax.models.positions``): 'learned' | 'sinusoid' are added to the embeddings by ``Trunk``,
     'rotary' rotates q and k of every layer by token index (packed segments included: the index runs on across
     segments, and rotary scores depend on index differences only), 'none' adds nothing. A family embedding
@@ -276,6 +304,7 @@ class Backbone(nn.Module):
     program: Any = None
     dtype: Dtype = jnp.float32
     position: str = "learned"
+    num_kv_heads: int = 0
 
     def layer_attention(self) -> tuple[tuple[str, dict], ...]:
         """``((method, params), ...)`` per layer, resolved from this model's attention fields."""
@@ -351,7 +380,7 @@ class Backbone(nn.Module):
                 x, new_cache[f"block_{i}"] = Block(
                     self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate, self.activation,
                     self.norm, self.dtype, self.qkv_bias, None, False, self.norm_eps, self.norm_layout,
-                    self.position == "rotary", name=f"block_{i}")(
+                    self.position == "rotary", self.num_kv_heads, name=f"block_{i}")(
                     x, mask=mask, causal=causal, deterministic=deterministic, gamma=gamma, cache=cache[f"block_{i}"],
                     positions=positions)
                 continue
@@ -366,7 +395,7 @@ class Backbone(nn.Module):
             x, tokens = Block(self.num_heads, head_dim, self.mlp_dim, method, params, self.dropout_rate,
                               self.activation, self.norm, self.dtype, self.qkv_bias, step,
                               plan is not None and plan.prop_attn, self.norm_eps, self.norm_layout,
-                              self.position == "rotary", name=f"block_{i}")(
+                              self.position == "rotary", self.num_kv_heads, name=f"block_{i}")(
                 x, mask=mask, segment_ids=segment_ids, causal=causal, deterministic=deterministic, gamma=gamma,
                 tokens=tokens)
             if tokens is not None:
@@ -398,11 +427,18 @@ class Backbone(nn.Module):
         """The empty decoding cache of every layer, ``{'block_i': cache}`` with logically partitioned leaves
         (``effjax.attention.decoding``); refuses a layer whose method cannot decode, naming it."""
         head_dim = self.embed_dim // self.num_heads
+        kv_heads = check_kv_heads(self.num_heads, self.num_kv_heads)
         caches = {}
         for i, (method, params) in enumerate(self.layer_attention()):
             check_decodes(method)
             module = attention_lib.make(method, **params)
-            caches[f"block_{i}"] = module.init_cache(batch, max_length, self.num_heads, head_dim, self.dtype)
+            if kv_heads != self.num_heads and attention_lib.capabilities(method).grouped_kv:
+                caches[f"block_{i}"] = jax.tree.map(  # the cache holds the kv heads only, on their own logical axis
+                    lambda box: box.replace(names=tuple(KV_HEADS_AXIS if n == "heads" else n for n in box.names)),
+                    module.init_cache(batch, max_length, kv_heads, head_dim, self.dtype),
+                    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+            else:
+                caches[f"block_{i}"] = module.init_cache(batch, max_length, self.num_heads, head_dim, self.dtype)
         return caches
 
     def backbone_fields(self) -> dict:
