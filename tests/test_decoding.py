@@ -332,3 +332,13 @@ def test_grouped_query_attention_equals_multi_head_attention_with_the_kv_project
 def test_num_kv_heads_must_divide_num_heads():
     with pytest.raises(ValueError, match=r"model.num_kv_heads=3 must divide model.num_heads=4"):
         init(build_lm("softmax", num_kv_heads=3))
+
+
+def test_grouped_kv_heads_reach_the_flash_kernel_repeated():
+    from effjax.attention import softmax
+
+    keys = jax.random.split(jax.random.key(8), 3)
+    q = jax.random.normal(keys[0], (1, 32, 4, 16))
+    k, v = (jax.random.normal(key, (1, 32, 2, 16)) for key in keys[1:])
+    got = softmax.attend(q, k, v, causal=True, impl="pallas")
+    np.testing.assert_allclose(got, softmax.attend(q, k, v, causal=True), rtol=2e-5, atol=2e-5)
