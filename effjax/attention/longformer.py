@@ -1,17 +1,22 @@
 """Longformer sliding-window + global attention (Beltagy et al. 2020, "Longformer", Sec. 3.1, Fig. 2d)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from effjax.attention import patterns, softmax
+from effjax.attention import decoding, patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "longformer"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True,
+                            decode=True,
+                            notes="decoding keeps a ring buffer of window + 1 keys/values and the num_global first "
+                                  "tokens' keys/values (the module's global tokens): memory bounded by window + "
+                                  "num_global, not the context.")
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, num_global=1, global_mask=None,
@@ -73,7 +78,61 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": the flash kernel over the window band and the global rows/columns of tiles
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"window": ring, "global": cache}`` (``effjax.attention.decoding``): a ring buffer of ``window + 1``
+        key/value slots (the causal window i - window..i) and the keys/values of the ``num_global`` first tokens
+        (both at most ``max_length``; no global cache when ``num_global`` is 0)."""
+        if self.window < 0 or self.num_global < 0:
+            raise ValueError(f"{NAME}: window and num_global must be >= 0, got {self.window} and {self.num_global}.")
+        cache = {"window": decoding.kv_init(batch, min(self.window + 1, max_length), heads, head_dim, dtype)}
+        if self.num_global:
+            cache["global"] = decoding.kv_init(batch, min(self.num_global, max_length), heads, head_dim, dtype)
+        return cache
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      num_global=self.num_global, impl=self.impl, **dropout_kwargs(self, deterministic))
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
+        def forward():
+            return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
+                          num_global=self.num_global, impl=self.impl, **dropout_kwargs(self, deterministic))
+
+        if cache is None:
+            return forward()
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        return decode(q, k, v, cache, positions, mask, forward=forward, window=self.window,
+                      num_global=self.num_global)
+
+
+def decode(q, k, v, cache, positions, mask, *, forward, window, num_global):
+    """A decoding call (``effjax.attention.decoding``) over the ring of the window and the global tokens' cache.
+
+    The causal pattern is keys i - window..i plus the earlier global tokens (the first ``num_global``; a global
+    query's keys are all earlier tokens, hence all global). A global key still inside the window is read from
+    the global cache only, so each key counts once.
+    """
+    ring, globals_ = cache["window"], cache.get("global")
+    if positions is None:  # prefill: the forward pass; the ring keeps the last window + 1 real tokens
+        out, ring = decoding.kv_decode(NAME, q, k, v, ring, None, mask, forward=forward, window=window)
+        if globals_ is not None:
+            first = min(num_global, k.shape[1])
+            globals_ = decoding.kv_prefill(NAME, globals_, k[:, :first], v[:, :first],
+                                           None if mask is None else jnp.asarray(mask)[:, :first])
+        return out, {"window": ring} | ({} if globals_ is None else {"global": globals_})
+    ring = decoding.kv_step(ring, k, v, positions)
+    keys, values = [ring["key"]], [ring["value"]]
+    allowed = [decoding.kv_allowed(ring, positions, window) & (ring["position"] >= num_global)]
+    if globals_ is not None:
+        keep = positions < num_global  # only a global token enters the global cache
+
+        def pick(new, old):
+            return jnp.where(keep.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+        globals_ = jax.tree.map(pick, decoding.kv_step(globals_, k, v, positions), globals_)
+        keys.append(globals_["key"])
+        values.append(globals_["value"])
+        allowed.append(decoding.kv_allowed(globals_, positions))
+    keys, values = (jnp.concatenate(x, axis=1).astype(q.dtype) for x in (keys, values))
+    out = softmax.attend(q, keys, values, mask=jnp.concatenate(allowed, axis=1))
+    return out, {"window": ring} | ({} if globals_ is None else {"global": globals_})

@@ -3,14 +3,17 @@
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention import patterns, softmax
+from effjax.attention import decoding, patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 
 NAME = "packed"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
-    notes="cross attention with segment_ids is refused (it would need separate query and key segment ids).",
+    decode=True,
+    notes="cross attention with segment_ids is refused (it would need separate query and key segment ids). Decoding "
+          "(one sequence per row, no segment_ids: softmax with the padding mask) keeps a key/value cache of "
+          "max_length slots.",
 )
 
 
@@ -49,7 +52,20 @@ class Attention(nn.Module):
 
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The key/value cache of ``max_length`` slots (``effjax.attention.decoding``), as softmax's."""
+        return decoding.kv_init(batch, max_length, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
-                      **dropout_kwargs(self, deterministic))
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``; decoding takes one sequence per row (no ``segment_ids``)."""
+        def forward():
+            return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal,
+                          **dropout_kwargs(self, deterministic))
+
+        if cache is None:
+            return forward()
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        return decoding.kv_decode(NAME, q, k, v, cache, positions, mask, forward=forward)

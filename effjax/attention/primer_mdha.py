@@ -10,16 +10,20 @@ no key projection (``projections``), V is ``dconv_v(x W_v)`` as in MDHA.
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention import softmax
+from effjax.attention import decoding, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs
 
 NAME = "primer_mdha"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
-    notes="centered=True refuses causal=True (the centred conv reads the next token). share_qk=True (full "
-          "Primer) makes K from q: self-attention only, k is not read.",
+    decode=True,
+    notes="centered=True refuses causal=True (the centred conv reads the next token), and so decoding. "
+          "share_qk=True (full Primer) makes K from q: self-attention only, k is not read. Decoding keeps a key/value "
+          "cache of max_length convolved keys/values and the last 2 inputs of each convolved stream (q, k, v; "
+          "with share_qk the shared representation and v).",
 )
+HISTORY_AXES = ("batch", None, "heads", "head_dim")
 WIDTH = 3
 
 
@@ -129,10 +133,49 @@ def attend_shared_qk(r, v, qk_kernel, v_kernel, q_solo, *, mask=None, segment_id
     conv = dict(segment_ids=segment_ids, centered=centered)
     kc = depthwise_conv(r, qk_kernel, **conv)
     vc = depthwise_conv(v, v_kernel, **conv)
-    qc = jnp.einsum("blhd,hdge->blge", kc, q_solo.astype(jnp.float32))
+    qc = shared_query(kc, q_solo)
     out = softmax.attend(qc, kc, vc, mask=mask, segment_ids=segment_ids, causal=causal, dropout_rate=dropout_rate,
                          dropout_rng=dropout_rng)
     return out.astype(r.dtype)
+
+
+def shared_query(kc, q_solo):
+    """Full Primer's ``Q = r' W_q_solo`` from the convolved shared representation ``r' = K`` (float32)."""
+    return jnp.einsum("blhd,hdge->blge", kc, q_solo.astype(jnp.float32))
+
+
+def decode(streams, cache, positions, mask, q_solo=None, *, dropout):
+    """A decoding call (``effjax.attention.decoding``) of causal MDHA: ``streams`` maps each convolved stream
+    (``q``, ``k``, ``v``; with ``share_qk`` ``qk`` and ``v``) to ``(input, kernel)``.
+
+    Prefill: the inputs with padding zeroed, their convs and the forward's causal softmax; the cache keeps the
+    convolved keys/values (``kv``) and each stream's last 2 real inputs (``history``, ``decoding.conv_history``).
+    Step: each stream's conv over its history and the new input (``decoding.conv_step``: the forward's taps on
+    the same values), then softmax over the cached convolved keys.
+    """
+    dtype = next(iter(streams.values()))[0].dtype
+    history = dict(cache["history"])
+    if positions is None:
+        x = {name: value for name, (value, _) in streams.items()}
+        if "qk" in x:
+            x["qk"], _, x["v"] = _zero_padding(x["qk"], x["qk"], x["v"], mask=mask, segment_ids=None, causal=True,
+                                               centered=False)
+        else:
+            x["q"], x["k"], x["v"] = _zero_padding(x["q"], x["k"], x["v"], mask=mask, segment_ids=None, causal=True,
+                                                   centered=False)
+        conv = {name: depthwise_conv(x[name], kernel) for name, (_, kernel) in streams.items()}
+        for name in streams:
+            history[name] = decoding.conv_history(x[name], mask, WIDTH - 1).astype(history[name].dtype)
+    else:
+        conv = {}
+        for name, (value, kernel) in streams.items():
+            conv[name], history[name] = decoding.conv_step(history[name], value,
+                                                           lambda w, kernel=kernel: depthwise_conv(w, kernel))
+    qc = shared_query(conv["qk"], q_solo) if q_solo is not None else conv["q"]
+    kc = conv["qk"] if q_solo is not None else conv["k"]
+    out, kv = decoding.kv_decode(NAME, qc, kc, conv["v"], cache["kv"], positions, mask,
+                                 forward=lambda: softmax.attend(qc, kc, conv["v"], mask=mask, causal=True, **dropout))
+    return out.astype(dtype), {"kv": kv, "history": history}
 
 
 def primer_init(key, shape, dtype=jnp.float32):
@@ -156,19 +199,47 @@ class Attention(nn.Module):
     share_qk: bool = False  # full Primer's shared Q/K representation (the code's share_qk_rep)
     dropout_rate: float = 0.0
 
+    def stream_names(self) -> tuple[str, ...]:
+        """The convolved streams, each with its kernel ``<name>_dconv``: q, k, v (MDHA) or qk, v (``share_qk``)."""
+        return ("qk", "v") if self.share_qk else ("q", "k", "v")
+
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"kv": the key/value cache of max_length slots of the convolved keys/values, "history": {stream:
+        its last 2 inputs [batch, 2, heads, head_dim]}}`` (``effjax.attention.decoding``, ``decode``)."""
+        self.check_decodes()
+        history = {name: decoding.boxed_zeros((batch, WIDTH - 1, heads, head_dim), dtype, HISTORY_AXES)
+                   for name in self.stream_names()}
+        return {"kv": decoding.kv_init(batch, max_length, heads, head_dim, dtype), "history": history}
+
+    def check_decodes(self):
+        if self.centered:
+            raise NotImplementedError(f"{NAME}: decoding is causal, which centered=True refuses (the centred conv "
+                                      "reads the next token); use the default causal conv.")
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         shape = (WIDTH,) + q.shape[2:]
+        if self.share_qk and k.shape != q.shape:
+            raise ValueError(f"{NAME}: share_qk=True makes K from q (self-attention only): pass k = q, got q "
+                             f"{q.shape} and k {k.shape}.")
+        kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in self.stream_names()]
+        q_solo = None
         if self.share_qk:
-            if k.shape != q.shape:
-                raise ValueError(f"{NAME}: share_qk=True makes K from q (self-attention only): pass k = q, got q "
-                                 f"{q.shape} and k {k.shape}.")
-            kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in ("qk", "v")]
             solo_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=(2, 3))
             q_solo = self.param("q_solo", solo_init, q.shape[2:] * 2, jnp.float32)
+        dropout = dropout_kwargs(self, deterministic)
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+            self.check_decodes()
+            inputs = (q, v) if self.share_qk else (q, k, v)
+            streams = dict(zip(self.stream_names(), zip(inputs, kernels, strict=True), strict=True))
+            return decode(streams, cache, positions, mask, q_solo, dropout=dropout)
+        if self.share_qk:
             return attend_shared_qk(q, v, *kernels, q_solo, mask=mask, segment_ids=segment_ids, causal=causal,
-                                    centered=self.centered, **dropout_kwargs(self, deterministic))
-        kernels = [self.param(f"{name}_dconv", primer_init, shape, jnp.float32) for name in ("q", "k", "v")]
+                                    centered=self.centered, **dropout)
         return attend(q, k, v, *kernels, mask=mask, segment_ids=segment_ids, causal=causal, centered=self.centered,
-                      **dropout_kwargs(self, deterministic))
+                      **dropout)

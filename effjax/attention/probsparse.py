@@ -7,14 +7,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from effjax.attention import softmax
+from effjax.attention import decoding, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refuse_segments
 
 NAME = "probsparse"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False,
-    notes="causal cross attention is refused (the lazy queries' running mean is over the query positions).",
+    decode=True,
+    notes="causal cross attention is refused (the lazy queries' running mean is over the query positions). Decoding "
+          "keeps a key/value cache of max_length slots and each cached query's sparsity M (float32 per head), and "
+          "reproduces the causal forward over max_length tokens (u and the sample count follow ln max_length).",
 )
 
 
@@ -27,11 +30,35 @@ def sample_sizes(factor: int, q_len: int, kv_len: int) -> tuple[int, int]:
     return samples, top
 
 
+def query_draws(rng, positions, heads: int, num_samples: int, *, shared=False):
+    """Uniform draws ``[batch, heads, n, num_samples]`` for the queries at ``positions [batch, n]``: row b's query
+    at position i draws from ``fold_in(fold_in(rng, i), b)`` (``shared``: ``fold_in(rng, i)``, one draw for all
+    rows and heads, ``[batch, 1, n, num_samples]``), so a query's sample depends on neither the length nor the
+    batch (a decoding step draws the forward's, whatever position each row is at)."""
+    batch, n = positions.shape
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, n))
+
+    def draw(i, b):
+        key = jax.random.fold_in(rng, i)
+        if shared:
+            return jax.random.uniform(key, (1, num_samples))
+        return jax.random.uniform(jax.random.fold_in(key, b), (heads, num_samples))
+
+    return jnp.swapaxes(jax.vmap(jax.vmap(draw))(positions, rows), 1, 2)
+
+
+def sample_slots(draws, count):
+    """Sample indices ``floor(u * count)`` among each query's ``count [batch, n]`` visible real keys (clipped)."""
+    count = count[:, None, :, None]
+    return jnp.clip(jnp.floor(draws * count).astype(jnp.int32), 0, jnp.maximum(count - 1, 0))
+
+
 def sample_keys(rng, mask, q_len: int, heads: int, num_samples: int, *, causal=False, shared=False):
     """Key indices ``[batch, heads, q_len, num_samples]`` drawn uniformly with replacement from the real keys
     each query may see (causal: keys j <= i), and ``valid [batch, 1, q_len, 1]`` (False: no key to draw).
 
-    ``shared=True`` (the reference) uses one uniform draw for all batch rows and heads.
+    ``shared=True`` (the reference) uses one uniform draw for all batch rows and heads. The draws are
+    ``query_draws``': query i's come from ``rng`` folded with i (and the row), whatever the length.
     """
     batch, kv_len = mask.shape
     # Real key positions first, in order: the first n entries are the n earliest real keys.
@@ -40,9 +67,8 @@ def sample_keys(rng, mask, q_len: int, heads: int, num_samples: int, *, causal=F
         count = jnp.cumsum(mask, axis=1)[:, :q_len]  # q_len == kv_len
     else:
         count = jnp.broadcast_to(jnp.sum(mask, axis=1, keepdims=True), (batch, q_len))
-    draw_shape = (1, 1, q_len, num_samples) if shared else (batch, heads, q_len, num_samples)
-    slot = jnp.floor(jax.random.uniform(rng, draw_shape) * count[:, None, :, None]).astype(jnp.int32)
-    slot = jnp.clip(slot, 0, jnp.maximum(count[:, None, :, None] - 1, 0))
+    positions = jnp.broadcast_to(jnp.arange(q_len)[None, :], (batch, q_len))
+    slot = sample_slots(query_draws(rng, positions, heads, num_samples, shared=shared), count)
     index = order[jnp.arange(batch)[:, None, None, None], slot]
     return jnp.broadcast_to(index, (batch, heads, q_len, num_samples)), (count > 0)[:, None, :, None]
 
@@ -106,6 +132,15 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, factor=5, rng=
     cumulative *sum* for causal lazy queries, one key sample shared by batch and heads, and M's divisor L_K.
     ``segment_ids`` raise NotImplementedError.
     """
+    return _attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, factor=factor, rng=rng,
+                   reference_quirks=reference_quirks, dropout_rate=dropout_rate, dropout_rng=dropout_rng)[0]
+
+
+def _attend(q, k, v, *, mask, segment_ids, causal, factor, rng, reference_quirks, dropout_rate, dropout_rng,
+            size_length=None):
+    """``attend``, returning ``(out, M [batch, heads, q_len])``. ``size_length`` (decoding's prefill: max_length)
+    sets u, the sample count and the reference's divisor L_K as for that length: the outputs are those of the
+    causal forward over ``size_length`` tokens on this prefix."""
     check_qkv(NAME, q, k, v)
     refuse_segments(NAME, segment_ids, "the lazy queries' mean of V would need one mean per segment.")
     batch, q_len, heads, head_dim = q.shape
@@ -117,13 +152,14 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, factor=5, rng=
     mask = check_mask(NAME, mask, batch, kv_len)
     if mask is None:
         mask = jnp.ones((batch, kv_len), bool)
-    num_samples, num_top = sample_sizes(factor, q_len, kv_len)
+    sizes = (q_len, kv_len) if size_length is None else (size_length, size_length)
+    num_samples, num_top = sample_sizes(factor, *sizes)
     rng = jax.random.key(0) if rng is None else rng
     qh, kh, vh = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q, k, v))  # [b, h, L, d]
 
     index, valid = sample_keys(rng, mask, q_len, heads, num_samples, causal=causal, shared=reference_quirks)
     measure = sparsity(lax.stop_gradient(qh), lax.stop_gradient(kh), index, valid,
-                       divisor=kv_len if reference_quirks else None)
+                       divisor=sizes[1] if reference_quirks else None)
     if q_len == kv_len:
         measure = jnp.where(mask[:, None, :], measure, -jnp.inf)
     lazy = lazy_context(vh, mask, causal, cumulative_sum=reference_quirks)
@@ -136,7 +172,44 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, factor=5, rng=
         rows = (jnp.arange(batch)[:, None, None], jnp.arange(heads)[None, :, None], top)
         active = _softmax_rows(qh[rows], kh, vh, mask[:, None, None, :], dropout_rate, dropout_rng)
         out = jnp.broadcast_to(lazy, (batch, heads, q_len, head_dim)).at[rows].set(active)
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype), measure
+
+
+def decode(q, k, v, cache, positions, mask, *, rng, factor, reference_quirks, forward):
+    """A decoding call (``effjax.attention.decoding``) of causal ProbSparse attention over a key/value cache of
+    ``max_length`` slots and each cached query's M (``measure [batch, max_length, heads]``).
+
+    Prefill: ``forward()`` (``_attend`` with u and the sample count of max_length) and the cache. Step at position
+    i: M_i on the keys ``query_draws`` gives query i (the forward's sample among keys j <= i), query i is active
+    when fewer than u earlier queries have M_j >= M_i (``causal_selection``) and then takes the softmax over keys
+    j <= i, else the mean (``reference_quirks``: the sum) of the values j <= i.
+    """
+    max_length = cache["kv"]["key"].shape[1]
+    if positions is None:
+        (out, measure), kv = decoding.kv_decode(NAME, q, k, v, cache["kv"], None, mask, forward=forward)
+        measure = jnp.pad(jnp.swapaxes(measure, 1, 2), [(0, 0), (0, max_length - q.shape[1]), (0, 0)],
+                          constant_values=-jnp.inf)
+        return out, {"kv": kv, "measure": measure}
+    batch, _, heads, _ = q.shape
+    num_samples, num_top = sample_sizes(factor, max_length, max_length)
+    kv = decoding.kv_step(cache["kv"], k, v, positions)
+    keys, values = kv["key"].astype(jnp.float32), kv["value"].astype(jnp.float32)
+    # Position p lives in slot p (max_length slots), and the keys j <= i of a step are all real: the sampled
+    # slots are the sampled key positions.
+    draws = query_draws(rng, positions[:, None], heads, num_samples, shared=reference_quirks)
+    index = jnp.broadcast_to(sample_slots(draws, positions[:, None] + 1), (batch, heads, 1, num_samples))
+    measure = sparsity(jnp.swapaxes(q.astype(jnp.float32), 1, 2), jnp.swapaxes(keys, 1, 2), index,
+                       jnp.ones((batch, 1, 1, 1), bool), divisor=max_length if reference_quirks else None)[..., 0]
+    held = kv["position"]
+    earlier = ((held >= 0) & (held < positions[:, None]))[:, :, None]
+    above = jnp.sum(earlier & (cache["measure"] >= measure[:, None, :]), axis=1)  # [b, h]: ties go to the earlier
+    allowed = decoding.kv_allowed(kv, positions)
+    active = softmax.attend(q.astype(jnp.float32), keys, values, mask=allowed)
+    total = jnp.sum(jnp.where(allowed[:, :, None, None], values, 0.0), axis=1, keepdims=True)
+    lazy = total if reference_quirks else total / jnp.maximum(jnp.sum(allowed, axis=1), 1)[:, None, None, None]
+    out = jnp.where((above < num_top)[:, None, :, None], active, lazy).astype(q.dtype)
+    here = (jnp.arange(max_length)[None, :] == positions[:, None])[:, :, None]
+    return out, {"kv": kv, "measure": jnp.where(here, measure[:, None, :], cache["measure"])}
 
 
 class Attention(nn.Module):
@@ -156,9 +229,26 @@ class Attention(nn.Module):
     reference_quirks: bool = False
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"kv": the key/value cache of max_length slots, "measure": each cached query's sparsity M, float32
+        [batch, max_length, heads]}`` (``effjax.attention.decoding``, ``decode``)."""
+        measure = decoding.boxed_full((batch, max_length, heads), -jnp.inf, jnp.float32, ("batch", "length", "heads"))
+        return {"kv": decoding.kv_init(batch, max_length, heads, head_dim, dtype), "measure": measure}
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        fresh = self.resample and not deterministic
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``, ``decode``), returns
+        ``(out, cache)``. Decoding always samples from ``key(eval_seed)``: the prefill and the steps draw from one
+        key, as one forward pass does."""
+        fresh = self.resample and not deterministic and cache is None
         rng = self.make_rng("random") if fresh else jax.random.key(self.eval_seed)
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, factor=self.factor, rng=rng,
-                      reference_quirks=self.reference_quirks, **dropout_kwargs(self, deterministic))
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, factor=self.factor, rng=rng,
+                    reference_quirks=self.reference_quirks, **dropout_kwargs(self, deterministic))
+        if cache is None:
+            return attend(q, k, v, **call)
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        max_length = cache["kv"]["key"].shape[1]
+        return decode(q, k, v, cache, positions, mask, rng=rng, factor=self.factor,
+                      reference_quirks=self.reference_quirks,
+                      forward=lambda: _attend(q, k, v, **call, size_length=max_length))

@@ -2,14 +2,17 @@
 
 from flax import linen as nn
 
-from effjax.attention import patterns, softmax
+from effjax.attention import decoding, patterns, softmax
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout_kwargs
 from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
+                            decode=True,
+                            notes="decoding keeps a ring buffer of window + 1 keys/values (max_length if fewer): "
+                                  "its memory is bounded by the window, not the context.")
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dropout_rate=0.0,
@@ -46,9 +49,23 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": the flash kernel with window block skipping
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """A ring buffer of ``window + 1`` key/value slots (``max_length`` if fewer; ``effjax.attention.decoding``):
+        the causal query at i sees keys i - window..i, so older ones are overwritten."""
+        return decoding.kv_init(batch, min(self.window + 1, max_length), heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      impl=self.impl, **dropout_kwargs(self, deterministic))
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
+        def forward():
+            return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
+                          impl=self.impl, **dropout_kwargs(self, deterministic))
+
+        if cache is None:
+            return forward()
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        return decoding.kv_decode(NAME, q, k, v, cache, positions, mask, forward=forward, window=self.window)
 
 
