@@ -20,7 +20,12 @@ Departures from the paper's layer, all forced by the q/k/v interface (catalog Se
   * ``dropout_rate`` is accepted (models pass one rate to every layer) and unused: the paper has no dropout here.
 Padded tokens (``mask`` False) are zeroed before the conv and leave the state unchanged; their outputs are 0.
 ``segment_ids`` restart the state and cut the conv at every run start (``recurrent.run_starts``).
+
+Decoding (``init_cache``, ``cache``/``positions``; ``recurrent.decode``): the cache holds the state and the raw
+(pre-conv) q, k, v of the last ``conv_size - 1`` tokens, which a step's short convs read (``history``).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +39,11 @@ from effjax.kernels.backend import check_impl
 
 NAME = "deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
           "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
-          "impl='pallas' runs the chunked form on the chunked delta-rule kernel.")
+          "impl='pallas' runs the chunked form on the chunked delta-rule kernel; decoding keeps the state (d x d per "
+          "head) and the short convs' last conv_size - 1 raw q, k, v inputs.")
 CONV_SIZE = 4
 NORM_EPS = 1e-5
 
@@ -61,10 +67,12 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="
 
 def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_ids=None, causal=False,
                  form="chunked", chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False,
-                 allow_neg_eigval=False, bidirectional=None, norm_eps=NORM_EPS, impl="xla"):
+                 allow_neg_eigval=False, bidirectional=None, norm_eps=NORM_EPS, impl="xla", history=None):
     """What DeltaNet and Gated DeltaNet share around the core: checks, both directions, the output dtype.
 
     ``log_decay(u, params) -> [batch, length, heads]`` (None: no decay) maps the auxiliary features to g <= 0.
+    ``history [batch, conv_size - 1, 3, heads, head_dim]``: the raw q, k, v of the tokens before a one-token causal
+    call (a decoding step, ``recurrent.decode``), which the short convs read before it (None: zeros).
     """
     check_qkv(method, q, k, v)
     check_impl(method, impl)
@@ -75,12 +83,14 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
     batch, _, heads, head_dim = q.shape
     recurrent.check_state(method, initial_state, (batch, heads, head_dim, head_dim))
     recurrent.check_carry(method, causal, initial_state, return_state)
+    if history is not None and (not causal or segment_ids is not None):
+        raise ValueError(f"{method}: history (a decoding step's conv inputs) needs causal=True and no segment_ids.")
     keep = recurrent.keep_mask(method, mask, *q.shape[:2])
 
     def one_direction(q, k, v, *, segment_ids=None, keep=None):
         return _causal_layer(method, q, k, v, params, log_decay=log_decay, keep=keep, segment_ids=segment_ids,
                              form=form, chunk_size=chunk_size, initial_state=initial_state,
-                             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, impl=impl)
+                             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, impl=impl, history=history)
 
     if causal:
         out, state = one_direction(q, k, v, segment_ids=segment_ids, keep=keep)
@@ -92,15 +102,16 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
 
 
 def _causal_layer(method, q, k, v, params, *, log_decay, keep, segment_ids, form, chunk_size, initial_state,
-                  allow_neg_eigval, norm_eps, impl):
+                  allow_neg_eigval, norm_eps, impl, history):
     q, k, v = recurrent.zero_padded(keep, *(x.astype(jnp.float32) for x in (q, k, v)))
     u = recurrent.heads_flat(q, k, v)
     beta = jax.nn.sigmoid(u @ params["beta"])
     if allow_neg_eigval:
         beta = 2.0 * beta
     g = None if log_decay is None else log_decay(u, params)
-    q_mix, k_mix, v_mix = (_short_conv(x, params.get(f"conv_{name}"), segment_ids)
-                           for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    q_mix, k_mix, v_mix = (_short_conv(x, params.get(f"conv_{name}"), segment_ids,
+                                       None if history is None else history[:, :, i])
+                           for i, (x, name) in enumerate(((q, "q"), (k, "k"), (v, "v"))))
     q_mix = qk_l2_norm(q_mix) * q.shape[-1] ** -0.5
     out, state = delta_rule(q_mix, qk_l2_norm(k_mix), v_mix, beta, g, form=form, chunk_size=chunk_size,
                             initial_state=initial_state, segment_ids=segment_ids, mask=keep, method=method,
@@ -111,9 +122,12 @@ def _causal_layer(method, q, k, v, params, *, log_decay, keep, segment_ids, form
     return out, state
 
 
-def _short_conv(x, taps, segment_ids):
-    """SiLU(depthwise causal conv) that reads no other segment; SiLU alone without taps."""
-    return jax.nn.silu(x if taps is None else fftconv.short_causal(x, taps, None, segment_ids))
+def _short_conv(x, taps, segment_ids, history=None):
+    """SiLU(depthwise causal conv) that reads no other segment (and ``history`` before ``x``, a decoding step's);
+    SiLU alone without taps."""
+    if taps is None:
+        return jax.nn.silu(x)
+    return jax.nn.silu(recurrent.conv_after(history, x, lambda w: fftconv.short_causal(w, taps, None, segment_ids)))
 
 
 def delta_params(module: nn.Module, heads: int, head_dim: int, *, use_short_conv: bool, conv_size: int,
@@ -160,14 +174,28 @@ class Attention(nn.Module):
         """The decay's parameters (none for DeltaNet)."""
         return {}
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The state ``[batch, heads, d, d]`` float32 and, with the short convs, the last ``conv_size - 1`` raw
+        q, k, v ``[batch, conv_size - 1, 3, heads, d]`` in ``dtype`` (``recurrent.init_cache``; ``max_length``
+        unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype,
+                                    history=self.conv_size - 1 if self.use_short_conv else 0)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``."""
         check_qkv(self.method_name, q, k, v)
         heads, head_dim = q.shape[2], q.shape[3]
         params = delta_params(self, heads, head_dim, use_short_conv=self.use_short_conv, conv_size=self.conv_size,
                               use_gate=self.use_gate)
         params.update(self.decay_params(heads, head_dim))
-        return delta_method(self.method_name, q, k, v, params, log_decay=type(self).log_decay, mask=mask,
-                            segment_ids=segment_ids, causal=causal, form=self.form, chunk_size=self.chunk_size,
-                            allow_neg_eigval=self.allow_neg_eigval, bidirectional=self.bidirectional,
-                            norm_eps=self.norm_eps, impl=self.impl)
+        call = dict(log_decay=type(self).log_decay, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
+                    chunk_size=self.chunk_size, allow_neg_eigval=self.allow_neg_eigval,
+                    bidirectional=self.bidirectional, norm_eps=self.norm_eps, impl=self.impl)
+        method = functools.partial(delta_method, self.method_name)
+        if cache is None:
+            return method(q, k, v, params, **call)
+        return recurrent.decode(self.method_name, method, q, k, v, params, cache, positions=positions,
+                                streams=jnp.stack([q, k, v], axis=2), **call)

@@ -22,6 +22,7 @@ Departures from the paper's layer, all forced by the q/k/v interface (catalog Se
   * ``dropout_rate`` is accepted (models pass one rate to every layer) and unused: the paper has no dropout here.
 Padded tokens (``mask`` False) are zeroed before the conv and leave the state unchanged (g = 0 there); their outputs
 are 0. ``segment_ids`` restart the state and cut the conv at every run start (``recurrent.run_starts``).
+Decoding is DeltaNet's module's (``deltanet``): the cache holds the state and the short convs' last raw inputs.
 """
 
 import math
@@ -37,10 +38,11 @@ from effjax.attention.deltanet import NORM_EPS, delta_method
 
 NAME = "gated_deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
           "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
-          "impl='pallas' runs the chunked form on the chunked delta-rule kernel.")
+          "impl='pallas' runs the chunked form on the chunked delta-rule kernel; decoding keeps the state (d x d per "
+          "head) and the short convs' last conv_size - 1 raw q, k, v inputs (DeltaNet's module's).")
 A_RANGE = (1e-6, 16.0)  # fla: U(0, 16); the lower end moved off 0 so that log A is finite
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 

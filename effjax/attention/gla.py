@@ -17,7 +17,8 @@ Departures (catalog Sec. 2.7): the gate and the output gate read ``heads_flat(q,
 (the block's projections) instead of the hidden state x; d_k = d_v = the block's D (fla: d_k = d_v / 2).
 ``causal=False`` has no form in the paper: refused unless ``bidirectional="sum"`` (forward plus reversed scan,
 catalog Sec. 2.9, the diagonal counted twice). ``dropout_rate`` is accepted for the common interface and unused.
-``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``.
+``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``;
+decoding (``init_cache``, ``cache``/``positions``; ``recurrent.decode``) keeps that state alone (no short conv).
 
 ``impl="pallas"``: the chunked linear-attention kernel with per-channel decays (``kernels/linear_attention.py``,
 16-row sub-blocks, through ``kernels.dispatch`` op "linear") runs the chunked form, both scans of
@@ -37,9 +38,11 @@ from effjax.kernels.backend import check_impl
 NAME = "gla"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    decode=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
           "parallel, recurrent; initial_state / return_state carry the state; impl='pallas' (the chunked "
-          "linear-attention kernel with per-channel decays) runs the chunked form only.")
+          "linear-attention kernel with per-channel decays) runs the chunked form only; decoding keeps the state "
+          "(d x d per head).")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_gla
 NORM_EPS = 1e-5  # fla's norm_eps
 
@@ -95,8 +98,15 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0  # accepted, unused
     impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-channel decays (chunked form)
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The state ``[batch, heads, d, d]`` float32 (``recurrent.init_cache``; ``max_length`` unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         recurrent.check_self(NAME, q, k)
         recurrent.refuse_bidirectional(NAME, causal, self.bidirectional)
@@ -109,6 +119,9 @@ class Attention(nn.Module):
             "output_gate": self.param("output_gate", normal, (width, width), jnp.float32),
             "norm": self.param("norm", nn.initializers.ones, (dim,), jnp.float32),
         }
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal,
-                      bidirectional=self.bidirectional, form=self.form, chunk_size=self.chunk_size,
-                      gate_logit_normalizer=self.gate_logit_normalizer, clamp_min=self.clamp_min, impl=self.impl)
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, bidirectional=self.bidirectional,
+                    form=self.form, chunk_size=self.chunk_size, gate_logit_normalizer=self.gate_logit_normalizer,
+                    clamp_min=self.clamp_min, impl=self.impl)
+        if cache is None:
+            return attend(q, k, v, params, **call)
+        return recurrent.decode(NAME, attend, q, k, v, params, cache, positions=positions, **call)

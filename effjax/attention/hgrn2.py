@@ -20,7 +20,8 @@ minus its first row: 0 at layer 0, growing with depth), which a single layer can
 bound per channel of this module, ``gamma = sigmoid(theta)`` with ``theta`` initialised so that gamma starts at
 ``lower_bound_init`` (0.01: small, as the low layers' bounds; None: no bound, as the official layer 0). The key
 dim is the block's D (fla: ``expand_ratio`` 128). ``dropout_rate`` is accepted for the common interface and unused.
-``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``.
+``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``;
+decoding (``init_cache``, ``cache``/``positions``; ``recurrent.decode``) keeps that state alone (no short conv).
 
 ``impl="pallas"``: the chunked linear-attention kernel with per-channel decays (``kernels/linear_attention.py``,
 through ``kernels.dispatch`` op "linear") runs the chunked form, both scans of ``causal=False`` included; the
@@ -42,9 +43,10 @@ from effjax.kernels.backend import check_impl
 NAME = "hgrn2"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    decode=True,
     notes="causal=False is the official BiHGRN2 (forward plus reversed scan); forms: chunked (default), parallel, "
           "recurrent; initial_state / return_state carry the state; impl='pallas' (the chunked linear-attention "
-          "kernel with per-channel decays) runs the chunked form only.")
+          "kernel with per-channel decays) runs the chunked form only; decoding keeps the state (d x d per head).")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_gla
 NORM_EPS = 1e-5  # fla's norm_eps
 
@@ -91,8 +93,15 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0  # accepted, unused
     impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-channel decays (chunked form)
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The state ``[batch, heads, d, d]`` float32 (``recurrent.init_cache``; ``max_length`` unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         recurrent.check_self(NAME, q, k)
         heads, dim = q.shape[2:]
@@ -103,5 +112,8 @@ class Attention(nn.Module):
             logit = math.log(self.lower_bound_init) - math.log1p(-self.lower_bound_init)
             params["lower_bound"] = self.param("lower_bound", nn.initializers.constant(logit), (heads, dim),
                                                jnp.float32)
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
-                      chunk_size=self.chunk_size, impl=self.impl)
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, form=self.form, chunk_size=self.chunk_size,
+                    impl=self.impl)
+        if cache is None:
+            return attend(q, k, v, params, **call)
+        return recurrent.decode(NAME, attend, q, k, v, params, cache, positions=positions, **call)

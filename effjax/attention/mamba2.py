@@ -26,6 +26,8 @@ summed before the gated norm). ``dropout_rate`` is accepted for the common inter
 State: ``Mamba2State(ssm [batch, heads, d, d], conv [batch, d_conv - 1, 3, heads, d])``, the SSM state and the
 raw (v, k, q) inputs of the last ``d_conv - 1`` positions of the last run (zeros before the first token; padded
 positions as the zeros the conv reads), so that a call continued from the returned state equals the whole.
+Decoding (``init_cache``, ``cache``/``positions``; ``recurrent.decode``) keeps the same two: the SSM state and the
+raw (v, k, q) of each sequence's last ``d_conv - 1`` real tokens; a step continues from them (``decode_attend``).
 
 ``impl="pallas"``: the chunked linear-attention kernel with per-head decays (``kernels/linear_attention.py``,
 through ``kernels.dispatch`` op "linear") runs the SSD scan's chunked form, both scans of ``bidirectional="sum"``
@@ -47,10 +49,11 @@ from effjax.kernels.backend import check_impl
 
 NAME = "mamba2"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
           "parallel, recurrent; initial_state / return_state carry the SSM state and the conv inputs; impl='pallas' "
-          "(the chunked linear-attention kernel with per-head decays) runs the chunked form only.")
+          "(the chunked linear-attention kernel with per-head decays) runs the chunked form only; decoding keeps the "
+          "SSM state (d x d per head) and the conv's last d_conv - 1 raw (v, k, q) inputs.")
 DEFAULT_CHUNK_SIZE = 256  # mamba_ssm's Mamba2
 NORM_EPS = 1e-5  # mamba_ssm's RMSNormGated
 
@@ -140,6 +143,18 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, bidire
     return (out, state) if return_state else out
 
 
+def decode_attend(q, k, v, params, *, initial_state=None, history=None, **call):
+    """``attend`` on a decoding cache's pieces (``recurrent.decode``): ``initial_state`` (the SSM state) and
+    ``history`` (the conv's raw inputs, None: ``d_conv`` 1) make a ``Mamba2State``, so a step continues the conv
+    with this module's own tail mechanism (``convolved``); returns ``(out, SSM state)``."""
+    if initial_state is not None:
+        if history is None:
+            history = jnp.zeros((q.shape[0], 0, 3, *q.shape[2:]), jnp.float32)
+        initial_state = Mamba2State(initial_state, history.astype(jnp.float32))
+    out, state = attend(q, k, v, params, initial_state=initial_state, **call)
+    return out, state.ssm
+
+
 def inverse_softplus(y):
     return y + jnp.log(-jnp.expm1(-y))
 
@@ -159,8 +174,16 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0  # accepted, unused
     impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-head decays (chunked form)
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The SSM state ``[batch, heads, d, d]`` float32 and the conv's last ``d_conv - 1`` raw inputs ``[batch,
+        d_conv - 1, 3, heads, d]`` (v, k, q) in ``dtype`` (``recurrent.init_cache``; ``max_length`` unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype, history=self.d_conv - 1)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         recurrent.check_self(NAME, q, k)
         recurrent.refuse_bidirectional(NAME, causal, self.bidirectional)
@@ -185,6 +208,9 @@ class Attention(nn.Module):
             "gate": self.param("gate", torch_uniform(width), (width, width), jnp.float32),
             "norm": self.param("norm", nn.initializers.ones, (width,), jnp.float32),
         }
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal,
-                      bidirectional=self.bidirectional, form=self.form, chunk_size=self.chunk_size,
-                      ngroups=self.ngroups, impl=self.impl)
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, bidirectional=self.bidirectional,
+                    form=self.form, chunk_size=self.chunk_size, ngroups=self.ngroups, impl=self.impl)
+        if cache is None:
+            return attend(q, k, v, params, **call)
+        return recurrent.decode(NAME, decode_attend, q, k, v, params, cache, positions=positions,
+                                streams=jnp.stack([v, k, q], axis=2), **call)

@@ -15,11 +15,19 @@ Conventions shared by every form of every family:
     restarts from 0 at every run start after position 0, and the ``initial_state`` belongs to the first run;
   * causal by nature: ``causal=False`` is refused unless the method defines a bidirectional form
     (``refuse_bidirectional``; ``both_directions`` is Sec. 2.9's forward plus reversed scan).
+
+Decoding (``effjax.attention.decoding``), the same for every method (``init_cache``, ``decode``): the cache is the
+state plus, for a method with short convolutions or a token shift, the raw inputs of the last tokens they read
+(``history``), a constant size whatever ``max_length``; a prefill is the method's ordinary forward with the mask
+(pads leave the state unchanged), a step its recurrent form from the cached state (``conv_after`` continues the
+convolutions from the history).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from effjax.attention import decoding
 
 FORMS = ("chunked", "parallel", "recurrent")
 MAX_CHUNK = 1024  # the largest chunk of the XLA forms: a chunk's [chunk, chunk] (or [chunk, chunk, d_k]) tiles
@@ -154,3 +162,74 @@ def masked_exp(log_gap, allowed):
     """``exp(log_gap)`` where ``allowed``, else 0, with the exponent masked before ``exp`` (Sec. 2.4), so neither the
     value nor the gradient of a discarded entry can be inf or NaN."""
     return jnp.exp(jnp.where(allowed, log_gap, -jnp.inf))
+
+
+# ---- decoding (``effjax.attention.decoding``): what the seven methods share --------------------------------------
+
+STATE_AXES = ("batch", "heads", None, None)
+HISTORY_AXES = ("batch", None, None, "heads", "head_dim")
+
+
+def init_cache(batch: int, heads: int, head_dim: int, dtype, *, history: int = 0) -> dict:
+    """A recurrent method's empty decoding cache (boxed leaves), whose size does not depend on the sequence length:
+    ``state [batch, heads, head_dim, head_dim]`` float32 (d_k = d_v = head_dim) and, for ``history > 0``,
+    ``history [batch, history, 3, heads, head_dim]`` in ``dtype``: the method's three raw inputs (q, k, v, in the
+    order the method stacks them) of the last ``history`` tokens, which its short convolutions or token shift read
+    before the next token."""
+    cache = {"state": decoding.boxed_zeros((batch, heads, head_dim, head_dim), jnp.float32, STATE_AXES)}
+    if history > 0:
+        cache["history"] = decoding.boxed_zeros((batch, history, 3, heads, head_dim), dtype, HISTORY_AXES)
+    return cache
+
+
+def decode(method: str, attend, q, k, v, params, cache: dict, *, mask=None, positions=None, causal=True,
+           segment_ids=None, form="chunked", streams=None, **call):
+    """One decoding call of a recurrent method (the interface of ``effjax.attention.decoding``): ``(out, cache)``.
+
+    ``attend(q, k, v, params, *, mask, causal, segment_ids, form, initial_state, return_state=True, **call)`` is the
+    method's own function, returning ``(out, final_state)``:
+      * prefill (``positions`` None): the ordinary causal pass in ``form`` (the module's, chunked by default) from
+        the zero state over the right-padded prompts. Padded tokens leave the state unchanged, so the final state
+        is each sequence's after its last real token;
+      * step (one token per sequence): the recurrent form from the cached state, with ``history=`` the cached
+        history when the cache holds one (the method's convolutions read it through ``conv_after``, i.e.
+        ``decoding.conv_step``).
+    ``streams [batch, length, 3, heads, head_dim]``: the raw inputs the convolutions read (needed when the cache
+    has a history); a prefill keeps the last real ones (``decoding.conv_history``), a step shifts the new one in.
+    """
+    decoding.check_call(method, q, causal=causal, segment_ids=segment_ids, positions=positions)
+    batch, _, heads, head_dim = q.shape
+    state_shape = (batch, heads, head_dim, head_dim)
+    if tuple(cache["state"].shape) != state_shape or cache["state"].dtype != jnp.float32:
+        raise ValueError(f"{method}: the cache's state must be float32 of shape [batch, heads, head_dim, head_dim] = "
+                         f"{state_shape} (init_cache for these inputs), got {cache['state'].dtype} "
+                         f"{tuple(cache['state'].shape)}.")
+    history = cache.get("history")
+    if history is not None and (history.shape[0], *history.shape[2:]) != (batch, 3, heads, head_dim):
+        raise ValueError(f"{method}: the cache's history must have shape [batch, count, 3, heads, head_dim] with "
+                         f"{(batch, 3, heads, head_dim)} (init_cache for these inputs), got {tuple(history.shape)}.")
+    call.update(causal=causal, segment_ids=segment_ids, return_state=True)
+    if positions is None:
+        out, state = attend(q, k, v, params, mask=mask, form=form, **call)
+        cache = {"state": state}
+        if history is not None:
+            cache["history"] = decoding.conv_history(streams, mask, history.shape[1]).astype(history.dtype)
+        return out, cache
+    with_history = {} if history is None else {"history": history}
+    out, state = attend(q, k, v, params, form="recurrent", initial_state=cache["state"], **with_history, **call)
+    cache = {"state": state}
+    if history is not None:
+        cache["history"] = jnp.concatenate([history, streams.astype(history.dtype)], axis=1)[:, 1:]
+    return out, cache
+
+
+def conv_after(history, x, conv):
+    """``conv`` (a causal convolution along axis 1, e.g. a short conv or a token shift) of ``x``, reading
+    ``history [batch, count, ...]`` (the inputs before ``x``, oldest first) where its taps reach before ``x``: a
+    decoding step of one token (``decoding.conv_step``). ``history`` None: ``conv(x)``, zeros before ``x``."""
+    if history is None:
+        return conv(x)
+    if x.shape[1] != 1:
+        raise ValueError(f"A convolution continued from a history takes one token (a decoding step), got "
+                         f"{x.shape[1]}.")
+    return decoding.conv_step(history, x, conv)[0]

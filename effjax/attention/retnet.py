@@ -22,8 +22,9 @@ Departures from the paper and the official code (torchscale ``multiscale_retenti
   * ``dropout_rate`` is accepted for the common interface and unused (retention has no attention dropout).
 
 ``attend`` takes an ``initial_state [batch, heads, d, d]`` and returns ``(out, state)`` with ``return_state``
-(causal only); a continued call must pass ``position_offset`` (the tokens already seen) so that the rotation
-continues.
+(causal only); a continued call must pass ``position_offset`` (the tokens already seen, a number or one per
+sequence) so that the rotation continues. Decoding (``init_cache``, ``cache``/``positions``; ``recurrent.decode``)
+keeps that state; a step's ``position_offset`` is its ``positions``.
 
 ``impl="pallas"``: the chunked linear-attention kernel with per-head decays (``kernels/linear_attention.py``, through
 ``kernels.dispatch`` op "linear"; other backends and lists as the dispatch takes them) runs the chunked form, each
@@ -43,9 +44,11 @@ from effjax.kernels.backend import check_impl
 NAME = "retnet"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+    decode=True,
     notes="causal=False is the paper's symmetric decay gamma^|i-j|; forms: chunked (default), parallel, recurrent; "
           "initial_state / return_state carry the retention state; impl='pallas' (the chunked linear-attention kernel "
-          "with per-head decays) runs the chunked form only.")
+          "with per-head decays) runs the chunked form only; decoding keeps the retention state (d x d per head), "
+          "steps rotate q and k by each sequence's position.")
 DEFAULT_CHUNK_SIZE = 64  # fla's chunk_retention
 NORM_EPS = 1e-5  # fla's norm_eps
 ROPE_BASE = 10_000.0
@@ -57,10 +60,13 @@ def log_gammas(heads: int):
 
 
 def rotate(x, offset=0):
-    """RoPE with half-split pairs (channel ``i`` with ``i + d/2``), angle ``(offset + t) base^(-2i/d)``; float32."""
+    """RoPE with half-split pairs (channel ``i`` with ``i + d/2``), angle ``(offset + t) base^(-2i/d)``; float32.
+    ``offset``: a number, or one per batch row ``[batch]`` (decoding steps at each sequence's position)."""
     length, dim = x.shape[1], x.shape[-1]
     theta = ROPE_BASE ** (-jnp.arange(dim // 2, dtype=jnp.float32) * 2 / dim)
-    angles = (offset + jnp.arange(length, dtype=jnp.float32))[:, None, None] * theta  # [length, 1, d/2]
+    offset = jnp.asarray(offset, jnp.float32)
+    positions = offset[..., None] + jnp.arange(length, dtype=jnp.float32)  # [length] or [batch, length]
+    angles = positions[..., None, None] * theta  # [(batch,) length, 1, d/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
@@ -109,13 +115,24 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0  # accepted, unused
     impl: str = "xla"  # "pallas": the chunked linear-attention kernel with per-head decays (chunked form)
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The retention state ``[batch, heads, d, d]`` float32 (``recurrent.init_cache``; ``max_length`` unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``; a step rotates q and k by ``positions``."""
         check_qkv(NAME, q, k, v)
         recurrent.check_self(NAME, q, k)
         width, dim = q.shape[2] * q.shape[3], q.shape[3]
         gate_init = nn.initializers.variance_scaling(2.0 ** -5, "fan_avg", "uniform")  # xavier, gain 2^-2.5
         params = {"gate": self.param("gate", gate_init, (width, width), jnp.float32),
                   "norm": self.param("norm", nn.initializers.ones, (dim,), jnp.float32)}
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, rotary=self.rotary,
-                      form=self.form, chunk_size=self.chunk_size, impl=self.impl)
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, rotary=self.rotary, form=self.form,
+                    chunk_size=self.chunk_size, impl=self.impl)
+        if cache is None:
+            return attend(q, k, v, params, **call)
+        return recurrent.decode(NAME, attend, q, k, v, params, cache, positions=positions,
+                                position_offset=0 if positions is None else positions, **call)

@@ -34,7 +34,10 @@ Departures from the paper (the method sees projected q, k, v, not the hidden sta
   4. ``causal=False`` is not defined by the paper and refused unless ``bidirectional="sum"`` (a forward plus a
      reversed scan with the same parameters, ``recurrent.both_directions``; the diagonal counts twice).
   5. ``initial_state``/``return_state`` carry the matrix state only, not the one-token shift cache: a call
-     continuing a sequence reads a zero previous token at its first position.
+     continuing a sequence reads a zero previous token at its first position. Decoding (``init_cache``,
+     ``cache``/``positions``; ``recurrent.decode``) does carry it: the cache holds the matrix state and the raw
+     q, k, v of the previous token (``history``), which a step's token shifts read, so prefill plus steps equal
+     the forward pass.
 No output projection (the block's) and no dropout (``dropout_rate`` is accepted for the common interface and
 unused). Padded tokens (``mask`` False) are zeroed before the shift, leave the state unchanged and output 0;
 segments restart the state and the shift reads 0 across them. Computation in float32, output in q's dtype.
@@ -52,9 +55,10 @@ from effjax.attention.common import check_qkv, l2_normalize
 
 NAME = "rwkv7"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False, decode=True,
     notes="causal=False is refused unless bidirectional='sum' (forward plus reversed scan); forms chunked, "
-          "parallel and recurrent of the DPLR core (effjax.attention.dplr).")
+          "parallel and recurrent of the DPLR core (effjax.attention.dplr); decoding keeps the state (d x d per "
+          "head) and the token shift's previous raw q, k, v.")
 DEFAULT_CHUNK_SIZE = dplr.DEFAULT_CHUNK_SIZE
 DECAY_SCALE = math.exp(-0.5)  # the official kernel's W_SCALE 0.6065: log w in [-0.6065, 0)
 SHIFT_POWERS = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
@@ -70,18 +74,26 @@ def token_shift(x, mix, segment_ids=None):
     return fftconv.short_causal(x, jnp.stack([1.0 - mix, mix]), None, segment_ids)
 
 
-def time_mixing(q, k, v, params, *, segment_ids=None):
+def time_mixing(q, k, v, params, *, segment_ids=None, history=None):
     """The per-token quantities of the recurrence from q, k, v (float32, ``[batch, length, heads, head_dim]``).
 
-    Returns a dict: ``r`` (receptance), ``log_w`` (log decay), ``alpha`` (in-context rate), ``kappa`` (removal
-    key, unit norm per head), ``k`` (write key k~), ``v`` (shifted values) and ``g`` (output gate).
+    ``history [batch, 1, 3, heads, head_dim]``: the raw q, k, v of the token before a one-token call (a decoding
+    step), which the shifts read (``recurrent.conv_after``; None: zeros). Returns a dict: ``r`` (receptance),
+    ``log_w`` (log decay), ``alpha`` (in-context rate), ``kappa`` (removal key, unit norm per head), ``k`` (write
+    key k~), ``v`` (shifted values) and ``g`` (output gate).
     """
     shape = q.shape
-    r = token_shift(q.astype(jnp.float32), params["mix_r"], segment_ids)
-    key = token_shift(k.astype(jnp.float32), params["mix_k"], segment_ids)
-    value = token_shift(v.astype(jnp.float32), params["mix_v"], segment_ids)
+    before = (None,) * 3 if history is None else tuple(history[:, :, i] for i in range(3))
+
+    def shift(x, mix, previous):
+        return recurrent.conv_after(previous, x, lambda window: token_shift(window, mix, segment_ids))
+
+    r = shift(q.astype(jnp.float32), params["mix_r"], before[0])
+    key = shift(k.astype(jnp.float32), params["mix_k"], before[1])
+    value = shift(v.astype(jnp.float32), params["mix_v"], before[2])
     u = recurrent.heads_flat(q, k, v)
-    u_w, u_a, u_g = (token_shift(u, params[f"mix_{n}"], segment_ids) for n in "wag")
+    u_before = None if history is None else recurrent.heads_flat(*before)
+    u_w, u_a, u_g = (shift(u, params[f"mix_{n}"], u_before) for n in "wag")
     decay_logit = params["w0"] + jnp.tanh(u_w @ params["w1"]) @ params["w2"]
     log_w = -DECAY_SCALE * jax.nn.sigmoid(decay_logit.reshape(shape))
     alpha = jax.nn.sigmoid((params["a0"] + (u_a @ params["a1"]) @ params["a2"]).reshape(shape))
@@ -98,10 +110,11 @@ def group_norm(y, scale, bias, eps):
 
 
 def one_direction(q, k, v, params, *, segment_ids=None, keep=None, form="chunked", chunk_size=DEFAULT_CHUNK_SIZE,
-                  initial_state=None, norm_eps=1e-5):
-    """RWKV-7 left to right: ``(out float32 [batch, length, heads, head_dim], final_state)``."""
+                  initial_state=None, norm_eps=1e-5, history=None):
+    """RWKV-7 left to right: ``(out float32 [batch, length, heads, head_dim], final_state)``; ``history``: see
+    ``time_mixing``."""
     q, k, v = recurrent.zero_padded(keep, *(x.astype(jnp.float32) for x in (q, k, v)))
-    m = time_mixing(q, k, v, params, segment_ids=segment_ids)
+    m = time_mixing(q, k, v, params, segment_ids=segment_ids, history=history)
     y, state = dplr.dplr(m["r"], m["k"], m["v"], m["log_w"], -m["kappa"], m["alpha"] * m["kappa"], form=form,
                          chunk_size=chunk_size, initial_state=initial_state, segment_ids=segment_ids, mask=keep,
                          method=NAME)
@@ -115,12 +128,13 @@ def one_direction(q, k, v, params, *, segment_ids=None, keep=None, form="chunked
 
 def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="chunked",
            chunk_size=DEFAULT_CHUNK_SIZE, initial_state=None, return_state=False, bidirectional=None,
-           norm_eps=1e-5):
+           norm_eps=1e-5, history=None):
     """RWKV-7 over ``q, k, v [batch, length, heads, head_dim]`` with ``params`` (``declare_params``).
 
     Causal: ``causal=True``; ``causal=False`` needs ``bidirectional="sum"``. ``initial_state`` (float32
     ``[batch, heads, head_dim, head_dim]``) and ``return_state`` (then ``(out, final_state)``) are for the
-    causal scan. Returns ``[batch, length, heads, head_dim]`` in q's dtype.
+    causal scan, as is ``history`` (a decoding step's previous raw q, k, v, ``time_mixing``). Returns ``[batch,
+    length, heads, head_dim]`` in q's dtype.
     """
     check_qkv(NAME, q, k, v)
     recurrent.check_self(NAME, q, k)
@@ -131,9 +145,11 @@ def attend(q, k, v, params, *, mask=None, segment_ids=None, causal=False, form="
     keep = recurrent.keep_mask(NAME, mask, *q.shape[:2])
     call = dict(form=form, chunk_size=chunk_size, norm_eps=norm_eps)
     recurrent.check_carry(NAME, causal, initial_state, return_state)
+    if history is not None and (not causal or segment_ids is not None):
+        raise ValueError(f"{NAME}: history (a decoding step's previous token) needs causal=True and no segment_ids.")
     if causal:
         out, state = one_direction(q, k, v, params, segment_ids=segment_ids, keep=keep,
-                                   initial_state=initial_state, **call)
+                                   initial_state=initial_state, history=history, **call)
         return (out.astype(q.dtype), state) if return_state else out.astype(q.dtype)
 
     def scan(q, k, v, *, segment_ids, keep):
@@ -218,8 +234,16 @@ class Attention(nn.Module):
     bidirectional: str | None = None
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The state ``[batch, heads, d, d]`` float32 and the token shift's previous raw q, k, v ``[batch, 1, 3,
+        heads, d]`` in ``dtype`` (``recurrent.init_cache``; ``max_length`` unused)."""
+        return recurrent.init_cache(batch, heads, head_dim, dtype, history=1)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``recurrent.decode``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         recurrent.check_self(NAME, q, k)
         recurrent.refuse_bidirectional(NAME, causal, self.bidirectional)
@@ -230,8 +254,12 @@ class Attention(nn.Module):
             raise ValueError(f"{NAME}: layer_idx must be in [0, num_layers = {self.num_layers}), "
                              f"got {self.layer_idx}.")
         params = declare_params(self, q.shape[2], q.shape[3])
-        return attend(q, k, v, params, mask=mask, segment_ids=segment_ids, causal=causal, form=self.form,
-                      chunk_size=self.chunk_size, bidirectional=self.bidirectional, norm_eps=self.norm_eps)
+        call = dict(mask=mask, segment_ids=segment_ids, causal=causal, form=self.form, chunk_size=self.chunk_size,
+                    bidirectional=self.bidirectional, norm_eps=self.norm_eps)
+        if cache is None:
+            return attend(q, k, v, params, **call)
+        return recurrent.decode(NAME, attend, q, k, v, params, cache, positions=positions,
+                                streams=jnp.stack([q, k, v], axis=2), **call)
 
 
 class _ParamsOnly(Attention):
