@@ -24,7 +24,12 @@ DECODERS = supporting("decode")
 # The methods whose whole-model checks run in the default tier; every other decoding method runs in the slow tier.
 LOGITS_TIER = ("softmax", "sliding_window", "mamba2", "linear_elu")
 GENERATE_TIER = ("softmax", "sliding_window")
-SMALL = {"sliding_window": dict(window=5), "longformer": dict(window=5), "block_local": dict(block_size=8)}
+SMALL = {"sliding_window": dict(window=5), "longformer": dict(window=5), "block_local": dict(block_size=8),
+         # Sized for the model's longest sequence (at None they take the init length, 8 tokens, and no other).
+         "hyena": dict(max_length=MAX_LENGTH), "kernelized_rpe": dict(max_length=MAX_LENGTH),
+         # cosFormer's M is the padded length unless max_len fixes it; the references below pad each prompt
+         # differently (and decoding fixes M to the cache's length otherwise).
+         "cosformer": dict(max_len=MAX_LENGTH)}
 
 
 def tiered(names, default_tier):

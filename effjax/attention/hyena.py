@@ -5,14 +5,18 @@ import math
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention import fftconv
+from effjax.attention import decoding, fftconv
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_cross, refuse_segments, torch_uniform
 
 NAME = "hyena"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=False, cross=False, dropout=True, pallas=False,
-    notes="dropout drops v' * k' before the long convolution (there are no attention weights).",
+    decode=True,
+    notes="dropout drops v' * k' before the long convolution (there are no attention weights). Decoding is exact "
+          "and keeps every past long-conv input u = v' * k' (float32 [max_length, heads, head_dim]: it grows with "
+          "max_length, bounded by it) and the short filter's last short_filter_order - 1 inputs; it runs "
+          "deterministic (no dropout).",
 )
 
 
@@ -107,6 +111,36 @@ def gated_inputs(q, k, v, mask, short):
     return x[:, :, 0], x[:, :, 2] * x[:, :, 1]
 
 
+def decode_step(q, k, v, filter_full, skip, short_taps, short_bias, cache, positions):
+    """One token per sequence at ``positions``: the short filter over its history, then the long convolution read
+    directly from the cached past inputs, ``y_p = sum_{j <= p} h_{p - j} u_j + skip * u_p``, and the gate.
+
+    ``filter_full [slots, heads, head_dim]`` is the long filter for every lag the cache can hold; ``cache =
+    {"short": the last taps - 1 inputs [batch, taps - 1, 3, heads, head_dim], "u": [batch, slots, heads,
+    head_dim]}``, ``u`` of position j in slot j. Returns ``(out [batch, 1, heads, head_dim], cache)``.
+    """
+    x = jnp.stack([q, k, v], axis=2).astype(jnp.float32)  # [b, 1, 3, h, d]
+    x, short = decoding.conv_step(cache["short"], x, lambda w: fftconv.short_causal(w, short_taps, short_bias))
+    gate, u = x[:, 0, 0], x[:, 0, 2] * x[:, 0, 1]  # [b, h, d]
+    slots = cache["u"].shape[1]
+    here = jnp.arange(slots)[None, :] == positions[:, None]  # [b, slots]
+    past = jnp.where(here[:, :, None, None], u[:, None].astype(cache["u"].dtype), cache["u"])
+    lag = positions[:, None] - jnp.arange(slots)[None, :]  # p - j
+    taps = jnp.where((lag >= 0)[:, :, None, None], filter_full[jnp.clip(lag, 0, slots - 1)], 0.0)
+    y = jnp.sum(taps * past.astype(jnp.float32), axis=1) + skip.astype(jnp.float32) * u
+    return (gate * y)[:, None].astype(q.dtype), {"short": short, "u": past}
+
+
+def _prefill_inputs(q, k, v, mask, short_taps, short_bias):
+    """A prefill's cache entries: the stacked raw inputs ``[b, P, 3, h, d]`` (zero at padded positions) whose last
+    real ones the short filter's history keeps, and the long-conv inputs ``u`` as ``attend`` makes them."""
+    x = jnp.stack([q, k, v], axis=2).astype(jnp.float32)
+    if mask is not None:
+        x = jnp.where(jnp.asarray(mask).astype(bool)[:, :, None, None, None], x, 0.0)
+    _, u = gated_inputs(q, k, v, mask, lambda x: fftconv.short_causal(x, short_taps, short_bias))
+    return x, u
+
+
 def _refuse(q, k, segment_ids):
     refuse_cross(NAME, q, k, "q and k gate v position by position")
     refuse_segments(NAME, segment_ids, "the long convolution mixes all positions of the sequence")
@@ -147,6 +181,14 @@ class Attention(nn.Module):
     a longer ``max_length`` lets the module run at any length up to it (``t`` is then ``linspace(0, 1,
     max_length)[:L]``, as in safari). The projections in/out are the surrounding block's q/k/v/o.
     ``dropout_rate`` drops ``v' * k'`` before the long conv, as the reference's ``dropout``.
+
+    Decoding (``init_cache``, ``cache``/``positions``) is exact and not constant-state: the cache holds every past
+    long-conv input ``u = v' * k'`` (float32 ``[batch, max_length, heads, head_dim]``, so it grows with
+    ``max_length``, bounded by it) and the short filter's last ``short_filter_order - 1`` inputs; a step reads the
+    long convolution directly from it (O(max_length) per token). Distilling the filter into a recurrence (Laughing
+    Hyena, Massaroli et al. 2023) would make it constant but approximate, and is not done. With ``max_length=None``
+    a decoding call sizes the filter from the cache's ``max_length`` (which must then be the length the module was
+    initialised with). Decoding is deterministic: a call with ``deterministic=False`` and a dropout rate is refused.
     """
 
     filter_order: int = 64
@@ -157,18 +199,51 @@ class Attention(nn.Module):
     max_length: int | None = None
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"short": zeros [batch, short_filter_order - 1, 3, heads, head_dim] of dtype, "u": zeros [batch,
+        max_length, heads, head_dim] float32}``: the long convolution's past inputs, one slot per position."""
+        if self.max_length is not None and self.max_length < max_length:
+            raise ValueError(f"{NAME}: the cache's max_length {max_length} exceeds the max_length {self.max_length} "
+                             "of the implicit filter.")
+        return {"short": decoding.boxed_zeros((batch, self.short_filter_order - 1, 3, heads, head_dim), dtype,
+                                              ("batch", None, None, "heads", "head_dim")),
+                "u": decoding.boxed_zeros((batch, max_length, heads, head_dim), jnp.float32,
+                                          ("batch", "length", "heads", "head_dim"))}
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         _refuse(q, k, segment_ids)
         length, heads, head_dim = v.shape[1:]
-        filters = dict(channels=heads * head_dim, max_length=self.max_length or length, width=self.filter_order,
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+            if self.dropout_rate > 0.0 and not deterministic:
+                raise ValueError(f"{NAME}: decoding runs deterministic: call it with deterministic=True (dropout "
+                                 "of v' * k' is a training option).")
+            slots = cache["u"].shape[1]
+            if length > slots:
+                raise ValueError(f"{NAME}: a prompt of {length} tokens does not fit the cache's max_length {slots}.")
+        filter_length = self.max_length or (length if cache is None else slots)
+        filters = dict(channels=heads * head_dim, max_length=filter_length, width=self.filter_order,
                        emb_dim=self.emb_dim, num_inner=self.num_inner_mlps, frequency=self.frequency)
         taps, bias = short_filter_params(self, self.short_filter_order, (3, heads, head_dim))
         skip = self.param("skip", nn.initializers.normal(1.0), (heads, head_dim), jnp.float32)
-        forward = ImplicitFilter(**filters, name="filter")((length,)).reshape(length, heads, head_dim)
+        implicit = ImplicitFilter(**filters, name="filter")
+        if cache is not None and positions is not None:
+            return decode_step(q, k, v, implicit((slots,)).reshape(slots, heads, head_dim), skip, taps, bias, cache,
+                               positions)
+        forward = implicit((length,)).reshape(length, heads, head_dim)
         backward = None
         if not causal:
             backward = ImplicitFilter(**filters, name="filter_backward")((length,)).reshape(length, heads, head_dim)
-        return attend(q, k, v, forward, skip, taps, bias, filter_backward=backward, mask=mask,
-                      segment_ids=segment_ids, causal=causal, **dropout_kwargs(self, deterministic))
+        out = attend(q, k, v, forward, skip, taps, bias, filter_backward=backward, mask=mask,
+                     segment_ids=segment_ids, causal=causal, **dropout_kwargs(self, deterministic))
+        if cache is None:
+            return out
+        x, u = _prefill_inputs(q, k, v, mask, taps, bias)
+        u = jnp.pad(u, [(0, 0), (0, slots - length), (0, 0), (0, 0)]).astype(cache["u"].dtype)
+        return out, {"short": decoding.conv_history(x, mask, self.short_filter_order - 1).astype(cache["short"].dtype),
+                     "u": u}

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effjax.attention import common
+from effjax.attention import common, decoding
 from effjax.attention.common import check_mask
 from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
@@ -250,3 +250,90 @@ def _causal(phi_q, phi_k, v, scale, chunk_size, eps):
     out = jnp.moveaxis(jnp.moveaxis(out, 2, 3), 0, 1).reshape(batch, num_chunks * chunk, heads, -1)
     return out[:, q_front:q_front + q_len]
 
+
+# ---- decoding: the running sums -------------------------------------------------------------------------------
+# A causal kernel method decodes with the carry of ``_causal``: S = sum_j w_j phi_k_j v_j^T [batch, heads, m, v_dim],
+# z = sum_j w_j phi_k_j [batch, heads, m] and top [batch, heads], the largest key log-scale so far, with
+# w_j = exp(key_log_scale_j - top) (all scales 0, so top 0 and w 1, without a key_log_scale). Float32, constant in
+# the context length. A prefill is the method's own causal forward plus these sums over each prompt's real keys; a
+# step adds the new key and reads the query out of the sums, the same arithmetic as a query of ``_causal``.
+
+STATE_AXES = {"kv": ("batch", "heads", None, "head_dim"), "z": ("batch", "heads", None), "top": ("batch", "heads")}
+
+
+def state_init(batch: int, heads: int, features: int, v_dim: int) -> dict:
+    """Empty running sums (boxed leaves, ``effjax.attention.decoding``): ``kv [batch, heads, features, v_dim]``,
+    ``z [batch, heads, features]`` zeros, ``top [batch, heads]`` at LOG_SCALE_FLOOR (no key yet); float32."""
+    return {"kv": decoding.boxed_zeros((batch, heads, features, v_dim), jnp.float32, STATE_AXES["kv"]),
+            "z": decoding.boxed_zeros((batch, heads, features), jnp.float32, STATE_AXES["z"]),
+            "top": decoding.boxed_full((batch, heads), LOG_SCALE_FLOOR, jnp.float32, STATE_AXES["top"])}
+
+
+def _check_state(method, state, phi_k, v):
+    want = (phi_k.shape[0], phi_k.shape[2], phi_k.shape[3], v.shape[-1])
+    if tuple(state["kv"].shape) != want:
+        raise ValueError(f"{method}: the cache's running sums were made for [batch, heads, features, v_dim] = "
+                         f"{tuple(state['kv'].shape)}, got keys with features {tuple(phi_k.shape)} and values "
+                         f"{tuple(v.shape)} (init_cache with this batch, heads and head_dim).")
+
+
+def _log_scale(key_log_scale, shape):
+    if key_log_scale is None:
+        return jnp.zeros(shape, jnp.float32)
+    return jax.lax.stop_gradient(key_log_scale.astype(jnp.float32))
+
+
+def state_prefill(method: str, state: dict, phi_k, v, mask=None, key_log_scale=None) -> dict:
+    """The running sums (``state``, empty) after each right-padded prompt's last real key: ``phi_k [batch, P,
+    heads, m]``, ``v [batch, P, heads, v_dim]``, ``mask [batch, P]`` True on real tokens, ``key_log_scale`` as in
+    ``normalized_attention``. Padded keys are left out."""
+    _check_state(method, state, phi_k, v)
+    _, phi_k, v, mask, _ = _prepare(phi_k, phi_k, v, mask, None, True, method)
+    scale = _log_scale(key_log_scale, phi_k.shape[:3])
+    if mask is not None:
+        scale = jnp.where(mask[:, :, None], scale, LOG_SCALE_FLOOR)
+    top = jnp.max(scale, axis=1)  # [b, h]; LOG_SCALE_FLOOR where a prompt has no real key
+    phi_k = phi_k * jnp.exp(scale - top[:, None])[..., None]
+    return {"kv": jnp.einsum("blhm,blhd->bhmd", phi_k, v), "z": jnp.sum(phi_k, axis=1), "top": top}
+
+
+def state_step(method: str, state: dict, phi_k, v, key_log_scale=None) -> dict:
+    """The running sums after one more key: ``phi_k [batch, 1, heads, m]``, ``v [batch, 1, heads, v_dim]``,
+    ``key_log_scale [batch, 1, heads]`` (or None). The sums are rescaled to the new running max first."""
+    _check_state(method, state, phi_k, v)
+    scale = _log_scale(key_log_scale, phi_k.shape[:3])[:, 0]  # [b, h]
+    phi_k, v = phi_k[:, 0].astype(jnp.float32), v[:, 0].astype(jnp.float32)  # [b, h, m], [b, h, d]
+    top = jnp.maximum(state["top"], scale)
+    decay, weight = jnp.exp(state["top"] - top), jnp.exp(scale - top)
+    phi_k = phi_k * weight[..., None]
+    return {"kv": state["kv"] * decay[..., None, None] + phi_k[..., :, None] * v[..., None, :],
+            "z": state["z"] * decay[..., None] + phi_k, "top": top}
+
+
+def state_read(state: dict, phi_q, eps=EPS):
+    """``phi_q [batch, 1, heads, m]`` read out of the running sums: ``phi_q . S / phi_q . z`` (guarded as in the
+    forward), float32 ``[batch, 1, heads, v_dim]``."""
+    phi_q = phi_q[:, 0].astype(jnp.float32)
+    num = jnp.einsum("bhm,bhmd->bhd", phi_q, state["kv"])
+    den = jnp.einsum("bhm,bhm->bh", phi_q, state["z"])
+    return guarded_divide(num, den, eps)[:, None]
+
+
+def check_self_attention(method: str, q, k) -> None:
+    """ValueError naming ``method`` for a decoding call whose keys are not the queries' tokens."""
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"{method}: decoding is self-attention: q and k must have the same length, got q_len "
+                         f"{q.shape[1]} and kv_len {k.shape[1]}.")
+
+
+def decode(method: str, state: dict, phi_q, phi_k, v, positions, mask, *, forward, key_log_scale=None, eps=EPS):
+    """One decoding call (prefill or step) of a causal kernel method over its running sums.
+
+    Prefill (``positions`` None): ``forward()`` (the method's own causal pass over the prompts) and
+    ``state_prefill``. Step: ``state_step`` with the new key, then ``state_read`` of the query (float32).
+    Returns ``(out, state)``.
+    """
+    if positions is None:
+        return forward(), state_prefill(method, state, phi_k, v, mask, key_log_scale)
+    state = state_step(method, state, phi_k, v, key_log_scale)
+    return state_read(state, phi_q, eps), state

@@ -4,14 +4,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention import fftconv
+from effjax.attention import decoding, fftconv
 from effjax.attention import kernel_attention as ka
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv
 from effjax.attention.performer import random_projection
 
 NAME = "kernelized_rpe"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=False)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=False,
+                            decode=True,
+                            notes="decoding keeps a key/value cache of max_length slots (it grows with max_length, "
+                                  "as softmax's does): the RPE weight of every past key depends on its offset, so "
+                                  "no fixed-size sum of phi(k) v^T serves every later query.")
 
 
 def feature_map(x, projection, normalize=True):
@@ -101,6 +105,30 @@ def attend(q, k, v, projection, rpe, *, mask=None, segment_ids=None, causal=Fals
     return out.astype(q.dtype)
 
 
+def decode_step(q, k, v, projection, rpe, cache, positions, *, normalize=True, eps=ka.EPS):
+    """One token per sequence at ``positions`` over the key/value cache (``decoding.kv_init``): the new key and
+    value go in, then ``z_p = sum_j c_{p - j} phi_q . phi_k_j v_j / (sum_j c_{p - j} phi_q . phi_k_j + eps)`` over
+    the cached keys ``j <= p`` (``rpe_attention``'s causal row p, read directly instead of by FFT).
+
+    The RPE logits are shifted by their max over the offsets ``0 .. slots - 1``, as the forward pass over
+    ``slots = max_length`` tokens shifts them (the shift cancels between numerator and denominator up to eps).
+    """
+    cache = decoding.kv_step(cache, k, v, positions)
+    projection = jax.lax.stop_gradient(projection)
+    slots = cache["key"].shape[1]
+    logits = offsets_for(rpe, 1, slots, causal=False)  # [heads, offsets 0 .. slots - 1]
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    allowed = decoding.kv_allowed(cache, positions)  # [b, slots]
+    offset = jnp.clip(positions[:, None] - cache["position"], 0, slots - 1)  # [b, slots]
+    c = jnp.where(allowed[:, None, :], jnp.exp(logits)[:, offset].transpose(1, 0, 2), 0.0)  # [b, h, slots]
+    phi_q = feature_map(q, projection, normalize)[:, 0]  # [b, h, m]
+    phi_k = feature_map(cache["key"], projection, normalize)  # [b, slots, h, m]
+    weights = c * jnp.einsum("bhm,bkhm->bhk", phi_q, phi_k)
+    num = jnp.einsum("bhk,bkhd->bhd", weights, cache["value"].astype(jnp.float32))
+    out = num / (jnp.sum(weights, axis=-1)[..., None] + eps)
+    return out[:, None].astype(q.dtype), cache
+
+
 class Attention(nn.Module):
     """Linen wrapper owning the random projection and the RPE logits.
 
@@ -111,6 +139,14 @@ class Attention(nn.Module):
     the module then only applies at that length; give ``max_length`` to apply one set of parameters to every
     length up to it. ``dropout_rate`` is accepted for the common interface but does not apply: the attention
     weights are never materialized.
+
+    Decoding (``init_cache``, ``cache``/``positions``) keeps a key/value cache of ``max_length`` slots
+    (``decoding.kv_init``): ``c_{i-j}`` is a free logit per offset, so the sums ``sum_j c_{i-j} phi_k_j v_j^T``
+    differ for every query and no constant-size state reproduces them (they would be a recurrence only for
+    exponentially decaying c). A prefill is the FFT forward over the prompts; a step reads the query's row of the
+    Toeplitz product directly from the cached keys and values (``decode_step``), O(max_length) per token. With
+    ``max_length=None`` a decoding call sizes ``rpe`` from the cache's ``max_length`` (which must then be the
+    length the module was initialised with).
     """
 
     num_features: int = 256
@@ -119,13 +155,34 @@ class Attention(nn.Module):
     orthogonal: bool = True
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The key/value cache of ``max_length`` slots (``effjax.attention.decoding``)."""
+        if self.max_length is not None and self.max_length < max_length:
+            raise ValueError(f"{NAME}: the cache's max_length {max_length} exceeds the max_length {self.max_length} "
+                             "the relative positional encoding was built for.")
+        return decoding.kv_init(batch, max_length, heads, head_dim, dtype)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
-        max_length = self.max_length or max(q.shape[1], k.shape[1])
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+            ka.check_self_attention(NAME, q, k)
+        max_length = self.max_length or (max(q.shape[1], k.shape[1]) if cache is None else cache["key"].shape[1])
         projection = self.param(
             "frozen_projection",
             lambda rng: random_projection(rng, self.num_features, q.shape[-1], self.orthogonal, method=NAME))
         rpe = self.param("rpe", nn.initializers.zeros, (q.shape[2], 2 * max_length - 1), jnp.float32)
-        return attend(q, k, v, projection, rpe, mask=mask, segment_ids=segment_ids, causal=causal,
-                      normalize=self.normalize)
+
+        def forward():
+            return attend(q, k, v, projection, rpe, mask=mask, segment_ids=segment_ids, causal=causal,
+                          normalize=self.normalize)
+
+        if cache is None:
+            return forward()
+        if positions is not None:
+            return decode_step(q, k, v, projection, rpe, cache, positions, normalize=self.normalize)
+        return forward(), decoding.kv_prefill(NAME, cache, k, v, mask)

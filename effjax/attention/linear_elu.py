@@ -4,12 +4,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention import decoding
 from effjax.attention import kernel_attention as ka
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "linear_elu"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True,
+                            decode=True,
+                            notes="decoding keeps the running sums sum phi(k) v^T [heads, head_dim, head_dim] and "
+                                  "sum phi(k) [heads, head_dim] in float32, constant in the context length.")
 
 
 def feature_map(x):
@@ -42,7 +46,22 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": kernels.linear_attention
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The running sums ``kernel_attention.state_init`` (float32, whatever ``dtype``; ``max_length`` unused)."""
+        return ka.state_init(batch, heads, head_dim, head_dim)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
-        return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, chunk_size=self.chunk_size,
-                      impl=self.impl)
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
+        def forward():
+            return attend(q, k, v, mask=mask, segment_ids=segment_ids, causal=causal, chunk_size=self.chunk_size,
+                          impl=self.impl)
+
+        if cache is None:
+            return forward()
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        ka.check_self_attention(NAME, q, k)
+        out, cache = ka.decode(NAME, cache, feature_map(q), feature_map(k), v, positions, mask, forward=forward)
+        return out.astype(q.dtype), cache

@@ -6,18 +6,22 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effjax.attention import fftconv, scan
+from effjax.attention import decoding, fftconv, scan
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_mask, check_qkv, refuse_cross, torch_uniform
 from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 NAME = "mamba"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
+                            decode=True,
+                            notes="decoding keeps the SSM state [heads, head_dim, d_state] in float32 and the short "
+                                  "conv's last d_conv - 1 inputs v: constant in the context length.")
 DEFAULT_CHUNK_SIZE = 64
 
 
-def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chunk_size=DEFAULT_CHUNK_SIZE):
+def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                   final=False):
     """Mamba's ``selective_scan_ref`` per channel ``e = (head, head_dim)`` and state ``n``, in float32:
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`` (ZOH for A, Euler for B) and
     ``y_t = C_t . h_t + D x_t`` with ``A = -exp(a_log)``.
@@ -27,6 +31,7 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     ``d_skip [heads, head_dim]``. ``keep [batch, length]`` False leaves the state untouched (``a = 1, b = 0``),
     so padded steps change nothing; ``reset`` True restarts the state there (``a = 0``), ahead of ``keep``.
     ``chunk_size`` bounds the ``[batch, chunk, heads, head_dim, d_state]`` states held at once (``scan.chunked``).
+    ``final=True`` returns ``(y, h)`` with the last state ``h [batch, heads, head_dim, d_state]`` too.
     """
     x, delta, b, c = (t.astype(jnp.float32) for t in (x, delta, b, c))
     a = -jnp.exp(a_log.astype(jnp.float32))
@@ -44,7 +49,10 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     def readout(h, chunk):
         return jnp.einsum("blhdn,blhn->blhd", h, chunk[3])
 
-    y = scan.chunked(coefficients, readout, (x, delta, b, c, flags), chunk_size=chunk_size)
+    y = scan.chunked(coefficients, readout, (x, delta, b, c, flags), chunk_size=chunk_size, final=final)
+    if final:
+        y, h = y
+        return y + d_skip.astype(jnp.float32) * x, h
     return y + d_skip.astype(jnp.float32) * x
 
 
@@ -54,27 +62,51 @@ def segment_starts(segment_ids):
     return jnp.pad(ids[:, 1:] != ids[:, :-1], [(0, 0), (1, 0)])
 
 
-def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, impl="xla"):
+def one_direction(q, k, v, params, *, keep=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE, impl="xla",
+                  final=False):
     """The adapted Mamba mixer left to right: x = SiLU(causal conv(v)), Delta from x, B from k, C from q.
 
     ``params``: ``conv_taps [d_conv, heads, head_dim]``, ``conv_bias [heads, head_dim]``, ``dt_down
     [heads * head_dim, dt_rank]``, ``dt_up [dt_rank, heads * head_dim]``, ``dt_bias [heads * head_dim]``,
     ``w_b, w_c [heads, head_dim, d_state]``, ``a_log [heads, head_dim, d_state]``, ``d_skip [heads, head_dim]``.
     Other ``impl`` (``kernels.dispatch``, op "scan"), e.g. "pallas": ``kernels.selective_scan.selective_scan``
-    (same arguments).
+    (same arguments). ``final=True`` returns ``(y, h)`` with the last state (``selective_scan``); the kernels keep
+    no state, so on other ``impl`` the XLA scan computes it beside the kernel's outputs.
     """
-    batch, length, heads, head_dim = v.shape
     x = jax.nn.silu(fftconv.short_causal(v, params["conv_taps"], params["conv_bias"], segment_ids))
+    delta, b, c = _drive(x, q, k, params)
+    reset = None if segment_ids is None else segment_starts(segment_ids)
+    call = dict(x=x, delta=delta, a_log=params["a_log"], b=b, c=c, d_skip=params["d_skip"],
+                keep=keep, reset=reset, chunk_size=chunk_size)
+    if impl == "xla":
+        return selective_scan(**call, final=final)
+    y = dispatch.run("scan", impl, call, xla=lambda: selective_scan(**call), where=NAME)
+    return (y, selective_scan(**call, final=True)[1]) if final else y
+
+
+def _drive(x, q, k, params):
+    """Delta (from x through the low-rank dt projections), B (from k) and C (from q), float32."""
+    batch, length, heads, head_dim = x.shape
     low_rank = x.reshape(batch, length, heads * head_dim) @ params["dt_down"].astype(jnp.float32)
     delta = jax.nn.softplus(low_rank @ params["dt_up"].astype(jnp.float32) + params["dt_bias"].astype(jnp.float32))
     b = jnp.einsum("blhd,hdn->blhn", k.astype(jnp.float32), params["w_b"].astype(jnp.float32))
     c = jnp.einsum("blhd,hdn->blhn", q.astype(jnp.float32), params["w_c"].astype(jnp.float32))
-    reset = None if segment_ids is None else segment_starts(segment_ids)
-    call = dict(x=x, delta=delta.reshape(x.shape), a_log=params["a_log"], b=b, c=c, d_skip=params["d_skip"],
-                keep=keep, reset=reset, chunk_size=chunk_size)
-    if impl == "xla":
-        return selective_scan(**call)
-    return dispatch.run("scan", impl, call, xla=lambda: selective_scan(**call), where=NAME)
+    return delta.reshape(x.shape), b, c
+
+
+def decode_step(q, k, v, params, cache):
+    """One token per sequence (``[batch, 1, heads, head_dim]``) through the short conv's history and the SSM state
+    ``cache = {"state": h [batch, heads, head_dim, d_state], "conv": the last d_conv - 1 inputs v}``: the
+    recurrence of ``selective_scan`` for one step. Returns float32 ``(y [batch, 1, heads, head_dim], cache)``."""
+    conv, history = decoding.conv_step(cache["conv"], v.astype(jnp.float32),
+                                       lambda w: fftconv.short_causal(w, params["conv_taps"], params["conv_bias"]))
+    x = jax.nn.silu(conv)
+    delta, b, c = (t[:, 0] for t in _drive(x, q, k, params))  # [b, h, d], [b, h, n], [b, h, n]
+    x = x[:, 0]
+    a = -jnp.exp(params["a_log"].astype(jnp.float32))
+    h = jnp.exp(delta[..., None] * a) * cache["state"] + (delta * x)[..., None] * b[:, :, None, :]
+    y = jnp.einsum("bhdn,bhn->bhd", h, c) + params["d_skip"].astype(jnp.float32) * x
+    return y[:, None], {"state": h, "conv": history}
 
 
 def _refuse_cross(q, k):
@@ -82,13 +114,14 @@ def _refuse_cross(q, k):
 
 
 def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, causal=False,
-           chunk_size=DEFAULT_CHUNK_SIZE, impl="xla"):
+           chunk_size=DEFAULT_CHUNK_SIZE, impl="xla", final=False):
     """The selective scan over q, k, v: causal with ``forward`` params; with ``causal=False`` a second scan
     right to left with ``backward`` params is added (bidirectional, as MobileMamba's SS2D ``bidi`` scan sums
     its directions). Inputs at padded positions are zeroed and their steps skipped (state carried unchanged);
     ``segment_ids`` restart the state and cut the short conv at every segment start, so segments are
     isolated in both directions. Cross attention is refused. ``impl``: "xla" (``scan.chunked``) or "pallas"
-    (``kernels.selective_scan``).
+    (``kernels.selective_scan``). ``final=True`` (causal only) returns ``(out, h)`` with the state after the last
+    real token (padded steps leave it unchanged): a decoding prefill's.
     """
     check_qkv(NAME, q, k, v)
     check_impl(NAME, impl)
@@ -99,6 +132,12 @@ def attend(q, k, v, forward, backward=None, *, mask=None, segment_ids=None, caus
     if mask is not None:
         keep = check_mask(NAME, mask, *v.shape[:2])
         q, k, v = (jnp.where(keep[:, :, None, None], t.astype(jnp.float32), 0.0) for t in (q, k, v))
+    if final:
+        if not causal:
+            raise ValueError(f"{NAME}: the final state (final=True) is that of the causal scan: use causal=True.")
+        out, h = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size,
+                               impl=impl, final=True)
+        return out.astype(dtype), h
     out = one_direction(q, k, v, forward, keep=keep, segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
     if not causal:
         def flip(t):
@@ -158,6 +197,11 @@ class Attention(nn.Module):
     Delta comes from x through the rank-``ceil(heads * head_dim / 16)`` dt projections; the SiLU(z) output gate
     and out_proj are left to the block. ``dropout_rate`` is accepted for the common interface but does not
     apply (the reference has no dropout in the mixer).
+
+    Decoding (``init_cache``, ``cache``/``positions``), as the reference's ``step``: the cache holds the SSM state
+    ``[batch, heads, head_dim, d_state]`` (float32) and the short conv's last ``d_conv - 1`` inputs; a prefill is
+    the causal scan over the prompts (its last state after each prompt's last real token), a step one recurrence
+    step.
     """
 
     d_state: int = 16
@@ -168,13 +212,34 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": kernels.selective_scan
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"state": zeros [batch, heads, head_dim, d_state] float32, "conv": zeros [batch, d_conv - 1, heads,
+        head_dim] of dtype}`` (``max_length`` unused: the state does not grow)."""
+        return {"state": decoding.boxed_zeros((batch, heads, head_dim, self.d_state), jnp.float32,
+                                              ("batch", "heads", "head_dim", None)),
+                "conv": decoding.boxed_zeros((batch, self.d_conv - 1, heads, head_dim), dtype,
+                                             ("batch", None, "heads", "head_dim"))}
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         _refuse_cross(q, k)
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         dims = dict(heads=q.shape[2], head_dim=q.shape[3], d_state=self.d_state, d_conv=self.d_conv,
                     dt_min=self.dt_min, dt_max=self.dt_max)
         forward = DirectionParams(**dims, name="forward")()
         backward = None if causal else DirectionParams(**dims, name="backward")()
-        return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
-                      chunk_size=self.chunk_size, impl=self.impl)
+        if cache is None:
+            return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
+                          chunk_size=self.chunk_size, impl=self.impl)
+        if positions is not None:
+            out, cache = decode_step(q, k, v, forward, cache)
+            return out.astype(q.dtype), cache
+        out, state = attend(q, k, v, forward, mask=mask, causal=True, chunk_size=self.chunk_size, impl=self.impl,
+                            final=True)
+        history = decoding.conv_history(v, mask, self.d_conv - 1).astype(cache["conv"].dtype)
+        return out, {"state": state, "conv": history}

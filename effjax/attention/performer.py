@@ -6,12 +6,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention import decoding
 from effjax.attention import kernel_attention as ka
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "performer"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True,
+                            decode=True,
+                            notes="decoding keeps the running sums sum phi(k) v^T [heads, num_features, head_dim], "
+                                  "sum phi(k) [heads, num_features] and the running key max [heads] in float32, "
+                                  "constant in the context length; it uses the stored projection (redraw=True "
+                                  "decodes only with deterministic=True).")
 FEATURE_EPS = 1e-6  # the reference's numerical_stabilizer, added to the query features
 
 
@@ -88,6 +94,15 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     """
     check_qkv(NAME, q, k, v)
     ka.refuse_segments(NAME, segment_ids)
+    phi_q, phi_k, key_top = features(q, k, projection)
+    out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, causal=causal, key_log_scale=key_top,
+                                  chunk_size=chunk_size, method=NAME, impl=impl)
+    return out.astype(q.dtype)
+
+
+def features(q, k, projection):
+    """``attend``'s stabilised features: ``phi_q``, ``phi_k`` (each float32 ``[b, l, h, m]``) and the keys'
+    log-scales ``key_top [b, l, h]`` (their max log-feature), all per token."""
     projection = check_projection(NAME, projection, q.shape[-1])
     ratio = 1.0 / math.sqrt(projection.shape[0])
     log_q = log_features(q, projection)
@@ -95,9 +110,15 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, ch
     log_k = log_features(k, projection)
     key_top = jax.lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, l, h]
     phi_k = ratio * jnp.exp(log_k - key_top[..., None])
-    out = ka.normalized_attention(phi_q, phi_k, v, mask=mask, causal=causal, key_log_scale=key_top,
-                                  chunk_size=chunk_size, method=NAME, impl=impl)
-    return out.astype(q.dtype)
+    return phi_q, phi_k, key_top
+
+
+def check_decoding(method: str, module, deterministic: bool) -> None:
+    """ValueError naming ``method`` for decoding a FAVOR module that would redraw its projection: the prefill and
+    every step must use the same features (the stored ``frozen_projection``)."""
+    if module.redraw and not deterministic:
+        raise ValueError(f"{method}: decoding uses the stored projection for the prefill and every step; with "
+                         "redraw=True call it with deterministic=True (a training call draws a new projection).")
 
 
 class Attention(nn.Module):
@@ -111,7 +132,8 @@ class Attention(nn.Module):
     ``deterministic=False`` (training); ``deterministic=True`` always uses the stored one. The reference
     redraws by default, seeded from the query values; here redraw is opt-in and never seeded from data.
     ``dropout_rate`` is accepted for the common interface but does not apply: the attention weights are
-    never materialized.
+    never materialized. Decoding (``init_cache``, ``cache``/``positions``) keeps the running sums of
+    ``kernel_attention`` (with the running key max as their log-scale) and uses the stored projection.
     """
 
     num_features: int = 256
@@ -121,9 +143,29 @@ class Attention(nn.Module):
     impl: str = "xla"  # "pallas": kernels.linear_attention
     dropout_rate: float = 0.0
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The running sums ``kernel_attention.state_init`` (float32, whatever ``dtype``; ``max_length`` unused)."""
+        return ka.state_init(batch, heads, self.num_features, head_dim)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+            ka.check_self_attention(NAME, q, k)
+            check_decoding(NAME, self, deterministic)
         projection = projection_variable(self, q.shape[-1], deterministic)
-        return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
-                      chunk_size=self.chunk_size, impl=self.impl)
+
+        def forward():
+            return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
+                          chunk_size=self.chunk_size, impl=self.impl)
+
+        if cache is None:
+            return forward()
+        phi_q, phi_k, key_top = features(q, k, projection)
+        out, cache = ka.decode(NAME, cache, phi_q, phi_k, v, positions, mask, forward=forward,
+                               key_log_scale=key_top)
+        return out.astype(q.dtype), cache

@@ -4,15 +4,19 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effjax.attention import decoding, performer
 from effjax.attention import kernel_attention as ka
-from effjax.attention import performer
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import check_qkv
 
 NAME = "performer_relu"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=False, pallas=True,
-    notes="segment_ids are refused with causal=True and with impl='pallas'.",
+    decode=True,
+    notes="segment_ids are refused with causal=True and with impl='pallas'. Decoding keeps the running sums "
+          "sum phi(k) v^T [heads, num_features, head_dim] and sum phi(k) [heads, num_features] in float32 "
+          "(head_dim features with random_features=False), constant in the context length; it uses the stored "
+          "projection (redraw=True decodes only with deterministic=True).",
 )
 KERNEL_EPSILON = 1e-3  # the reference's kernel_epsilon, added to every feature
 
@@ -52,7 +56,8 @@ class Attention(nn.Module):
     with ``orthogonal=False``) is the never-trained param ``frozen_projection``, drawn from the ``params``
     stream; ``redraw=True`` redraws it from the ``random`` stream on calls with ``deterministic=False``.
     ``random_features=False`` uses no projection (the reference's 'deterministic' features, which LRA ran).
-    ``dropout_rate`` is accepted for the common interface but does not apply.
+    ``dropout_rate`` is accepted for the common interface but does not apply. Decoding (``init_cache``,
+    ``cache``/``positions``) keeps the running sums of ``kernel_attention`` and uses the stored projection.
     """
 
     num_features: int = 256
@@ -64,11 +69,34 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     impl: str = "xla"  # "pallas": kernels.linear_attention
 
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """The running sums ``kernel_attention.state_init`` (float32, whatever ``dtype``; ``max_length`` unused)."""
+        features = self.num_features if self.random_features else head_dim
+        return ka.state_init(batch, heads, features, head_dim)
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
+        if cache is not None:
+            decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+            ka.check_self_attention(NAME, q, k)
+            if self.random_features:
+                performer.check_decoding(NAME, self, deterministic)
         projection = None
         if self.random_features:
             projection = performer.projection_variable(self, q.shape[-1], deterministic, method=NAME)
-        return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
-                      kernel_epsilon=self.kernel_epsilon, chunk_size=self.chunk_size, impl=self.impl)
+
+        def forward():
+            return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
+                          kernel_epsilon=self.kernel_epsilon, chunk_size=self.chunk_size, impl=self.impl)
+
+        if cache is None:
+            return forward()
+        if projection is not None:
+            projection = performer.check_projection(NAME, projection, q.shape[-1])
+        phi_q, phi_k = (feature_map(x, projection, self.kernel_epsilon) for x in (q, k))
+        out, cache = ka.decode(NAME, cache, phi_q, phi_k, v, positions, mask, forward=forward)
+        return out.astype(q.dtype), cache

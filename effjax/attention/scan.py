@@ -33,14 +33,15 @@ def linear_recurrence(a, b, *, initial=None):
     return h
 
 
-def chunked(coefficients, readout, inputs, *, chunk_size=None):
+def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
     """``readout(h, inputs)`` for the recurrence whose ``(a, b) = coefficients(inputs)``, chunk by chunk.
 
     ``inputs`` is a pytree of ``[batch, length, ...]`` arrays; ``coefficients(chunk) -> (a, b)`` and
     ``readout(h, chunk) -> y [batch, chunk, ...]`` see ``chunk_size`` positions at a time (all of them when
     ``chunk_size`` is None or covers the length), so the ``[batch, length, ...]`` states never exist at once.
     A length that is not a multiple of the chunk is zero-padded at the end; padded steps get ``a = 1, b = 0``.
-    The chunk size changes the result only by float rounding.
+    The chunk size changes the result only by float rounding. ``final=True`` returns ``(y, h_last)``, the state
+    after the last position as well (``[batch, ...]``; a decoding prefill's).
     """
     length = jax.tree.leaves(inputs)[0].shape[1]
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
@@ -48,7 +49,8 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None):
         raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}.")
     if chunk_size is None or chunk_size >= length:
         a, b = coefficients(inputs)
-        return readout(linear_recurrence(a, b), inputs)
+        h = linear_recurrence(a, b)
+        return (readout(h, inputs), h[:, -1]) if final else readout(h, inputs)
 
     num_chunks = -(-length // chunk_size)
     tail = num_chunks * chunk_size - length
@@ -71,6 +73,7 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None):
         states = linear_recurrence(a, b, initial=h)
         return states[:, -1], readout(states, chunk)
 
-    _, ys = lax.scan(step, initial, (chunks, real))  # [chunks, batch, chunk, ...]
+    h_last, ys = lax.scan(step, initial, (chunks, real))  # [chunks, batch, chunk, ...]
     ys = jnp.swapaxes(ys, 0, 1)
-    return ys.reshape(ys.shape[0], num_chunks * chunk_size, *ys.shape[3:])[:, :length]
+    ys = ys.reshape(ys.shape[0], num_chunks * chunk_size, *ys.shape[3:])[:, :length]
+    return (ys, h_last) if final else ys

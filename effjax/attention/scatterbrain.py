@@ -6,13 +6,18 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from effjax.attention import decoding, performer
 from effjax.attention import kernel_attention as ka
-from effjax.attention import performer
 from effjax.attention._capabilities import Capabilities
 from effjax.attention.common import allowed_pairs, check_mask, check_qkv, dropout, dropout_kwargs, refuse_segments
 
 NAME = "scatterbrain"
-CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False)
+CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False,
+                            decode=True,
+                            notes="decoding keeps a key/value ring of the causal band's window // 2 + 1 keys "
+                                  "(at most max_length) and the low-rank running sums sum phi(k) v^T, sum phi(k) "
+                                  "and the running key max in float32: constant in the context length; it runs "
+                                  "deterministic (no dropout).")
 
 
 def default_num_features(head_dim: int) -> int:
@@ -85,22 +90,16 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
     refuse_segments(NAME, segment_ids, "the low-rank sums phi(k)^T v mix keys of all segments.")
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
-    projection = performer.check_projection(NAME, projection, q.shape[-1]).astype(jnp.float32)
+    projection = _projection(projection, q.shape[-1], hyperbolic)
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     mask = check_mask(NAME, mask, batch, kv_len)
-    if hyperbolic:
-        projection = jnp.concatenate([projection, -projection], axis=0)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
 
     # Features in log-scaled units: phi(x) = m^{-1/2} exp(log_x) = m^{-1/2} exp(scale) hat, so
     # phi(q).phi(k) = exp(q_scale + k_scale - log m) hat_q.hat_k.
-    log_q = performer.log_features(q32, projection)  # [b, q, h, m]
-    log_k = performer.log_features(k32, projection)
-    q_scale = lax.stop_gradient(jnp.max(log_q, axis=-1))  # [b, q, h]
-    k_scale = lax.stop_gradient(jnp.max(log_k, axis=-1))  # [b, k, h]
-    hat_q = jnp.exp(log_q - q_scale[..., None])
-    hat_k = jnp.exp(log_k - k_scale[..., None])
+    hat_q, q_scale = features(q32, projection)  # [b, q, h, m], [b, q, h]
+    hat_k, k_scale = features(k32, projection)
     if mask is not None:
         real = mask[:, :, None]
         hat_k = jnp.where(real[..., None], hat_k, 0.0)
@@ -115,12 +114,38 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
     else:
         low = jnp.einsum("bqhm,bhme->bqhe", hat_q, states[:, 0])
     key_top = jnp.broadcast_to(key_top, (batch, q_len, heads))
-    low_unit = q_scale + key_top - math.log(projection.shape[0])  # phi(q).phi(k) carries 1/m; [b, q, h]
 
-    # Band part: exact scores and the Performer estimates of the same pairs (same units as ``low``).
     band = local_band(q_len, kv_len, window)[None, None]
     allowed = allowed_pairs(q_len, kv_len, batch, mask=mask, causal=causal)
     band = band if allowed is None else band & allowed
+    out = _combine(q32, k32, v32, hat_q, q_scale, hat_k, k_scale, low, key_top, band, projection.shape[0],
+                   dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return out.astype(q.dtype)
+
+
+def _projection(projection, head_dim: int, hyperbolic: bool):
+    """The checked float32 projection, stacked as ``[W; -W]`` when ``hyperbolic``."""
+    projection = performer.check_projection(NAME, projection, head_dim).astype(jnp.float32)
+    return jnp.concatenate([projection, -projection], axis=0) if hyperbolic else projection
+
+
+def features(x32, projection):
+    """Performer's log-features of ``x32 [b, l, h, d]`` split as ``hat = exp(log - scale)`` and ``scale [b, l, h]``
+    (their max, no gradient), so that ``phi(x) = m^{-1/2} exp(scale) hat``; per token."""
+    log_x = performer.log_features(x32, projection)
+    scale = lax.stop_gradient(jnp.max(log_x, axis=-1))
+    return jnp.exp(log_x - scale[..., None]), scale
+
+
+def _combine(q32, k32, v32, hat_q, q_scale, hat_k, k_scale, low, key_top, band, num_features, *, dropout_rate,
+             dropout_rng):
+    """The band's exact terms with their Performer estimates swapped out of the low-rank sums, float32 ``[b, q, h,
+    d]``. ``low [b, q, h, d + 1]``: ``hat_q`` read out of the low-rank sums (numerator | row sum) in units of
+    ``exp(key_top [b, q, h])``; ``band`` (bool, broadcastable to ``[b, h, q, k]``): the band keys each query sees."""
+    head_dim = q32.shape[-1]
+    low_unit = q_scale + key_top - math.log(num_features)  # phi(q).phi(k) carries 1/m; [b, q, h]
+
+    # Band part: exact scores and the Performer estimates of the same pairs (same units as ``low``).
     scores = jnp.einsum("bqhd,bkhd->bhqk", q32, k32) / jnp.sqrt(jnp.float32(head_dim))
     scores = jnp.where(band, scores, -jnp.inf)
     key_top_t = jnp.swapaxes(key_top, 1, 2)  # [b, h, q]
@@ -140,7 +165,31 @@ def attend(q, k, v, projection, *, mask=None, segment_ids=None, causal=False, wi
     num = jnp.einsum("bhqk,bkhd->bhqd", exact, v32)
     num = num + low_weight[..., None] * (low[..., :-1] - jnp.einsum("bhqk,bkhd->bhqd", estimate, v32))
     out = num / jnp.where(den > 0, den, 1.0)[..., None]  # a query with no visible key gives 0
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def decode_step(q, k, v, projection, cache, positions, *, window, hyperbolic):
+    """One decoding step (one token per sequence at ``positions``): the new key and value enter the band's
+    key/value ring and the low-rank running sums, then the query mixes them as ``attend``'s causal form does."""
+    projection = _projection(projection, q.shape[-1], hyperbolic)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    hat_q, q_scale = features(q32, projection)
+    hat_k, k_scale = features(k32, projection)
+    low_rank = ka.state_step(NAME, cache["low_rank"], hat_k, v32, k_scale)
+    ring = decoding.kv_step(cache["window"], k, v, positions)
+    low = jnp.concatenate([jnp.einsum("bqhm,bhmd->bqhd", hat_q, low_rank["kv"]),
+                           jnp.einsum("bqhm,bhm->bqh", hat_q, low_rank["z"])[..., None]], axis=-1)
+    band = decoding.kv_allowed(ring, positions, _lookback(window))[:, None, None, :]  # [b, 1, 1, slots]
+    ring_k, ring_v = ring["key"].astype(jnp.float32), ring["value"].astype(jnp.float32)
+    hat_ring, ring_scale = features(ring_k, projection)
+    out = _combine(q32, ring_k, ring_v, hat_q, q_scale, hat_ring, ring_scale, low, low_rank["top"][:, None], band,
+                   projection.shape[0], dropout_rate=0.0, dropout_rng=None)
+    return out.astype(q.dtype), {"window": ring, "low_rank": low_rank}
+
+
+def _lookback(window: int) -> int:
+    """How far back the causal band reaches: keys ``i - window // 2 .. i`` (none for ``window=0``)."""
+    return window // 2 if window > 0 else -1
 
 
 class Attention(nn.Module):
@@ -151,6 +200,12 @@ class Attention(nn.Module):
     ``hyperbolic`` the feature count is twice that. The projection is drawn at init from the ``params``
     stream by ``performer.random_projection`` and stored as the param ``frozen_projection`` (never
     trained: ``stop_gradient`` and the trainer's ``frozen_*`` rule); like the reference it is never redrawn.
+
+    Decoding (``init_cache``, ``cache``/``positions``): the causal band of query i is keys ``i - window // 2 ..
+    i``, held in a key/value ring of ``window // 2 + 1`` slots (``decoding.kv_init``), and the low-rank part is
+    ``kernel_attention``'s running sums (with the running key max as their log-scale); a step mixes them as the
+    causal forward does. Decoding is deterministic: a call with ``deterministic=False`` and a dropout rate is
+    refused.
     """
 
     window: int = 49
@@ -159,13 +214,45 @@ class Attention(nn.Module):
     orthogonal: bool = True
     dropout_rate: float = 0.0
 
+    def _rows(self, head_dim: int) -> int:
+        return default_num_features(head_dim) if self.num_features is None else self.num_features
+
+    def init_cache(self, batch, max_length, heads, head_dim, dtype):
+        """``{"window": the band's key/value ring (min(window // 2 + 1, max_length) slots, ``dtype``), "low_rank":
+        kernel_attention.state_init (float32)}``."""
+        if self.window < 0:
+            raise ValueError(f"{NAME}: window must be >= 0, got {self.window}.")
+        features = self._rows(head_dim) * (2 if self.hyperbolic else 1)
+        slots = min(_lookback(self.window) + 1, max_length) if self.window > 0 else 1
+        return {"window": decoding.kv_init(batch, slots, heads, head_dim, dtype),
+                "low_rank": ka.state_init(batch, heads, features, head_dim)}
+
     @nn.compact
-    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True):
+    def __call__(self, q, k, v, *, mask=None, segment_ids=None, causal=False, deterministic=True, cache=None,
+                 positions=None):
+        """``cache``: a decoding call (prefill, or a step with ``positions``; ``decoding``), returns
+        ``(out, cache)``."""
         check_qkv(NAME, q, k, v)
         head_dim = q.shape[-1]
-        rows = default_num_features(head_dim) if self.num_features is None else self.num_features
         projection = self.param(
             "frozen_projection",
-            lambda rng: performer.random_projection(rng, rows, head_dim, self.orthogonal, method=NAME))
-        return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal, window=self.window,
-                      hyperbolic=self.hyperbolic, **dropout_kwargs(self, deterministic))
+            lambda rng: performer.random_projection(rng, self._rows(head_dim), head_dim, self.orthogonal,
+                                                    method=NAME))
+
+        def forward():
+            return attend(q, k, v, projection, mask=mask, segment_ids=segment_ids, causal=causal,
+                          window=self.window, hyperbolic=self.hyperbolic, **dropout_kwargs(self, deterministic))
+
+        if cache is None:
+            return forward()
+        decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
+        ka.check_self_attention(NAME, q, k)
+        if self.dropout_rate > 0.0 and not deterministic:
+            raise ValueError(f"{NAME}: decoding runs deterministic: call it with deterministic=True (dropout of "
+                             "the band's weights is a training option).")
+        if positions is not None:
+            return decode_step(q, k, v, projection, cache, positions, window=self.window,
+                               hyperbolic=self.hyperbolic)
+        hat_k, k_scale = features(k.astype(jnp.float32), _projection(projection, head_dim, self.hyperbolic))
+        return forward(), {"window": decoding.kv_prefill(NAME, cache["window"], k, v, mask),
+                           "low_rank": ka.state_prefill(NAME, cache["low_rank"], hat_k, v, mask, k_scale)}
