@@ -11,6 +11,7 @@ Randomness: sequence ``i``'s token ``t`` is drawn with ``fold_in(fold_in(key(see
 reproducible and a sequence's draws do not depend on the rest of the batch or on the mesh.
 """
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -105,7 +106,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         tokens = np.pad(tokens, [(0, rows - batch), (0, 0)])
         tokens[batch:, 0] = 1
         lengths = np.pad(lengths, [(0, rows - batch)], constant_values=1)
-    run = functools.partial(_generate, model, sampling, max_new_tokens, stop)
+    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules)
     with _context(mesh, rules):
         cache = empty_cache(model, rows, cache_length, mesh, rules)
         if mesh is not None:
@@ -113,9 +114,28 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
 
             sharding = batch_sharding(mesh, rules)
             tokens, lengths = (jax.device_put(x, sharding) for x in (tokens, lengths))
-        out, count = jax.jit(run, donate_argnums=(3,))(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                                       jax.random.key(seed))
+        out, count = run(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed))
     return Generated(np.asarray(out)[:batch], np.asarray(count)[:batch], np.asarray(lengths)[:batch])
+
+
+_COMPILED = collections.OrderedDict()  # (id(model), settings) -> (model, jitted generation); the last few models
+_COMPILED_KEEP = 8
+
+
+def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules):
+    """The jitted generation for ``model`` and these static settings, reused across calls (a notebook sampling again
+    with other prompts or seeds of the same shapes compiles nothing). Modules are not hashable, so the cache is keyed
+    by identity and holds the model (so its id is not reused); the mesh and the logical axis rules, which the trace
+    reads, are part of the key."""
+    frozen_rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules)
+    if key not in _COMPILED:
+        _COMPILED[key] = model, jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, stop),
+                                        donate_argnums=(3,))
+        while len(_COMPILED) > _COMPILED_KEEP:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key][1]
 
 
 def empty_cache(model, batch: int, cache_length: int, mesh=None, rules=()):
