@@ -86,6 +86,9 @@ def check_counts(methods_md, readme):
     assert stated_count(zoo, "methods have a kernel path") == len(pallas), "README's kernel method count is stale"
     assert stated_count(methods_md, r'methods take `impl="pallas"`') == len(pallas), "methods.md's kernel count"
     assert kernel_list(methods_md) == pallas, "docs/methods.md's list of kernel paths disagrees with CAPABILITIES"
+    decoders = len(supporting("decode"))
+    assert stated_count(methods_md, "methods decode") == decoders, "methods.md's count of decoding methods is stale"
+    assert stated_count(zoo, "methods decode") == decoders, "README's count of decoding methods is stale"
 
 
 def flip(monkeypatch, name, flag):
