@@ -10,8 +10,9 @@ from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
-                            decode=True,
-                            notes="decoding keeps a ring buffer of window + 1 keys/values (max_length if fewer): "
+                            decode=True, grouped_kv=True,
+                            notes="k, v may have fewer heads than q (grouped-query attention: the kernels get them "
+                                  "repeated, the decoding ring holds the kv heads only); decoding keeps a ring buffer of window + 1 keys/values (max_length if fewer): "
                                   "its memory is bounded by the window, not the context.")
 
 
@@ -25,7 +26,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dr
     (``kernels.dispatch``, op "attention" with ``window``), e.g. "pallas": the flash kernel skipping the key
     blocks outside the window (O(N * window)); dropout with the kernel's own draws.
     """
-    check_qkv(NAME, q, k, v)
+    check_qkv(NAME, q, k, v, grouped=True)
     check_impl(NAME, impl)
     if window < 0:
         raise ValueError(f"{NAME}: window must be >= 0, got {window}.")
@@ -37,6 +38,7 @@ def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dr
 
     if impl == "xla":
         return xla()
+    k, v = softmax.repeat_kv(k, q.shape[2]), softmax.repeat_kv(v, q.shape[2])  # the kernels: one kv head per head
     call = dict(q=q, k=k, v=v, mask=mask, segment_ids=segment_ids, causal=causal, window=window,
                 **softmax.kernel_dropout(dropout_rate, dropout_rng))
     return dispatch.run("attention", impl, call, xla=xla, where=NAME)
