@@ -1,0 +1,156 @@
+"""Command-line sampling: continues a prompt with the latest checkpoint of a trained language model run.
+
+  python -m effjax.sample --workdir=/tmp/lm_bytes --prompt="def " --temperature=0
+  python -m effjax.sample --workdir=/tmp/lm_bytes --prompt="import " --num_samples=3 --top_p=0.9 --stop='\\n'
+
+The model comes from the run's ``config.json`` and its params from ``checkpoints/<latest step>``
+(``effjax.inference.checkpoint``); ``effjax.generate`` decodes with a cache. Each sample is printed as the prompt
+and its continuation after a ``--- sample i ---`` line, then one line with the new tokens per second. A bad
+workdir or setting is one line on stderr and exit status 2 (``-v 1`` shows the traceback).
+"""
+
+import dataclasses
+import logging as std_logging
+import os
+import re
+import sys
+import time
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language model training run (python -m effjax.main).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (taken literally; at least one character).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, drawn in one batch.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy (deterministic).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0: all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with this much "
+                            "probability, in (0, 1]; 1: all.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the draws (a seed and settings give the same samples).")
+_STOP = flags.DEFINE_string("stop", "", "End a sample after this text (\\n, \\t and \\\\ are escapes, so "
+                            "--stop='\\n' ends at the first newline); '': run to --max_new_tokens.")
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to load; 0: the latest.")
+flags.mark_flags_as_required(["workdir", "prompt"])
+
+_COMPILE_EVENTS = frozenset(["/jax/core/compile/jaxpr_trace_duration",
+                             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                             "/jax/core/compile/backend_compile_duration"])
+_compile_seconds = [0.0]  # summed by _count_compile, a jax.monitoring listener registered once
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """The texts (prompt and continuation) and how fast they came: ``new_tokens`` in ``seconds``, of which
+    ``compile_seconds`` went to tracing and compiling."""
+
+    texts: list
+    new_tokens: int
+    seconds: float
+    compile_seconds: float
+    description: str
+
+    def speed_line(self) -> str:
+        line = f"{self.new_tokens} new tokens in {self.seconds:.2f} s: {self.new_tokens / self.seconds:.1f} tokens/s"
+        decoding = self.seconds - self.compile_seconds
+        if self.compile_seconds > 0.01 and decoding > 0:
+            line += (f" ({self.compile_seconds:.2f} s of it compiling; "
+                     f"{self.new_tokens / decoding:.1f} tokens/s without)")
+        return f"{line}; {self.description}"
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` in ``text`` as the characters they name; other backslashes stay."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str = "", step: int | None = None,
+           run=None) -> Samples:
+    """``num_samples`` continuations of ``prompt`` by the run in ``workdir`` (``run``: its ``load_run``, if
+    already loaded). ``stop`` ends a sample after its first occurrence in the continuation."""
+    import jax
+
+    from effjax.inference import generate
+    from effjax.inference.checkpoint import load_run, text_codec
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"--num_samples must be an int >= 1, got {num_samples!r}.")
+    model, params, config = run or load_run(workdir, step)
+    codec = text_codec(config)
+    tokens = codec.encode(prompt)
+    stop_tokens = codec.encode(stop) if stop else []
+    _watch_compiles()
+    compiled = _compile_seconds[0]
+    start = time.perf_counter()
+    out = generate(model, params, [tokens] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens if len(stop_tokens) == 1 else (), seed=seed)
+    seconds = time.perf_counter() - start
+    texts = []
+    for row, length in zip(out.tokens, out.lengths, strict=True):
+        text = codec.decode(tokens + [int(t) for t in row[:length]])
+        if stop:
+            end = text.find(stop, len(prompt))
+            text = text if end < 0 else text[:end + len(stop)]
+        texts.append(text)
+    size = sum(x.size for x in jax.tree.leaves(params))
+    where = f"step {_step_of(config, workdir, step)} of {os.path.abspath(workdir)}" if run is None else "given params"
+    description = (f"{config['model']['name']} of {size / 1e6:.2f}M params, {where}, "
+                   f"on {jax.devices()[0].platform}")
+    return Samples(texts, int(out.lengths.sum()), seconds, _compile_seconds[0] - compiled, description)
+
+
+def _step_of(config, workdir, step):
+    from effjax.inference.checkpoint import checkpoint_path
+
+    return os.path.basename(checkpoint_path(os.path.abspath(workdir), config, step))
+
+
+def _watch_compiles():
+    if not _compile_seconds[1:]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_count_compile)
+        _compile_seconds.append(True)
+
+
+def _count_compile(event, duration, **kwargs):
+    del kwargs
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+def _drop_abandoned_read_callbacks(unraisable):
+    """Hides 'Event loop is closed' from tensorstore's callbacks of the reads of a checkpoint that failed to restore
+    (the one-line error says which); any other unraisable exception is printed as usual (as in effjax.main)."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.stderr.write(f"effjax.sample: unexpected argument(s) {' '.join(argv[1:])!r}; quote the prompt: "
+                         "--prompt=\"...\".\n")
+        sys.exit(2)
+    verbose = flags.FLAGS["verbosity"].present
+    if not verbose:  # orbax logs every restore at INFO
+        logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+        sys.unraisablehook = _drop_abandoned_read_callbacks
+    try:
+        result = sample(_WORKDIR.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
+                        max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                        top_p=_TOP_P.value, seed=_SEED.value, stop=unescape(_STOP.value), step=_STEP.value or None)
+    except (ValueError, OSError) as error:
+        if verbose:
+            raise
+        sys.stderr.write(f"effjax.sample: {' '.join(str(error).split())}\n")
+        sys.exit(2)
+    for i, text in enumerate(result.texts):
+        print(f"--- sample {i + 1} ---")
+        print(text, end="" if text.endswith("\n") else "\n")
+    print(f"--- {result.speed_line()}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
