@@ -7,18 +7,16 @@ data source, which may read a whole corpus, is never built). Every problem with 
 a one-line message naming it and the fix; ``python -m effjax.sample`` prints it and exits with status 2.
 """
 
-import contextlib
 import json
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import effjax.models
+from effjax.train.warm_start import restore_params
 
 TRAIN_COMMAND = "python -m effjax.main --config=configs/lm_bytes.py --workdir={workdir}"
 _EMBEDDING = "token_embed/embedding"  # the trunk's token table [vocab, embed] (effjax.models.layers.Trunk)
@@ -90,40 +88,6 @@ def checkpoint_path(workdir: str, config: dict, step: int | None = None) -> str:
     elif step not in steps:
         raise RunError(f"{workdir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}.")
     return os.path.join(directory, str(step))
-
-
-def restore_params(directory: str) -> dict:
-    """The params of checkpoint ``directory`` (``checkpoints/<step>``) as a flat ``{'a/b/kernel': array}``, on one
-    device whatever mesh or device count saved them, without reading the optimizer state.
-
-    (``effjax.train.warm_start.load_params`` restores the whole state onto the saved shardings, which fails with
-    "Topology mismatch" on a machine with other devices than the trainer's, e.g. a laptop sampling a GPU run.)"""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(directory, "state")
-    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
-        saved = getattr(checkpointer.metadata(path), "item_metadata", None)
-        if saved is None or "params" not in saved:
-            raise FileNotFoundError(f"orbax reads no params from the metadata of {path}")
-        target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                                         saved["params"])}
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    return {key: np.asarray(value) for key, value in flatten_dict(restored["params"], sep="/").items()}
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Hides orbax's warnings while it reads one item of a step ('Metadata file does not exist': that file is the
-    step's, one directory up); a failure still raises."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def build_model(config: dict, flat_params: dict, workdir: str = ""):

@@ -6,6 +6,8 @@ another shape is refused, naming it. Only the params come over: the step, optimi
 start afresh, and a run that resumes from its own checkpoint never reads ``init_from`` again.
 """
 
+import contextlib
+import logging
 import os
 
 import jax
@@ -33,9 +35,39 @@ def checkpoint_dir(path: str) -> tuple[str, int]:
 def load_params(path: str) -> tuple[dict, int]:
     """The saved params of ``path`` (see ``checkpoint_dir``) as a flat ``{'a/b/kernel': array}`` and the step."""
     directory, step = checkpoint_dir(path)
-    with ocp.CheckpointManager(directory) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return {key: np.asarray(value) for key, value in flatten_dict(state["params"], sep="/").items()}, step
+    return restore_params(os.path.join(directory, str(step))), step
+
+
+def restore_params(directory: str) -> dict:
+    """The params of checkpoint ``directory`` (``checkpoints/<step>``) as a flat ``{'a/b/kernel': array}``, on one
+    device whatever mesh or device count saved them, without reading the optimizer state.
+
+    (Restoring the whole state onto the saved shardings fails with "Topology mismatch" on a machine with other
+    devices than the trainer's, e.g. a laptop sampling or fine-tuning a GPU run.)"""
+    path = os.path.join(directory, "state")
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
+        saved = getattr(checkpointer.metadata(path), "item_metadata", None)
+        if saved is None or "params" not in saved:
+            raise FileNotFoundError(f"orbax reads no params from the metadata of {path}")
+        target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                                         saved["params"])}
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return {key: np.asarray(value) for key, value in flatten_dict(restored["params"], sep="/").items()}
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Hides orbax's warnings while it reads one item of a step ('Metadata file does not exist': that file is the
+    step's, one directory up); a failure still raises."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def merge_params(params, saved: dict, source: str = "init_from"):
