@@ -42,6 +42,23 @@ def cache_bytes(cache) -> int:
     return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
+def check_length_fixed_at_init(method: str, module, path: tuple, initialised, slots: int, param: str) -> None:
+    """ValueError naming the fix when a method whose params are sized by the length it was initialised at
+    (``max_length=None``) is asked to decode a cache of another length. ``path``: the param inside ``module``'s
+    params; ``initialised(shape)``: the length that shape was made for. Nothing to check during ``init``."""
+    tree = module.variables.get("params", {}) if module.scope is not None else {}
+    for key in path:
+        tree = tree.get(key, {}) if hasattr(tree, "get") else {}
+    if not hasattr(tree, "shape"):
+        return
+    length = initialised(tuple(tree.shape))
+    if length != slots:
+        raise ValueError(f"{method}: with max_length=None its {param} fit the length {length} it was initialised "
+                         f"at, so it decodes only a cache of exactly {length} tokens (got {slots}): use "
+                         f"cache_length={length} (generate's default when the model's max_length is {length}), or "
+                         f"train with attention_params.{method}.max_length set.")
+
+
 def check_call(method: str, q, *, causal, segment_ids, positions) -> None:
     """ValueError naming ``method`` for a decoding call outside the interface (see the module docstring)."""
     if not causal:

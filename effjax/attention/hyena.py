@@ -224,6 +224,9 @@ class Attention(nn.Module):
                 raise ValueError(f"{NAME}: decoding runs deterministic: call it with deterministic=True (dropout "
                                  "of v' * k' is a training option).")
             slots = cache["u"].shape[1]
+            if self.max_length is None:
+                decoding.check_length_fixed_at_init(NAME, self, ("filter", "z"), lambda shape: shape[0], slots,
+                                                    "implicit filter (its positions t = linspace(0, 1, length))")
             if length > slots:
                 raise ValueError(f"{NAME}: a prompt of {length} tokens does not fit the cache's max_length {slots}.")
         filter_length = self.max_length or (length if cache is None else slots)

@@ -171,6 +171,9 @@ class Attention(nn.Module):
         if cache is not None:
             decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
             ka.check_self_attention(NAME, q, k)
+            if self.max_length is None:
+                decoding.check_length_fixed_at_init(NAME, self, ("rpe",), lambda shape: (shape[-1] + 1) // 2,
+                                                    cache["key"].shape[1], "relative position logits")
         max_length = self.max_length or (max(q.shape[1], k.shape[1]) if cache is None else cache["key"].shape[1])
         projection = self.param(
             "frozen_projection",

@@ -12,8 +12,9 @@ NAME = "sliding_window"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
                             decode=True, grouped_kv=True,
                             notes="k, v may have fewer heads than q (grouped-query attention: the kernels get them "
-                                  "repeated, the decoding ring holds the kv heads only); decoding keeps a ring buffer of window + 1 keys/values (max_length if fewer): "
-                                  "its memory is bounded by the window, not the context.")
+                                  "repeated, the decoding ring holds the kv heads only); decoding keeps a ring buffer "
+                                  "of window + 1 keys/values (max_length if fewer): its memory is bounded by the "
+                                  "window, not the context.")
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, causal=False, window=256, dropout_rate=0.0,

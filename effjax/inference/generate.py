@@ -85,14 +85,18 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
              rules=()) -> Generated:
     """Continues ``prompts`` with ``model`` (a decoder LM: ``effjax.models.decoder_lm``) and ``params`` (its params,
     or its whole variables dict). ``temperature=0`` is greedy; ``top_k``/``top_p`` filter the sampled tokens
-    (``effjax.inference.sampling``); a sequence stops after any of ``stop_tokens``. ``cache_length`` defaults to
-    the longest prompt plus ``max_new_tokens``. ``mesh`` and ``rules`` (logical axis rules) run it sharded."""
+    (``effjax.inference.sampling``); a sequence stops after any of ``stop_tokens``. ``cache_length`` (the tokens
+    a sequence may hold) defaults to the model's ``max_length``, the length it trained at, so that methods whose
+    forward pass depends on the padded length (cosFormer's M, ProbSparse's u, Hyena's implicit filter) decode as they
+    trained, and one compiled generation serves every prompt; longer only when the prompt and ``max_new_tokens``
+    need it (positions other than learned ones). ``mesh`` and ``rules`` (logical axis rules) run it sharded."""
     sampling = Sampling(temperature, top_k, top_p).check()
     if "cache" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"{type(model).__module__}.{type(model).__name__} cannot decode: generate needs a decoder "
                          "language model (effjax.models.decoder_lm).")
     tokens, lengths = prompt_batch(prompts, model.vocab_size)
-    cache_length = int(lengths.max()) + max_new_tokens if cache_length is None else cache_length
+    if cache_length is None:
+        cache_length = max(model.max_length, int(lengths.max()) + max_new_tokens - 1)
     check_lengths(model, int(lengths.max()), max_new_tokens, cache_length)
     stop = tuple(int(t) for t in stop_tokens)
     variables = params if "params" in params else {"params": params}
