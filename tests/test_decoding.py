@@ -348,3 +348,14 @@ def test_grouped_kv_heads_reach_the_flash_kernel_repeated():
     k, v = (jax.random.normal(key, (1, 32, 2, 16)) for key in keys[1:])
     got = softmax.attend(q, k, v, causal=True, impl="pallas")
     np.testing.assert_allclose(got, softmax.attend(q, k, v, causal=True), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["hyena", "kernelized_rpe"])
+def test_a_method_sized_at_init_decodes_only_a_cache_of_that_length(method):
+    lm = models.build("decoder_lm", vocab_size=VOCAB, num_classes=None, max_length=16, num_layers=1, embed_dim=32,
+                      num_heads=4, mlp_dim=64, attention=method, dropout_rate=0.0)
+    params = lm.init(jax.random.key(0), jnp.ones((1, 16), jnp.int32))["params"]
+    out = effjax.generate(lm, params, [[3, 4]], max_new_tokens=4)  # the default cache: the model's max_length
+    assert out.lengths.tolist() == [4]
+    with pytest.raises(ValueError, match=f"{method}: with max_length=None .* length 16 .* use cache_length=16"):
+        effjax.generate(lm, params, [[3, 4]], max_new_tokens=4, cache_length=8)

@@ -127,14 +127,14 @@ def kv_prefill(method: str, cache: dict, k, v, mask) -> dict:
 
 def kv_step(cache: dict, k, v, positions) -> dict:
     """``cache`` with the new token's key and value (``[batch, 1, heads, head_dim]``) at position ``positions``."""
-    slots = cache["key"].shape[1]
-    here = (jnp.arange(slots)[None, :] == (positions % slots)[:, None])
+    slot = positions % cache["key"].shape[1]
 
-    def put(x, into):
-        return jnp.where(here[:, :, None, None], x.astype(into.dtype), into)
+    def put(into, x):  # one row's slot, written in place (not a pass over the whole cache)
+        return jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice_in_dim(row, new, at, axis=0))(
+            into, x.astype(into.dtype), slot)
 
-    return {"key": put(k, cache["key"]), "value": put(v, cache["value"]),
-            "position": jnp.where(here, positions[:, None], cache["position"])}
+    return {"key": put(cache["key"], k), "value": put(cache["value"], v),
+            "position": put(cache["position"], positions[:, None].astype(cache["position"].dtype))}
 
 
 def kv_allowed(cache: dict, positions, window=None):
