@@ -18,19 +18,24 @@ import time
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language model training run (python -m effjax.main).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (taken literally; at least one character).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, drawn in one batch.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy (deterministic).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0: all.")
+# The command's own flags live in their own registry, so importing this module (a test, a notebook) defines nothing in
+# absl's global FLAGS, where another tool's --workdir would collide with this one.
+SAMPLE_FLAGS = flags.FlagValues()
+_OWN = {"flag_values": SAMPLE_FLAGS}
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language model training run (python -m effjax.main).",
+                               **_OWN)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (taken literally; at least one character).", **_OWN)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt, drawn in one batch.", **_OWN)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most).", **_OWN)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy (deterministic).", **_OWN)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0: all.", **_OWN)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with this much "
-                            "probability, in (0, 1]; 1: all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the draws (a seed and settings give the same samples).")
+                            "probability, in (0, 1]; 1: all.", **_OWN)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the draws (a seed and settings give the same samples).", **_OWN)
 _STOP = flags.DEFINE_string("stop", "", "End a sample after this text (\\n, \\t and \\\\ are escapes, so "
-                            "--stop='\\n' ends at the first newline); '': run to --max_new_tokens.")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to load; 0: the latest.")
-flags.mark_flags_as_required(["workdir", "prompt"])
+                            "--stop='\\n' ends at the first newline); '': run to --max_new_tokens.", **_OWN)
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to load; 0: the latest.", **_OWN)
+flags.mark_flags_as_required(["workdir", "prompt"], flag_values=SAMPLE_FLAGS)
 
 _COMPILE_EVENTS = frozenset(["/jax/core/compile/jaxpr_trace_duration",
                              "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -152,5 +157,17 @@ def main(argv):
     print(f"--- {result.speed_line()}", flush=True)
 
 
+def parse(argv):
+    """This command's flags, then absl's own (``-v``) from what is left; a bad or unknown flag is one line, exit 2."""
+    if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(__doc__.strip() + "\n\nFlags:\n" + SAMPLE_FLAGS.get_help())
+        sys.exit(0)
+    try:
+        return flags.FLAGS(SAMPLE_FLAGS(argv, known_only=True))
+    except flags.Error as error:
+        sys.stderr.write(f"effjax.sample: {' '.join(str(error).split())} (--help lists the flags)\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse)

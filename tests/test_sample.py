@@ -46,15 +46,17 @@ def run_sample(*args):
     out, err = io.StringIO(), io.StringIO()
     hook, verbosity = sys.unraisablehook, absl_logging.get_verbosity()
     flags.FLAGS.unparse_flags()
+    sample_cmd.SAMPLE_FLAGS.unparse_flags()
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                sample_cmd.main(flags.FLAGS(["effjax.sample", *args]))
+                sample_cmd.main(sample_cmd.parse(["effjax.sample", *args]))
             except SystemExit as exit_:
                 code = exit_.code
     finally:
         flags.FLAGS.unparse_flags()
+        sample_cmd.SAMPLE_FLAGS.unparse_flags()
         sys.unraisablehook = hook
         absl_logging.set_verbosity(verbosity)
     return code, out.getvalue(), err.getvalue()
