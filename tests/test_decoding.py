@@ -350,7 +350,7 @@ def test_grouped_kv_heads_reach_the_flash_kernel_repeated():
     np.testing.assert_allclose(got, softmax.attend(q, k, v, causal=True), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["hyena", "kernelized_rpe"])
+@pytest.mark.parametrize("method", ["hyena", pytest.param("kernelized_rpe", marks=pytest.mark.slow)])
 def test_a_method_sized_at_init_decodes_only_a_cache_of_that_length(method):
     lm = models.build("decoder_lm", vocab_size=VOCAB, num_classes=None, max_length=16, num_layers=1, embed_dim=32,
                       num_heads=4, mlp_dim=64, attention=method, dropout_rate=0.0)
