@@ -365,7 +365,13 @@ def test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused(name
 PROMPT_LENGTHS = np.array([11, 24])  # ragged prompts, right-padded to 24; the steps then run to position L - 1
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Decoding in the default tier: a key/value cache, a ring, a block ring, kernel-feature sums, a decayed state, the delta
+# rule with conv histories, RWKV-7's token shift, a selective scan, a long convolution, and refusals.
+DECODE_TIER = ("softmax", "sliding_window", "block_local", "linear_elu", "retnet", "gated_deltanet", "rwkv7", "mamba",
+               "hyena", "bigbird", "linformer")
+
+
+@pytest.mark.parametrize("name", tiered(NAMES, DECODE_TIER))
 def test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused(name):
     """Cached or recurrent decoding (``effjax.attention.decoding``): a ragged prefill, then one token at a time,
     gives the causal forward pass's outputs at every position (a sliding window's cache wraps: window 8 < L)."""

@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, subprocess_env
 
 RECURRENT = ("retnet", "gla", "linear_elu", "mamba2", "hgrn2")  # a cache that does not grow with the context
 
 
+@pytest.mark.slow  # two processes compiling two LMs: 18 s of the default tier's budget
 def test_decode_benchmark_writes_rows_table_and_plot(tmp_path):
     from effjax import attention
 

@@ -22,7 +22,7 @@ from effjax.train.sharding import make_mesh
 VOCAB, MAX_LENGTH = 32, 48
 DECODERS = supporting("decode")
 # The methods whose whole-model checks run in the default tier; every other decoding method runs in the slow tier.
-LOGITS_TIER = ("softmax", "sliding_window")
+LOGITS_TIER = ("softmax",)  # the LM tests below also decode sliding_window (GQA) and retnet (8 devices)
 GENERATE_TIER = ("softmax", "sliding_window")
 SMALL = {"sliding_window": dict(window=5), "longformer": dict(window=5), "block_local": dict(block_size=8),
          # Sized for the model's longest sequence (at None they take the init length, 8 tokens, and no other).
@@ -102,6 +102,7 @@ def test_every_position_encoding_decodes(position):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.slow  # the default tier mixes softmax + sliding_window (GQA) and softmax + retnet (8 devices)
 def test_a_mix_of_methods_per_layer_decodes():
     mix = ("softmax", "sliding_window", "retnet")  # a key/value cache, a ring buffer and a recurrent state
     lm = build_lm(mix, num_layers=len(mix))
@@ -350,7 +351,16 @@ def test_grouped_kv_heads_reach_the_flash_kernel_repeated():
     np.testing.assert_allclose(got, softmax.attend(q, k, v, causal=True), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["hyena", pytest.param("kernelized_rpe", marks=pytest.mark.slow)])
+def test_a_method_sized_at_init_refuses_a_cache_of_another_length():
+    lm = models.build("decoder_lm", vocab_size=VOCAB, num_classes=None, max_length=16, num_layers=1, embed_dim=32,
+                      num_heads=4, mlp_dim=64, attention="hyena", dropout_rate=0.0)
+    variables = lm.init(jax.random.key(0), jnp.ones((1, 16), jnp.int32))
+    with pytest.raises(ValueError, match="hyena: with max_length=None .* length 16 .* use cache_length=16"):
+        lm.apply(variables, jnp.ones((1, 3), jnp.int32), cache=nn.meta.unbox(lm.init_cache(1, 8)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hyena", "kernelized_rpe"])
 def test_a_method_sized_at_init_decodes_only_a_cache_of_that_length(method):
     lm = models.build("decoder_lm", vocab_size=VOCAB, num_classes=None, max_length=16, num_layers=1, embed_dim=32,
                       num_heads=4, mlp_dim=64, attention=method, dropout_rate=0.0)

@@ -30,7 +30,7 @@ BYTES = {"retnet": STATE, "gla": STATE, "hgrn2": STATE, "mamba2": STATE + 3 * 3 
 FAST = {"xla_backend_optimization_level": 0}
 
 
-def tiered(names, default_tier=('retnet', 'rwkv7')):
+def tiered(names, default_tier=("retnet",)):
     """``names`` as parameters, those outside ``default_tier`` in the slow tier: every method's prefill and steps
     are checked in the default tier by tests/test_attention_conformance.py; the long runs and bf16 here keep one
     representative per mechanism there and run for every method in the slow tier."""
