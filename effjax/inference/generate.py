@@ -170,6 +170,7 @@ def _generate(model, sampling, max_new_tokens, stop, variables, tokens, lengths,
     stop = jnp.asarray(stop, jnp.int32)
 
     def pick(logits, t):
+        logits = logits.at[:, 0].set(-jnp.inf)  # 0 is padding, never a token to emit (the model masks it as input)
         return next_tokens(logits, jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys), sampling)
 
     def stopped(token):
