@@ -26,6 +26,12 @@ def slow_after(cases, keep=1, *, unpack=True):
     return [case if i < keep else slow(case) for i, case in enumerate(cases)]
 
 
+def tiered(names, default_tier):
+    """``names`` as parameters, those outside ``default_tier`` marked slow: a per-method check runs for a few
+    representatives in the default tier and for every method in the slow tier."""
+    return [name if name in default_tier else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 def smoke_config(**overrides):
     """The ListOps ``:smoke`` config with dotted-key overrides, e.g. ``smoke_config(**{"model.embed_dim": 64})``."""
     from configs import lra_listops

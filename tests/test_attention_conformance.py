@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import tiered
 
 import effjax.models as models
 from effjax import attention
@@ -61,11 +62,6 @@ SMALL = {
 }
 NAMES = attention.names()
 
-
-def tiered(names, default_tier):
-    """``names`` as parameters, those outside ``default_tier`` marked slow: the whole-model and kernel checks
-    run for every method in the slow tier and for one representative of each family in the default tier."""
-    return [name if name in default_tier else pytest.param(name, marks=pytest.mark.slow) for name in names]
 
 
 # softmax (dense), block-sparse, linear (kernel features), a grid mixer.

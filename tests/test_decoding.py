@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import tiered
 
 import effjax
 import effjax.models as models
@@ -36,9 +37,6 @@ SMALL = {"sliding_window": dict(window=5), "longformer": dict(window=5), "block_
          # differently (and decoding fixes M to the cache's length otherwise).
          "cosformer": dict(max_len=MAX_LENGTH)}
 
-
-def tiered(names, default_tier):
-    return [n if n in default_tier else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def small_params(method):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import tiered
 
 from effjax import attention
 from effjax.attention import decoding
@@ -34,11 +35,7 @@ GROWING = ["hyena", "kernelized_rpe"]
 FAST = {"xla_backend_optimization_level": 0}
 
 
-def tiered(names, default_tier=("mamba",)):
-    """``names`` as parameters, those outside ``default_tier`` in the slow tier: every method's prefill and steps
-    are checked in the default tier by tests/test_attention_conformance.py; the long runs and bf16 here keep one
-    representative per mechanism there and run for every method in the slow tier."""
-    return [name if name in default_tier else pytest.param(name, marks=pytest.mark.slow) for name in names]
+DEFAULT_TIER = ("mamba",)  # the long runs and bf16 of the other methods run in the slow tier
 
 
 def jit(fn):
@@ -128,7 +125,7 @@ def test_scatterbrain_ring_holds_the_causal_band_only():
     assert nn.meta.unbox(short)["window"]["key"].shape[1] == 3  # never more slots than positions
 
 
-@pytest.mark.parametrize("name", tiered(METHODS))
+@pytest.mark.parametrize("name", tiered(METHODS, DEFAULT_TIER))
 def test_a_one_token_prompt_then_a_hundred_steps_equal_the_forward_pass(name):
     """Prompts of 1 and 4 tokens, then 100 steps: the state and the caches (scatterbrain's ring wraps 20 times,
     chunk 16 and the filter/RPE lengths are crossed) give the forward pass's outputs at every position."""
@@ -137,7 +134,7 @@ def test_a_one_token_prompt_then_a_hundred_steps_equal_the_forward_pass(name):
     np.testing.assert_allclose(ys, want, atol=5e-5 * max(1.0, scale))
 
 
-@pytest.mark.parametrize("name", tiered(METHODS))
+@pytest.mark.parametrize("name", tiered(METHODS, DEFAULT_TIER))
 def test_bfloat16_decoding_is_close_to_the_bfloat16_forward_pass(name):
     ys, want, prefill, prefill_want, scale = decoded_and_forward(name, (5, 12), 40, dtype=jnp.bfloat16)
     assert np.all(np.isfinite(ys))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import tiered
 
 from effjax import attention
 from effjax.attention import decoding
@@ -30,11 +31,7 @@ BYTES = {"retnet": STATE, "gla": STATE, "hgrn2": STATE, "mamba2": STATE + 3 * 3 
 FAST = {"xla_backend_optimization_level": 0}
 
 
-def tiered(names, default_tier=("retnet",)):
-    """``names`` as parameters, those outside ``default_tier`` in the slow tier: every method's prefill and steps
-    are checked in the default tier by tests/test_attention_conformance.py; the long runs and bf16 here keep one
-    representative per mechanism there and run for every method in the slow tier."""
-    return [name if name in default_tier else pytest.param(name, marks=pytest.mark.slow) for name in names]
+DEFAULT_TIER = ("retnet",)  # the long runs and bf16 of the other methods run in the slow tier
 
 
 def jit(fn):
@@ -98,7 +95,7 @@ def test_the_cache_does_not_grow_with_max_length(name):
     assert all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
 
 
-@pytest.mark.parametrize("name", tiered(METHODS))
+@pytest.mark.parametrize("name", tiered(METHODS, DEFAULT_TIER))
 def test_a_hundred_steps_after_a_one_token_prompt_equal_the_forward_pass(name):
     module = make(name)
     q, k, v = qkv(2, 104, seed=3)
@@ -130,7 +127,7 @@ def test_variants_decode_with_the_history_their_convs_need(name, fields, history
     np.testing.assert_allclose(ys, want, atol=5e-5 * float(np.abs(full).max()))
 
 
-@pytest.mark.parametrize("name", tiered(METHODS))
+@pytest.mark.parametrize("name", tiered(METHODS, DEFAULT_TIER))
 def test_bfloat16_decoding_stays_near_the_bfloat16_forward_pass(name):
     module = make(name)
     q, k, v = qkv(2, 24, seed=5, dtype=jnp.bfloat16)
@@ -143,7 +140,7 @@ def test_bfloat16_decoding_stays_near_the_bfloat16_forward_pass(name):
     np.testing.assert_allclose(np.asarray(ys, np.float32), want, rtol=1e-2, atol=1e-2 * float(np.abs(full).max()))
 
 
-@pytest.mark.parametrize("name", tiered(METHODS))
+@pytest.mark.parametrize("name", tiered(METHODS, DEFAULT_TIER))
 def test_a_jitted_step_compiles_once_and_keeps_the_cache_s_shapes_and_dtypes(name):
     module = make(name)
     q, k, v = qkv(2, 1, seed=6)
