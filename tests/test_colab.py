@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-NOTEBOOKS = ("train_listops.ipynb", "attention_zoo.ipynb")
+NOTEBOOKS = ("train_listops.ipynb", "attention_zoo.ipynb", "decoding.ipynb")
 STEPS = 8
 
 
@@ -101,4 +101,25 @@ def test_attention_zoo_notebook_compares_methods_and_plots_costs(tmp_path, monke
     assert errors[-1] < errors[0], errors  # more random features, closer to softmax
     assert "| `softmax` | 1.00 / 1.00 | 1.00 / 1.00 |" in text
     assert re.search(r"linear_elu +time grows as length\^", text)
+    assert _has_image(nb)
+
+
+@pytest.mark.slow
+def test_decoding_notebook_generates_and_compares_cache_sizes(tmp_path, monkeypatch):
+    lengths = (64, 256)
+    monkeypatch.setenv("EFFJAX_DECODING_STEPS", str(STEPS))
+    monkeypatch.setenv("EFFJAX_DECODING_METHODS", "softmax,mamba2")
+    monkeypatch.setenv("EFFJAX_DECODING_LENGTHS", ",".join(map(str, lengths)))
+    nb = _read("decoding.ipynb")
+    text = _execute(nb, tmp_path, monkeypatch)
+    assert re.search(r"^final loss: \d+\.\d+", text, re.MULTILINE), text[-3000:]
+    assert "greedy equals forward passes: True" in text, text[-3000:]
+    assert "prefill + steps by hand equal them: True" in text, text[-3000:]
+    table = {}  # method -> {context: cache bytes per sequence}
+    for method, context, per_seq, _ in re.findall(r"^(\w+) +(\d+) +([\d,]+) +(\d+)$", text, re.MULTILINE):
+        table.setdefault(method, {})[int(context)] = int(per_seq.replace(",", ""))
+    assert set(table) == {"softmax", "mamba2"} and all(set(row) == set(lengths) for row in table.values()), table
+    softmax, mamba2 = ([row[n] for n in lengths] for row in (table["softmax"], table["mamba2"]))
+    assert softmax[1] == softmax[0] * lengths[1] // lengths[0], softmax  # a key/value cache grows with the context
+    assert mamba2[0] == mamba2[1] < softmax[0], mamba2  # a recurrent state does not
     assert _has_image(nb)
