@@ -28,7 +28,7 @@ GENERATE_TIER = ("softmax", "sliding_window")
 # The whole-LM checks in the slow tier: one method per cache mechanism, and the methods whose cache depends on the
 # model's length (each method's own decoding is checked against its forward pass in the conformance sweep).
 LM_CHECKED = ("softmax", "sliding_window", "longformer", "block_local", "primer_mdha", "probsparse", "linear_elu",
-              "performer", "cosformer", "mamba", "mamba2", "gated_deltanet", "rwkv7", "hyena")
+              "cosformer", "mamba", "mamba2", "rwkv7", "hyena")
 GENERATE_CHECKED = ("softmax", "sliding_window", "mamba2", "cosformer", "probsparse", "hyena")
 SMALL = {"sliding_window": dict(window=5), "longformer": dict(window=5), "block_local": dict(block_size=8),
          # Sized for the model's longest sequence (at None they take the init length, 8 tokens, and no other).
