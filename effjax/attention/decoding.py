@@ -151,11 +151,9 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
     """One decoding call (prefill or step) of a softmax-family method over a key/value cache.
 
     Prefill: ``forward()`` (the method's own causal pass over the prompts) and the filled cache. Step: the new
-    key and value go in, then the query attends to the cached keys ``kv_allowed`` lets it see. Returns
+    key and value go in, then the query attends to the cached keys ``kv_allowed`` lets it see (``kv_attend``). Returns
     ``(out, cache)``.
     """
-    from effjax.attention import softmax
-
     if positions is None:
         slots = cache["key"].shape[1]
         if window is None and k.shape[1] > slots:
@@ -163,8 +161,53 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
                              f"max_length): make the cache for at least the prompt plus the new tokens.")
         return forward(), kv_prefill(method, cache, k, v, mask)
     cache = kv_step(cache, k, v, positions)
-    allowed = kv_allowed(cache, positions, window)
-    return softmax.attend(q, cache["key"].astype(q.dtype), cache["value"].astype(q.dtype), mask=allowed), cache
+    return kv_attend(q, cache, kv_allowed(cache, positions, window)), cache
+
+
+KV_BLOCK = 2048  # slots per block of a step's attention over a longer cache
+
+
+def kv_attend(q, cache: dict, allowed, block: int | None = None):
+    """A step's softmax attention of ``q [batch, 1, heads, head_dim]`` over the cached keys ``allowed [batch,
+    slots]`` marks: ``softmax.attend(q, key, value, mask=allowed)``. While the furthest slot any row sees is short
+    of the cache's last block of ``block`` slots (``KV_BLOCK``), only the blocks up to it are read, one at a time
+    with an online softmax (Milakov & Gimelshein 2018), so a step costs the tokens the cache holds, not the length
+    it was made for (``generate`` makes it for the model's ``max_length``); after that, one masked pass over every
+    slot. Grouped kv heads are read once per group."""
+    from effjax.attention import softmax
+
+    key, value = cache["key"].astype(q.dtype), cache["value"].astype(q.dtype)
+    batch, slots, kv_heads, head_dim = key.shape
+    block = KV_BLOCK if block is None else block
+    if slots <= block:
+        return softmax.attend(q, key, value, mask=allowed)
+    heads = q.shape[2]
+    scaled = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim))
+    furthest = jnp.max(jnp.where(allowed, jnp.arange(slots)[None, :], 0))
+    floor = jnp.finfo(jnp.float32).min
+
+    def read_block(b, carry):
+        top, total, acc = carry  # running max logit, softmax denominator and weighted values
+        start = b * block  # whole blocks only: the last one is read by the one pass
+        sees = jax.lax.dynamic_slice_in_dim(allowed, start, block, axis=1)[:, None, None, :]
+        logits = jnp.einsum("bngd,bknd->bngk", scaled, jax.lax.dynamic_slice_in_dim(key, start, block, axis=1),
+                            preferred_element_type=jnp.float32)
+        new_top = jnp.maximum(top, jnp.where(sees, logits, floor).max(-1))
+        weights = jnp.where(sees, jnp.exp(logits - new_top[..., None]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        values = jax.lax.dynamic_slice_in_dim(value, start, block, axis=1).astype(jnp.float32)
+        return (new_top, total * rescale + weights.sum(-1),
+                acc * rescale[..., None] + jnp.einsum("bngk,bknd->bngd", weights, values))
+
+    def by_blocks():
+        shape = (batch, kv_heads, heads // kv_heads)
+        init = (jnp.full(shape, floor), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
+        _, total, acc = jax.lax.fori_loop(0, furthest // block + 1, read_block, init)
+        return (acc / jnp.where(total > 0, total, 1.0)[..., None]).reshape(q.shape).astype(q.dtype)
+
+    return jax.lax.cond(furthest // block + 1 < -(-slots // block), by_blocks,
+                        lambda: softmax.attend(q, key, value, mask=allowed))
 
 
 # ---- short causal convolutions and token shifts ----------------------------------------------------------------
