@@ -19,7 +19,8 @@ neither is a prefill whose time, extrapolated from the method's shorter contexts
 fitted exponent from two), exceeds ``--cell_seconds`` ("skipped: time"). Where the prefill is skipped the steps
 still run, from the empty cache at the same positions (``decode_from: empty``): a step's cost depends on the
 cache's shapes and the positions, not the values in the slots (a key/value step reads the slots up to its position,
-``decoding.kv_attend``; a recurrent step updates a fixed state), so its tokens/s stand. n shrinks to fit ``--cell_seconds`` when the warm-up step is slow.
+``decoding.kv_attend``; a recurrent step updates a fixed state), so its tokens/s stand. n shrinks to fit
+``--cell_seconds`` when the warm-up step is slow.
 
 Methods are measured side by side within each (context, batch); ratios are against softmax measured in the same run:
 on a rerun (cells already in the results file are kept unless ``--force``), softmax is measured again for every
