@@ -176,11 +176,15 @@ def kv_attend(q, cache: dict, allowed, block: int | None = None):
     slot. Grouped kv heads are read once per group."""
     from effjax.attention import softmax
 
-    key, value = cache["key"].astype(q.dtype), cache["value"].astype(q.dtype)
+    key, value = cache["key"], cache["value"]  # cast per block below: a whole-cache cast would read every slot
     batch, slots, kv_heads, head_dim = key.shape
     block = KV_BLOCK if block is None else block
+
+    def one_pass():
+        return softmax.attend(q, key.astype(q.dtype), value.astype(q.dtype), mask=allowed)
+
     if slots <= block:
-        return softmax.attend(q, key, value, mask=allowed)
+        return one_pass()
     heads = q.shape[2]
     scaled = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32) / jnp.sqrt(
         jnp.float32(head_dim))
@@ -191,12 +195,12 @@ def kv_attend(q, cache: dict, allowed, block: int | None = None):
         top, total, acc = carry  # running max logit, softmax denominator and weighted values
         start = b * block  # whole blocks only: the last one is read by the one pass
         sees = jax.lax.dynamic_slice_in_dim(allowed, start, block, axis=1)[:, None, None, :]
-        logits = jnp.einsum("bngd,bknd->bngk", scaled, jax.lax.dynamic_slice_in_dim(key, start, block, axis=1),
-                            preferred_element_type=jnp.float32)
+        keys = jax.lax.dynamic_slice_in_dim(key, start, block, axis=1).astype(q.dtype)
+        logits = jnp.einsum("bngd,bknd->bngk", scaled, keys, preferred_element_type=jnp.float32)
         new_top = jnp.maximum(top, jnp.where(sees, logits, floor).max(-1))
         weights = jnp.where(sees, jnp.exp(logits - new_top[..., None]), 0.0)
         rescale = jnp.exp(top - new_top)
-        values = jax.lax.dynamic_slice_in_dim(value, start, block, axis=1).astype(jnp.float32)
+        values = jax.lax.dynamic_slice_in_dim(value, start, block, axis=1).astype(q.dtype).astype(jnp.float32)
         return (new_top, total * rescale + weights.sum(-1),
                 acc * rescale[..., None] + jnp.einsum("bngk,bknd->bngd", weights, values))
 
@@ -206,8 +210,7 @@ def kv_attend(q, cache: dict, allowed, block: int | None = None):
         _, total, acc = jax.lax.fori_loop(0, furthest // block + 1, read_block, init)
         return (acc / jnp.where(total > 0, total, 1.0)[..., None]).reshape(q.shape).astype(q.dtype)
 
-    return jax.lax.cond(furthest // block + 1 < -(-slots // block), by_blocks,
-                        lambda: softmax.attend(q, key, value, mask=allowed))
+    return jax.lax.cond(furthest // block + 1 < -(-slots // block), by_blocks, one_pass)
 
 
 # ---- short causal convolutions and token shifts ----------------------------------------------------------------
