@@ -41,6 +41,7 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import decode_model  # noqa: E402
 from benchmarks import efficiency_common as shared  # noqa: E402
 from effjax.files import write_atomic  # noqa: E402
 
@@ -80,21 +81,7 @@ class Bench:
 
     def model(self, method: str):
         if method not in self.models:
-            import jax
-            import jax.numpy as jnp
-
-            from effjax import attention
-            from effjax.models import decoder_lm
-
-            s = self.settings
-            # Methods whose params are sized by a max_length (hyena's filter, kernelized_rpe's offsets) take the
-            # longest context, as the model's learned positions do; the others ignore it.
-            params = {"max_length": self.max_length} if "max_length" in attention.defaults(method) else None
-            model = decoder_lm.Model(vocab_size=s["vocab"], max_length=self.max_length, num_layers=s["layers"],
-                                     embed_dim=s["embed"], num_heads=s["heads"], mlp_dim=s["mlp"], attention=method,
-                                     attention_params=params, dropout_rate=0.0)
-            variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-            self.models[method] = (model, variables)
+            self.models[method] = decode_model.decoder_lm_for(method, self.max_length, **self.settings)
         return self.models[method]
 
     def prefill_estimate(self, method: str, batch: int, context: int):
@@ -138,10 +125,7 @@ class Bench:
             logits, cache = model.apply(variables, tokens, cache=cache)
             return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-        def step_fn(variables, token, cache, position):
-            logits, cache = model.apply(variables, token[:, None], cache=cache, positions=position)
-            return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache, position + 1
-
+        step_fn = decode_model.greedy_step(model)
         token_spec = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
         try:
             start = time.perf_counter()

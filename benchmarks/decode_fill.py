@@ -6,7 +6,7 @@ filled slot (``decoding.kv_attend``, blocks of ``decoding.KV_BLOCK``) or in one 
 
 ``generate`` makes the cache for the model's ``max_length`` whatever the prompt, so a short prompt in a long-context
 model decodes with a mostly empty cache. For each cache length C, batch B and fill F (the position of the first
-timed step), the decoder LM of ``benchmarks/decode.py`` (softmax, 2 layers, embed 128, 4 heads, float32) takes one
+timed step), the decoder LM of ``benchmarks/decode_model.py`` (softmax, 2 layers, embed 128, 4 heads, float32) takes one
 warm-up step and ``--steps`` timed steps from position F, jitted once per setting with the cache donated;
 tokens/s = B / the median step time. A step's cost depends on the cache's shapes and the positions, not the
 values in the slots, so the steps run from the empty cache. Both settings run side by side in one process.
@@ -22,6 +22,7 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import decode_model  # noqa: E402
 from benchmarks import efficiency_common as shared  # noqa: E402
 from effjax.files import write_atomic  # noqa: E402
 
@@ -45,14 +46,10 @@ def measure(model, variables, context: int, batch: int, start: int, steps: int, 
 
     from effjax.attention import decoding
 
-    def step_fn(variables, token, cache, position):
-        logits, cache = model.apply(variables, token[:, None], cache=cache, positions=position)
-        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache, position + 1
-
     default = decoding.KV_BLOCK
     decoding.KV_BLOCK = context if one_pass else default  # read when the step is traced
     try:
-        step = jax.jit(step_fn, donate_argnums=(2,))
+        step = jax.jit(decode_model.greedy_step(model), donate_argnums=(2,))
         cache = jax.jit(lambda: nn.meta.unbox(model.init_cache(batch, context)))()
         token, position = jnp.ones((batch,), jnp.int32), jnp.full((batch,), start, jnp.int32)
         token, cache, position = jax.block_until_ready(step(variables, token, cache, position))
@@ -68,16 +65,10 @@ def measure(model, variables, context: int, batch: int, start: int, steps: int, 
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-
     from effjax.attention import decoding
-    from effjax.models import decoder_lm
 
     contexts, batches = [int(c) for c in _CONTEXTS.value], [int(b) for b in _BATCHES.value]
-    model = decoder_lm.Model(vocab_size=256, max_length=max(contexts), num_layers=2, embed_dim=128, num_heads=4,
-                             mlp_dim=512, attention="softmax", dropout_rate=0.0)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+    model, variables = decode_model.decoder_lm_for("softmax", max(contexts))
     stamp = {"date": shared.today(), "device": shared.device_description(), "kv_block": decoding.KV_BLOCK}
     rows = []
     print(f"device: {stamp['device']}; blocks of {decoding.KV_BLOCK} slots")

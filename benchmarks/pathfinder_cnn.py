@@ -64,7 +64,7 @@ def build(model: str = "small", width: int = 32):
 
         @nn.compact
         def __call__(self, x, train: bool):
-            norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+            norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
             y = nn.relu(norm()(nn.Conv(self.width, (3, 3), strides=self.stride, use_bias=False)(x)))
             y = norm()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
             if x.shape[-1] != self.width or self.stride != 1:
