@@ -89,6 +89,9 @@ def check_counts(methods_md, readme):
     decoders = len(supporting("decode"))
     assert stated_count(methods_md, "methods decode") == decoders, "methods.md's count of decoding methods is stale"
     assert stated_count(zoo, "methods decode") == decoders, "README's count of decoding methods is stale"
+    extenders = len(supporting("extend"))
+    assert stated_count(methods_md, "methods continue a cache") == extenders, "methods.md's count of extends is stale"
+    assert stated_count(zoo, "methods continue a cache") == extenders, "README's count of extending methods is stale"
 
 
 def flip(monkeypatch, name, flag):

@@ -401,6 +401,55 @@ def test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else
         positions = positions + 1
 
 
+# Extends (a chunked prefill) in the default tier: a key/value cache, a ring shorter than a chunk, a decayed state,
+# the delta rule with conv histories, RWKV-7's token shift, a method that steps but does not extend, and one that
+# does not decode.
+EXTEND_TIER = ("softmax", "sliding_window", "retnet", "gated_deltanet", "rwkv7", "mamba", "bigbird")
+# After the ragged prefill (PROMPT_LENGTHS), two right-padded chunks per row: real tokens per chunk, then the rest.
+CHUNK_REAL = np.array([[13, 9], [5, 16]])
+
+
+@pytest.mark.parametrize("name", tiered(NAMES, EXTEND_TIER))
+def test_prefill_then_extends_equal_the_forward_pass_where_extend_is_declared_else_refused(name):
+    """A ragged prefill, then two ragged chunks continuing the cache (``decoding``, extend), then one step give the
+    causal forward pass's outputs at every real position; sliding_window's ring (window 8) is shorter than a
+    chunk, and a chunk's padding changes no cache (the step after it would see it)."""
+    q, k, v = qkv(12)
+    module = attention.make(name, **small_params(name))
+    if not declares(name, "decode"):
+        return  # refused at init_cache (the decode test)
+    cache = nn.meta.unbox(module.init_cache(B, L, H, D, jnp.float32))
+    _, variables, fn = build(name, q, k, v, causal=True)
+    prompt = int(PROMPT_LENGTHS.max())
+    prompt_mask = np.arange(prompt)[None, :] < PROMPT_LENGTHS[:, None]
+    _, cache = jit(lambda vs, q, k, v, c: module.apply(vs, q, k, v, mask=prompt_mask, causal=True, cache=c))(
+        variables, q[:, :prompt], k[:, :prompt], v[:, :prompt], cache)
+    width = int(CHUNK_REAL.max())
+    chunk_mask = lambda real: np.arange(width)[None, :] < real[:, None]  # noqa: E731
+    take = lambda x, start: jnp.take_along_axis(  # noqa: E731
+        x, jnp.minimum(start[:, None] + jnp.arange(width)[None, :], L - 1)[:, :, None, None], axis=1)
+    extend = jit(lambda vs, q, k, v, c, p, m: module.apply(vs, q, k, v, causal=True, cache=c, positions=p, mask=m))
+    positions = jnp.asarray(PROMPT_LENGTHS, jnp.int32)
+    if not declares(name, "extend"):
+        check_refused(name, "extend", lambda: extend(variables, take(q, positions), take(k, positions),
+                                                     take(v, positions), cache, positions, chunk_mask(CHUNK_REAL[0])))
+        return
+    full = jit(fn)(variables, q, k, v)
+    scale = max(1.0, float(np.abs(full).max()))
+    for real in CHUNK_REAL:
+        mask = chunk_mask(real)
+        out, cache = extend(variables, take(q, positions), take(k, positions), take(v, positions), cache, positions,
+                            mask)
+        np.testing.assert_allclose(np.where(mask[:, :, None, None], out, 0),
+                                   np.where(mask[:, :, None, None], take(full, positions), 0), atol=5e-5 * scale,
+                                   err_msg=f"{name}: chunk from positions {positions}")
+        positions = positions + jnp.asarray(real, jnp.int32)
+    at = lambda x, p: jnp.take_along_axis(x, p[:, None, None, None], axis=1)  # noqa: E731
+    out, _ = jit(lambda vs, q, k, v, c, p: module.apply(vs, q, k, v, causal=True, cache=c, positions=p))(
+        variables, at(q, positions), at(k, positions), at(v, positions), cache, positions)
+    np.testing.assert_allclose(out, at(full, positions), atol=5e-5 * scale, err_msg=f"{name}: the step after")
+
+
 PALLAS = supporting("pallas")
 
 
@@ -490,6 +539,8 @@ WRONG = [
     ("softmax", "pallas", test_registered_name_is_a_method_module),
     ("softmax", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     ("bigbird", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
+    # (extend disclaimed cannot work: decoding.check_call refuses a chunk by the declaration itself)
+    ("mamba", "extend", test_prefill_then_extends_equal_the_forward_pass_where_extend_is_declared_else_refused),
     ("softmax", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
     ("softmax", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),
     ("bigbird", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),

@@ -187,8 +187,8 @@ def test_calls_outside_the_interface_are_refused_naming_the_method(name):
         call(causal=False)
     with pytest.raises(ValueError, match=f"{name}: decoding takes no segment_ids"):
         call(causal=True, segment_ids=jnp.zeros((2, 5), jnp.int32))
-    with pytest.raises(ValueError, match=f"{name}: a decoding step takes one token"):
-        call(causal=True, positions=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match=fr"{name}: positions must have shape \[batch\] = \(2,\)"):
+        call(causal=True, positions=jnp.zeros((3,), jnp.int32))  # a chunk of 5 is an extend: each row's start
     other = nn.meta.unbox(module.init_cache(3, 64, H, D, jnp.float32))
     with pytest.raises(ValueError, match=f"{name}: the cache's state must be float32 of shape"):
         call(causal=True, cache=other)

@@ -26,6 +26,8 @@ class Capabilities:
       * ``pallas``: ``impl="pallas"`` runs a Pallas kernel (``kernels/``).
       * ``decode``: cached or recurrent decoding, a prefill then one token at a time (``effjax.attention.decoding``:
         ``Attention.init_cache`` and the ``cache``/``positions`` call arguments).
+      * ``extend``: a decoding call continues a cache by several tokens (a chunked prefill,
+        ``effjax.attention.decoding``: q, k, v ``[batch, C]`` with ``positions`` and a right-padding ``mask``).
       * ``grouped_kv``: k and v with fewer heads than q, a divisor of them (grouped-query attention, Ainslie et al.
         2023, "GQA", Sec. 2; one kv head is multi-query attention, Shazeer 2019): query head ``i`` reads kv head
         ``i // (heads / kv_heads)``. A model with ``num_kv_heads`` gives such a method the kv heads as they are (its
@@ -42,6 +44,7 @@ class Capabilities:
     dropout: bool
     pallas: bool
     decode: bool = False
+    extend: bool = False
     grouped_kv: bool = False
     key_bias: bool = False
     notes: str = ""

@@ -12,8 +12,13 @@ A method that declares ``Capabilities(decode=True)`` gives its linen ``Attention
   * ``__call__(q, k, v, *, causal=True, cache=cache, positions=positions)``, **step**: one token per sequence,
     q, k, v ``[batch, 1]``; ``positions [batch]`` int32 is each token's index in its sequence (the prompt's
     length for the first step); returns ``(out [batch, 1], cache)``.
-Prefill followed by steps gives the outputs of the teacher-forced forward pass at every position
-(``tests/test_decoding.py`` and the conformance sweep check it for every method that declares decode).
+  * the same with q, k, v ``[batch, C]`` and ``mask [batch, C]``, **extend** (a chunked prefill; only methods that
+    declare ``Capabilities(extend=True)``): C more tokens per sequence, right-padded, continuing the cache from
+    ``positions`` (each row's first new token's index); returns ``(out [batch, C], cache)``, the cache after each
+    row's last real token (a row with none keeps its cache). A long prompt prefilled C tokens at a time then
+    holds C x cache attention logits at once instead of P x P, and a conversation continues a cache it kept.
+Prefill followed by steps, or by extends, gives the outputs of the teacher-forced forward pass at every position
+(``tests/test_decoding.py`` and the conformance sweep check it for every method that declares decode or extend).
 
 The key/value cache (``kv_*``): keys and values in slots, with each slot's position in its sequence (-1: empty).
 Position ``p`` lives in slot ``p % slots``: with ``slots = max_length`` that is a plain cache, with fewer slots a
@@ -68,12 +73,27 @@ def check_call(method: str, q, *, causal, segment_ids, positions) -> None:
     if positions is None:
         return
     batch = q.shape[0]
-    if q.shape[1] != 1:
+    if q.shape[1] != 1 and not extends(method):
+        from effjax.attention import supporting
+
         raise ValueError(f"{method}: a decoding step takes one token per sequence (q [batch, 1, heads, head_dim]), "
-                         f"got q_len {q.shape[1]}; run the prompt as a prefill (positions=None).")
+                         f"got q_len {q.shape[1]}; run the prompt as a prefill (positions=None): continuing a "
+                         f"cache by several tokens is for {', '.join(supporting('extend'))}.")
     if tuple(positions.shape) != (batch,):
         raise ValueError(f"{method}: positions must have shape [batch] = ({batch},) (each token's index in its "
                          f"sequence), got {tuple(positions.shape)}.")
+
+
+def extends(method: str) -> bool:
+    """Whether ``method`` continues a cache by several tokens in one call (``Capabilities.extend``)."""
+    from effjax.attention import capabilities
+
+    return capabilities(method).extend
+
+
+def is_extend(q, mask, positions) -> bool:
+    """A call continuing a cache by a chunk (several tokens, or one that may be padding), not a one-token step."""
+    return positions is not None and (q.shape[1] > 1 or mask is not None)
 
 
 def prompt_lengths(mask, batch: int, length: int):
@@ -151,8 +171,8 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
     """One decoding call (prefill or step) of a softmax-family method over a key/value cache.
 
     Prefill: ``forward()`` (the method's own causal pass over the prompts) and the filled cache. Step: the new
-    key and value go in, then the query attends to the cached keys ``kv_allowed`` lets it see (``kv_attend``). Returns
-    ``(out, cache)``.
+    key and value go in, then the query attends to the cached keys ``kv_allowed`` lets it see (``kv_attend``).
+    Extend: ``kv_extend``. Returns ``(out, cache)``.
     """
     if positions is None:
         slots = cache["key"].shape[1]
@@ -160,8 +180,41 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
             raise ValueError(f"{method}: a prompt of {k.shape[1]} tokens is longer than the cache ({slots} slots, its "
                              f"max_length): make the cache for at least the prompt plus the new tokens.")
         return forward(), kv_prefill(method, cache, k, v, mask)
+    if is_extend(q, mask, positions):
+        return kv_extend(q, k, v, cache, positions, mask, window)
     cache = kv_step(cache, k, v, positions)
     return kv_attend(q, cache, kv_allowed(cache, positions, window)), cache
+
+
+def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
+    """An extend over a key/value cache: the chunk's queries attend to the cached keys before ``positions`` and
+    causally to the chunk's own real keys (each within ``window`` when given), then the chunk's last ``slots``
+    real keys and values go into their slots. Attending before writing keeps a ring correct when the chunk is
+    longer than the ring (its early keys are still seen by its later queries). Returns ``(out, cache)``."""
+    from effjax.attention import softmax
+
+    batch, length = q.shape[:2]
+    slots = cache["key"].shape[1]
+    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
+    index = positions[:, None] + jnp.arange(length)[None, :]  # [batch, C]: each new token's position
+    held = cache["position"]
+    sees_cache = jnp.broadcast_to(((held >= 0) & (held < positions[:, None]))[:, None, :], (batch, length, slots))
+    sees_chunk = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :]
+    if window is not None:
+        sees_cache &= held[:, None, :] >= index[:, :, None] - window
+        sees_chunk &= index[:, None, :] >= index[:, :, None] - window
+    keys = jnp.concatenate([cache["key"].astype(q.dtype), k.astype(q.dtype)], axis=1)
+    values = jnp.concatenate([cache["value"].astype(q.dtype), v.astype(q.dtype)], axis=1)
+    out = softmax.attend(q, keys, values, pair_mask=jnp.concatenate([sees_cache, sees_chunk], axis=2)[:, None])
+    end = positions + jnp.sum(real, axis=1, dtype=jnp.int32)  # one past each row's last real token
+    written = real & (index >= (end - slots)[:, None])  # the ones a ring of ``slots`` still holds at the end
+    slot = jnp.where(written, index % slots, slots)  # slot ``slots`` is out of range: dropped
+
+    def put(into, x):
+        return jax.vmap(lambda row, new, at: row.at[at].set(new.astype(row.dtype), mode="drop"))(into, x, slot)
+
+    return out, {"key": put(cache["key"], k), "value": put(cache["value"], v),
+                 "position": put(cache["position"], index)}
 
 
 KV_BLOCK = 2048  # slots per block of a step's attention over a longer cache

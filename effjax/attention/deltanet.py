@@ -39,7 +39,7 @@ from effjax.kernels.backend import check_impl
 
 NAME = "deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True, extend=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
           "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
           "impl='pallas' runs the chunked form on the chunked delta-rule kernel; decoding keeps the state (d x d per "
@@ -71,8 +71,9 @@ def delta_method(method, q, k, v, params, *, log_decay=None, mask=None, segment_
     """What DeltaNet and Gated DeltaNet share around the core: checks, both directions, the output dtype.
 
     ``log_decay(u, params) -> [batch, length, heads]`` (None: no decay) maps the auxiliary features to g <= 0.
-    ``history [batch, conv_size - 1, 3, heads, head_dim]``: the raw q, k, v of the tokens before a one-token causal
-    call (a decoding step, ``recurrent.decode``), which the short convs read before it (None: zeros).
+    ``history [batch, conv_size - 1, 3, heads, head_dim]``: the raw q, k, v of the tokens before a causal call
+    continuing a cache (a decoding step or extend, ``recurrent.decode``), which the short convs read before it
+    (None: zeros).
     """
     check_qkv(method, q, k, v)
     check_impl(method, impl)

@@ -38,7 +38,7 @@ from effjax.attention.deltanet import NORM_EPS, delta_method
 
 NAME = "gated_deltanet"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True, extend=True,
     notes="A causal recurrence: causal=False is refused unless bidirectional='sum' (forward plus reversed scan). "
           "form: 'chunked' (WY/UT, default), 'parallel' (quadratic reference) or 'recurrent' (token scan); "
           "impl='pallas' runs the chunked form on the chunked delta-rule kernel; decoding keeps the state (d x d per "

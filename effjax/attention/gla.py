@@ -38,7 +38,7 @@ from effjax.kernels.backend import check_impl
 NAME = "gla"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
-    decode=True,
+    decode=True, extend=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
           "parallel, recurrent; initial_state / return_state carry the state; impl='pallas' (the chunked "
           "linear-attention kernel with per-channel decays) runs the chunked form only; decoding keeps the state "

@@ -49,7 +49,7 @@ from effjax.kernels.backend import check_impl
 
 NAME = "mamba2"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True, decode=True, extend=True,
     notes="causal=False only with bidirectional='sum' (forward plus reversed scan); forms: chunked (default), "
           "parallel, recurrent; initial_state / return_state carry the SSM state and the conv inputs; impl='pallas' "
           "(the chunked linear-attention kernel with per-head decays) runs the chunked form only; decoding keeps the "

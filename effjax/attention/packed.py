@@ -10,7 +10,7 @@ from effjax.attention.common import check_qkv, dropout_kwargs
 NAME = "packed"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
-    decode=True,
+    decode=True, extend=True,
     notes="cross attention with segment_ids is refused (it would need separate query and key segment ids). Decoding "
           "(one sequence per row, no segment_ids: softmax with the padding mask) keeps a key/value cache of "
           "max_length slots.",

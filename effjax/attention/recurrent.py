@@ -192,10 +192,11 @@ def decode(method: str, attend, q, k, v, params, cache: dict, *, mask=None, posi
         the zero state over the right-padded prompts. Padded tokens leave the state unchanged, so the final state
         is each sequence's after its last real token;
       * step (one token per sequence): the recurrent form from the cached state, with ``history=`` the cached
-        history when the cache holds one (the method's convolutions read it through ``conv_after``, i.e.
-        ``decoding.conv_step``).
+        history when the cache holds one (the method's convolutions read it through ``conv_after``);
+      * extend (a right-padded chunk, ``decoding.is_extend``): the same from the cached state in ``form``, the
+        chunk's pads leaving the state unchanged.
     ``streams [batch, length, 3, heads, head_dim]``: the raw inputs the convolutions read (needed when the cache
-    has a history); a prefill keeps the last real ones (``decoding.conv_history``), a step shifts the new one in.
+    has a history); the new history is the last real ones of the cached history followed by these.
     """
     decoding.check_call(method, q, causal=causal, segment_ids=segment_ids, positions=positions)
     batch, _, heads, head_dim = q.shape
@@ -216,20 +217,21 @@ def decode(method: str, attend, q, k, v, params, cache: dict, *, mask=None, posi
             cache["history"] = decoding.conv_history(streams, mask, history.shape[1]).astype(history.dtype)
         return out, cache
     with_history = {} if history is None else {"history": history}
-    out, state = attend(q, k, v, params, form="recurrent", initial_state=cache["state"], **with_history, **call)
+    extend = decoding.is_extend(q, mask, positions)
+    out, state = attend(q, k, v, params, mask=mask, form=form if extend else "recurrent",
+                        initial_state=cache["state"], **with_history, **call)
     cache = {"state": state}
     if history is not None:
-        cache["history"] = jnp.concatenate([history, streams.astype(history.dtype)], axis=1)[:, 1:]
+        count = history.shape[1]
+        inputs = jnp.concatenate([history, streams.astype(history.dtype)], axis=1)
+        cache["history"] = decoding.last_tokens(inputs, count + decoding.prompt_lengths(mask, *q.shape[:2]), count)
     return out, cache
 
 
 def conv_after(history, x, conv):
-    """``conv`` (a causal convolution along axis 1, e.g. a short conv or a token shift) of ``x``, reading
-    ``history [batch, count, ...]`` (the inputs before ``x``, oldest first) where its taps reach before ``x``: a
-    decoding step of one token (``decoding.conv_step``). ``history`` None: ``conv(x)``, zeros before ``x``."""
+    """``conv`` (a causal convolution along axis 1 of at most ``count + 1`` taps, e.g. a short conv or a token
+    shift) of ``x``, reading ``history [batch, count, ...]`` (the inputs before ``x``, oldest first) where its taps
+    reach before ``x``: a decoding step or extend. ``history`` None: ``conv(x)``, zeros before ``x``."""
     if history is None:
         return conv(x)
-    if x.shape[1] != 1:
-        raise ValueError(f"A convolution continued from a history takes one token (a decoding step), got "
-                         f"{x.shape[1]}.")
-    return decoding.conv_step(history, x, conv)[0]
+    return conv(jnp.concatenate([history.astype(x.dtype), x], axis=1))[:, history.shape[1]:]

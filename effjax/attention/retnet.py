@@ -44,7 +44,7 @@ from effjax.kernels.backend import check_impl
 NAME = "retnet"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
-    decode=True,
+    decode=True, extend=True,
     notes="causal=False is the paper's symmetric decay gamma^|i-j|; forms: chunked (default), parallel, recurrent; "
           "initial_state / return_state carry the retention state; impl='pallas' (the chunked linear-attention kernel "
           "with per-head decays) runs the chunked form only; decoding keeps the retention state (d x d per head), "

@@ -55,7 +55,7 @@ from effjax.attention.common import check_qkv, l2_normalize
 
 NAME = "rwkv7"
 CAPABILITIES = Capabilities(
-    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False, decode=True,
+    causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=False, decode=True, extend=True,
     notes="causal=False is refused unless bidirectional='sum' (forward plus reversed scan); forms chunked, "
           "parallel and recurrent of the DPLR core (effjax.attention.dplr); decoding keeps the state (d x d per "
           "head) and the token shift's previous raw q, k, v.")
@@ -77,8 +77,9 @@ def token_shift(x, mix, segment_ids=None):
 def time_mixing(q, k, v, params, *, segment_ids=None, history=None):
     """The per-token quantities of the recurrence from q, k, v (float32, ``[batch, length, heads, head_dim]``).
 
-    ``history [batch, 1, 3, heads, head_dim]``: the raw q, k, v of the token before a one-token call (a decoding
-    step), which the shifts read (``recurrent.conv_after``; None: zeros). Returns a dict: ``r`` (receptance),
+    ``history [batch, 1, 3, heads, head_dim]``: the raw q, k, v of the token before a call continuing a
+    cache (a decoding step or extend), which the shifts read (``recurrent.conv_after``; None: zeros). Returns a
+    dict: ``r`` (receptance),
     ``log_w`` (log decay), ``alpha`` (in-context rate), ``kappa`` (removal key, unit norm per head), ``k`` (write
     key k~), ``v`` (shifted values) and ``g`` (output gate).
     """

@@ -11,7 +11,7 @@ from effjax.attention.common import check_qkv, dropout_kwargs, refuse_cross
 
 NAME = "shvit_single_head"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=False,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps a key/value cache of max_length slots of the single head only: "
                                   "keys and values max(qk width, attended value width) wide (zero-padded to the "
                                   "wider), not heads x head_dim.")

@@ -10,7 +10,7 @@ from effjax.kernels.backend import check_impl
 
 NAME = "sliding_window"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
-                            decode=True, grouped_kv=True,
+                            decode=True, extend=True, grouped_kv=True,
                             notes="k, v may have fewer heads than q (grouped-query attention: the kernels get them "
                                   "repeated, the decoding ring holds the kv heads only); decoding keeps a ring buffer "
                                   "of window + 1 keys/values (max_length if fewer): its memory is bounded by the "

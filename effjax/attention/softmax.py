@@ -13,7 +13,7 @@ from effjax.kernels import dispatch
 from effjax.kernels.backend import check_impl
 
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=True,
-                            decode=True, grouped_kv=True, key_bias=True,
+                            decode=True, extend=True, grouped_kv=True, key_bias=True,
                             notes="key_bias runs on the XLA path only (impl='xla'); decoding keeps a key/value "
                                   "cache of max_length slots.")
 

@@ -82,19 +82,24 @@ def check_lengths(model, longest_prompt: int, max_new_tokens: int, cache_length:
 
 def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens=(), seed: int = 0, cache_length: int | None = None, mesh=None,
-             rules=()) -> Generated:
+             rules=(), prefill_chunk: int = 0) -> Generated:
     """Continues ``prompts`` with ``model`` (a decoder LM: ``effjax.models.decoder_lm``) and ``params`` (its params,
     or its whole variables dict). ``temperature=0`` is greedy; ``top_k``/``top_p`` filter the sampled tokens
     (``effjax.inference.sampling``); a sequence stops after any of ``stop_tokens``. ``cache_length`` (the tokens
     a sequence may hold) defaults to the model's ``max_length``, the length it trained at, so that methods whose
     forward pass depends on the padded length (cosFormer's M, ProbSparse's u, Hyena's implicit filter) decode as they
     trained, and one compiled generation serves every prompt; longer only when the prompt and ``max_new_tokens``
-    need it (positions other than learned ones). ``mesh`` and ``rules`` (logical axis rules) run it sharded."""
+    need it (positions other than learned ones). ``mesh`` and ``rules`` (logical axis rules) run it sharded.
+    ``prefill_chunk`` C >= 2 prefills the prompts C tokens at a time, each chunk continuing the cache (the methods'
+    ``extend``), so the prefill holds C x cache attention logits at once instead of P x P; 0: all at once."""
     sampling = Sampling(temperature, top_k, top_p).check()
     if "cache" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"{type(model).__module__}.{type(model).__name__} cannot decode: generate needs a decoder "
                          "language model (effjax.models.decoder_lm).")
+    check_prefill_chunk(model, prefill_chunk)
     tokens, lengths = prompt_batch(prompts, model.vocab_size)
+    if prefill_chunk:
+        tokens = np.pad(tokens, [(0, 0), (0, -tokens.shape[1] % prefill_chunk)])
     if cache_length is None:
         cache_length = max(model.max_length, int(lengths.max()) + max_new_tokens - 1)
     check_lengths(model, int(lengths.max()), max_new_tokens, cache_length)
@@ -110,7 +115,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         tokens = np.pad(tokens, [(0, rows - batch), (0, 0)])
         tokens[batch:, 0] = 1
         lengths = np.pad(lengths, [(0, rows - batch)], constant_values=1)
-    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules)
+    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules, prefill_chunk)
     with _context(mesh, rules):
         cache = empty_cache(model, rows, cache_length, mesh, rules)
         if mesh is not None:
@@ -126,16 +131,32 @@ _COMPILED = collections.OrderedDict()  # (id(model), settings) -> (model, jitted
 _COMPILED_KEEP = 8
 
 
-def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules):
+def check_prefill_chunk(model, prefill_chunk) -> None:
+    """One-line errors for a ``prefill_chunk`` that is not 0 or an int >= 2, or that a layer's method cannot run."""
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0 or (
+            prefill_chunk == 1):
+        raise ValueError(f"prefill_chunk must be 0 (the whole prompt at once) or an int >= 2, got {prefill_chunk!r}.")
+    if not prefill_chunk:
+        return
+    from effjax import attention
+
+    cannot = sorted({method for method, _ in model.layer_attention() if not attention.capabilities(method).extend})
+    if cannot:
+        raise ValueError(f"prefill_chunk={prefill_chunk} needs every layer's method to continue a cache by chunks, "
+                         f"but {', '.join(cannot)} cannot (methods that can: "
+                         f"{', '.join(attention.supporting('extend'))}): use prefill_chunk=0.")
+
+
+def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules, prefill_chunk: int = 0):
     """The jitted generation for ``model`` and these static settings, reused across calls (a notebook sampling again
     with other prompts or seeds of the same shapes compiles nothing). Modules are not hashable, so the cache is keyed
     by identity and holds the model (so its id is not reused); the mesh and the logical axis rules, which the trace
     reads, are part of the key."""
     frozen_rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
-    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules)
+    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules, prefill_chunk)
     if key not in _COMPILED:
-        _COMPILED[key] = model, jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, stop),
-                                        donate_argnums=(3,))
+        _COMPILED[key] = model, jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, stop,
+                                                          prefill_chunk), donate_argnums=(3,))
         while len(_COMPILED) > _COMPILED_KEEP:
             _COMPILED.popitem(last=False)
     _COMPILED.move_to_end(key)
@@ -163,7 +184,31 @@ def _context(mesh, rules):
     return stack
 
 
-def _generate(model, sampling, max_new_tokens, stop, variables, tokens, lengths, cache, key):
+def _prefill(model, variables, tokens, lengths, cache, chunk: int):
+    """``(logits [batch, vocab] at each prompt's last real token, cache)``: one prefill call, or (``chunk``) a scan
+    of extends over the prompts' chunks from the empty cache, each row's chunk starting at the chunk's offset."""
+    if not chunk:
+        logits, cache = model.apply(variables, tokens, cache=cache)
+        return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+    batch, padded = tokens.shape
+    chunks = tokens.reshape(batch, padded // chunk, chunk).transpose(1, 0, 2)
+
+    def extend(carry, inputs):
+        cache, last = carry
+        index, piece = inputs
+        start = index * chunk
+        logits, cache = model.apply(variables, piece, cache=cache, positions=jnp.full((batch,), start, jnp.int32))
+        offset = lengths - 1 - start  # the last real token's place in this chunk
+        inside = (offset >= 0) & (offset < chunk)
+        here = jnp.take_along_axis(logits, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        return (cache, jnp.where(inside[:, None], here, last)), None
+
+    last = jnp.zeros((batch, model.vocab_size), jnp.float32)
+    (cache, last), _ = jax.lax.scan(extend, (cache, last), (jnp.arange(chunks.shape[0]), chunks))
+    return last, cache
+
+
+def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, tokens, lengths, cache, key):
     """The jitted body of ``generate``: prefill, then ``while_loop`` steps; returns (new tokens, their counts)."""
     batch = tokens.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
@@ -176,8 +221,8 @@ def _generate(model, sampling, max_new_tokens, stop, variables, tokens, lengths,
     def stopped(token):
         return jnp.isin(token, stop) if stop.size else jnp.zeros(token.shape, bool)
 
-    logits, cache = model.apply(variables, tokens, cache=cache)
-    first = pick(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], 0)
+    last, cache = _prefill(model, variables, tokens, lengths, cache, prefill_chunk)
+    first = pick(last, 0)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
 
     def running(carry):

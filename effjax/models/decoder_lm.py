@@ -13,8 +13,9 @@ class Model(Backbone, kw_only=True):
 
     Decoding (``effjax.generate``): ``init_cache(batch, max_length)`` is the empty cache of every layer; a call
     with ``cache`` is a prefill of right-padded prompts (``tokens [batch, P]``, 0 = padding), or with
-    ``positions [batch]`` one step (``tokens [batch, 1]``, each token's index in its sequence), and returns
-    ``(logits, cache)`` (``effjax.attention.decoding``).
+    ``positions [batch]`` one step (``tokens [batch, 1]``, each token's index in its sequence) or, where every
+    layer's method declares ``extend``, a chunk continuing the cache (``tokens [batch, C]``, right-padded, from
+    each row's ``positions``), and returns ``(logits, cache)`` (``effjax.attention.decoding``).
     """
 
     vocab_size: int
@@ -23,7 +24,7 @@ class Model(Backbone, kw_only=True):
     @nn.compact
     def __call__(self, tokens, *, deterministic=True, cache=None, positions=None):
         """tokens [batch, length] int (0 = padding) -> next-token logits [batch, length, vocab]."""
-        mask = tokens != 0 if positions is None else None
+        mask = tokens != 0 if positions is None or tokens.shape[1] > 1 else None  # a step's token is real
         out = Trunk(**self.backbone_fields(), vocab_size=self.vocab_size, max_length=self.max_length,
                     name="trunk")(tokens, mask=mask, causal=True, deterministic=deterministic, cache=cache,
                                   positions=positions)

@@ -11,7 +11,14 @@ from effjax.attention.softmax import repeat_kv
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
-from effjax.models.positions import ADDITIVE, apply_rotary, check_position, sinusoid_rows, sinusoid_table
+from effjax.models.positions import (
+    ADDITIVE,
+    apply_rotary,
+    check_position,
+    sinusoid_rows,
+    sinusoid_table,
+    token_positions,
+)
 from effjax.search import program as search_program
 from effjax.search.interpreter import ProgramBlock
 from effjax.tokens import flops as token_flops
@@ -96,7 +103,8 @@ class MultiHeadAttention(nn.Module):
             projected[name] = nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
         if self.rotary:
             check_rotary(self.attention, projected)
-            index = None if positions is None else positions[:, None]  # a decoding step: the token's own index
+            length = projected["query"].shape[1]
+            index = None if positions is None else token_positions(positions, length)  # a step or extend
             projected = {name: apply_rotary(y, index) if name != "value" else y for name, y in projected.items()}
         # A method without a key projection makes its keys from q itself (Primer's shared Q/K representation).
         qkv = [projected["query"], projected.get("key", projected["query"]), projected["value"]]
@@ -452,8 +460,8 @@ class Trunk(Backbone, kw_only=True):
     'learned' adds the trained ``pos_embed`` table, 'sinusoid' the fixed one (``positions.sinusoid_table``);
     both cover the prefix tokens, which take positions 0..prefix_tokens-1. 'rotary' and 'none' add nothing here.
     Returns ``(x, mask)``: the final states and their key-padding mask (shorter than the input with ``distil``).
-    ``cache`` and ``positions``: a decoding call (``Backbone.blocks``); a step's tokens take their positions from
-    ``positions [batch]``, and it returns ``(x, mask, cache)``.
+    ``cache`` and ``positions``: a decoding call (``Backbone.blocks``); a step's or extend's tokens take their
+    positions from ``positions [batch]`` (each row's first) on, and it returns ``(x, mask, cache)``.
     """
 
     vocab_size: int
@@ -486,10 +494,10 @@ class Trunk(Backbone, kw_only=True):
             x = jnp.concatenate([jnp.broadcast_to(prefix, (batch, *prefix.shape)), x], axis=1)
             if mask is not None:
                 mask = jnp.concatenate([jnp.ones((batch, self.prefix_tokens), bool), mask], axis=1)
-        if self.position in ADDITIVE and positions is not None:  # a decoding step: each token's own position
-            if self.position == "sinusoid":
-                pos = sinusoid_rows(positions, self.embed_dim)
-            x = x + jnp.take(pos, positions, axis=0)[:, None] if self.position == "learned" else x + pos[:, None]
+        if self.position in ADDITIVE and positions is not None:  # a decoding call: each token's own position
+            index = token_positions(positions, x.shape[1])  # a chunk's pads may run past max_length: clipped
+            x = x + (jnp.take(pos, index, axis=0, mode="clip") if self.position == "learned" else
+                     sinusoid_rows(index, self.embed_dim))
         elif self.position in ADDITIVE:
             x = x + pos[None, :total]
         x = x.astype(self.dtype)

@@ -31,11 +31,19 @@ def sinusoid_table(length: int, dim: int, base: float = BASE) -> np.ndarray:
     return table[:, :dim].astype(np.float32)
 
 
+def token_positions(positions, length: int):
+    """int32 ``[batch, length]``: the positions of a decoding call's tokens, ``positions [batch]`` (each row's
+    first) onwards."""
+    return jnp.asarray(positions, jnp.int32)[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+
+
 def sinusoid_rows(positions, dim: int, base: float = BASE):
-    """Rows ``positions`` ([batch] int, traced) of ``sinusoid_table``, float32 ``[batch, dim]`` (decoding steps)."""
+    """Rows ``positions`` (int of any shape, traced) of ``sinusoid_table``, float32 ``[*positions.shape, dim]``
+    (decoding steps and extends)."""
     pairs = (dim + 1) // 2
-    angles = jnp.asarray(positions, jnp.float32)[:, None] / base ** (2 * jnp.arange(pairs, dtype=jnp.float32) / dim)
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(-1, 2 * pairs)[:, :dim]
+    positions = jnp.asarray(positions, jnp.float32)
+    angles = positions[..., None] / base ** (2 * jnp.arange(pairs, dtype=jnp.float32) / dim)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, 2 * pairs)[..., :dim]
 
 
 def rotary_angles(positions, head_dim: int, base: float = BASE):

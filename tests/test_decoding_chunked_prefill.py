@@ -1,0 +1,135 @@
+"""Chunked prefill: decoding calls that continue a cache by several tokens (``effjax.attention.decoding``, extend)
+and ``effjax.generate(prefill_chunk=C)``, against the teacher-forced forward pass and the one-call prefill.
+
+Each method's own extend is checked against its forward pass in ``tests/test_attention_conformance.py``; here the
+whole model (positions, every layer's cache, grouped kv heads, a mix of methods) and the generation loop are.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from test_decoding import VOCAB, build_lm, init, random_tokens
+
+import effjax
+from configs.common import DEFAULT_RULES
+from effjax.attention import supporting
+from effjax.train.sharding import make_mesh
+
+EXTENDERS = supporting("extend")
+
+
+def chunked_logits(lm, variables, tokens, prompt_lengths, chunks):
+    """Logits at every position of ``tokens`` from a ragged prefill, then one extend per entry of ``chunks`` (each
+    row's real tokens in that chunk, right-padded to the chunk's widest row), then one step per remaining
+    position; ``[batch, length, vocab]``."""
+    batch, length = tokens.shape
+    prompt = int(max(prompt_lengths))
+    padded = np.where(np.arange(prompt)[None] < np.asarray(prompt_lengths)[:, None], tokens[:, :prompt], 0)
+    cache = nn.meta.unbox(lm.init_cache(batch, length))
+    logits, cache = jax.jit(lambda v, t, c: lm.apply(v, t, cache=c))(variables, padded, cache)
+    out = np.zeros((batch, length, VOCAB), np.float32)
+    for b, n in enumerate(prompt_lengths):
+        out[b, :n] = logits[b, :n]
+    call = jax.jit(lambda v, t, c, p: lm.apply(v, t, cache=c, positions=p))
+    positions = np.asarray(prompt_lengths, np.int32)
+    for real in chunks:
+        real = np.asarray(real)
+        width = int(real.max())
+        index = np.minimum(positions[:, None] + np.arange(width)[None], length - 1)
+        chunk = np.where(np.arange(width)[None] < real[:, None], np.take_along_axis(tokens, index, 1), 0)
+        logits, cache = call(variables, chunk, cache, positions)
+        for b in range(batch):
+            out[b, positions[b]:positions[b] + real[b]] = logits[b, :real[b]]
+        positions = positions + real
+    while positions.min() < length:
+        here = np.minimum(positions, length - 1)
+        logits, cache = call(variables, tokens[np.arange(batch), here][:, None], cache, here)
+        out[np.arange(batch), here] = np.where((positions < length)[:, None], logits[:, 0],
+                                               out[np.arange(batch), here])
+        positions = positions + 1
+    return out
+
+
+# Ragged prompts [5, 11, 1], then chunks of [7, 0, 12] and [4, 9, 2] real tokens: one row sits a chunk out.
+PROMPTS, CHUNKS = [5, 11, 1], [[7, 0, 12], [4, 9, 2]]
+
+
+@pytest.mark.parametrize("attention,fields", [
+    ("softmax", {}),
+    ("softmax", dict(position="rotary", num_kv_heads=2)),
+    ("sliding_window", dict(position="sinusoid")),  # window 5: each chunk is longer than the ring
+    (("softmax", "retnet"), {}),
+    pytest.param("gated_deltanet", {}, marks=pytest.mark.slow),  # short conv histories
+    pytest.param("rwkv7", {}, marks=pytest.mark.slow),  # token shift
+    pytest.param("mamba2", dict(position="none"), marks=pytest.mark.slow),
+], ids=["softmax", "softmax-rotary-gqa", "sliding_window-sinusoid", "softmax+retnet", "gated_deltanet", "rwkv7",
+        "mamba2"])
+def test_prefill_extends_and_steps_give_the_teacher_forced_logits(attention, fields):
+    lm = build_lm(attention, **fields)
+    variables = init(lm)
+    tokens = random_tokens(3, 32)
+    want = jax.jit(lm.apply)(variables, tokens)
+    got = chunked_logits(lm, variables, tokens, PROMPTS, CHUNKS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("method", ["softmax", "sliding_window", "gated_deltanet"])
+def test_a_chunk_of_padding_leaves_the_cache_as_it_was(method):
+    lm = build_lm(method)
+    variables = init(lm)
+    cache = nn.meta.unbox(lm.init_cache(2, 32))
+    _, cache = lm.apply(variables, random_tokens(2, 9), cache=cache)
+    _, after = lm.apply(variables, np.zeros((2, 6), np.int32), cache=cache, positions=jnp.array([9, 9], jnp.int32))
+    for leaf, kept in zip(jax.tree.leaves(cache), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(leaf, kept)
+
+
+@pytest.mark.parametrize("method", ["softmax", "sliding_window", pytest.param("mamba2", marks=pytest.mark.slow),
+                                    pytest.param("rwkv7", marks=pytest.mark.slow)])
+def test_generation_with_a_chunked_prefill_gives_the_one_call_tokens(method):
+    lm = build_lm(method)
+    params = init(lm, seed=5)["params"]
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [9], [2, 8, 30, 4, 4, 17]]
+    want = effjax.generate(lm, params, prompts, max_new_tokens=8, temperature=1.0, seed=2)
+    for chunk in (3, 11, 40):  # dividing no prompt, dividing the longest, longer than every prompt
+        got = effjax.generate(lm, params, prompts, max_new_tokens=8, temperature=1.0, seed=2, prefill_chunk=chunk)
+        np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=f"{method} chunk {chunk}")
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+
+
+def test_a_chunked_prefill_on_eight_devices_gives_the_unsharded_tokens():
+    assert jax.device_count() == 8, "tests/conftest.py emulates 8 CPU devices"
+    lm = build_lm(("softmax", "retnet"))
+    params = init(lm)["params"]
+    prompts = [[3, 4, 5, 6, 7], [9], [2, 8, 30, 31], [7, 7, 1, 2, 3, 4, 5]]
+    want = effjax.generate(lm, params, prompts, max_new_tokens=6, temperature=1.0, seed=1)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    got = effjax.generate(lm, params, prompts, max_new_tokens=6, temperature=1.0, seed=1, mesh=mesh,
+                          rules=DEFAULT_RULES, prefill_chunk=3)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("bad", [1, -2, True, 2.5, "4"])
+def test_a_prefill_chunk_that_is_not_0_or_at_least_2_is_refused(bad):
+    lm = build_lm("softmax")
+    with pytest.raises(ValueError, match=r"prefill_chunk must be 0 .* or an int >= 2"):
+        effjax.generate(lm, init(lm)["params"], [[3, 4]], max_new_tokens=2, prefill_chunk=bad)
+
+
+def test_a_layer_whose_method_cannot_extend_is_named_with_the_ones_that_can():
+    lm = build_lm(("softmax", "mamba"))
+    with pytest.raises(ValueError, match=r"but mamba cannot \(methods that can: .*softmax.*\): use prefill_chunk=0"):
+        effjax.generate(lm, init(lm)["params"], [[3, 4]], max_new_tokens=2, prefill_chunk=4)
+    assert "mamba" not in EXTENDERS and "softmax" in EXTENDERS
+
+
+def test_a_step_of_several_tokens_is_refused_by_a_method_that_cannot_extend():
+    lm = build_lm("mamba")
+    variables = init(lm)
+    cache = nn.meta.unbox(lm.init_cache(1, 16))
+    _, cache = lm.apply(variables, random_tokens(1, 4), cache=cache)
+    with pytest.raises(ValueError, match=r"mamba: a decoding step takes one token per sequence .* continuing a cache "
+                                         r"by several tokens is for .*softmax"):
+        lm.apply(variables, random_tokens(1, 3), cache=cache, positions=jnp.array([4], jnp.int32))
