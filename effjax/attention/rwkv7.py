@@ -79,9 +79,8 @@ def time_mixing(q, k, v, params, *, segment_ids=None, history=None):
 
     ``history [batch, 1, 3, heads, head_dim]``: the raw q, k, v of the token before a call continuing a
     cache (a decoding step or extend), which the shifts read (``recurrent.conv_after``; None: zeros). Returns a
-    dict: ``r`` (receptance),
-    ``log_w`` (log decay), ``alpha`` (in-context rate), ``kappa`` (removal key, unit norm per head), ``k`` (write
-    key k~), ``v`` (shifted values) and ``g`` (output gate).
+    dict: ``r`` (receptance), ``log_w`` (log decay), ``alpha`` (in-context rate), ``kappa`` (removal key, unit norm
+    per head), ``k`` (write key k~), ``v`` (shifted values) and ``g`` (output gate).
     """
     shape = q.shape
     before = (None,) * 3 if history is None else tuple(history[:, :, i] for i in range(3))
