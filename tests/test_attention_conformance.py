@@ -401,10 +401,10 @@ def test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else
         positions = positions + 1
 
 
-# Extends (a chunked prefill) in the default tier: a key/value cache, a ring shorter than a chunk, a decayed state,
-# the delta rule with conv histories, RWKV-7's token shift, a method that steps but does not extend, and one that
-# does not decode.
-EXTEND_TIER = ("softmax", "sliding_window", "retnet", "gated_deltanet", "rwkv7", "mamba", "bigbird")
+# Extends (a chunked prefill) in the default tier: a key/value cache, a ring shorter than a chunk, kernel-feature
+# sums, a decayed state, the delta rule with conv histories, RWKV-7's token shift, a method that steps but does not
+# extend, and one that does not decode.
+EXTEND_TIER = ("softmax", "sliding_window", "linear_elu", "retnet", "gated_deltanet", "rwkv7", "mamba", "bigbird")
 # After the ragged prefill (PROMPT_LENGTHS), two right-padded chunks per row: real tokens per chunk, then the rest.
 CHUNK_REAL = np.array([[13, 9], [5, 16]])
 

@@ -61,11 +61,14 @@ PROMPTS, CHUNKS = [5, 11, 1], [[7, 0, 12], [4, 9, 2]]
     ("softmax", dict(position="rotary", num_kv_heads=2)),
     ("sliding_window", dict(position="sinusoid")),  # window 5: each chunk is longer than the ring
     (("softmax", "retnet"), {}),
+    ("linear_elu", {}),  # kernel-feature sums
+    pytest.param("performer", {}, marks=pytest.mark.slow),  # running max of the key log-scales
+    pytest.param("cosformer", {}, marks=pytest.mark.slow),  # position reweighting
     pytest.param("gated_deltanet", {}, marks=pytest.mark.slow),  # short conv histories
     pytest.param("rwkv7", {}, marks=pytest.mark.slow),  # token shift
     pytest.param("mamba2", dict(position="none"), marks=pytest.mark.slow),
-], ids=["softmax", "softmax-rotary-gqa", "sliding_window-sinusoid", "softmax+retnet", "gated_deltanet", "rwkv7",
-        "mamba2"])
+], ids=["softmax", "softmax-rotary-gqa", "sliding_window-sinusoid", "softmax+retnet", "linear_elu", "performer",
+        "cosformer", "gated_deltanet", "rwkv7", "mamba2"])
 def test_prefill_extends_and_steps_give_the_teacher_forced_logits(attention, fields):
     lm = build_lm(attention, **fields)
     variables = init(lm)

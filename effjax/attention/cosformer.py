@@ -13,7 +13,7 @@ from effjax.attention.common import check_qkv
 
 NAME = "cosformer"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps the running sums sum phi(k) v^T [heads, 2 head_dim, head_dim] "
                                   "and sum phi(k) [heads, 2 head_dim] in float32, constant in the context length, "
                                   "and fixes M = max_len, or the cache's max_length when max_len is None: it "
@@ -104,7 +104,7 @@ class Attention(nn.Module):
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         ka.check_self_attention(NAME, q, k)
         horizon = cache["horizon"]
-        index = None if positions is None else (positions + 1)[:, None]  # 1-based
+        index = None if positions is None else positions[:, None] + 1 + jnp.arange(q.shape[1])[None]  # 1-based
 
         def forward():
             return _attend(q, k, v, horizon, mask=mask, causal=True, chunk_size=self.chunk_size, impl=self.impl)

@@ -319,6 +319,33 @@ def state_read(state: dict, phi_q, eps=EPS):
     return guarded_divide(num, den, eps)[:, None]
 
 
+def state_extend(method: str, state: dict, phi_q, phi_k, v, mask=None, key_log_scale=None, eps=EPS):
+    """An extend (``effjax.attention.decoding``) of the running sums by a right-padded chunk: query ``i`` reads the
+    sums before the chunk plus the chunk's real keys ``j <= i``, all weighted to its own running max (the largest
+    key log-scale up to it, as a step's), so it equals ``state_step`` then ``state_read`` token by token; then the
+    sums gain the chunk's real keys. ``phi_q, phi_k [batch, C, heads, m]``, ``v [batch, C, heads, v_dim]``,
+    ``mask [batch, C]``. Returns ``(float32 [batch, C, heads, v_dim], state)``."""
+    _check_state(method, state, phi_k, v)
+    phi_q, phi_k, v, mask, _ = _prepare(phi_q, phi_k, v, mask, None, True, method)
+    batch, length, heads, _ = phi_k.shape
+    real = jnp.ones((batch, length), bool) if mask is None else mask
+    scale = jnp.where(real[:, :, None], _log_scale(key_log_scale, phi_k.shape[:3]), LOG_SCALE_FLOOR)  # [b, c, h]
+    top = jnp.maximum(state["top"][:, None], jax.lax.cummax(scale, axis=1))  # each query's running max
+    sees = jnp.tril(jnp.ones((length, length), bool))[None, :, :, None] & real[:, None, :, None]  # [b, i, j, 1]
+    weight = jnp.where(sees, jnp.exp(scale[:, None, :, :] - top[:, :, None, :]), 0.0)  # [b, i, j, h]
+    old = jnp.exp(state["top"][:, None] - top)  # [b, i, h]: the cached sums rescaled to query i's max
+    scores = jnp.einsum("bihm,bjhm->bijh", phi_q, phi_k) * weight
+    num = (jnp.einsum("bihm,bhmd->bihd", phi_q, state["kv"]) * old[..., None]
+           + jnp.einsum("bijh,bjhd->bihd", scores, v))
+    den = jnp.einsum("bihm,bhm->bih", phi_q, state["z"]) * old + scores.sum(axis=2)
+    end = top[:, -1]  # [b, h]: the running max after the chunk
+    keep = jnp.where(real[:, :, None], jnp.exp(scale - end[:, None]), 0.0)[..., None] * phi_k
+    decay = jnp.exp(state["top"] - end)
+    return guarded_divide(num, den, eps), {
+        "kv": state["kv"] * decay[..., None, None] + jnp.einsum("bjhm,bjhd->bhmd", keep, v),
+        "z": state["z"] * decay[..., None] + keep.sum(axis=1), "top": end}
+
+
 def check_self_attention(method: str, q, k) -> None:
     """ValueError naming ``method`` for a decoding call whose keys are not the queries' tokens."""
     if q.shape[1] != k.shape[1]:
@@ -330,10 +357,12 @@ def decode(method: str, state: dict, phi_q, phi_k, v, positions, mask, *, forwar
     """One decoding call (prefill or step) of a causal kernel method over its running sums.
 
     Prefill (``positions`` None): ``forward()`` (the method's own causal pass over the prompts) and
-    ``state_prefill``. Step: ``state_step`` with the new key, then ``state_read`` of the query (float32).
-    Returns ``(out, state)``.
+    ``state_prefill``. Step: ``state_step`` with the new key, then ``state_read`` of the query (float32). Extend:
+    ``state_extend``. Returns ``(out, state)``.
     """
     if positions is None:
         return forward(), state_prefill(method, state, phi_k, v, mask, key_log_scale)
+    if decoding.is_extend(phi_q, mask, positions):
+        return state_extend(method, state, phi_q, phi_k, v, mask, key_log_scale, eps)
     state = state_step(method, state, phi_k, v, key_log_scale)
     return state_read(state, phi_q, eps), state

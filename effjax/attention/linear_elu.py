@@ -11,7 +11,7 @@ from effjax.attention.common import check_qkv
 
 NAME = "linear_elu"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps the running sums sum phi(k) v^T [heads, head_dim, head_dim] and "
                                   "sum phi(k) [heads, head_dim] in float32, constant in the context length.")
 

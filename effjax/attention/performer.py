@@ -13,7 +13,7 @@ from effjax.attention.common import check_qkv
 
 NAME = "performer"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps the running sums sum phi(k) v^T [heads, num_features, head_dim], "
                                   "sum phi(k) [heads, num_features] and the running key max [heads] in float32, "
                                   "constant in the context length; it uses the stored projection (redraw=True "

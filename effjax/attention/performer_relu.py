@@ -12,7 +12,7 @@ from effjax.attention.common import check_qkv
 NAME = "performer_relu"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=False, pallas=True,
-    decode=True,
+    decode=True, extend=True,
     notes="segment_ids are refused with causal=True and with impl='pallas'. Decoding keeps the running sums "
           "sum phi(k) v^T [heads, num_features, head_dim] and sum phi(k) [heads, num_features] in float32 "
           "(head_dim features with random_features=False), constant in the context length; it uses the stored "
