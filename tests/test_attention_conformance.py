@@ -402,9 +402,10 @@ def test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else
 
 
 # Extends (a chunked prefill) in the default tier: a key/value cache, a ring shorter than a chunk, kernel-feature
-# sums, a decayed state, the delta rule with conv histories, RWKV-7's token shift, a method that steps but does not
-# extend, and one that does not decode.
-EXTEND_TIER = ("softmax", "sliding_window", "linear_elu", "retnet", "gated_deltanet", "rwkv7", "mamba", "bigbird")
+# sums, a decayed state, the delta rule with conv histories, RWKV-7's token shift, an extend run as steps (the
+# selective scan), a block ring run as steps, and a method that does not decode.
+EXTEND_TIER = ("softmax", "sliding_window", "linear_elu", "retnet", "gated_deltanet", "rwkv7", "mamba", "block_local",
+               "bigbird")
 # After the ragged prefill (PROMPT_LENGTHS), two right-padded chunks per row: real tokens per chunk, then the rest.
 CHUNK_REAL = np.array([[13, 9], [5, 16]])
 
@@ -417,6 +418,7 @@ def test_prefill_then_extends_equal_the_forward_pass_where_extend_is_declared_el
     q, k, v = qkv(12)
     module = attention.make(name, **small_params(name))
     if not declares(name, "decode"):
+        assert not declares(name, "extend"), f"{name} declares extend but not decode: an extend continues a cache"
         return  # refused at init_cache (the decode test)
     cache = nn.meta.unbox(module.init_cache(B, L, H, D, jnp.float32))
     _, variables, fn = build(name, q, k, v, causal=True)
@@ -540,7 +542,7 @@ WRONG = [
     ("softmax", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     ("bigbird", "decode", test_prefill_then_steps_equal_the_forward_pass_where_decode_is_declared_else_refused),
     # (extend disclaimed cannot work: decoding.check_call refuses a chunk by the declaration itself)
-    ("mamba", "extend", test_prefill_then_extends_equal_the_forward_pass_where_extend_is_declared_else_refused),
+    ("bigbird", "extend", test_prefill_then_extends_equal_the_forward_pass_where_extend_is_declared_else_refused),
     ("softmax", "key_bias", test_key_bias_acts_as_duplicated_keys_where_declared_else_refused),
     ("softmax", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),
     ("bigbird", "grouped_kv", test_grouped_kv_heads_act_as_repeated_heads_where_declared_else_refused),

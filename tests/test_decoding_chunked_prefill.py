@@ -5,6 +5,9 @@ Each method's own extend is checked against its forward pass in ``tests/test_att
 whole model (positions, every layer's cache, grouped kv heads, a mix of methods) and the generation loop are.
 """
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +17,7 @@ from test_decoding import VOCAB, build_lm, init, random_tokens
 
 import effjax
 from configs.common import DEFAULT_RULES
-from effjax.attention import supporting
 from effjax.train.sharding import make_mesh
-
-EXTENDERS = supporting("extend")
 
 
 def chunked_logits(lm, variables, tokens, prompt_lengths, chunks):
@@ -62,13 +62,18 @@ PROMPTS, CHUNKS = [5, 11, 1], [[7, 0, 12], [4, 9, 2]]
     ("sliding_window", dict(position="sinusoid")),  # window 5: each chunk is longer than the ring
     (("softmax", "retnet"), {}),
     ("linear_elu", {}),  # kernel-feature sums
+    ("block_local", {}),  # extends run as steps
+    pytest.param("longformer", {}, marks=pytest.mark.slow),
+    pytest.param("primer_mdha", {}, marks=pytest.mark.slow),  # conv histories before a key/value extend
+    pytest.param("mamba", {}, marks=pytest.mark.slow),
+    pytest.param("hyena", {}, marks=pytest.mark.slow),
     pytest.param("performer", {}, marks=pytest.mark.slow),  # running max of the key log-scales
     pytest.param("cosformer", {}, marks=pytest.mark.slow),  # position reweighting
     pytest.param("gated_deltanet", {}, marks=pytest.mark.slow),  # short conv histories
     pytest.param("rwkv7", {}, marks=pytest.mark.slow),  # token shift
     pytest.param("mamba2", dict(position="none"), marks=pytest.mark.slow),
-], ids=["softmax", "softmax-rotary-gqa", "sliding_window-sinusoid", "softmax+retnet", "linear_elu", "performer",
-        "cosformer", "gated_deltanet", "rwkv7", "mamba2"])
+], ids=["softmax", "softmax-rotary-gqa", "sliding_window-sinusoid", "softmax+retnet", "linear_elu", "block_local",
+        "longformer", "primer_mdha", "mamba", "hyena", "performer", "cosformer", "gated_deltanet", "rwkv7", "mamba2"])
 def test_prefill_extends_and_steps_give_the_teacher_forced_logits(attention, fields):
     lm = build_lm(attention, **fields)
     variables = init(lm)
@@ -121,14 +126,21 @@ def test_a_prefill_chunk_that_is_not_0_or_at_least_2_is_refused(bad):
         effjax.generate(lm, init(lm)["params"], [[3, 4]], max_new_tokens=2, prefill_chunk=bad)
 
 
-def test_a_layer_whose_method_cannot_extend_is_named_with_the_ones_that_can():
+def cannot_extend(monkeypatch, method):
+    """Makes ``method`` declare decode without extend (every decoding method extends today; a new one may not)."""
+    module = importlib.import_module(f"effjax.attention.{method}")
+    monkeypatch.setattr(module, "CAPABILITIES", dataclasses.replace(module.CAPABILITIES, extend=False))
+
+
+def test_a_layer_whose_method_cannot_extend_is_named_with_the_ones_that_can(monkeypatch):
+    cannot_extend(monkeypatch, "mamba")
     lm = build_lm(("softmax", "mamba"))
     with pytest.raises(ValueError, match=r"but mamba cannot \(methods that can: .*softmax.*\): use prefill_chunk=0"):
         effjax.generate(lm, init(lm)["params"], [[3, 4]], max_new_tokens=2, prefill_chunk=4)
-    assert "mamba" not in EXTENDERS and "softmax" in EXTENDERS
 
 
-def test_a_step_of_several_tokens_is_refused_by_a_method_that_cannot_extend():
+def test_a_step_of_several_tokens_is_refused_by_a_method_that_cannot_extend(monkeypatch):
+    cannot_extend(monkeypatch, "mamba")
     lm = build_lm("mamba")
     variables = init(lm)
     cache = nn.meta.unbox(lm.init_cache(1, 16))

@@ -12,7 +12,7 @@ from effjax.kernels.block_sparse import method_blocks_attention
 
 NAME = "block_local"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="causal takes any length (the last block cut short); decoding keeps a ring buffer "
                                   "of block_size keys/values (max_length if fewer), the current block's: memory "
                                   "bounded by the block, not the context.")
@@ -85,6 +85,9 @@ class Attention(nn.Module):
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         # A query sees the keys of its own block up to itself: a window of (position % block_size) keys before it,
         # at most block_size - 1 (the prefill's window: the cache is a ring, a prompt may be longer than it).
-        window = self.block_size - 1 if positions is None else (positions % self.block_size)[:, None]
-        return decoding.kv_decode(NAME, q, k, v, cache, positions, mask, window=window,
+        if positions is not None:
+            return decoding.stepped(lambda q, k, v, c, p: decoding.kv_decode(
+                NAME, q, k, v, c, p, None, window=(p % self.block_size)[:, None], forward=None), q, k, v, cache,
+                positions, mask)
+        return decoding.kv_decode(NAME, q, k, v, cache, None, mask, window=self.block_size - 1,
                                   forward=lambda: attend(q, k, v, mask=mask, **call))

@@ -96,6 +96,27 @@ def is_extend(q, mask, positions) -> bool:
     return positions is not None and (q.shape[1] > 1 or mask is not None)
 
 
+def stepped(step, q, k, v, cache, positions, mask):
+    """A step, or an extend run as steps: ``step(q, k, v, cache, positions) -> (out, cache)`` is the method's
+    one-token step (one token per row, a pure function of arrays), scanned over the chunk's tokens; a pad keeps
+    each row's cache as it was (every cache leaf is batch-major). Exact wherever the step is, and sequential in the
+    chunk: for methods whose cache has no chunk-parallel form. Returns ``(out [batch, C], cache)``."""
+    if not is_extend(q, mask, positions):
+        return step(q, k, v, cache, positions)
+    batch, length = q.shape[:2]
+    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
+
+    def one(cache, inputs):
+        t, q_t, k_t, v_t, real_t = inputs
+        out, new = step(q_t[:, None], k_t[:, None], v_t[:, None], cache, positions + t)
+        kept = jax.tree.map(lambda n, o: jnp.where(real_t.reshape((batch,) + (1,) * (n.ndim - 1)), n, o), new, cache)
+        return kept, out[:, 0]
+
+    per_token = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, real))
+    cache, out = jax.lax.scan(one, cache, (jnp.arange(length, dtype=jnp.int32), *per_token))
+    return jnp.moveaxis(out, 0, 1), cache
+
+
 def prompt_lengths(mask, batch: int, length: int):
     """int32 ``[batch]`` real tokens per right-padded prompt (``mask`` None: all ``length``)."""
     if mask is None:

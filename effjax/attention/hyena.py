@@ -12,7 +12,7 @@ from effjax.attention.common import check_qkv, dropout, dropout_kwargs, refuse_c
 NAME = "hyena"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=False, cross=False, dropout=True, pallas=False,
-    decode=True,
+    decode=True, extend=True,
     notes="dropout drops v' * k' before the long convolution (there are no attention weights). Decoding is exact "
           "and keeps every past long-conv input u = v' * k' (float32 [max_length, heads, head_dim]: it grows with "
           "max_length, bounded by it) and the short filter's last short_filter_order - 1 inputs; it runs "
@@ -236,8 +236,9 @@ class Attention(nn.Module):
         skip = self.param("skip", nn.initializers.normal(1.0), (heads, head_dim), jnp.float32)
         implicit = ImplicitFilter(**filters, name="filter")
         if cache is not None and positions is not None:
-            return decode_step(q, k, v, implicit((slots,)).reshape(slots, heads, head_dim), skip, taps, bias, cache,
-                               positions)
+            filter_full = implicit((slots,)).reshape(slots, heads, head_dim)
+            return decoding.stepped(lambda q, k, v, c, p: decode_step(q, k, v, filter_full, skip, taps, bias, c, p),
+                                    q, k, v, cache, positions, mask)
         forward = implicit((length,)).reshape(length, heads, head_dim)
         backward = None
         if not causal:

@@ -12,7 +12,7 @@ from effjax.attention.performer import random_projection
 
 NAME = "kernelized_rpe"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=False, pallas=False,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps a key/value cache of max_length slots (it grows with max_length, "
                                   "as softmax's does): the RPE weight of every past key depends on its offset, so "
                                   "no fixed-size sum of phi(k) v^T serves every later query.")
@@ -187,5 +187,7 @@ class Attention(nn.Module):
         if cache is None:
             return forward()
         if positions is not None:
-            return decode_step(q, k, v, projection, rpe, cache, positions, normalize=self.normalize)
+            return decoding.stepped(lambda q, k, v, c, p: decode_step(q, k, v, projection, rpe, c, p,
+                                                                      normalize=self.normalize),
+                                    q, k, v, cache, positions, mask)
         return forward(), decoding.kv_prefill(NAME, cache, k, v, mask)

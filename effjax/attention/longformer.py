@@ -13,7 +13,7 @@ from effjax.kernels.backend import check_impl
 
 NAME = "longformer"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=True, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps a ring buffer of window + 1 keys/values and the num_global first "
                                   "tokens' keys/values (the module's global tokens): memory bounded by window + "
                                   "num_global, not the context.")
@@ -101,8 +101,11 @@ class Attention(nn.Module):
         if cache is None:
             return forward()
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
-        return decode(q, k, v, cache, positions, mask, forward=forward, window=self.window,
-                      num_global=self.num_global)
+        if positions is not None:
+            return decoding.stepped(lambda q, k, v, c, p: decode(q, k, v, c, p, None, forward=None, window=self.window,
+                                                                 num_global=self.num_global), q, k, v, cache,
+                                    positions, mask)
+        return decode(q, k, v, cache, None, mask, forward=forward, window=self.window, num_global=self.num_global)
 
 
 def decode(q, k, v, cache, positions, mask, *, forward, window, num_global):

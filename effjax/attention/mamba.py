@@ -14,7 +14,7 @@ from effjax.kernels.backend import check_impl
 
 NAME = "mamba"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=True, cross=False, dropout=False, pallas=True,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps the SSM state [heads, head_dim, d_state] in float32 and the short "
                                   "conv's last d_conv - 1 inputs v: constant in the context length.")
 DEFAULT_CHUNK_SIZE = 64
@@ -237,7 +237,8 @@ class Attention(nn.Module):
             return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
                           chunk_size=self.chunk_size, impl=self.impl)
         if positions is not None:
-            out, cache = decode_step(q, k, v, forward, cache)
+            out, cache = decoding.stepped(lambda q, k, v, c, _: decode_step(q, k, v, forward, c), q, k, v, cache,
+                                          positions, mask)
             return out.astype(q.dtype), cache
         out, state = attend(q, k, v, forward, mask=mask, causal=True, chunk_size=self.chunk_size, impl=self.impl,
                             final=True)

@@ -17,7 +17,7 @@ from effjax.attention.common import check_mask, check_qkv, dropout_kwargs
 NAME = "primer_mdha"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=True, cross=True, dropout=True, pallas=False,
-    decode=True,
+    decode=True, extend=True,
     notes="centered=True refuses causal=True (the centred conv reads the next token), and so decoding. "
           "share_qk=True (full Primer) makes K from q: self-attention only, k is not read. Decoding keeps a key/value "
           "cache of max_length convolved keys/values and the last 2 inputs of each convolved stream (q, k, v; "
@@ -150,8 +150,8 @@ def decode(streams, cache, positions, mask, q_solo=None, *, dropout):
 
     Prefill: the inputs with padding zeroed, their convs and the forward's causal softmax; the cache keeps the
     convolved keys/values (``kv``) and each stream's last 2 real inputs (``history``, ``decoding.conv_history``).
-    Step: each stream's conv over its history and the new input (``decoding.conv_step``: the forward's taps on
-    the same values), then softmax over the cached convolved keys.
+    Step or extend: each stream's conv over its history and the new inputs (the forward's taps on the same
+    values; the history keeps the last 2 real ones), then ``decoding.kv_decode`` over the cached convolved keys.
     """
     dtype = next(iter(streams.values()))[0].dtype
     history = dict(cache["history"])
@@ -166,11 +166,14 @@ def decode(streams, cache, positions, mask, q_solo=None, *, dropout):
         conv = {name: depthwise_conv(x[name], kernel) for name, (_, kernel) in streams.items()}
         for name in streams:
             history[name] = decoding.conv_history(x[name], mask, WIDTH - 1).astype(history[name].dtype)
-    else:
+    else:  # a step or an extend: each stream's conv over its history and the new inputs (the forward's taps)
         conv = {}
+        count = WIDTH - 1
         for name, (value, kernel) in streams.items():
-            conv[name], history[name] = decoding.conv_step(history[name], value,
-                                                           lambda w, kernel=kernel: depthwise_conv(w, kernel))
+            window = jnp.concatenate([history[name].astype(value.dtype), value], axis=1)
+            conv[name] = depthwise_conv(window, kernel)[:, count:]
+            real = decoding.prompt_lengths(mask, *value.shape[:2])
+            history[name] = decoding.last_tokens(window, count + real, count).astype(history[name].dtype)
     qc = shared_query(conv["qk"], q_solo) if q_solo is not None else conv["q"]
     kc = conv["qk"] if q_solo is not None else conv["k"]
     out, kv = decoding.kv_decode(NAME, qc, kc, conv["v"], cache["kv"], positions, mask,

@@ -14,7 +14,7 @@ from effjax.attention.common import check_mask, check_qkv, dropout_kwargs, refus
 NAME = "probsparse"
 CAPABILITIES = Capabilities(
     causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False,
-    decode=True,
+    decode=True, extend=True,
     notes="causal cross attention is refused (the lazy queries' running mean is over the query positions). Decoding "
           "keeps a key/value cache of max_length slots and each cached query's sparsity M (float32 per head), and "
           "reproduces the causal forward over max_length tokens (u and the sample count follow ln max_length).",
@@ -249,6 +249,9 @@ class Attention(nn.Module):
             return attend(q, k, v, **call)
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         max_length = cache["kv"]["key"].shape[1]
-        return decode(q, k, v, cache, positions, mask, rng=rng, factor=self.factor,
-                      reference_quirks=self.reference_quirks,
+        settings = dict(rng=rng, factor=self.factor, reference_quirks=self.reference_quirks)
+        if positions is not None:
+            return decoding.stepped(lambda q, k, v, c, p: decode(q, k, v, c, p, None, **settings, forward=None),
+                                    q, k, v, cache, positions, mask)
+        return decode(q, k, v, cache, None, mask, **settings,
                       forward=lambda: _attend(q, k, v, **call, size_length=max_length))

@@ -13,7 +13,7 @@ from effjax.attention.common import allowed_pairs, check_mask, check_qkv, dropou
 
 NAME = "scatterbrain"
 CAPABILITIES = Capabilities(causal=True, mask=True, segments=False, cross=True, dropout=True, pallas=False,
-                            decode=True,
+                            decode=True, extend=True,
                             notes="decoding keeps a key/value ring of the causal band's window // 2 + 1 keys "
                                   "(at most max_length) and the low-rank running sums sum phi(k) v^T, sum phi(k) "
                                   "and the running key max in float32: constant in the context length; it runs "
@@ -251,8 +251,9 @@ class Attention(nn.Module):
             raise ValueError(f"{NAME}: decoding runs deterministic: call it with deterministic=True (dropout of "
                              "the band's weights is a training option).")
         if positions is not None:
-            return decode_step(q, k, v, projection, cache, positions, window=self.window,
-                               hyperbolic=self.hyperbolic)
+            return decoding.stepped(lambda q, k, v, c, p: decode_step(q, k, v, projection, c, p, window=self.window,
+                                                                      hyperbolic=self.hyperbolic),
+                                    q, k, v, cache, positions, mask)
         hat_k, k_scale = features(k.astype(jnp.float32), _projection(projection, head_dim, self.hyperbolic))
         return forward(), {"window": decoding.kv_prefill(NAME, cache["window"], k, v, mask),
                            "low_rank": ka.state_prefill(NAME, cache["low_rank"], hat_k, v, mask, k_scale)}
