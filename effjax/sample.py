@@ -35,6 +35,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the draws (a seed and settings 
 _STOP = flags.DEFINE_string("stop", "", "End a sample after this text (\\n, \\t and \\\\ are escapes, so "
                             "--stop='\\n' ends at the first newline); '': run to --max_new_tokens.", **_OWN)
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to load; 0: the latest.", **_OWN)
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Prefill the prompt this many tokens at a time (>= 2; "
+                                      "bounds a long prompt's prefill memory); 0: all at once.", **_OWN)
 flags.mark_flags_as_required(["workdir", "prompt"], flag_values=SAMPLE_FLAGS)
 
 _COMPILE_EVENTS = frozenset(["/jax/core/compile/jaxpr_trace_duration",
@@ -70,9 +72,10 @@ def unescape(text: str) -> str:
 
 def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str = "", step: int | None = None,
-           run=None) -> Samples:
+           run=None, prefill_chunk: int = 0) -> Samples:
     """``num_samples`` continuations of ``prompt`` by the run in ``workdir`` (``run``: its ``load_run``, if
-    already loaded). ``stop`` ends a sample after its first occurrence in the continuation."""
+    already loaded). ``stop`` ends a sample after its first occurrence in the continuation; ``prefill_chunk``: as
+    ``effjax.generate``'s."""
     import jax
 
     from effjax.inference import generate
@@ -88,7 +91,8 @@ def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: i
     compiled = _compile_seconds[0]
     start = time.perf_counter()
     out = generate(model, params, [tokens] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens if len(stop_tokens) == 1 else (), seed=seed)
+                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens if len(stop_tokens) == 1 else (), seed=seed,
+                   prefill_chunk=prefill_chunk)
     seconds = time.perf_counter() - start
     texts = []
     for row, length in zip(out.tokens, out.lengths, strict=True):
@@ -145,7 +149,8 @@ def main(argv):
     try:
         result = sample(_WORKDIR.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
                         max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                        top_p=_TOP_P.value, seed=_SEED.value, stop=unescape(_STOP.value), step=_STEP.value or None)
+                        top_p=_TOP_P.value, seed=_SEED.value, stop=unescape(_STOP.value), step=_STEP.value or None,
+                        prefill_chunk=_PREFILL_CHUNK.value)
     except (ValueError, OSError) as error:
         if verbose:
             raise

@@ -88,7 +88,7 @@ def test_sample_prints_distinct_continuations_and_speed(run_dir):
 def test_greedy_is_deterministic_and_learned_the_text(run_dir):
     first = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--max_new_tokens=12", "--temperature=0")
     second = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--max_new_tokens=12", "--temperature=0",
-                        "--seed=7")
+                        "--seed=7", "--prefill_chunk=3")  # another seed and a chunked prefill: the same greedy text
     assert first[0] == second[0] == 0, (first, second)
     assert samples_of(first[1])[0] == samples_of(second[1])[0]
     text = samples_of(first[1])[0][0]
@@ -199,6 +199,8 @@ BAD = {  # case: (workdir, extra flags, the message's fragments)
     "top_p above 1": (lambda tmp, run: run, ["--top_p=1.5"], ["top_p must be in (0, 1]"]),
     "empty prompt": (lambda tmp, run: run, ["--prompt="], ["prompt 0 is empty"]),
     "num_samples": (lambda tmp, run: run, ["--num_samples=0"], ["--num_samples must be an int >= 1"]),
+    "prefill_chunk": (lambda tmp, run: run, ["--prefill_chunk=1"], ["prefill_chunk must be 0 (the whole prompt at "
+                                                                   "once) or an int >= 2"]),
 }
 
 
