@@ -98,6 +98,8 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
                          "language model (effjax.models.decoder_lm).")
     check_prefill_chunk(model, prefill_chunk)
     tokens, lengths = prompt_batch(prompts, model.vocab_size)
+    if prefill_chunk >= tokens.shape[1]:
+        prefill_chunk = 0  # one chunk: the ordinary prefill
     if prefill_chunk:
         tokens = np.pad(tokens, [(0, 0), (0, -tokens.shape[1] % prefill_chunk)])
     if cache_length is None:
@@ -123,7 +125,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
 
             sharding = batch_sharding(mesh, rules)
             tokens, lengths = (jax.device_put(x, sharding) for x in (tokens, lengths))
-        out, count = run(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed))
+        out, count, _ = run(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed))
     return Generated(np.asarray(out)[:batch], np.asarray(count)[:batch], np.asarray(lengths)[:batch])
 
 
@@ -209,7 +211,9 @@ def _prefill(model, variables, tokens, lengths, cache, chunk: int):
 
 
 def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, tokens, lengths, cache, key):
-    """The jitted body of ``generate``: prefill, then ``while_loop`` steps; returns (new tokens, their counts)."""
+    """The jitted body of ``generate``: prefill, then ``while_loop`` steps; returns (new tokens, their counts, the
+    cache). The cache is returned only so that the donated empty one is updated in place (donation aliases an input
+    to an output of the same shape); without it a chunked prefill would hold a second cache."""
     batch = tokens.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     stop = jnp.asarray(stop, jnp.int32)
@@ -238,5 +242,5 @@ def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, t
         return t + 1, out.at[:, t].set(token), count, cache, done | stopped(token)
 
     carry = (jnp.int32(1), out, jnp.ones((batch,), jnp.int32), cache, stopped(first))
-    _, out, count, _, _ = jax.lax.while_loop(running, step, carry)
-    return out, count
+    _, out, count, cache, _ = jax.lax.while_loop(running, step, carry)
+    return out, count, cache
