@@ -189,9 +189,9 @@ def test_decoding_calls_outside_the_interface_are_refused(name):
     cache = nn.meta.unbox(module.init_cache(B, 8, H, D, jnp.float32))
     with pytest.raises(ValueError, match=name):  # bidirectional
         module.apply(variables, q, k, v, causal=False, cache=cache)
-    with pytest.raises(ValueError, match=name):  # a step of two tokens
+    with pytest.raises(ValueError, match=fr"{name}: positions must have shape \[batch\]"):  # one start per row
         module.apply(variables, q[:, :2], k[:, :2], v[:, :2], causal=True, cache=cache,
-                     positions=jnp.zeros((B,), jnp.int32))
+                     positions=jnp.zeros((B + 1,), jnp.int32))
 
 
 @pytest.mark.slow
