@@ -211,9 +211,8 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
     """An extend over a key/value cache: the chunk's queries attend to the cached keys before ``positions`` and
     causally to the chunk's own real keys (each within ``window`` when given), then the chunk's last ``slots``
     real keys and values go into their slots. Attending before writing keeps a ring correct when the chunk is
-    longer than the ring (its early keys are still seen by its later queries). Returns ``(out, cache)``."""
-    from effjax.attention import softmax
-
+    longer than the ring (its early keys are still seen by its later queries); the cache is read by blocks up to
+    its furthest filled slot, as a step reads it (``kv_attend``). Returns ``(out, cache)``."""
     batch, length = q.shape[:2]
     slots = cache["key"].shape[1]
     real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
@@ -224,9 +223,7 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
     if window is not None:
         sees_cache &= held[:, None, :] >= index[:, :, None] - window
         sees_chunk &= index[:, None, :] >= index[:, :, None] - window
-    keys = jnp.concatenate([cache["key"].astype(q.dtype), k.astype(q.dtype)], axis=1)
-    values = jnp.concatenate([cache["value"].astype(q.dtype), v.astype(q.dtype)], axis=1)
-    out = softmax.attend(q, keys, values, pair_mask=jnp.concatenate([sees_cache, sees_chunk], axis=2)[:, None])
+    out = kv_attend(q, cache, sees_cache, own=(k, v, sees_chunk))
     end = positions + jnp.sum(real, axis=1, dtype=jnp.int32)  # one past each row's last real token
     written = real & (index >= (end - slots)[:, None])  # the ones a ring of ``slots`` still holds at the end
     slot = jnp.where(written, index % slots, slots)  # slot ``slots`` is out of range: dropped
@@ -241,48 +238,65 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
 KV_BLOCK = 2048  # slots per block of a step's attention over a longer cache
 
 
-def kv_attend(q, cache: dict, allowed, block: int | None = None):
-    """A step's softmax attention of ``q [batch, 1, heads, head_dim]`` over the cached keys ``allowed [batch,
-    slots]`` marks: ``softmax.attend(q, key, value, mask=allowed)``. While the furthest slot any row sees is short
-    of the cache's last block of ``block`` slots (``KV_BLOCK``), only the blocks up to it are read, one at a time
-    with an online softmax (Milakov & Gimelshein 2018), so a step costs the tokens the cache holds, not the length
-    it was made for (``generate`` makes it for the model's ``max_length``); after that, one masked pass over every
-    slot. Grouped kv heads are read once per group."""
+def kv_attend(q, cache: dict, allowed, block: int | None = None, own=None):
+    """Softmax attention of ``q [batch, C, heads, head_dim]`` over the cached keys ``allowed [batch, slots]`` (a step,
+    C = 1) or ``[batch, C, slots]`` marks, and with ``own = (k, v, sees [batch, C, C])`` over the chunk's own keys
+    too (an extend): ``softmax.attend`` over both. While the furthest slot any query sees is short of the cache's
+    last block of ``block`` slots (``KV_BLOCK``), only the blocks up to it are read, one at a time with an online
+    softmax (Milakov & Gimelshein 2018), then the chunk's own keys, so a call costs the tokens the cache holds, not
+    the length it was made for (``generate`` makes it for the model's ``max_length``); after that, one masked pass
+    over every slot. Grouped kv heads are read once per group."""
     from effjax.attention import softmax
 
     key, value = cache["key"], cache["value"]  # cast per block below: a whole-cache cast would read every slot
     batch, slots, kv_heads, head_dim = key.shape
+    length, heads = q.shape[1], q.shape[2]
+    allowed = allowed if allowed.ndim == 3 else allowed[:, None, :]
     block = KV_BLOCK if block is None else block
 
     def one_pass():
-        return softmax.attend(q, key.astype(q.dtype), value.astype(q.dtype), mask=allowed)
+        keys, values, pair = key.astype(q.dtype), value.astype(q.dtype), allowed
+        if own is not None:
+            keys = jnp.concatenate([keys, own[0].astype(q.dtype)], axis=1)
+            values = jnp.concatenate([values, own[1].astype(q.dtype)], axis=1)
+            pair = jnp.concatenate([allowed, own[2]], axis=2)
+        return softmax.attend(q, keys, values, pair_mask=pair[:, None])
 
     if slots <= block:
         return one_pass()
-    heads = q.shape[2]
-    scaled = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32) / jnp.sqrt(
-        jnp.float32(head_dim))
-    furthest = jnp.max(jnp.where(allowed, jnp.arange(slots)[None, :], 0))
+    group = heads // kv_heads
+    scaled = jnp.moveaxis(q.reshape(batch, length, kv_heads, group, head_dim), 1, 3).astype(jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim))  # [batch, kv_heads, group, C, head_dim]
+    furthest = jnp.max(jnp.where(allowed, jnp.arange(slots)[None, None, :], 0))
     floor = jnp.finfo(jnp.float32).min
 
-    def read_block(b, carry):
-        top, total, acc = carry  # running max logit, softmax denominator and weighted values
-        start = b * block  # whole blocks only: the last one is read by the one pass
-        sees = jax.lax.dynamic_slice_in_dim(allowed, start, block, axis=1)[:, None, None, :]
-        keys = jax.lax.dynamic_slice_in_dim(key, start, block, axis=1).astype(q.dtype)
-        logits = jnp.einsum("bngd,bknd->bngk", scaled, keys, preferred_element_type=jnp.float32)
+    def absorb(carry, keys, values, sees):
+        """The running max logit, softmax denominator and weighted values after ``keys [batch, n, kv_heads, d]``
+        (``sees [batch, C, n]``)."""
+        top, total, acc = carry
+        sees = sees[:, None, None]
+        logits = jnp.einsum("bngcd,bknd->bngck", scaled, keys.astype(q.dtype), preferred_element_type=jnp.float32)
         new_top = jnp.maximum(top, jnp.where(sees, logits, floor).max(-1))
         weights = jnp.where(sees, jnp.exp(logits - new_top[..., None]), 0.0)
         rescale = jnp.exp(top - new_top)
-        values = jax.lax.dynamic_slice_in_dim(value, start, block, axis=1).astype(q.dtype).astype(jnp.float32)
-        return (new_top, total * rescale + weights.sum(-1),
-                acc * rescale[..., None] + jnp.einsum("bngk,bknd->bngd", weights, values))
+        return (new_top, total * rescale + weights.sum(-1), acc * rescale[..., None] + jnp.einsum(
+            "bngck,bknd->bngcd", weights, values.astype(q.dtype).astype(jnp.float32)))
+
+    def read_block(b, carry):
+        start = b * block  # whole blocks only: the last one is read by the one pass
+        return absorb(carry, jax.lax.dynamic_slice_in_dim(key, start, block, axis=1),
+                      jax.lax.dynamic_slice_in_dim(value, start, block, axis=1),
+                      jax.lax.dynamic_slice_in_dim(allowed, start, block, axis=2))
 
     def by_blocks():
-        shape = (batch, kv_heads, heads // kv_heads)
-        init = (jnp.full(shape, floor), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
-        _, total, acc = jax.lax.fori_loop(0, furthest // block + 1, read_block, init)
-        return (acc / jnp.where(total > 0, total, 1.0)[..., None]).reshape(q.shape).astype(q.dtype)
+        shape = (batch, kv_heads, group, length)
+        carry = (jnp.full(shape, floor), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
+        carry = jax.lax.fori_loop(0, furthest // block + 1, read_block, carry)
+        if own is not None:
+            carry = absorb(carry, *own)
+        _, total, acc = carry
+        out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [batch, kv_heads, group, C, head_dim]
+        return jnp.moveaxis(out, 3, 1).reshape(q.shape).astype(q.dtype)
 
     return jax.lax.cond(furthest // block + 1 < -(-slots // block), by_blocks, one_pass)
 
