@@ -63,22 +63,33 @@ def random_tokens(batch, length, seed=1):
     return np.asarray(jax.random.randint(jax.random.key(seed), (batch, length), 1, VOCAB), np.int32)
 
 
-def decode_logits(lm, variables, tokens, prompt_lengths):
-    """Logits at every position of ``tokens`` from a ragged prefill (right-padded to the longest prompt) and then
-    one step per remaining position of each row; ``[batch, length, vocab]`` (rows past their end repeat)."""
+def decode_logits(lm, variables, tokens, prompt_lengths, chunks=()):
+    """Logits at every position of ``tokens`` from a ragged prefill (right-padded to the longest prompt), then one
+    extend per entry of ``chunks`` (each row's real tokens in that chunk, right-padded to the chunk's widest row;
+    ``tests/test_decoding_chunked_prefill.py``), then one step per remaining position of each row;
+    ``[batch, length, vocab]`` (rows past their end repeat)."""
     batch, length = tokens.shape
     prompt = int(max(prompt_lengths))
     padded = np.where(np.arange(prompt)[None] < np.asarray(prompt_lengths)[:, None], tokens[:, :prompt], 0)
     cache = nn.meta.unbox(lm.init_cache(batch, length))
     prefill_logits, cache = jax.jit(lambda v, t, c: lm.apply(v, t, cache=c))(variables, padded, cache)
-    step = jax.jit(lambda v, t, c, p: lm.apply(v, t, cache=c, positions=p))
+    call = jax.jit(lambda v, t, c, p: lm.apply(v, t, cache=c, positions=p))
     out = np.zeros((batch, length, VOCAB), np.float32)
     for b, n in enumerate(prompt_lengths):
         out[b, :n] = prefill_logits[b, :n]
     positions = np.asarray(prompt_lengths, np.int32)
+    for real in chunks:
+        real = np.asarray(real)
+        width = int(real.max())
+        index = np.minimum(positions[:, None] + np.arange(width)[None], length - 1)
+        chunk = np.where(np.arange(width)[None] < real[:, None], np.take_along_axis(tokens, index, 1), 0)
+        logits, cache = call(variables, chunk, cache, positions)
+        for b in range(batch):
+            out[b, positions[b]:positions[b] + real[b]] = logits[b, :real[b]]
+        positions = positions + real
     while positions.min() < length:
         here = np.minimum(positions, length - 1)
-        logits, cache = step(variables, tokens[np.arange(batch), here][:, None], cache, here)
+        logits, cache = call(variables, tokens[np.arange(batch), here][:, None], cache, here)
         out[np.arange(batch), here] = np.where((positions < length)[:, None], logits[:, 0],
                                                out[np.arange(batch), here])
         positions = positions + 1

@@ -13,44 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from test_decoding import VOCAB, build_lm, init, random_tokens
+from test_decoding import build_lm, decode_logits, init, random_tokens
 
 import effjax
 from configs.common import DEFAULT_RULES
 from effjax.train.sharding import make_mesh
-
-
-def chunked_logits(lm, variables, tokens, prompt_lengths, chunks):
-    """Logits at every position of ``tokens`` from a ragged prefill, then one extend per entry of ``chunks`` (each
-    row's real tokens in that chunk, right-padded to the chunk's widest row), then one step per remaining
-    position; ``[batch, length, vocab]``."""
-    batch, length = tokens.shape
-    prompt = int(max(prompt_lengths))
-    padded = np.where(np.arange(prompt)[None] < np.asarray(prompt_lengths)[:, None], tokens[:, :prompt], 0)
-    cache = nn.meta.unbox(lm.init_cache(batch, length))
-    logits, cache = jax.jit(lambda v, t, c: lm.apply(v, t, cache=c))(variables, padded, cache)
-    out = np.zeros((batch, length, VOCAB), np.float32)
-    for b, n in enumerate(prompt_lengths):
-        out[b, :n] = logits[b, :n]
-    call = jax.jit(lambda v, t, c, p: lm.apply(v, t, cache=c, positions=p))
-    positions = np.asarray(prompt_lengths, np.int32)
-    for real in chunks:
-        real = np.asarray(real)
-        width = int(real.max())
-        index = np.minimum(positions[:, None] + np.arange(width)[None], length - 1)
-        chunk = np.where(np.arange(width)[None] < real[:, None], np.take_along_axis(tokens, index, 1), 0)
-        logits, cache = call(variables, chunk, cache, positions)
-        for b in range(batch):
-            out[b, positions[b]:positions[b] + real[b]] = logits[b, :real[b]]
-        positions = positions + real
-    while positions.min() < length:
-        here = np.minimum(positions, length - 1)
-        logits, cache = call(variables, tokens[np.arange(batch), here][:, None], cache, here)
-        out[np.arange(batch), here] = np.where((positions < length)[:, None], logits[:, 0],
-                                               out[np.arange(batch), here])
-        positions = positions + 1
-    return out
-
 
 # Ragged prompts [5, 11, 1], then chunks of [7, 0, 12] and [4, 9, 2] real tokens: one row sits a chunk out.
 PROMPTS, CHUNKS = [5, 11, 1], [[7, 0, 12], [4, 9, 2]]
@@ -79,7 +46,7 @@ def test_prefill_extends_and_steps_give_the_teacher_forced_logits(attention, fie
     variables = init(lm)
     tokens = random_tokens(3, 32)
     want = jax.jit(lm.apply)(variables, tokens)
-    got = chunked_logits(lm, variables, tokens, PROMPTS, CHUNKS)
+    got = decode_logits(lm, variables, tokens, PROMPTS, CHUNKS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_decoding import build_lm, decode_logits, init, random_tokens
-from test_decoding_chunked_prefill import CHUNKS, PROMPTS, chunked_logits
+from test_decoding_chunked_prefill import CHUNKS, PROMPTS
 
 import effjax
 from effjax.attention import decoding, softmax
@@ -85,7 +85,7 @@ def test_the_lm_extends_to_the_teacher_forced_logits_through_the_blocks(monkeypa
     variables = init(lm)
     tokens = random_tokens(3, 32)
     want = lm.apply(variables, tokens)
-    got = chunked_logits(lm, variables, tokens, PROMPTS, CHUNKS)
+    got = decode_logits(lm, variables, tokens, PROMPTS, CHUNKS)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
 
 
