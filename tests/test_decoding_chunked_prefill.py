@@ -72,6 +72,9 @@ def test_generation_with_a_chunked_prefill_gives_the_one_call_tokens(method):
         got = effjax.generate(lm, params, prompts, max_new_tokens=8, temperature=1.0, seed=2, prefill_chunk=chunk)
         np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=f"{method} chunk {chunk}")
         np.testing.assert_array_equal(got.lengths, want.lengths)
+    numpy_int = effjax.generate(lm, params, prompts, max_new_tokens=8, temperature=1.0, seed=2,
+                                prefill_chunk=np.int64(3))
+    np.testing.assert_array_equal(numpy_int.tokens, want.tokens)
 
 
 def test_a_chunked_prefill_on_eight_devices_gives_the_unsharded_tokens():

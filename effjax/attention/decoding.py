@@ -245,7 +245,8 @@ def kv_attend(q, cache: dict, allowed, block: int | None = None, own=None):
     last block of ``block`` slots (``KV_BLOCK``), only the blocks up to it are read, one at a time with an online
     softmax (Milakov & Gimelshein 2018), then the chunk's own keys, so a call costs the tokens the cache holds, not
     the length it was made for (``generate`` makes it for the model's ``max_length``); after that, one masked pass
-    over every slot. Grouped kv heads are read once per group."""
+    over every slot. Grouped kv heads are read once per group. A query that sees no key at all (a chunk's padding)
+    gets the values' mean from the one pass and 0 from the blocks: unspecified, as padding outputs are."""
     from effjax.attention import softmax
 
     key, value = cache["key"], cache["value"]  # cast per block below: a whole-cache cast would read every slot

@@ -91,12 +91,14 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     trained, and one compiled generation serves every prompt; longer only when the prompt and ``max_new_tokens``
     need it (positions other than learned ones). ``mesh`` and ``rules`` (logical axis rules) run it sharded.
     ``prefill_chunk`` C >= 2 prefills the prompts C tokens at a time, each chunk continuing the cache (the methods'
-    ``extend``), so the prefill holds C x cache attention logits at once instead of P x P; 0: all at once."""
+    ``extend``), so the prefill holds at most C x (cache_length + C) attention logits at once, C x KV_BLOCK while a
+    chunk is short of the cache's last block, instead of P x P; 0: all at once."""
     sampling = Sampling(temperature, top_k, top_p).check()
     if "cache" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"{type(model).__module__}.{type(model).__name__} cannot decode: generate needs a decoder "
                          "language model (effjax.models.decoder_lm).")
     check_prefill_chunk(model, prefill_chunk)
+    prefill_chunk = int(prefill_chunk)
     tokens, lengths = prompt_batch(prompts, model.vocab_size)
     if prefill_chunk >= tokens.shape[1]:
         prefill_chunk = 0  # one chunk: the ordinary prefill
@@ -135,7 +137,7 @@ _COMPILED_KEEP = 8
 
 def check_prefill_chunk(model, prefill_chunk) -> None:
     """One-line errors for a ``prefill_chunk`` that is not 0 or an int >= 2, or that a layer's method cannot run."""
-    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0 or (
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0 or (
             prefill_chunk == 1):
         raise ValueError(f"prefill_chunk must be 0 (the whole prompt at once) or an int >= 2, got {prefill_chunk!r}.")
     if not prefill_chunk:

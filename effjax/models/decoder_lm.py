@@ -13,9 +13,11 @@ class Model(Backbone, kw_only=True):
 
     Decoding (``effjax.generate``): ``init_cache(batch, max_length)`` is the empty cache of every layer; a call
     with ``cache`` is a prefill of right-padded prompts (``tokens [batch, P]``, 0 = padding), or with
-    ``positions [batch]`` one step (``tokens [batch, 1]``, each token's index in its sequence) or, where every
-    layer's method declares ``extend``, a chunk continuing the cache (``tokens [batch, C]``, right-padded, from
-    each row's ``positions``), and returns ``(logits, cache)`` (``effjax.attention.decoding``).
+    ``positions [batch]`` one step (``tokens [batch, 1]``, each token's index in its sequence; the token is run
+    even when it is 0, as ``generate`` feeds its finished rows) or, where every layer's method declares
+    ``extend``, a chunk continuing the cache (``tokens [batch, C]`` with C >= 2, right-padded with 0, from each
+    row's ``positions``: a row that sits a chunk out gives it only 0s), and returns ``(logits, cache)``
+    (``effjax.attention.decoding``).
     """
 
     vocab_size: int
