@@ -85,9 +85,8 @@ class Attention(nn.Module):
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         # A query sees the keys of its own block up to itself: a window of (position % block_size) keys before it,
         # at most block_size - 1 (the prefill's window: the cache is a ring, a prompt may be longer than it).
-        if positions is not None:
-            return decoding.stepped(lambda q, k, v, c, p: decoding.kv_decode(
-                NAME, q, k, v, c, p, None, window=(p % self.block_size)[:, None], forward=None), q, k, v, cache,
-                positions, mask)
-        return decoding.kv_decode(NAME, q, k, v, cache, None, mask, window=self.block_size - 1,
+        window = self.block_size - 1
+        if positions is not None:  # a step's or an extend's tokens, each its own distance to its block's start
+            window = (positions[:, None] + jnp.arange(q.shape[1])[None, :]) % self.block_size
+        return decoding.kv_decode(NAME, q, k, v, cache, positions, mask, window=window,
                                   forward=lambda: attend(q, k, v, mask=mask, **call))

@@ -209,10 +209,10 @@ def kv_decode(method: str, q, k, v, cache: dict, positions, mask, *, forward, wi
 
 def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
     """An extend over a key/value cache: the chunk's queries attend to the cached keys before ``positions`` and
-    causally to the chunk's own real keys (each within ``window`` when given), then the chunk's last ``slots``
-    real keys and values go into their slots. Attending before writing keeps a ring correct when the chunk is
-    longer than the ring (its early keys are still seen by its later queries); the cache is read by blocks up to
-    its furthest filled slot, as a step reads it (``kv_attend``). Returns ``(out, cache)``."""
+    causally to the chunk's own real keys (each within ``window`` keys before it when given), then the chunk's
+    last ``slots`` real keys and values go into their slots. Attending before writing keeps a ring correct when
+    the chunk is longer than the ring (its early keys are still seen by its later queries); the cache is read by
+    blocks up to its furthest filled slot, as a step reads it (``kv_attend``). Returns ``(out, cache)``."""
     batch, length = q.shape[:2]
     slots = cache["key"].shape[1]
     real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
@@ -220,9 +220,10 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
     held = cache["position"]
     sees_cache = jnp.broadcast_to(((held >= 0) & (held < positions[:, None]))[:, None, :], (batch, length, slots))
     sees_chunk = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :]
-    if window is not None:
-        sees_cache &= held[:, None, :] >= index[:, :, None] - window
-        sees_chunk &= index[:, None, :] >= index[:, :, None] - window
+    if window is not None:  # a number, or one per query [batch, C] (block_local's distance to its block start)
+        lowest = (index - window)[:, :, None]
+        sees_cache &= held[:, None, :] >= lowest
+        sees_chunk &= index[:, None, :] >= lowest
     out = kv_attend(q, cache, sees_cache, own=(k, v, sees_chunk))
     end = positions + jnp.sum(real, axis=1, dtype=jnp.int32)  # one past each row's last real token
     written = real & (index >= (end - slots)[:, None])  # the ones a ring of ``slots`` still holds at the end
