@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from test_decoding import build_lm, decode_logits, init, random_tokens
+from test_decoding import VOCAB, build_lm, decode_logits, init, random_tokens
 
 import effjax
+import effjax.models as models
 from configs.common import DEFAULT_RULES
 from effjax.train.sharding import make_mesh
 
@@ -43,6 +44,19 @@ PROMPTS, CHUNKS = [5, 11, 1], [[7, 0, 12], [4, 9, 2]]
         "longformer", "primer_mdha", "mamba", "hyena", "performer", "cosformer", "gated_deltanet", "rwkv7", "mamba2"])
 def test_prefill_extends_and_steps_give_the_teacher_forced_logits(attention, fields):
     lm = build_lm(attention, **fields)
+    variables = init(lm)
+    tokens = random_tokens(3, 32)
+    want = jax.jit(lm.apply)(variables, tokens)
+    got = decode_logits(lm, variables, tokens, PROMPTS, CHUNKS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_longformer_chunks_holding_global_tokens_give_the_teacher_forced_logits():
+    """Row 2's prompt is one token, so its first chunk holds global tokens 1-3 (a global query sees every earlier
+    token; a later one sees the globals and its window)."""
+    lm = models.build("decoder_lm", vocab_size=VOCAB, num_classes=None, max_length=48, num_layers=2, embed_dim=32,
+                      num_heads=4, mlp_dim=64, attention="longformer", dropout_rate=0.0,
+                      attention_params={"longformer": dict(window=5, num_global=4)})
     variables = init(lm)
     tokens = random_tokens(3, 32)
     want = jax.jit(lm.apply)(variables, tokens)

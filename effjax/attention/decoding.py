@@ -224,16 +224,23 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
         lowest = (index - window)[:, :, None]
         sees_cache &= held[:, None, :] >= lowest
         sees_chunk &= index[:, None, :] >= lowest
-    out = kv_attend(q, cache, sees_cache, own=(k, v, sees_chunk))
+    return kv_attend(q, cache, sees_cache, own=(k, v, sees_chunk)), kv_write(cache, k, v, positions, real)
+
+
+def kv_write(cache: dict, k, v, positions, real) -> dict:
+    """``cache`` with a chunk's real keys and values (``real [batch, C]``, a prefix of each row's chunk, which
+    starts at ``positions``) in their slots: the last ``slots`` of them, the ones a ring still holds after it."""
+    batch, length = real.shape
+    slots = cache["key"].shape[1]
+    index = positions[:, None] + jnp.arange(length)[None, :]
     end = positions + jnp.sum(real, axis=1, dtype=jnp.int32)  # one past each row's last real token
-    written = real & (index >= (end - slots)[:, None])  # the ones a ring of ``slots`` still holds at the end
+    written = real & (index >= (end - slots)[:, None])
     slot = jnp.where(written, index % slots, slots)  # slot ``slots`` is out of range: dropped
 
     def put(into, x):
         return jax.vmap(lambda row, new, at: row.at[at].set(new.astype(row.dtype), mode="drop"))(into, x, slot)
 
-    return out, {"key": put(cache["key"], k), "value": put(cache["value"], v),
-                 "position": put(cache["position"], index)}
+    return {"key": put(cache["key"], k), "value": put(cache["value"], v), "position": put(cache["position"], index)}
 
 
 KV_BLOCK = 2048  # slots per block of a step's attention over a longer cache

@@ -101,11 +101,38 @@ class Attention(nn.Module):
         if cache is None:
             return forward()
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
-        if positions is not None:
-            return decoding.stepped(lambda q, k, v, c, p: decode(q, k, v, c, p, None, forward=None, window=self.window,
-                                                                 num_global=self.num_global), q, k, v, cache,
-                                    positions, mask)
-        return decode(q, k, v, cache, None, mask, forward=forward, window=self.window, num_global=self.num_global)
+        if decoding.is_extend(q, mask, positions):
+            return extend(q, k, v, cache, positions, mask, window=self.window, num_global=self.num_global)
+        return decode(q, k, v, cache, positions, mask, forward=forward, window=self.window,
+                      num_global=self.num_global)
+
+
+def extend(q, k, v, cache, positions, mask, *, window, num_global):
+    """An extend (``effjax.attention.decoding``): query i of the chunk sees the ring's cached keys i - window..i
+    that are not global, the cached global keys, and the chunk's own real keys j <= i that are within the window
+    or global (``decoding.kv_attend`` over the ring and the global cache side by side, then the chunk); then the
+    ring keeps the chunk's last window + 1 real tokens and the global cache its global ones."""
+    ring, globals_ = cache["window"], cache.get("global")
+    batch, length = q.shape[:2]
+    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
+    index = positions[:, None] + jnp.arange(length)[None, :]
+    lowest = (index - window)[:, :, None]
+    earlier = lambda held: (held >= 0) & (held < positions[:, None])  # noqa: E731
+    held = ring["position"][:, None, :]
+    sees = [earlier(ring["position"])[:, None, :] & (held >= num_global) & (held >= lowest)]
+    sources = [ring]
+    if globals_ is not None:
+        sees.append(jnp.broadcast_to(earlier(globals_["position"])[:, None, :],
+                                     (batch, length, globals_["position"].shape[1])))
+        sources.append(globals_)
+    both = {name: jnp.concatenate([c[name] for c in sources], axis=1) for name in ("key", "value")}
+    sees_chunk = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :] & (
+        (index[:, None, :] >= lowest) | (index[:, None, :] < num_global))
+    out = decoding.kv_attend(q, both, jnp.concatenate(sees, axis=2), own=(k, v, sees_chunk))
+    cache = {"window": decoding.kv_write(ring, k, v, positions, real)}
+    if globals_ is not None:
+        cache["global"] = decoding.kv_write(globals_, k, v, positions, real & (index < num_global))
+    return out, cache
 
 
 def decode(q, k, v, cache, positions, mask, *, forward, window, num_global):
