@@ -115,6 +115,7 @@ def test_decoding_notebook_generates_and_compares_cache_sizes(tmp_path, monkeypa
     assert re.search(r"^final loss: \d+\.\d+", text, re.MULTILINE), text[-3000:]
     assert "greedy equals forward passes: True" in text, text[-3000:]
     assert "prefill + steps by hand equal them: True" in text, text[-3000:]
+    assert "prefill_chunk=4:" in text and "next token after the continued cache:" in text, text[-3000:]
     table = {}  # method -> {context: cache bytes per sequence}
     for method, context, per_seq, _ in re.findall(r"^(\w+) +(\d+) +([\d,]+) +(\d+)$", text, re.MULTILINE):
         table.setdefault(method, {})[int(context)] = int(per_seq.replace(",", ""))
