@@ -87,6 +87,6 @@ class Attention(nn.Module):
         # at most block_size - 1 (the prefill's window: the cache is a ring, a prompt may be longer than it).
         window = self.block_size - 1
         if positions is not None:  # a step's or an extend's tokens, each its own distance to its block's start
-            window = (positions[:, None] + jnp.arange(q.shape[1])[None, :]) % self.block_size
+            window = decoding.token_positions(positions, q.shape[1]) % self.block_size
         return decoding.kv_decode(NAME, q, k, v, cache, positions, mask, window=window,
                                   forward=lambda: attend(q, k, v, mask=mask, **call))

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         decoding.check_call(NAME, q, causal=causal, segment_ids=segment_ids, positions=positions)
         ka.check_self_attention(NAME, q, k)
         horizon = cache["horizon"]
-        index = None if positions is None else positions[:, None] + 1 + jnp.arange(q.shape[1])[None]  # 1-based
+        index = None if positions is None else decoding.token_positions(positions, q.shape[1]) + 1  # 1-based
 
         def forward():
             return _attend(q, k, v, horizon, mask=mask, causal=True, chunk_size=self.chunk_size, impl=self.impl)

@@ -96,6 +96,17 @@ def is_extend(q, mask, positions) -> bool:
     return positions is not None and (q.shape[1] > 1 or mask is not None)
 
 
+def token_positions(positions, length: int):
+    """int32 ``[batch, length]``: the positions of a decoding call's tokens, ``positions [batch]`` (each row's
+    first) onwards."""
+    return jnp.asarray(positions, jnp.int32)[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+
+
+def real_tokens(mask, batch: int, length: int):
+    """bool ``[batch, length]``: a chunk's real tokens (``mask`` None: all real)."""
+    return jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
+
+
 def stepped(step, q, k, v, cache, positions, mask):
     """A step, or an extend run as steps: ``step(q, k, v, cache, positions) -> (out, cache)`` is the method's
     one-token step (one token per row, a pure function of arrays), scanned over the chunk's tokens; a pad keeps
@@ -104,7 +115,7 @@ def stepped(step, q, k, v, cache, positions, mask):
     if not is_extend(q, mask, positions):
         return step(q, k, v, cache, positions)
     batch, length = q.shape[:2]
-    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
+    real = real_tokens(mask, batch, length)
 
     def one(cache, inputs):
         t, q_t, k_t, v_t, real_t = inputs
@@ -215,8 +226,8 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
     blocks up to its furthest filled slot, as a step reads it (``kv_attend``). Returns ``(out, cache)``."""
     batch, length = q.shape[:2]
     slots = cache["key"].shape[1]
-    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
-    index = positions[:, None] + jnp.arange(length)[None, :]  # [batch, C]: each new token's position
+    real = real_tokens(mask, batch, length)
+    index = token_positions(positions, length)
     held = cache["position"]
     sees_cache = jnp.broadcast_to(((held >= 0) & (held < positions[:, None]))[:, None, :], (batch, length, slots))
     sees_chunk = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :]
@@ -230,9 +241,8 @@ def kv_extend(q, k, v, cache: dict, positions, mask, window=None):
 def kv_write(cache: dict, k, v, positions, real) -> dict:
     """``cache`` with a chunk's real keys and values (``real [batch, C]``, a prefix of each row's chunk, which
     starts at ``positions``) in their slots: the last ``slots`` of them, the ones a ring still holds after it."""
-    batch, length = real.shape
     slots = cache["key"].shape[1]
-    index = positions[:, None] + jnp.arange(length)[None, :]
+    index = token_positions(positions, real.shape[1])
     end = positions + jnp.sum(real, axis=1, dtype=jnp.int32)  # one past each row's last real token
     written = real & (index >= (end - slots)[:, None])
     slot = jnp.where(written, index % slots, slots)  # slot ``slots`` is out of range: dropped
@@ -320,9 +330,17 @@ def conv_history(x, mask, count: int):
     return last_tokens(x, prompt_lengths(mask, batch, length), count)
 
 
-def conv_step(history, x, conv):
-    """One step of a causal convolution: ``conv`` (e.g. ``lambda w: fftconv.short_causal(w, taps, bias)``) runs
-    over ``[history, x]`` and its last output is the step's; returns ``(y [batch, 1, ...], new history)``.
-    ``history [batch, count, ...]`` holds the previous ``count`` inputs, oldest first; ``x [batch, 1, ...]``."""
+def history_after(history, x, mask=None):
+    """The last ``count`` real inputs after a step or extend: ``history [batch, count, ...]`` (the previous ones,
+    oldest first) followed by the real ones of ``x [batch, C, ...]`` (right-padded by ``mask``)."""
+    count = history.shape[1]
+    window = jnp.concatenate([history, x.astype(history.dtype)], axis=1)
+    return last_tokens(window, count + prompt_lengths(mask, *x.shape[:2]), count)
+
+
+def conv_step(history, x, conv, mask=None):
+    """A causal convolution continued over a step's or an extend's inputs ``x [batch, C, ...]``: ``conv`` (e.g.
+    ``lambda w: fftconv.short_causal(w, taps, bias)``, at most ``count + 1`` taps) runs over ``[history, x]`` and
+    its last C outputs are the call's; returns ``(y [batch, C, ...], history_after(history, x, mask))``."""
     window = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-    return conv(window)[:, -1:], window[:, 1:].astype(history.dtype)
+    return conv(window)[:, history.shape[1]:], history_after(history, x, mask)

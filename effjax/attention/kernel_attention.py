@@ -328,7 +328,7 @@ def state_extend(method: str, state: dict, phi_q, phi_k, v, mask=None, key_log_s
     _check_state(method, state, phi_k, v)
     phi_q, phi_k, v, mask, _ = _prepare(phi_q, phi_k, v, mask, None, True, method)
     batch, length, heads, _ = phi_k.shape
-    real = jnp.ones((batch, length), bool) if mask is None else mask
+    real = decoding.real_tokens(mask, batch, length)
     scale = jnp.where(real[:, :, None], _log_scale(key_log_scale, phi_k.shape[:3]), LOG_SCALE_FLOOR)  # [b, c, h]
     top = jnp.maximum(state["top"][:, None], jax.lax.cummax(scale, axis=1))  # each query's running max
     sees = jnp.tril(jnp.ones((length, length), bool))[None, :, :, None] & real[:, None, :, None]  # [b, i, j, 1]

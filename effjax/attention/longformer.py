@@ -114,8 +114,8 @@ def extend(q, k, v, cache, positions, mask, *, window, num_global):
     ring keeps the chunk's last window + 1 real tokens and the global cache its global ones."""
     ring, globals_ = cache["window"], cache.get("global")
     batch, length = q.shape[:2]
-    real = jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
-    index = positions[:, None] + jnp.arange(length)[None, :]
+    real = decoding.real_tokens(mask, batch, length)
+    index = decoding.token_positions(positions, length)
     lowest = (index - window)[:, :, None]
     earlier = lambda held: (held >= 0) & (held < positions[:, None])  # noqa: E731
     held = ring["position"][:, None, :]

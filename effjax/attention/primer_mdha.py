@@ -168,12 +168,9 @@ def decode(streams, cache, positions, mask, q_solo=None, *, dropout):
             history[name] = decoding.conv_history(x[name], mask, WIDTH - 1).astype(history[name].dtype)
     else:  # a step or an extend: each stream's conv over its history and the new inputs (the forward's taps)
         conv = {}
-        count = WIDTH - 1
         for name, (value, kernel) in streams.items():
-            window = jnp.concatenate([history[name].astype(value.dtype), value], axis=1)
-            conv[name] = depthwise_conv(window, kernel)[:, count:]
-            real = decoding.prompt_lengths(mask, *value.shape[:2])
-            history[name] = decoding.last_tokens(window, count + real, count).astype(history[name].dtype)
+            conv[name], history[name] = decoding.conv_step(history[name], value,
+                                                           lambda w, kernel=kernel: depthwise_conv(w, kernel), mask)
     qc = shared_query(conv["qk"], q_solo) if q_solo is not None else conv["q"]
     kc = conv["qk"] if q_solo is not None else conv["k"]
     out, kv = decoding.kv_decode(NAME, qc, kc, conv["v"], cache["kv"], positions, mask,

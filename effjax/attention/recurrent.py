@@ -222,9 +222,7 @@ def decode(method: str, attend, q, k, v, params, cache: dict, *, mask=None, posi
                         initial_state=cache["state"], **with_history, **call)
     cache = {"state": state}
     if history is not None:
-        count = history.shape[1]
-        inputs = jnp.concatenate([history, streams.astype(history.dtype)], axis=1)
-        cache["history"] = decoding.last_tokens(inputs, count + decoding.prompt_lengths(mask, *q.shape[:2]), count)
+        cache["history"] = decoding.history_after(history, streams, mask)
     return out, cache
 
 
@@ -232,6 +230,4 @@ def conv_after(history, x, conv):
     """``conv`` (a causal convolution along axis 1 of at most ``count + 1`` taps, e.g. a short conv or a token
     shift) of ``x``, reading ``history [batch, count, ...]`` (the inputs before ``x``, oldest first) where its taps
     reach before ``x``: a decoding step or extend. ``history`` None: ``conv(x)``, zeros before ``x``."""
-    if history is None:
-        return conv(x)
-    return conv(jnp.concatenate([history.astype(x.dtype), x], axis=1))[:, history.shape[1]:]
+    return conv(x) if history is None else decoding.conv_step(history, x, conv)[0]

@@ -7,18 +7,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax import attention as attention_lib
+from effjax.attention.decoding import token_positions
 from effjax.attention.softmax import repeat_kv
 from effjax.models import layer_attention
 from effjax.models.distil import Distil
 from effjax.models.norms import Norm, PRepBNSchedule, check_norm, check_norm_layout
-from effjax.models.positions import (
-    ADDITIVE,
-    apply_rotary,
-    check_position,
-    sinusoid_rows,
-    sinusoid_table,
-    token_positions,
-)
+from effjax.models.positions import ADDITIVE, apply_rotary, check_position, sinusoid_rows, sinusoid_table
 from effjax.search import program as search_program
 from effjax.search.interpreter import ProgramBlock
 from effjax.tokens import flops as token_flops

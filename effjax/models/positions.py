@@ -31,12 +31,6 @@ def sinusoid_table(length: int, dim: int, base: float = BASE) -> np.ndarray:
     return table[:, :dim].astype(np.float32)
 
 
-def token_positions(positions, length: int):
-    """int32 ``[batch, length]``: the positions of a decoding call's tokens, ``positions [batch]`` (each row's
-    first) onwards."""
-    return jnp.asarray(positions, jnp.int32)[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-
-
 def sinusoid_rows(positions, dim: int, base: float = BASE):
     """Rows ``positions`` (int of any shape, traced) of ``sinusoid_table``, float32 ``[*positions.shape, dim]``
     (decoding steps and extends)."""
