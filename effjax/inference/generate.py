@@ -9,6 +9,12 @@ params keep their shardings, and the cache and the batch are sharded along the l
 
 Randomness: sequence ``i``'s token ``t`` is drawn with ``fold_in(fold_in(key(seed), i), t)``, so a call is
 reproducible and a sequence's draws do not depend on the rest of the batch or on the mesh.
+
+Continuing: ``keep_context=True`` returns the cache with the tokens (``Generated.context``); a later call given
+``context=`` feeds each row's last generated token and its new prompt from there (the methods' ``extend``), so a
+conversation or a document fed in turns is never prefilled twice. Rows that stop early keep their cache as it was
+at their stop token (the loop selects their old cache while the other rows run on), so a continuation equals
+generating from the whole text at once.
 """
 
 import collections
@@ -21,22 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from effjax.inference.context import Context, check_context
 from effjax.inference.sampling import Sampling, next_tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class Generated:
     """``tokens [batch, max_new_tokens]`` int32: each sequence's new tokens, its stop token included, then 0;
-    ``lengths [batch]``: how many of them are real; ``prompt_lengths [batch]``: the prompts' real lengths."""
+    ``lengths [batch]``: how many of them are real; ``prompt_lengths [batch]``: the prompts' real lengths;
+    ``context``: the cache to continue from (``generate(..., keep_context=True)``), else None."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     prompt_lengths: np.ndarray
+    context: Context | None = None
 
 
-def prompt_batch(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_batch(prompts, vocab_size: int, *, first=None) -> tuple[np.ndarray, np.ndarray]:
     """``(tokens [batch, P] right-padded with 0, lengths [batch])`` from ragged prompts (a list of token lists) or
-    a padded ``[batch, P]`` array whose padding (0) may be on the left, the right or both."""
+    a padded ``[batch, P]`` array whose padding (0) may be on the left, the right or both. ``first [batch]``: a
+    token put before each prompt (a continued context's pending token); the prompts may then be empty."""
     if isinstance(prompts, np.ndarray | jax.Array):
         array = np.asarray(prompts)
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
@@ -48,11 +58,13 @@ def prompt_batch(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     if not rows:
         raise ValueError("prompts is empty: give at least one prompt.")
     for i, row in enumerate(rows):
-        if row.size == 0:
+        if row.size == 0 and first is None:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. a newline).")
-        if row.min() < 1 or row.max() >= vocab_size:
+        if row.size and (row.min() < 1 or row.max() >= vocab_size):
             raise ValueError(f"prompt {i} has token {int(row.min() if row.min() < 1 else row.max())}, outside the "
                              f"model's tokens 1..{vocab_size - 1} (0 is padding).")
+    if first is not None:
+        rows = [np.concatenate([[token], row]) for token, row in zip(first, rows, strict=True)]
     lengths = np.array([row.size for row in rows], np.int32)
     tokens = np.zeros((len(rows), int(lengths.max())), np.int32)
     for i, row in enumerate(rows):
@@ -61,7 +73,8 @@ def prompt_batch(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_lengths(model, longest_prompt: int, max_new_tokens: int, cache_length: int) -> None:
-    """One-line errors for a generation that does not fit the cache or the model's learned positions."""
+    """One-line errors for a generation that does not fit the cache or the model's learned positions (a continued
+    context counts its tokens as part of the prompt)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
     if longest_prompt > cache_length:
@@ -82,7 +95,8 @@ def check_lengths(model, longest_prompt: int, max_new_tokens: int, cache_length:
 
 def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens=(), seed: int = 0, cache_length: int | None = None, mesh=None,
-             rules=(), prefill_chunk: int = 0) -> Generated:
+             rules=(), prefill_chunk: int = 0, keep_context: bool = False, context: Context | None = None
+             ) -> Generated:
     """Continues ``prompts`` with ``model`` (a decoder LM: ``effjax.models.decoder_lm``) and ``params`` (its params,
     or its whole variables dict). ``temperature=0`` is greedy; ``top_k``/``top_p`` filter the sampled tokens
     (``effjax.inference.sampling``); a sequence stops after any of ``stop_tokens``. ``cache_length`` (the tokens
@@ -92,43 +106,76 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     need it (positions other than learned ones). ``mesh`` and ``rules`` (logical axis rules) run it sharded.
     ``prefill_chunk`` C >= 2 prefills the prompts C tokens at a time, each chunk continuing the cache (the methods'
     ``extend``), so the prefill holds at most C x (cache_length + C) attention logits at once, C x KV_BLOCK while a
-    chunk is short of the cache's last block, instead of P x P; 0: all at once."""
+    chunk is short of the cache's last block, instead of P x P; 0: all at once.
+    ``keep_context`` returns the cache in ``Generated.context``; ``context`` (such a Context, which this call then
+    consumes) continues it: each row's new prompt (which may be empty) follows its text so far, and the cache
+    keeps its ``cache_length``, which must hold the whole conversation."""
     sampling = Sampling(temperature, top_k, top_p).check()
     if "cache" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"{type(model).__module__}.{type(model).__name__} cannot decode: generate needs a decoder "
                          "language model (effjax.models.decoder_lm).")
     check_prefill_chunk(model, prefill_chunk)
-    prefill_chunk = int(prefill_chunk)
-    tokens, lengths = prompt_batch(prompts, model.vocab_size)
-    if prefill_chunk >= tokens.shape[1]:
-        prefill_chunk = 0  # one chunk: the ordinary prefill
-    if prefill_chunk:
-        tokens = np.pad(tokens, [(0, 0), (0, -tokens.shape[1] % prefill_chunk)])
+    continuing = context is not None
+    num_prompts = len(prompts)
+    rows = num_prompts if mesh is None else _sharded_rows(num_prompts, mesh, rules)
+    if continuing:
+        check_extends(model, "continuing a context")
+        check_context(model, context, num_prompts, rows, cache_length)
+        cache_length = context.cache_length
+    tokens, lengths, start, chunk = _prompt_arrays(model, prompts, rows, int(prefill_chunk), context)
+    reach = int((start + lengths).max())  # the furthest position a prompt fills
     if cache_length is None:
-        cache_length = max(model.max_length, int(lengths.max()) + max_new_tokens - 1)
-    check_lengths(model, int(lengths.max()), max_new_tokens, cache_length)
+        cache_length = max(model.max_length, reach + max_new_tokens - 1)
+    check_lengths(model, reach, max_new_tokens, cache_length)
     stop = tuple(int(t) for t in stop_tokens)
     variables = params if "params" in params else {"params": params}
-    batch = tokens.shape[0]
-    rows = batch
-    if mesh is not None:  # pad the batch to a multiple of its shards with one-token prompts, dropped at the end
-        from effjax.train.sharding import batch_shards
-
-        shards = batch_shards(mesh, rules)
-        rows = -(-batch // shards) * shards
-        tokens = np.pad(tokens, [(0, rows - batch), (0, 0)])
-        tokens[batch:, 0] = 1
-        lengths = np.pad(lengths, [(0, rows - batch)], constant_values=1)
-    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules, prefill_chunk)
+    # A row that stops early need keep its cache as it was at its stop only when the cache is kept.
+    exact_stops = keep_context and bool(stop)
+    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules, chunk, exact_stops)
     with _context(mesh, rules):
-        cache = empty_cache(model, rows, cache_length, mesh, rules)
+        cache = context.cache if continuing else empty_cache(model, rows, cache_length, mesh, rules)
         if mesh is not None:
             from effjax.train.sharding import batch_sharding
 
             sharding = batch_sharding(mesh, rules)
-            tokens, lengths = (jax.device_put(x, sharding) for x in (tokens, lengths))
-        out, count, _ = run(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed))
-    return Generated(np.asarray(out)[:batch], np.asarray(count)[:batch], np.asarray(lengths)[:batch])
+            tokens, lengths, start = (jax.device_put(x, sharding) for x in (tokens, lengths, start))
+        out, count, cache = run(variables, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(start), cache,
+                                jax.random.key(seed))
+    out, count, lengths = np.asarray(out), np.asarray(count), np.asarray(lengths)
+    kept = None
+    if keep_context:
+        kept = Context(cache=cache, lengths=np.asarray(start) + lengths + count - 1,
+                       pending=out[np.arange(rows), count - 1], cache_length=cache_length, batch=num_prompts)
+    prompt_lengths = lengths[:num_prompts] - int(continuing)  # the pending token is not the caller's
+    return Generated(out[:num_prompts], count[:num_prompts], prompt_lengths, kept)
+
+
+def _prompt_arrays(model, prompts, rows: int, prefill_chunk: int, context):
+    """``(tokens [rows, width], lengths [rows], start [rows], chunk)``: the right-padded prompts (after each row's
+    pending token when continuing a ``context``), their real lengths, the position each starts at, and the prefill's
+    chunk (0: one call from the empty cache). Rows past the prompts pad the batch to the mesh's shards."""
+    num_prompts = len(prompts)
+    first = None if context is None else context.pending[:num_prompts]
+    tokens, lengths = prompt_batch(prompts, model.vocab_size, first=first)
+    if context is None:
+        start, pad_tokens = np.zeros(rows, np.int32), np.ones((rows - num_prompts, 1), np.int32)
+        chunk = prefill_chunk if prefill_chunk < tokens.shape[1] else 0  # one chunk: the ordinary prefill
+    else:  # a continued prompt is extends, each >= 2 tokens wide (one token at a position is a step)
+        start, pad_tokens = context.lengths, context.pending[num_prompts:, None]
+        chunk = prefill_chunk or max(tokens.shape[1], 2)
+    width = -(-tokens.shape[1] // chunk) * chunk if chunk else tokens.shape[1]
+    tokens = np.pad(tokens, [(0, rows - num_prompts), (0, width - tokens.shape[1])])
+    tokens[num_prompts:, :1] = pad_tokens  # the mesh's padding rows: one token each
+    lengths = np.pad(lengths, [(0, rows - num_prompts)], constant_values=1)
+    return tokens, lengths, start, chunk
+
+
+def _sharded_rows(batch: int, mesh, rules) -> int:
+    """The batch padded to a multiple of the mesh's batch shards."""
+    from effjax.train.sharding import batch_shards
+
+    shards = batch_shards(mesh, rules)
+    return -(-batch // shards) * shards
 
 
 _COMPILED = collections.OrderedDict()  # (id(model), settings) -> (model, jitted generation); the last few models
@@ -140,27 +187,33 @@ def check_prefill_chunk(model, prefill_chunk) -> None:
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0 or (
             prefill_chunk == 1):
         raise ValueError(f"prefill_chunk must be 0 (the whole prompt at once) or an int >= 2, got {prefill_chunk!r}.")
-    if not prefill_chunk:
-        return
+    if prefill_chunk:
+        check_extends(model, f"prefill_chunk={prefill_chunk}", "use prefill_chunk=0")
+
+
+def check_extends(model, what: str, fix: str = "use a model whose methods can") -> None:
+    """A one-line error unless every layer's method can continue a cache by a chunk of tokens (``extend``)."""
     from effjax import attention
 
     cannot = sorted({method for method, _ in model.layer_attention() if not attention.capabilities(method).extend})
     if cannot:
-        raise ValueError(f"prefill_chunk={prefill_chunk} needs every layer's method to continue a cache by chunks, "
-                         f"but {', '.join(cannot)} cannot (methods that can: "
-                         f"{', '.join(attention.supporting('extend'))}): use prefill_chunk=0.")
+        raise ValueError(f"{what} needs every layer's method to continue a cache by chunks, but "
+                         f"{', '.join(cannot)} cannot (methods that can: {', '.join(attention.supporting('extend'))})"
+                         f": {fix}.")
 
 
-def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules, prefill_chunk: int = 0):
+def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules, prefill_chunk: int = 0,
+              exact_stops: bool = False):
     """The jitted generation for ``model`` and these static settings, reused across calls (a notebook sampling again
     with other prompts or seeds of the same shapes compiles nothing). Modules are not hashable, so the cache is keyed
     by identity and holds the model (so its id is not reused); the mesh and the logical axis rules, which the trace
     reads, are part of the key."""
     frozen_rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
-    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules, prefill_chunk)
+    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules, prefill_chunk, exact_stops)
     if key not in _COMPILED:
         _COMPILED[key] = model, jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, stop,
-                                                          prefill_chunk), donate_argnums=(3,))
+                                                          prefill_chunk, exact_stops),
+                                        donate_argnums=(4,))
         while len(_COMPILED) > _COMPILED_KEEP:
             _COMPILED.popitem(last=False)
     _COMPILED.move_to_end(key)
@@ -188,9 +241,10 @@ def _context(mesh, rules):
     return stack
 
 
-def _prefill(model, variables, tokens, lengths, cache, chunk: int):
-    """``(logits [batch, vocab] at each prompt's last real token, cache)``: one prefill call, or (``chunk``) a scan
-    of extends over the prompts' chunks from the empty cache, each row's chunk starting at the chunk's offset."""
+def _prefill(model, variables, tokens, lengths, start, cache, chunk: int):
+    """``(logits [batch, vocab] at each prompt's last real token, cache)``: one prefill call from the empty cache,
+    or (``chunk``) a scan of extends over the prompts' chunks, each row's chunk starting at ``start`` (its tokens
+    already in the cache; 0 for the empty cache) plus the chunk's offset."""
     if not chunk:
         logits, cache = model.apply(variables, tokens, cache=cache)
         return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
@@ -200,11 +254,11 @@ def _prefill(model, variables, tokens, lengths, cache, chunk: int):
     def extend(carry, inputs):
         cache, last = carry
         index, piece = inputs
-        start = index * chunk
-        logits, cache = model.apply(variables, piece, cache=cache, positions=jnp.full((batch,), start, jnp.int32))
-        offset = lengths - 1 - start  # the last real token's place in this chunk
-        inside = (offset >= 0) & (offset < chunk)
-        here = jnp.take_along_axis(logits, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        offset = index * chunk
+        logits, cache = model.apply(variables, piece, cache=cache, positions=start + offset)
+        place = lengths - 1 - offset  # the last real token's place in this chunk
+        inside = (place >= 0) & (place < chunk)
+        here = jnp.take_along_axis(logits, jnp.clip(place, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
         return (cache, jnp.where(inside[:, None], here, last)), None
 
     last = jnp.zeros((batch, model.vocab_size), jnp.float32)
@@ -212,10 +266,18 @@ def _prefill(model, variables, tokens, lengths, cache, chunk: int):
     return last, cache
 
 
-def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, tokens, lengths, cache, key):
+def _keep_rows(done, old, new):
+    """Each cache leaf of ``new``, with the rows in ``done`` taken from ``old`` (every leaf is batch-major)."""
+    return jax.tree.map(lambda o, n: jnp.where(done.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), old, new)
+
+
+def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, exact_stops, variables, tokens, lengths, start,
+              cache, key):
     """The jitted body of ``generate``: prefill, then ``while_loop`` steps; returns (new tokens, their counts, the
-    cache). The cache is returned only so that the donated empty one is updated in place (donation aliases an input
-    to an output of the same shape); without it a chunked prefill would hold a second cache."""
+    cache). The cache is returned for ``keep_context`` and so that the donated input is updated in place (donation
+    aliases an input to an output of the same shape); without it a chunked prefill would hold a second cache.
+    ``exact_stops``: a row that has stopped keeps its cache (a select over the cache per step, so only when the
+    cache is kept); otherwise it runs on with padding, which only the discarded cache sees."""
     batch = tokens.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     stop = jnp.asarray(stop, jnp.int32)
@@ -227,9 +289,10 @@ def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, t
     def stopped(token):
         return jnp.isin(token, stop) if stop.size else jnp.zeros(token.shape, bool)
 
-    last, cache = _prefill(model, variables, tokens, lengths, cache, prefill_chunk)
+    last, cache = _prefill(model, variables, tokens, lengths, start, cache, prefill_chunk)
     first = pick(last, 0)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    ends = start + lengths  # each row's first position after its prompt
 
     def running(carry):
         t, _, _, _, done = carry
@@ -238,9 +301,10 @@ def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, variables, t
     def step(carry):
         t, out, count, cache, done = carry
         fed = out[:, t - 1]
-        logits, cache = model.apply(variables, fed[:, None], cache=cache, positions=lengths + t - 1)
+        logits, new_cache = model.apply(variables, fed[:, None], cache=cache, positions=ends + t - 1)
         token = jnp.where(done, 0, pick(logits[:, 0], t))
         count = count + (~done).astype(jnp.int32)
+        cache = _keep_rows(done, cache, new_cache) if exact_stops else new_cache
         return t + 1, out.at[:, t].set(token), count, cache, done | stopped(token)
 
     carry = (jnp.int32(1), out, jnp.ones((batch,), jnp.int32), cache, stopped(first))
