@@ -45,18 +45,16 @@ def converse(lm, params, prompt_turns, *, new_tokens, **options):
     return outs
 
 
-@pytest.mark.parametrize("method,fields", [
-    ("softmax", {}),
-    ("sliding_window", dict(position="sinusoid")),  # a ring shorter than the conversation
-    ("gated_deltanet", {}),  # a recurrent state and short-conv histories
-    ("linear_elu", {}),
-    (("softmax", "retnet"), dict(position="rotary")),
-    pytest.param("longformer", {}, marks=pytest.mark.slow),
-    pytest.param("mamba", {}, marks=pytest.mark.slow),  # stepped extends
-    pytest.param("rwkv7", {}, marks=pytest.mark.slow),
-    pytest.param("cosformer", {}, marks=pytest.mark.slow),
-], ids=["softmax", "sliding_window", "gated_deltanet", "linear_elu", "softmax+retnet-rotary", "longformer", "mamba",
-        "rwkv7", "cosformer"])
+FAST = {"softmax": {}, "sliding_window": dict(position="sinusoid"),  # a ring shorter than the conversation
+        "gated_deltanet": {},  # a recurrent state and short-conv histories
+        "linear_elu": {}}
+CASES = [pytest.param(method, fields, id=method) for method, fields in FAST.items()] + [
+    pytest.param(("softmax", "retnet"), dict(position="rotary"), id="softmax+retnet-rotary")] + [
+    pytest.param(method, {}, id=method, marks=pytest.mark.slow)
+    for method in effjax.attention.supporting("decode") if method not in FAST]
+
+
+@pytest.mark.parametrize("method,fields", CASES)
 def test_a_continued_conversation_gives_the_tokens_of_its_whole_text(method, fields):
     lm = build_lm(method, **fields)
     params = init(lm)["params"]

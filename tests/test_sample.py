@@ -112,6 +112,18 @@ def test_greedy_equals_generate_and_repeated_forward_passes(run_dir):
     assert result.texts == [codec.decode(tokens)] and result.new_tokens == new
 
 
+def test_a_conversation_continues_the_kept_context_as_the_readme_shows(run_dir):
+    model, params, config = checkpoint.load_run(run_dir)
+    codec = checkpoint.text_codec(config)
+    newline = codec.encode("\n")
+    first = generate(model, params, [codec.encode("def ")], max_new_tokens=8, keep_context=True, stop_tokens=newline)
+    second = generate(model, params, [codec.encode("cl")], max_new_tokens=6, context=first.context,
+                      stop_tokens=newline)
+    whole = codec.encode("def ") + list(first.tokens[0, :first.lengths[0]]) + codec.encode("cl")
+    want = generate(model, params, [whole], max_new_tokens=6, stop_tokens=newline)
+    assert second.tokens.tolist() == want.tokens.tolist() and second.lengths.tolist() == want.lengths.tolist()
+
+
 def test_stop_ends_each_sample_after_the_stop_text(run_dir):
     greedy = sample_cmd.sample(run_dir, "def ", max_new_tokens=20, temperature=0).texts[0]
     stop = next(c for c in greedy[5:] if c.isprintable())  # a character the continuation reaches after a few

@@ -12,9 +12,10 @@ reproducible and a sequence's draws do not depend on the rest of the batch or on
 
 Continuing: ``keep_context=True`` returns the cache with the tokens (``Generated.context``); a later call given
 ``context=`` feeds each row's last generated token and its new prompt from there (the methods' ``extend``), so a
-conversation or a document fed in turns is never prefilled twice. Rows that stop early keep their cache as it was
-at their stop token (the loop selects their old cache while the other rows run on), so a continuation equals
-generating from the whole text at once.
+conversation or a document fed in turns is never prefilled twice. A row that stops early steps on at its last
+token's position while the other rows run, which only writes slots the continuation overwrites first; its
+fixed-size cache leaves (states, histories, rings) are selected back to their values at its stop. So a continuation
+equals generating from the whole text at once.
 """
 
 import collections
@@ -130,8 +131,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     stop = tuple(int(t) for t in stop_tokens)
     variables = params if "params" in params else {"params": params}
     # A row that stops early need keep its cache as it was at its stop only when the cache is kept.
-    exact_stops = keep_context and bool(stop)
-    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules, chunk, exact_stops)
+    held = _fixed_size_leaves(model, rows, cache_length) if keep_context and stop else ()
+    held = held if any(held) else ()
+    run = _compiled(model, sampling, max_new_tokens, stop, mesh, rules, chunk, held)
     with _context(mesh, rules):
         cache = context.cache if continuing else empty_cache(model, rows, cache_length, mesh, rules)
         if mesh is not None:
@@ -203,16 +205,16 @@ def check_extends(model, what: str, fix: str = "use a model whose methods can") 
 
 
 def _compiled(model, sampling, max_new_tokens: int, stop: tuple, mesh, rules, prefill_chunk: int = 0,
-              exact_stops: bool = False):
+              held: tuple = ()):
     """The jitted generation for ``model`` and these static settings, reused across calls (a notebook sampling again
     with other prompts or seeds of the same shapes compiles nothing). Modules are not hashable, so the cache is keyed
     by identity and holds the model (so its id is not reused); the mesh and the logical axis rules, which the trace
     reads, are part of the key."""
     frozen_rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
-    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules, prefill_chunk, exact_stops)
+    key = (id(model), sampling, max_new_tokens, stop, mesh, frozen_rules, prefill_chunk, held)
     if key not in _COMPILED:
         _COMPILED[key] = model, jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, stop,
-                                                          prefill_chunk, exact_stops),
+                                                          prefill_chunk, held),
                                         donate_argnums=(4,))
         while len(_COMPILED) > _COMPILED_KEEP:
             _COMPILED.popitem(last=False)
@@ -266,18 +268,33 @@ def _prefill(model, variables, tokens, lengths, start, cache, chunk: int):
     return last, cache
 
 
-def _keep_rows(done, old, new):
-    """Each cache leaf of ``new``, with the rows in ``done`` taken from ``old`` (every leaf is batch-major)."""
-    return jax.tree.map(lambda o, n: jnp.where(done.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), old, new)
+def _fixed_size_leaves(model, batch: int, cache_length: int) -> tuple:
+    """For each cache leaf (flattened), whether its size is fixed (a recurrent state, a convolution history, a ring
+    buffer) rather than growing with ``cache_length`` (slots indexed by position). Compared with one slot fewer,
+    since some methods cannot make a cache past the length they were built for; a one-slot cache counts as fixed."""
+    shapes = lambda n: jax.tree.leaves(jax.eval_shape(lambda: nn.meta.unbox(model.init_cache(batch, n))))
+    if cache_length < 2:
+        return (True,) * len(shapes(cache_length))
+    return tuple(a.shape == b.shape for a, b in zip(shapes(cache_length), shapes(cache_length - 1), strict=True))
 
 
-def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, exact_stops, variables, tokens, lengths, start,
-              cache, key):
+def _keep_rows(done, old, new, held: tuple):
+    """``new`` with the rows in ``done`` of each ``held`` leaf taken from ``old`` (every leaf is batch-major)."""
+    rows = lambda leaf: done.reshape((-1,) + (1,) * (leaf.ndim - 1))
+    kept = [jnp.where(rows(n), o, n) if h else n
+            for o, n, h in zip(jax.tree.leaves(old), jax.tree.leaves(new), held, strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(new), kept)
+
+
+def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, held, variables, tokens, lengths, start, cache,
+              key):
     """The jitted body of ``generate``: prefill, then ``while_loop`` steps; returns (new tokens, their counts, the
     cache). The cache is returned for ``keep_context`` and so that the donated input is updated in place (donation
     aliases an input to an output of the same shape); without it a chunked prefill would hold a second cache.
-    ``exact_stops``: a row that has stopped keeps its cache (a select over the cache per step, so only when the
-    cache is kept); otherwise it runs on with padding, which only the discarded cache sees."""
+    A row that has stopped steps on with padding at its pending token's position (its count of tokens stays), so
+    slots indexed by position get only writes that a continuation overwrites before reading them; the fixed-size
+    leaves that every step changes (``held``: states, histories, rings; given only when the cache is kept) keep
+    the row's values from before its stop (a select over those leaves at every step)."""
     batch = tokens.shape[0]
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
     stop = jnp.asarray(stop, jnp.int32)
@@ -301,10 +318,10 @@ def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, exact_stops,
     def step(carry):
         t, out, count, cache, done = carry
         fed = out[:, t - 1]
-        logits, new_cache = model.apply(variables, fed[:, None], cache=cache, positions=ends + t - 1)
+        logits, new_cache = model.apply(variables, fed[:, None], cache=cache, positions=ends + count - 1)
         token = jnp.where(done, 0, pick(logits[:, 0], t))
         count = count + (~done).astype(jnp.int32)
-        cache = _keep_rows(done, cache, new_cache) if exact_stops else new_cache
+        cache = _keep_rows(done, cache, new_cache, held) if held else new_cache
         return t + 1, out.at[:, t].set(token), count, cache, done | stopped(token)
 
     carry = (jnp.int32(1), out, jnp.ones((batch,), jnp.int32), cache, stopped(first))
