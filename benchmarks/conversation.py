@@ -90,7 +90,7 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {shared.length_label(r['history'])} | {r['prompt']} + {r['new_tokens']} | "
                      f"{r['scratch_seconds']:.3f} | {r['continued_seconds']:.3f} | "
-                     f"{r['continued_seconds'] / r['scratch_seconds']:.2f}x | {r['step_tokens'] - 1} | "
+                     f"{r['continued_seconds'] / r['scratch_seconds']:.2g}x | {r['step_tokens'] - 1} | "
                      f"{r['steps_seconds']:.3f} | {r['steps_kept_seconds']:.3f} | "
                      f"{r['steps_kept_seconds'] / r['steps_seconds']:.2f}x |")
     return "\n".join(lines) + "\n"
