@@ -2,11 +2,14 @@
 
   python -m effjax.sample --workdir=/tmp/lm_bytes --prompt="def " --temperature=0
   python -m effjax.sample --workdir=/tmp/lm_bytes --prompt="import " --num_samples=3 --top_p=0.9 --stop='\\n'
+  python -m effjax.sample --workdir=/tmp/lm_bytes --prompt="def " --stop='\\n' --interactive   # then type lines
 
 The model comes from the run's ``config.json`` and its params from ``checkpoints/<latest step>``
 (``effjax.inference.checkpoint``); ``effjax.generate`` decodes with a cache. Each sample is printed as the prompt
-and its continuation after a ``--- sample i ---`` line, then one line with the new tokens per second. A bad
-workdir or setting is one line on stderr and exit status 2 (``-v 1`` shows the traceback).
+and its continuation after a ``--- sample i ---`` line, then one line with the new tokens per second. With
+``--interactive`` each line read from standard input then continues every sample's conversation where it stopped
+(``effjax.generate``'s kept context: only the new line is prefilled), until the end of the input or of the cache.
+A bad workdir or setting is one line on stderr and exit status 2 (``-v 1`` shows the traceback).
 """
 
 import dataclasses
@@ -37,6 +40,9 @@ _STOP = flags.DEFINE_string("stop", "", "End a sample after this text (\\n, \\t 
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to load; 0: the latest.", **_OWN)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "Prefill the prompt this many tokens at a time (>= 2; "
                                       "bounds a long prompt's prefill memory); 0: all at once.", **_OWN)
+_INTERACTIVE = flags.DEFINE_bool("interactive", False, "After the first continuation, read more prompts from standard "
+                                  "input, one per line (escapes as in --stop), each continuing the conversation.",
+                                  **_OWN)
 flags.mark_flags_as_required(["workdir", "prompt"], flag_values=SAMPLE_FLAGS)
 
 _COMPILE_EVENTS = frozenset(["/jax/core/compile/jaxpr_trace_duration",
@@ -55,6 +61,7 @@ class Samples:
     seconds: float
     compile_seconds: float
     description: str
+    context: object = None  # effjax.generate's kept context, to continue (keep_context=True)
 
     def speed_line(self) -> str:
         line = f"{self.new_tokens} new tokens in {self.seconds:.2f} s: {self.new_tokens / self.seconds:.1f} tokens/s"
@@ -72,10 +79,11 @@ def unescape(text: str) -> str:
 
 def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str = "", step: int | None = None,
-           run=None, prefill_chunk: int = 0) -> Samples:
+           run=None, prefill_chunk: int = 0, keep_context: bool = False, context=None) -> Samples:
     """``num_samples`` continuations of ``prompt`` by the run in ``workdir`` (``run``: its ``load_run``, if
-    already loaded). ``stop`` ends a sample after its first occurrence in the continuation; ``prefill_chunk``: as
-    ``effjax.generate``'s."""
+    already loaded; ``workdir`` None then describes it as given params). ``stop`` ends a sample after its first
+    occurrence in the continuation; ``prefill_chunk``, ``keep_context`` and ``context`` (a conversation's next
+    turn: ``prompt`` follows each sample's text so far) are ``effjax.generate``'s."""
     import jax
 
     from effjax.inference import generate
@@ -87,12 +95,15 @@ def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: i
     codec = text_codec(config)
     tokens = codec.encode(prompt)
     stop_tokens = codec.encode(stop) if stop else []
+    if (keep_context or context is not None) and len(stop_tokens) > 1:
+        raise ValueError(f"A conversation needs --stop of one token, and {stop!r} is {len(stop_tokens)}: the "
+                         "generation would run on past it into the kept context; use one character or none.")
     _watch_compiles()
     compiled = _compile_seconds[0]
     start = time.perf_counter()
     out = generate(model, params, [tokens] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, stop_tokens=stop_tokens if len(stop_tokens) == 1 else (), seed=seed,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, keep_context=keep_context, context=context)
     seconds = time.perf_counter() - start
     texts = []
     for row, length in zip(out.tokens, out.lengths, strict=True):
@@ -102,10 +113,10 @@ def sample(workdir: str, prompt: str, *, num_samples: int = 1, max_new_tokens: i
             text = text if end < 0 else text[:end + len(stop)]
         texts.append(text)
     size = sum(x.size for x in jax.tree.leaves(params))
-    where = f"step {_step_of(config, workdir, step)} of {os.path.abspath(workdir)}" if run is None else "given params"
+    where = f"step {_step_of(config, workdir, step)} of {os.path.abspath(workdir)}" if workdir else "given params"
     description = (f"{config['model']['name']} of {size / 1e6:.2f}M params, {where}, "
                    f"on {jax.devices()[0].platform}")
-    return Samples(texts, int(out.lengths.sum()), seconds, _compile_seconds[0] - compiled, description)
+    return Samples(texts, int(out.lengths.sum()), seconds, _compile_seconds[0] - compiled, description, out.context)
 
 
 def _step_of(config, workdir, step):
@@ -146,20 +157,41 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         std_logging.getLogger("absl").setLevel(std_logging.WARNING)
         sys.unraisablehook = _drop_abandoned_read_callbacks
+    settings = dict(num_samples=_NUM_SAMPLES.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                    stop=unescape(_STOP.value), prefill_chunk=_PREFILL_CHUNK.value,
+                    keep_context=_INTERACTIVE.value)
     try:
-        result = sample(_WORKDIR.value, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
-                        max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                        top_p=_TOP_P.value, seed=_SEED.value, stop=unescape(_STOP.value), step=_STEP.value or None,
-                        prefill_chunk=_PREFILL_CHUNK.value)
+        from effjax.inference.checkpoint import load_run
+
+        run = load_run(_WORKDIR.value, _STEP.value or None)
+        result = sample(_WORKDIR.value, _PROMPT.value, step=_STEP.value or None, run=run, **settings)
     except (ValueError, OSError) as error:
-        if verbose:
-            raise
-        sys.stderr.write(f"effjax.sample: {' '.join(str(error).split())}\n")
-        sys.exit(2)
+        _fail(error, verbose)
+    _print(result)
+    if not _INTERACTIVE.value:
+        return
+    for turn, line in enumerate(sys.stdin):
+        try:  # each turn is drawn with its own seed, so that a repeated line is not answered the same way
+            result = sample(_WORKDIR.value, unescape(line.rstrip("\n")), step=_STEP.value or None, run=run,
+                            context=result.context, **{**settings, "seed": settings["seed"] + turn + 1})
+        except ValueError as error:
+            _fail(error, verbose)
+        _print(result)
+
+
+def _print(result: Samples) -> None:
     for i, text in enumerate(result.texts):
         print(f"--- sample {i + 1} ---")
         print(text, end="" if text.endswith("\n") else "\n")
     print(f"--- {result.speed_line()}", flush=True)
+
+
+def _fail(error: Exception, verbose: bool):
+    if verbose:
+        raise error
+    sys.stderr.write(f"effjax.sample: {' '.join(str(error).split())}\n")
+    sys.exit(2)
 
 
 def parse(argv):

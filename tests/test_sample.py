@@ -124,6 +124,30 @@ def test_a_conversation_continues_the_kept_context_as_the_readme_shows(run_dir):
     assert second.tokens.tolist() == want.tokens.tolist() and second.lengths.tolist() == want.lengths.tolist()
 
 
+def test_interactive_lines_continue_the_conversation(run_dir, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("cl\n\n"))  # a line, then an empty one: continue as it is
+    code, out, err = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--max_new_tokens=5", "--temperature=0",
+                                "--stop=\\n", "--interactive")
+    assert code == 0, err
+    # Each turn from the whole conversation so far, by generate (greedy): the turns' texts must be these.
+    model, params, config = checkpoint.load_run(run_dir)
+    codec = checkpoint.text_codec(config)
+    conversation, want = "", ""
+    for line in ("def ", "cl", ""):
+        conversation += line
+        out_ = generate(model, params, [codec.encode(conversation)], max_new_tokens=5, stop_tokens=codec.encode("\n"))
+        text = line + codec.decode(out_.tokens[0, :out_.lengths[0]])
+        conversation += text[len(line):]
+        want += f"--- sample 1 ---\n{text}" + ("" if text.endswith("\n") else "\n")
+    assert out.count("--- sample 1 ---") == 3, out
+    assert "".join(line for line in out.splitlines(keepends=True) if line.startswith("--- sample") or
+                   not line.startswith("--- ")) == want
+    code, _, err = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--stop=ab", "--interactive")
+    assert code == 2 and "A conversation needs --stop of one token, and 'ab' is 2" in err
+
+
 def test_stop_ends_each_sample_after_the_stop_text(run_dir):
     greedy = sample_cmd.sample(run_dir, "def ", max_new_tokens=20, temperature=0).texts[0]
     stop = next(c for c in greedy[5:] if c.isprintable())  # a character the continuation reaches after a few
