@@ -21,7 +21,7 @@ DEFAULT_CHUNK_SIZE = 64
 
 
 def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chunk_size=DEFAULT_CHUNK_SIZE,
-                   final=False):
+                   final=False, initial=None):
     """Mamba's ``selective_scan_ref`` per channel ``e = (head, head_dim)`` and state ``n``, in float32:
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`` (ZOH for A, Euler for B) and
     ``y_t = C_t . h_t + D x_t`` with ``A = -exp(a_log)``.
@@ -31,7 +31,8 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     ``d_skip [heads, head_dim]``. ``keep [batch, length]`` False leaves the state untouched (``a = 1, b = 0``),
     so padded steps change nothing; ``reset`` True restarts the state there (``a = 0``), ahead of ``keep``.
     ``chunk_size`` bounds the ``[batch, chunk, heads, head_dim, d_state]`` states held at once (``scan.chunked``).
-    ``final=True`` returns ``(y, h)`` with the last state ``h [batch, heads, head_dim, d_state]`` too.
+    ``final=True`` returns ``(y, h)`` with the last state ``h [batch, heads, head_dim, d_state]`` too;
+    ``initial`` (that shape) is the state before the first token (a decoding cache's).
     """
     x, delta, b, c = (t.astype(jnp.float32) for t in (x, delta, b, c))
     a = -jnp.exp(a_log.astype(jnp.float32))
@@ -49,7 +50,8 @@ def selective_scan(x, delta, a_log, b, c, d_skip, *, keep=None, reset=None, chun
     def readout(h, chunk):
         return jnp.einsum("blhdn,blhn->blhd", h, chunk[3])
 
-    y = scan.chunked(coefficients, readout, (x, delta, b, c, flags), chunk_size=chunk_size, final=final)
+    y = scan.chunked(coefficients, readout, (x, delta, b, c, flags), chunk_size=chunk_size, final=final,
+                     initial=initial)
     if final:
         y, h = y
         return y + d_skip.astype(jnp.float32) * x, h
@@ -107,6 +109,22 @@ def decode_step(q, k, v, params, cache):
     h = jnp.exp(delta[..., None] * a) * cache["state"] + (delta * x)[..., None] * b[:, :, None, :]
     y = jnp.einsum("bhdn,bhn->bhd", h, c) + params["d_skip"].astype(jnp.float32) * x
     return y[:, None], {"state": h, "conv": history}
+
+
+def extend(q, k, v, params, cache, mask=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """A chunk ``[batch, C, heads, head_dim]`` (right-padded by ``mask``) continuing the cache of ``decode_step``:
+    the short conv over the cached inputs and the chunk's, then the selective scan from the cached state, pads
+    leaving both alone. Equal to ``decode_step`` over the chunk's tokens, chunk-parallel. Returns float32
+    ``(y, cache)``."""
+    keep = decoding.real_tokens(mask, *q.shape[:2])
+    q, k, v = (jnp.where(keep[:, :, None, None], t.astype(jnp.float32), 0.0) for t in (q, k, v))
+    conv, history = decoding.conv_step(cache["conv"], v, lambda w: fftconv.short_causal(
+        w, params["conv_taps"], params["conv_bias"]), mask)
+    x = jax.nn.silu(conv)
+    delta, b, c = _drive(x, q, k, params)
+    y, h = selective_scan(x, delta, params["a_log"], b, c, params["d_skip"], keep=keep, chunk_size=chunk_size,
+                          final=True, initial=cache["state"])
+    return y, {"state": h, "conv": history}
 
 
 def _refuse_cross(q, k):
@@ -236,9 +254,11 @@ class Attention(nn.Module):
         if cache is None:
             return attend(q, k, v, forward, backward, mask=mask, segment_ids=segment_ids, causal=causal,
                           chunk_size=self.chunk_size, impl=self.impl)
+        if decoding.is_extend(q, mask, positions):
+            out, cache = extend(q, k, v, forward, cache, mask, self.chunk_size)
+            return out.astype(q.dtype), cache
         if positions is not None:
-            out, cache = decoding.stepped(lambda q, k, v, c, _: decode_step(q, k, v, forward, c), q, k, v, cache,
-                                          positions, mask)
+            out, cache = decode_step(q, k, v, forward, cache)
             return out.astype(q.dtype), cache
         out, state = attend(q, k, v, forward, mask=mask, causal=True, chunk_size=self.chunk_size, impl=self.impl,
                             final=True)

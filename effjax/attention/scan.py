@@ -33,7 +33,7 @@ def linear_recurrence(a, b, *, initial=None):
     return h
 
 
-def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
+def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False, initial=None):
     """``readout(h, inputs)`` for the recurrence whose ``(a, b) = coefficients(inputs)``, chunk by chunk.
 
     ``inputs`` is a pytree of ``[batch, length, ...]`` arrays; ``coefficients(chunk) -> (a, b)`` and
@@ -41,7 +41,8 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
     ``chunk_size`` is None or covers the length), so the ``[batch, length, ...]`` states never exist at once.
     A length that is not a multiple of the chunk is zero-padded at the end; padded steps get ``a = 1, b = 0``.
     The chunk size changes the result only by float rounding. ``final=True`` returns ``(y, h_last)``, the state
-    after the last position as well (``[batch, ...]``; a decoding prefill's).
+    after the last position as well (``[batch, ...]``; a decoding prefill's). ``initial`` (``[batch, ...]``, default
+    zeros) is the state before the first position (a decoding cache continued by a chunk).
     """
     length = jax.tree.leaves(inputs)[0].shape[1]
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
@@ -49,7 +50,7 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
         raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}.")
     if chunk_size is None or chunk_size >= length:
         a, b = coefficients(inputs)
-        h = linear_recurrence(a, b)
+        h = linear_recurrence(a, b, initial=initial)
         return (readout(h, inputs), h[:, -1]) if final else readout(h, inputs)
 
     num_chunks = -(-length // chunk_size)
@@ -61,8 +62,9 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
 
     chunks = jax.tree.map(split, inputs)
     real = (jnp.arange(num_chunks * chunk_size) < length).reshape(num_chunks, chunk_size)
-    _, b_shape = jax.eval_shape(coefficients, jax.tree.map(lambda x: x[0], chunks))
-    initial = jnp.zeros((b_shape.shape[0], *b_shape.shape[2:]), jnp.float32)
+    if initial is None:
+        _, b_shape = jax.eval_shape(coefficients, jax.tree.map(lambda x: x[0], chunks))
+        initial = jnp.zeros((b_shape.shape[0], *b_shape.shape[2:]), jnp.float32)
 
     def step(h, xs):
         chunk, ok = xs
@@ -73,7 +75,7 @@ def chunked(coefficients, readout, inputs, *, chunk_size=None, final=False):
         states = linear_recurrence(a, b, initial=h)
         return states[:, -1], readout(states, chunk)
 
-    h_last, ys = lax.scan(step, initial, (chunks, real))  # [chunks, batch, chunk, ...]
+    h_last, ys = lax.scan(step, initial.astype(jnp.float32), (chunks, real))  # [chunks, batch, chunk, ...]
     ys = jnp.swapaxes(ys, 0, 1)
     ys = ys.reshape(ys.shape[0], num_chunks * chunk_size, *ys.shape[3:])[:, :length]
     return (ys, h_last) if final else ys
