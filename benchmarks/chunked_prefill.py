@@ -22,7 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import decode_model  # noqa: E402
 from benchmarks import efficiency_common as shared  # noqa: E402
-from effjax.files import write_atomic  # noqa: E402
 
 _METHODS = flags.DEFINE_list("methods", ["softmax", "sliding_window", "gated_deltanet"], "Methods (extend).")
 _LENGTHS = flags.DEFINE_list("lengths", ["4096", "16384"], "Prompt lengths.")
@@ -80,21 +79,17 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(row: dict) -> str:
+    return (f"{row['method']:16s} P={row['length']:6d} chunk {row['chunk']:5d}: "
+            f"{row['memory_bytes'] / 2**20:9.1f} MiB planned, {row.get('seconds', float('nan')):8.3f} s "
+            f"({row['status']})")
+
+
 def main(argv):
     del argv
-    stamp = {"date": shared.today(), "device": shared.device_description()}
-    print(f"device: {stamp['device']}")
-    rows = []
-    for method in _METHODS.value:
-        for length in (int(n) for n in _LENGTHS.value):
-            for chunk in (int(c) for c in _CHUNKS.value):
-                row = measure(method, length, chunk, _REPEATS.value, _MEMORY_GB.value * 2**30)
-                rows.append(row)
-                print(f"{method:16s} P={length:6d} chunk {chunk:5d}: {row['memory_bytes'] / 2**20:9.1f} MiB planned, "
-                      f"{row.get('seconds', float('nan')):8.3f} s ({row['status']})", flush=True)
-    shared.write_jsonl(_OUT.value + ".jsonl", rows, stamp)
-    write_atomic(_OUT.value + ".md", markdown(rows, stamp))
-    print(f"\nwrote {_OUT.value}.jsonl and .md")
+    cells = [(method, int(length), int(chunk), _REPEATS.value, _MEMORY_GB.value * 2**30)
+             for method in _METHODS.value for length in _LENGTHS.value for chunk in _CHUNKS.value]
+    shared.measure_cells(cells, measure, describe, markdown, _OUT.value)
 
 
 if __name__ == "__main__":

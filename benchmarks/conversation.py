@@ -28,7 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import decode_model  # noqa: E402
 from benchmarks import efficiency_common as shared  # noqa: E402
-from effjax.files import write_atomic  # noqa: E402
 
 _METHODS = flags.DEFINE_list("methods", ["softmax", "sliding_window", "gated_deltanet"], "Methods (extend).")
 _HISTORIES = flags.DEFINE_list("histories", ["2048", "8192"], "Tokens of conversation before the new prompt.")
@@ -96,21 +95,17 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(row: dict) -> str:
+    return (f"{row['method']:16s} H={row['history']:6d}: scratch {row['scratch_seconds']:.3f} s, continued "
+            f"{row['continued_seconds']:.3f} s; steps {row['steps_seconds']:.3f} s, with a kept context "
+            f"{row['steps_kept_seconds']:.3f} s")
+
+
 def main(argv):
     del argv
-    stamp = {"date": shared.today(), "device": shared.device_description()}
-    print(f"device: {stamp['device']}")
-    rows = []
-    for method in _METHODS.value:
-        for history in (int(n) for n in _HISTORIES.value):
-            row = measure(method, history, _PROMPT.value, _NEW_TOKENS.value, _STEP_TOKENS.value, _REPEATS.value)
-            rows.append(row)
-            print(f"{method:16s} H={history:6d}: scratch {row['scratch_seconds']:.3f} s, continued "
-                  f"{row['continued_seconds']:.3f} s; steps {row['steps_seconds']:.3f} s, with a kept context "
-                  f"{row['steps_kept_seconds']:.3f} s", flush=True)
-    shared.write_jsonl(_OUT.value + ".jsonl", rows, stamp)
-    write_atomic(_OUT.value + ".md", markdown(rows, stamp))
-    print(f"\nwrote {_OUT.value}.jsonl and .md")
+    cells = [(method, int(history), _PROMPT.value, _NEW_TOKENS.value, _STEP_TOKENS.value, _REPEATS.value)
+             for method in _METHODS.value for history in _HISTORIES.value]
+    shared.measure_cells(cells, measure, describe, markdown, _OUT.value)
 
 
 if __name__ == "__main__":

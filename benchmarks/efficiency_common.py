@@ -1,5 +1,6 @@
-"""Helpers shared by the efficiency benchmarks (``attention_efficiency.py``, ``lra_efficiency.py``): the device
-line, XLA's planned memory of a compiled step, best-of timing, the length label and the time/memory plot."""
+"""Helpers shared by the efficiency benchmarks (``attention_efficiency.py``, ``lra_efficiency.py``, the decoding
+ones): the device line, XLA's planned memory of a compiled step, best-of timing, the length label, a loop over cells
+that writes the rows and table, and the time/memory plot."""
 
 import datetime
 import json
@@ -49,6 +50,23 @@ def write_jsonl(path: str, rows: list[dict], stamp: dict) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps({**stamp, **row}) + "\n")
+
+
+def measure_cells(cells, measure, describe, markdown, out: str) -> list[dict]:
+    """``measure(*cell)`` for each cell, each row printed by ``describe(row)`` as it comes; then the rows (with the
+    date and device) to ``out.jsonl`` and ``markdown(rows, stamp)`` to ``out.md``."""
+    from effjax.files import write_atomic
+
+    stamp = {"date": today(), "device": device_description()}
+    print(f"device: {stamp['device']}")
+    rows = []
+    for cell in cells:
+        rows.append(measure(*cell))
+        print(describe(rows[-1]), flush=True)
+    write_jsonl(out + ".jsonl", rows, stamp)
+    write_atomic(out + ".md", markdown(rows, stamp))
+    print(f"\nwrote {out}.jsonl and .md")
+    return rows
 
 
 def plot(rows: list[dict], path: str, *, time_key="seconds", time_label="forward+backward seconds",
