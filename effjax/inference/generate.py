@@ -110,7 +110,8 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
     chunk is short of the cache's last block, instead of P x P; 0: all at once.
     ``keep_context`` returns the cache in ``Generated.context``; ``context`` (such a Context, which this call then
     consumes) continues it: each row's new prompt (which may be empty) follows its text so far, and the cache
-    keeps its ``cache_length``, which must hold the whole conversation."""
+    keeps its ``cache_length``, which must hold the whole conversation. A turn draws token t with the same keys
+    as any call of its seed, so give each turn its own seed for draws independent of the last turn's."""
     sampling = Sampling(temperature, top_k, top_p).check()
     if "cache" not in inspect.signature(type(model).__call__).parameters:
         raise ValueError(f"{type(model).__module__}.{type(model).__name__} cannot decode: generate needs a decoder "
