@@ -12,7 +12,8 @@ of ``--repeats`` after a warm-up call of the same shapes:
   before the clock starts), which prefills only the pending token and the new prompt; the script checks that both
   give the same tokens.
 Then what keeping a context costs where a row stops early: the second turn continued for ``--step_tokens`` tokens
-with a stop token that only conversation 0 draws (at once), so conversation 1 runs every step while 0 waits, with
+with a stop token that only conversation 0 draws (its earliest such token, step ``stop_step`` in the rows), so
+conversation 1 runs every step while 0 waits from there, with
 ``keep_context=True`` (each step selects the stopped row's old cache: a pass over the cache) against the same call
 with ``keep_context=False``.
 
@@ -68,9 +69,15 @@ def measure(method: str, history: int, prompt: int, new_tokens: int, step_tokens
            "scratch_seconds": timed(scratch), "continued_seconds": timed(continued(new_tokens), fresh_context=True)}
     np.testing.assert_array_equal(scratch(None).tokens, continued(new_tokens)(kept.context.copy()).tokens)
 
-    # Row 0 stops at once, row 1 runs on: every later step of a kept context selects row 0's old cache.
+    # Row 0 stops at its first token that row 1 never draws, row 1 runs on: every later step of a kept context
+    # selects row 0's old cache.
     free = continued(step_tokens)(kept.context.copy()).tokens
-    stop = [next(int(t) for t in free[0] if t not in set(free[1].tolist()))]
+    only_row_0 = [step for step, t in enumerate(free[0].tolist()) if t not in set(free[1].tolist())]
+    if not only_row_0:
+        raise RuntimeError("Conversation 1 draws every token conversation 0 does: no stop token stops only one; "
+                           "try another --history or --step_tokens.")
+    stop = [int(free[0, only_row_0[0]])]
+    row["stop_step"] = only_row_0[0]
     for keep in (False, True):
         row[f"steps_{'kept_' if keep else ''}seconds"] = timed(
             continued(step_tokens, stop_tokens=stop, keep_context=keep), fresh_context=True)
@@ -81,7 +88,7 @@ def measure(method: str, history: int, prompt: int, new_tokens: int, step_tokens
 def markdown(rows: list[dict], stamp: dict) -> str:
     lines = [f"A second turn of two conversations, {stamp['date']}, {stamp['device']}: a new prompt after H tokens, "
              "generated from the whole texts (from scratch) or continuing the first turn's context; then the "
-             "turn continued for more steps with one conversation stopped at once, keeping the context (a select "
+             "turn continued for more steps with one conversation stopped early, keeping the context (a select "
              "over the cache per step) or not (best of repeats).", "",
              "| method | history | prompt + new | from scratch s | continued s | continued / scratch | steps | "
              "not kept s | kept s | kept / not |",

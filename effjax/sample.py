@@ -175,8 +175,9 @@ def main(argv):
         try:  # each turn is drawn with its own seed, so that a repeated line is not answered the same way
             result = sample(_WORKDIR.value, unescape(line.rstrip("\n")), step=_STEP.value or None, run=run,
                             context=result.context, **{**settings, "seed": settings["seed"] + turn + 1})
-        except ValueError as error:
-            _fail(error, verbose)
+        except ValueError as error:  # the conversation has filled the cache: its end, not a failure
+            print(f"--- the conversation ends: {' '.join(str(error).split())}", flush=True)
+            return
         _print(result)
 
 

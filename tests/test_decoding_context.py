@@ -110,15 +110,22 @@ def test_contexts_that_do_not_fit_the_call_are_refused_in_one_line():
         effjax.generate(other, init(other)["params"], SECOND, max_new_tokens=2, context=make())
     with pytest.raises(ValueError, match="must be the Context of an earlier generate"):
         effjax.generate(lm, params, SECOND, max_new_tokens=2, context={"cache": None})
-    with pytest.raises(ValueError, match="needs a cache of"):
+    with pytest.raises(ValueError, match="conversation of .* needs a cache of .* start a new conversation"):
         effjax.generate(lm, params, SECOND, max_new_tokens=60, context=make())
 
 
 def test_continuing_on_eight_devices_gives_the_unsharded_tokens():
+    """Three turns with a row stopping early (the held leaves selected on a sharded cache); the batch of 3 is padded
+    to the mesh's 4 batch shards, and the padding row restarts every turn, so it never fills the cache."""
     assert jax.device_count() == 8, "tests/conftest.py emulates 8 CPU devices"
     lm = build_lm(("softmax", "gated_deltanet"))
     params = init(lm)["params"]
     mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), DEFAULT_RULES
-    want = converse(lm, params, [FIRST, SECOND], new_tokens=4, temperature=1.0, seed=3)[1]
-    got = converse(lm, params, [FIRST, SECOND], new_tokens=4, temperature=1.0, seed=3, mesh=mesh, rules=rules)[1]
-    np.testing.assert_array_equal(got.tokens, want.tokens)
+    sampling = dict(temperature=1.0, seed=3)
+    stop, _ = stop_token(lm, params, FIRST, 4, **sampling)
+    turns = [FIRST, SECOND, [[7], [8, 9], []]]
+    want = converse(lm, params, turns, new_tokens=4, stop_tokens=[stop], **sampling)
+    got = converse(lm, params, turns, new_tokens=4, stop_tokens=[stop], mesh=mesh, rules=rules, **sampling)
+    for one, sharded in zip(want, got, strict=True):
+        np.testing.assert_array_equal(sharded.tokens, one.tokens)
+    assert len(got[-1].context.lengths) == 4 and got[-1].context.lengths[3] <= 4, got[-1].context.lengths

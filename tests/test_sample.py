@@ -144,6 +144,10 @@ def test_interactive_lines_continue_the_conversation(run_dir, monkeypatch):
     assert out.count("--- sample 1 ---") == 3, out
     assert "".join(line for line in out.splitlines(keepends=True) if line.startswith("--- sample") or
                    not line.startswith("--- ")) == want
+    monkeypatch.setattr(sys, "stdin", io.StringIO("class Point:\n" * 5))  # more than the 32-token cache holds
+    code, out, err = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--max_new_tokens=5", "--interactive")
+    last = out.splitlines()[-1]
+    assert code == 0 and last.startswith("--- the conversation ends: ") and "start a new conversation" in last, out
     code, _, err = run_sample(f"--workdir={run_dir}", "--prompt=def ", "--stop=ab", "--interactive")
     assert code == 2 and "A conversation needs --stop of one token, and 'ab' is 2" in err
 

@@ -15,7 +15,8 @@ Continuing: ``keep_context=True`` returns the cache with the tokens (``Generated
 conversation or a document fed in turns is never prefilled twice. A row that stops early steps on at its last
 token's position while the other rows run, which only writes slots the continuation overwrites first; its
 fixed-size cache leaves (states, histories, rings) are selected back to their values at its stop. So a continuation
-equals generating from the whole text at once.
+equals generating from the whole text at once with the same ``cache_length`` (a method whose outputs depend on it,
+cosFormer's horizon, differs with another).
 """
 
 import collections
@@ -73,25 +74,31 @@ def prompt_batch(prompts, vocab_size: int, *, first=None) -> tuple[np.ndarray, n
     return tokens, lengths
 
 
-def check_lengths(model, longest_prompt: int, max_new_tokens: int, cache_length: int) -> None:
-    """One-line errors for a generation that does not fit the cache or the model's learned positions (a continued
-    context counts its tokens as part of the prompt)."""
+def check_lengths(model, longest_prompt: int, max_new_tokens: int, cache_length: int, *,
+                  continuing: bool = False) -> None:
+    """One-line errors for a generation that does not fit the cache or the model's learned positions. When
+    ``continuing`` a context, ``longest_prompt`` counts the whole conversation and the cache cannot grow."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    what = "A conversation" if continuing else "A prompt"
+    bigger = ("start a new conversation (no context) with a larger cache_length" if continuing else
+              "raise cache_length")
     if longest_prompt > cache_length:
-        raise ValueError(f"A prompt of {longest_prompt} tokens is longer than the cache ({cache_length} tokens): "
-                         f"raise cache_length or shorten the prompt.")
+        raise ValueError(f"{what} of {longest_prompt} tokens is longer than the cache ({cache_length} tokens): "
+                         f"{bigger} or shorten the prompt.")
     needed = longest_prompt + max_new_tokens - 1  # the last new token is never fed back
     if needed > cache_length:
-        raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest_prompt} tokens needs a cache of "
-                         f"{needed} tokens, but cache_length is {cache_length}: raise it or lower max_new_tokens.")
+        raise ValueError(f"max_new_tokens={max_new_tokens} after {what.lower()} of {longest_prompt} tokens needs a "
+                         f"cache of {needed} tokens, but cache_length is {cache_length}: lower max_new_tokens or "
+                         f"{bigger}.")
     if longest_prompt > model.max_length:
-        raise ValueError(f"A prompt of {longest_prompt} tokens is longer than the model's maximum length "
-                         f"{model.max_length} (config.model.max_length): shorten the prompt.")
+        raise ValueError(f"{what} of {longest_prompt} tokens is longer than the model's maximum length "
+                         f"{model.max_length} (config.model.max_length): shorten it.")
     if model.position == "learned" and needed > model.max_length:
-        raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {longest_prompt} tokens runs to position "
-                         f"{needed}, past the model's maximum length {model.max_length} (its positions are learned): "
-                         f"use max_new_tokens <= {model.max_length - longest_prompt + 1} or a shorter prompt.")
+        raise ValueError(f"max_new_tokens={max_new_tokens} after {what.lower()} of {longest_prompt} tokens runs to "
+                         f"position {needed}, past the model's maximum length {model.max_length} (its positions are "
+                         f"learned): use max_new_tokens <= {model.max_length - longest_prompt + 1} or a shorter "
+                         f"prompt.")
 
 
 def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -125,10 +132,10 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
         check_context(model, context, num_prompts, rows, cache_length)
         cache_length = context.cache_length
     tokens, lengths, start, chunk = _prompt_arrays(model, prompts, rows, int(prefill_chunk), context)
-    reach = int((start + lengths).max())  # the furthest position a prompt fills
+    reach = int((start + lengths)[:num_prompts].max())  # the furthest position a prompt fills
     if cache_length is None:
         cache_length = max(model.max_length, reach + max_new_tokens - 1)
-    check_lengths(model, reach, max_new_tokens, cache_length)
+    check_lengths(model, reach, max_new_tokens, cache_length, continuing=continuing)
     stop = tuple(int(t) for t in stop_tokens)
     variables = params if "params" in params else {"params": params}
     # A row that stops early need keep its cache as it was at its stop only when the cache is kept.
@@ -156,19 +163,20 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
 def _prompt_arrays(model, prompts, rows: int, prefill_chunk: int, context):
     """``(tokens [rows, width], lengths [rows], start [rows], chunk)``: the right-padded prompts (after each row's
     pending token when continuing a ``context``), their real lengths, the position each starts at, and the prefill's
-    chunk (0: one call from the empty cache). Rows past the prompts pad the batch to the mesh's shards."""
+    chunk (0: one call from the empty cache). Rows past the prompts pad the batch to the mesh's shards: one token
+    at position 0 every call (their outputs are dropped), so they never fill a continued cache."""
     num_prompts = len(prompts)
     first = None if context is None else context.pending[:num_prompts]
     tokens, lengths = prompt_batch(prompts, model.vocab_size, first=first)
+    start = np.zeros(rows, np.int32)
     if context is None:
-        start, pad_tokens = np.zeros(rows, np.int32), np.ones((rows - num_prompts, 1), np.int32)
         chunk = prefill_chunk if prefill_chunk < tokens.shape[1] else 0  # one chunk: the ordinary prefill
     else:  # a continued prompt is extends, each >= 2 tokens wide (one token at a position is a step)
-        start, pad_tokens = context.lengths, context.pending[num_prompts:, None]
+        start[:num_prompts] = context.lengths[:num_prompts]
         chunk = prefill_chunk or max(tokens.shape[1], 2)
     width = -(-tokens.shape[1] // chunk) * chunk if chunk else tokens.shape[1]
     tokens = np.pad(tokens, [(0, rows - num_prompts), (0, width - tokens.shape[1])])
-    tokens[num_prompts:, :1] = pad_tokens  # the mesh's padding rows: one token each
+    tokens[num_prompts:, 0] = 1  # the mesh's padding rows: one token each
     lengths = np.pad(lengths, [(0, rows - num_prompts)], constant_values=1)
     return tokens, lengths, start, chunk
 
