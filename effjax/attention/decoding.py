@@ -107,6 +107,11 @@ def real_tokens(mask, batch: int, length: int):
     return jnp.ones((batch, length), bool) if mask is None else jnp.asarray(mask, bool)
 
 
+def select_rows(take_new, new, old):
+    """The cache ``new`` where ``take_new [batch]`` is True, else ``old``, row by row (every leaf is batch-major)."""
+    return jax.tree.map(lambda n, o: jnp.where(take_new.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
 def stepped(step, q, k, v, cache, positions, mask):
     """A step, or an extend run as steps: ``step(q, k, v, cache, positions) -> (out, cache)`` is the method's
     one-token step (one token per row, a pure function of arrays), scanned over the chunk's tokens; a pad keeps
@@ -120,8 +125,7 @@ def stepped(step, q, k, v, cache, positions, mask):
     def one(cache, inputs):
         t, q_t, k_t, v_t, real_t = inputs
         out, new = step(q_t[:, None], k_t[:, None], v_t[:, None], cache, positions + t)
-        kept = jax.tree.map(lambda n, o: jnp.where(real_t.reshape((batch,) + (1,) * (n.ndim - 1)), n, o), new, cache)
-        return kept, out[:, 0]
+        return select_rows(real_t, new, cache), out[:, 0]
 
     per_token = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, real))
     cache, out = jax.lax.scan(one, cache, (jnp.arange(length, dtype=jnp.int32), *per_token))

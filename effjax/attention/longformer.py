@@ -1,6 +1,5 @@
 """Longformer sliding-window + global attention (Beltagy et al. 2020, "Longformer", Sec. 3.1, Fig. 2d)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -154,12 +153,8 @@ def decode(q, k, v, cache, positions, mask, *, forward, window, num_global):
     keys, values = [ring["key"]], [ring["value"]]
     allowed = [decoding.kv_allowed(ring, positions, window) & (ring["position"] >= num_global)]
     if globals_ is not None:
-        keep = positions < num_global  # only a global token enters the global cache
-
-        def pick(new, old):
-            return jnp.where(keep.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
-
-        globals_ = jax.tree.map(pick, decoding.kv_step(globals_, k, v, positions), globals_)
+        # only a global token enters the global cache
+        globals_ = decoding.select_rows(positions < num_global, decoding.kv_step(globals_, k, v, positions), globals_)
         keys.append(globals_["key"])
         values.append(globals_["value"])
         allowed.append(decoding.kv_allowed(globals_, positions))

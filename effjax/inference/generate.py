@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from effjax.attention import decoding
 from effjax.inference.context import Context, check_context
 from effjax.inference.sampling import Sampling, next_tokens
 
@@ -288,11 +289,10 @@ def _fixed_size_leaves(model, batch: int, cache_length: int) -> tuple:
 
 
 def _keep_rows(done, old, new, held: tuple):
-    """``new`` with the rows in ``done`` of each ``held`` leaf taken from ``old`` (every leaf is batch-major)."""
-    rows = lambda leaf: done.reshape((-1,) + (1,) * (leaf.ndim - 1))
-    kept = [jnp.where(rows(n), o, n) if h else n
-            for o, n, h in zip(jax.tree.leaves(old), jax.tree.leaves(new), held, strict=True)]
-    return jax.tree.unflatten(jax.tree.structure(new), kept)
+    """``new`` with the rows in ``done`` of each ``held`` leaf taken from ``old``."""
+    leaves = [decoding.select_rows(done, o, n) if h else n
+              for o, n, h in zip(jax.tree.leaves(old), jax.tree.leaves(new), held, strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(new), leaves)
 
 
 def _generate(model, sampling, max_new_tokens, stop, prefill_chunk, held, variables, tokens, lengths, start, cache,
